@@ -1,0 +1,443 @@
+"""JSONL record store and the input formats people already have.
+
+Records are JSON objects, one a line, each with a stable string `id` (DESIGN.md, "Records").
+
+- `read_jsonl` / `read_prompts` / `read_preferences` read inputs; a malformed line fails with `file:line`.
+- `RecordWriter` appends records one at a time (flush + fsync each), so a killed run keeps every record
+  it finished; re-opening it skips ids already written and repairs a torn last line left by the kill.
+- Format adapters: hh-rlhf transcripts (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`), trl's conversational
+  preference format, chat `messages`, CSV/JSONL prompt sets with a prompt-like column.
+- `mix_preferences` builds the human/AI training mix shared by `cai pm train` and `cai dpo`.
+
+A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` messages. A prompt
+is either a plain string (one user turn) or such a list; `as_messages` turns either into a list.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai.errors import RecordsError
+
+# Columns that hold the prompt in the prompt sets people already have (ours, Alpaca-style, AdvBench,
+# HarmBench, StrongREJECT, plain QA sets), tried in this order.
+PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Behavior", "forbidden_prompt", "question")
+
+Message = dict[str, str]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line_number, object)` for each non-blank line; a line that is not a JSON object fails
+    with `file:line`. A torn last line (no newline at the end, not valid JSON, as a kill leaves it) is
+    skipped rather than failing, because the writer that left it will repair it on resume."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordsError(f"{path}: no such file -- check the path")
+    with path.open("rb") as handle:
+        raw = handle.read()
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        is_last_unterminated = number == len(lines) and not raw.endswith(b"\n")
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if is_last_unterminated:
+                return
+            raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}) "
+                               "-- each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} "
+                               "-- each line must be one JSON object like {\"prompt\": \"...\"}")
+        yield number, obj
+
+
+def stable_id(prefix: str, text: str) -> str:
+    """An id derived from content, so the same input gets the same id in every run."""
+    return f"{prefix}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}"
+
+
+def as_messages(prompt: str | list[Message]) -> list[Message]:
+    """A prompt as a conversation: a string becomes one user turn, a message list is copied."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def prompt_text(prompt: str | list[Message]) -> str:
+    """The last user turn of a prompt: what a person would call "the request"."""
+    if isinstance(prompt, str):
+        return prompt
+    for message in reversed(prompt):
+        if message["role"] == "user":
+            return message["content"]
+    return prompt[-1]["content"] if prompt else ""
+
+
+def _check_messages(messages: Any, where: str) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise RecordsError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RecordsError(f"{where}: every message needs `role` and `content`, got {message!r:.80}")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise RecordsError(f"{where}: unknown role {message['role']!r} -- use system, user or assistant")
+    return [{"role": m["role"], "content": str(m["content"])} for m in messages]
+
+
+def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
+    for column in PROMPT_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        if column == "prompt" and isinstance(value, list):
+            return _check_messages(value, where)
+    if "messages" in row:
+        messages = _check_messages(row["messages"], where)
+        # A chat record ending in an assistant turn is a demonstration: the prompt is everything before it.
+        if messages[-1]["role"] == "assistant" and len(messages) > 1:
+            messages = messages[:-1]
+        return messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
+    raise RecordsError(f"{where}: no prompt found -- give a column named one of {', '.join(PROMPT_COLUMNS)}, "
+                       "or chat `messages`")
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read a prompt set (JSONL or CSV) into prompt records `{"id", "prompt", ...}`.
+
+    The prompt comes from the first of `PROMPT_COLUMNS` present, or from chat `messages`. Other fields
+    (`category`, `answer`, `tests`) are kept. Records without an `id` get one derived from the prompt;
+    a duplicate id fails naming both lines.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        rows = _read_csv(path)
+    else:
+        rows = read_jsonl(path)
+    records: list[dict[str, Any]] = []
+    first_line: dict[str, int] = {}
+    for number, row in rows:
+        where = f"{path}:{number}"
+        prompt = _prompt_from_row(row, where)
+        record = {k: v for k, v in row.items() if k not in PROMPT_COLUMNS and k != "messages"}
+        record["prompt"] = prompt
+        record_id = row.get("id")
+        if record_id is None:
+            record_id = stable_id("p", json.dumps(prompt, sort_keys=True))
+        record["id"] = str(record_id)
+        if record["id"] in first_line:
+            raise RecordsError(f"{where}: duplicate id {record['id']!r} (first seen on line "
+                               f"{first_line[record['id']]}) -- ids must be unique")
+        first_line[record["id"]] = number
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise RecordsError(f"{path}: no records -- the file is empty")
+    return records
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if not path.exists():
+        raise RecordsError(f"{path}: no such file -- check the path")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            # line_num is the physical line where the row ended (handles quoted newlines).
+            yield reader.line_num, {k: v for k, v in row.items() if k is not None}
+
+
+# ----------------------------------------------------------------------------- hh-rlhf transcripts
+
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_transcript(text: str) -> list[Message]:
+    """Split an hh-rlhf transcript (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`) into messages."""
+    if not text.startswith("\n\n"):
+        text = "\n\n" + text.lstrip("\n")
+    parts = _TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError("not an hh-rlhf transcript: expected it to start with 'Human: '")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def split_transcript_pair(chosen: str, rejected: str) -> tuple[list[Message], str, str]:
+    """Split two hh-rlhf transcripts that share a conversation into (conversation, chosen, rejected).
+
+    The conversation is every turn before the final assistant answer; it must be the same in both.
+    """
+    chosen_messages, rejected_messages = parse_transcript(chosen), parse_transcript(rejected)
+    for messages in (chosen_messages, rejected_messages):
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("the transcript does not end with an Assistant turn")
+    if chosen_messages[:-1] != rejected_messages[:-1]:
+        raise ValueError("chosen and rejected do not share the conversation before the last answer")
+    return chosen_messages[:-1], chosen_messages[-1]["content"], rejected_messages[-1]["content"]
+
+
+# ----------------------------------------------------------------------------- preferences
+
+
+def _final_answer(value: Any, where: str, key: str) -> tuple[list[Message] | None, str]:
+    """A chosen/rejected value in any accepted shape -> (conversation prefix or None, answer text)."""
+    if isinstance(value, str):
+        return None, value
+    if isinstance(value, list):
+        messages = _check_messages(value, f"{where} ({key})")
+        if messages[-1]["role"] != "assistant":
+            raise RecordsError(f"{where}: `{key}` must end with an assistant message")
+        return messages[:-1] or None, messages[-1]["content"]
+    raise RecordsError(f"{where}: `{key}` must be a string or a list of messages")
+
+
+def normalize_preference(row: dict[str, Any], where: str, default_source: str) -> dict[str, Any]:
+    """One preference row in any accepted format -> `{"id", "prompt", "chosen", "rejected", "p_chosen", "source"}`.
+
+    Accepted: this project's records; hh-rlhf transcripts (`chosen`/`rejected` only); trl's
+    conversational format (`prompt` messages + `chosen`/`rejected` assistant messages) and its
+    implicit-prompt variant (full conversations in `chosen`/`rejected`).
+    """
+    if "chosen" not in row or "rejected" not in row:
+        raise RecordsError(f"{where}: a preference needs `chosen` and `rejected` -- see README, 'Data formats'")
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    if "prompt" in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            prompt = _check_messages(prompt, where)
+        elif not isinstance(prompt, str):
+            raise RecordsError(f"{where}: `prompt` must be a string or a list of messages")
+        _, chosen = _final_answer(row["chosen"], where, "chosen")
+        _, rejected = _final_answer(row["rejected"], where, "rejected")
+    elif isinstance(row["chosen"], str) and "\n\nAssistant:" in "\n\n" + row["chosen"].lstrip("\n"):
+        try:
+            messages, chosen, rejected = split_transcript_pair(row["chosen"], row["rejected"])
+        except ValueError as exc:
+            raise RecordsError(f"{where}: {exc} -- hh-rlhf rows must differ only in the last Assistant turn") from None
+        prompt = messages[0]["content"] if len(messages) == 1 else messages
+    else:
+        chosen_prefix, chosen = _final_answer(row["chosen"], where, "chosen")
+        rejected_prefix, rejected = _final_answer(row["rejected"], where, "rejected")
+        if chosen_prefix is None or chosen_prefix != rejected_prefix:
+            raise RecordsError(f"{where}: no `prompt`, and chosen/rejected do not share a conversation "
+                               "-- add a `prompt` field")
+        prompt = chosen_prefix[0]["content"] if len(chosen_prefix) == 1 and chosen_prefix[0]["role"] == "user" \
+            else chosen_prefix
+    p_chosen = float(extra.pop("p_chosen", 1.0))
+    if not 0.0 <= p_chosen <= 1.0:
+        raise RecordsError(f"{where}: p_chosen={p_chosen} is not a probability -- use a value in [0, 1]")
+    record = {
+        "id": str(extra.pop("id", stable_id("pref", json.dumps([prompt, chosen, rejected])))),
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "p_chosen": p_chosen,
+        "source": extra.pop("source", default_source),
+    }
+    record.update(extra)
+    return record
+
+
+def read_preferences(path: str | Path, default_source: str = "human-helpful",
+                     limit: int | None = None) -> list[dict[str, Any]]:
+    """Read a preference file in any accepted format (see `normalize_preference`).
+
+    `.jsonl.gz` files are read too (hh-rlhf ships that way). Rows without a `source` get `default_source`;
+    rows without `p_chosen` are hard labels (1.0).
+    """
+    path = Path(path)
+    if path.suffix == ".gz":
+        import gzip
+        import tempfile
+
+        if not path.exists():
+            raise RecordsError(f"{path}: no such file -- check the path")
+        with gzip.open(path, "rb") as src, tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as dst:
+            dst.write(src.read())
+        rows = list(read_jsonl(dst.name))
+        os.unlink(dst.name)
+    else:
+        rows = read_jsonl(path)
+    records = []
+    for number, row in rows:
+        records.append(normalize_preference(row, f"{path}:{number}", default_source))
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise RecordsError(f"{path}: no preference records -- the file is empty")
+    return records
+
+
+@dataclass
+class PreferenceMix:
+    """The training mix of `mix_preferences` and exactly what went into it."""
+
+    records: list[dict[str, Any]]
+    ai_used: int
+    human_used: int
+    ai_available: int
+    human_available: int
+    resampled: str | None = None  # which side was sampled with replacement to reach the fraction
+
+    def summary(self) -> str:
+        total = self.ai_used + self.human_used
+        text = (f"{total} comparisons: {self.ai_used} AI-harmless (of {self.ai_available}) + "
+                f"{self.human_used} human-helpful (of {self.human_available})")
+        if self.human_available == 0:
+            text += "; no human comparisons given, training on AI labels alone"
+        if self.resampled:
+            text += f"; {self.resampled} records repeated to reach the requested fraction"
+        return text
+
+
+def mix_preferences(ai: list[dict[str, Any]], human: list[dict[str, Any]], human_fraction: float,
+                    seed: int = 0) -> PreferenceMix:
+    """Mix AI-harmless and human-helpful comparisons so humans are `human_fraction` of the result.
+
+    Every record of the larger side is used once. When one side is too small for the fraction, it is
+    sampled with replacement (seeded) up to the count the fraction needs, so the fraction holds within
+    one record and the summary says so. Without human records the mix is the AI records alone.
+    """
+    if not 0.0 <= human_fraction <= 1.0:
+        raise ValueError(f"human_fraction={human_fraction} must be in [0, 1]")
+    rng = random.Random(seed)
+    if not human or human_fraction == 0.0:
+        mixed = list(ai)
+        rng.shuffle(mixed)
+        return PreferenceMix(mixed, len(ai), 0, len(ai), len(human))
+    if not ai or human_fraction == 1.0:
+        mixed = list(human)
+        rng.shuffle(mixed)
+        return PreferenceMix(mixed, 0, len(human), len(ai), len(human))
+    # Keep the side that limits the mix whole; size the other from it.
+    human_needed = round(len(ai) * human_fraction / (1.0 - human_fraction))
+    resampled = None
+    if human_needed <= len(human):
+        ai_part, human_part = list(ai), rng.sample(human, human_needed)
+        if human_needed < len(human):
+            # Too many human records for the fraction: use all of them and size the AI side instead,
+            # repeating AI records only if there are not enough.
+            ai_needed = round(len(human) * (1.0 - human_fraction) / human_fraction)
+            human_part = list(human)
+            if ai_needed <= len(ai):
+                ai_part = rng.sample(ai, ai_needed)
+            else:
+                ai_part = list(ai) + [rng.choice(ai) for _ in range(ai_needed - len(ai))]
+                resampled = "AI"
+    else:
+        ai_part = list(ai)
+        human_part = list(human) + [rng.choice(human) for _ in range(human_needed - len(human))]
+        resampled = "human"
+    mixed = ai_part + human_part
+    rng.shuffle(mixed)
+    return PreferenceMix(mixed, len(ai_part), len(human_part), len(ai), len(human), resampled)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass
+class RecordWriter:
+    """Append-only JSONL writer that resumes.
+
+    Opening an existing file reads the ids already in it (`done_ids`); a torn last line (a kill in the
+    middle of a write) is cut off and counted in `torn_lines`. `append` writes one record, flushes and
+    fsyncs it, so a crash loses at most the record being written; an id already present is skipped
+    (and counted in `duplicates_skipped`), so a resumed run never writes an id twice.
+
+        with RecordWriter(path) as out:
+            for item in items:
+                if item.id not in out.done_ids:
+                    out.append(make_record(item))
+    """
+
+    path: Path
+    done_ids: set[str] = field(default_factory=set)
+    torn_lines: int = 0
+    duplicates_skipped: int = 0
+    written: int = 0
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._recover()
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def _recover(self) -> None:
+        raw = self.path.read_bytes()
+        good_end = 0
+        position = 0
+        for number, line in enumerate(raw.split(b"\n"), start=1):
+            end = position + len(line)
+            terminated = end < len(raw)  # a "\n" follows this line
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    if terminated:
+                        raise RecordsError(f"{self.path}:{number}: not valid JSON -- this file was not written "
+                                           "by cai, or was edited; fix or remove that line") from None
+                    self.torn_lines += 1
+                    break
+                if not terminated:
+                    # Valid JSON but the newline never made it: keep it, finish the line.
+                    with self.path.open("ab") as handle:
+                        handle.write(b"\n")
+                    terminated = True
+                    end = len(raw)
+                if "id" not in obj:
+                    raise RecordsError(f"{self.path}:{number}: record has no `id` -- cannot resume safely")
+                self.done_ids.add(str(obj["id"]))
+            good_end = end + 1 if terminated else end
+            position = end + 1
+        if self.torn_lines:
+            with self.path.open("r+b") as handle:
+                handle.truncate(good_end)
+
+    def append(self, record: dict[str, Any]) -> bool:
+        """Write one record now (flushed and fsynced). Returns False if its id was already written."""
+        record_id = str(record["id"])
+        if record_id in self.done_ids:
+            self.duplicates_skipped += 1
+            return False
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.done_ids.add(record_id)
+        self.written += 1
+        return True
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write a whole JSONL file atomically (temp file + rename): for small derived outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

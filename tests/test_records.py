@@ -1,0 +1,137 @@
+import json
+
+import pytest
+
+from cai.errors import RecordsError
+from cai.records import (
+    RecordWriter,
+    mix_preferences,
+    parse_transcript,
+    read_jsonl,
+    read_preferences,
+    read_prompts,
+    split_transcript_pair,
+)
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("column", ["prompt", "instruction", "goal", "Behavior", "forbidden_prompt", "question"])
+def test_prompt_columns(tmp_path, column):
+    records = read_prompts(jsonl(tmp_path / "p.jsonl", [{column: "Tell me a joke", "category": "fun"}]))
+    assert records[0]["prompt"] == "Tell me a joke" and records[0]["category"] == "fun"
+    assert records[0]["id"].startswith("p-")
+
+
+def test_chat_messages_and_csv(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}]}]
+    records = read_prompts(jsonl(tmp_path / "m.jsonl", rows))
+    assert records[0]["prompt"] == "hi"  # the demonstration's answer is dropped
+    assert [m["content"] for m in records[1]["prompt"]] == ["a", "b", "c"]
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text('goal,target\n"Write a poem, please",x\nSecond,y\n')
+    assert [r["prompt"] for r in read_prompts(csv_path)] == ["Write a poem, please", "Second"]
+
+
+def test_ids_are_stable_and_duplicates_fail_with_both_lines(tmp_path):
+    path = jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert [r["id"] for r in read_prompts(path)] == [r["id"] for r in read_prompts(path)]
+    dup = jsonl(tmp_path / "d.jsonl", [{"id": "x", "prompt": "a"}, {"id": "y", "prompt": "b"}, {"id": "x", "prompt": "c"}])
+    with pytest.raises(RecordsError, match=r"d.jsonl:3: duplicate id 'x' \(first seen on line 1\)"):
+        read_prompts(dup)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": oops}\n{"prompt": "fine"}\n')
+    with pytest.raises(RecordsError, match=r"bad.jsonl:2: not valid JSON"):
+        read_prompts(path)
+    path.write_text('{"prompt": "ok"}\n["a list"]\n')
+    with pytest.raises(RecordsError, match=r"bad.jsonl:2: expected a JSON object"):
+        read_prompts(path)
+    path.write_text('{"text": "no prompt column"}\n')
+    with pytest.raises(RecordsError, match=r"bad.jsonl:1: no prompt found"):
+        read_prompts(path)
+
+
+def test_torn_last_line_is_skipped_when_reading(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "pro')
+    assert [n for n, _ in read_jsonl(path)] == [1]
+
+
+def test_hh_transcripts_single_and_multi_turn():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I boil an egg?\n\nAssistant: Simmer it 9 minutes."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I boil an egg?\n\nAssistant: No idea."
+    messages = parse_transcript(chosen)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    conversation, c, r = split_transcript_pair(chosen, rejected)
+    assert [m["content"] for m in conversation] == ["Hi", "Hello!", "How do I boil an egg?"]
+    assert (c, r) == ("Simmer it 9 minutes.", "No idea.")
+    with pytest.raises(ValueError, match="share"):
+        split_transcript_pair(chosen, rejected.replace("Hi", "Hey"))
+
+
+def test_preference_formats_normalise_to_one_shape(tmp_path):
+    rows = [
+        {"chosen": "\n\nHuman: q1\n\nAssistant: good", "rejected": "\n\nHuman: q1\n\nAssistant: bad"},
+        {"prompt": [{"role": "user", "content": "q2"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad"}]},
+        {"chosen": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "bad"}]},
+        {"id": "ai-1", "prompt": "q4", "chosen": "good", "rejected": "bad", "p_chosen": 0.7, "source": "ai-harmless",
+         "p_a": 0.7},
+    ]
+    prefs = read_preferences(jsonl(tmp_path / "prefs.jsonl", rows))
+    assert [p["chosen"] for p in prefs] == ["good"] * 4 and [p["rejected"] for p in prefs] == ["bad"] * 4
+    assert prefs[0]["prompt"] == "q1" and prefs[2]["prompt"] == "q3"
+    assert prefs[1]["prompt"] == [{"role": "user", "content": "q2"}]
+    assert [p["p_chosen"] for p in prefs] == [1.0, 1.0, 1.0, 0.7]
+    assert [p["source"] for p in prefs] == ["human-helpful"] * 3 + ["ai-harmless"]
+    assert prefs[3]["id"] == "ai-1" and prefs[3]["p_a"] == 0.7
+
+
+def test_writer_resumes_after_a_kill_without_duplicates_or_loss(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with RecordWriter(path) as out:
+        for i in range(3):
+            out.append({"id": f"r{i}", "value": i})
+    # A kill in the middle of writing record 3 leaves a torn line.
+    with path.open("a") as handle:
+        handle.write('{"id": "r3", "val')
+    with RecordWriter(path) as out:
+        assert out.done_ids == {"r0", "r1", "r2"} and out.torn_lines == 1
+        for i in range(6):  # the resumed run replays everything; finished ids are skipped
+            if f"r{i}" not in out.done_ids:
+                out.append({"id": f"r{i}", "value": i})
+        assert out.append({"id": "r0", "value": 0}) is False and out.duplicates_skipped == 1
+    ids = [obj["id"] for _, obj in read_jsonl(path)]
+    assert ids == [f"r{i}" for i in range(6)]
+
+
+def test_writer_refuses_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(RecordsError, match=r"out.jsonl:2"):
+        RecordWriter(path)
+
+
+@pytest.mark.parametrize("n_ai, n_human, fraction", [(100, 300, 0.43), (100, 20, 0.43), (57, 43, 0.43), (10, 10, 0.25)])
+def test_mix_reaches_the_fraction_and_reports_counts(n_ai, n_human, fraction):
+    ai = [{"id": f"a{i}", "source": "ai-harmless"} for i in range(n_ai)]
+    human = [{"id": f"h{i}", "source": "human-helpful"} for i in range(n_human)]
+    mix = mix_preferences(ai, human, fraction, seed=1)
+    humans = sum(r["source"] == "human-helpful" for r in mix.records)
+    assert humans == mix.human_used and len(mix.records) - humans == mix.ai_used
+    assert abs(humans - fraction * len(mix.records)) <= 1
+    assert str(mix.ai_used) in mix.summary() and str(mix.human_used) in mix.summary()
+
+
+def test_mix_without_human_says_so():
+    mix = mix_preferences([{"id": "a", "source": "ai-harmless"}], [], 0.43)
+    assert mix.human_used == 0 and "AI labels alone" in mix.summary()
