@@ -1,0 +1,140 @@
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from cai import constitution as c
+from cai.cli import app
+from cai.errors import ConstitutionError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+VALID = """\
+    name: tiny
+    description: A two-principle constitution.
+    critique_principles:
+      - id: harm
+        critique: Point out harm in the answer to {prompt}.
+        revision: Rewrite it without harm.
+      - id: honesty
+        critique: Point out anything false.
+        revision: Rewrite it truthfully.
+      - id: tone
+        critique: Point out rudeness.
+        revision: Rewrite it politely.
+    judge_principles:
+      - id: less-harmful
+        question: Which is less harmful?
+      - id: more-honest
+        question: Which is more honest?
+        follow: Be honest.
+        ignore: Say anything.
+    judge_examples:
+      - prompt: hi
+        response_a: hello
+        response_b: go away
+        answer: A
+"""
+
+
+@pytest.mark.parametrize("name", ["default", "short", "medical"])
+def test_bundled_constitutions_are_valid(name):
+    assert c.validate(name) == []
+
+
+def test_default_constitution_has_enough_principles():
+    loaded = c.load("default")
+    assert len(loaded.critique_principles) >= 16 and len(loaded.judge_principles) >= 16
+
+
+def test_template_from_init_is_valid(tmp_path):
+    path = tmp_path / "new.yaml"
+    c.write_template(path)
+    assert c.validate(path) == []
+    with pytest.raises(ConstitutionError, match="already exists"):
+        c.write_template(path)
+
+
+@pytest.mark.parametrize("broken, line, fragment", [
+    ("    nme: tiny\n", 1, "unknown key `nme`"),  # typo of a top-level key
+    ("        critque: x\n", 5, "did you mean `critique`"),
+    ("      - id: harm\n", 7, "duplicate id 'harm'"),
+    ("        revision: ''\n", 6, "is empty"),
+    ("        critique: Point out {answer} harm.\n", 5, "unknown placeholder {answer}"),
+    ("        answer: C\n", 24, "write A or B"),
+])
+def test_each_validation_error_names_its_line(tmp_path, broken, line, fragment):
+    lines = textwrap.dedent(VALID).splitlines(keepends=True)
+    target = line - 1
+    lines[target] = textwrap.dedent(broken) if not broken.startswith("      ") else broken[4:]
+    path = tmp_path / "rules.yaml"
+    path.write_text("".join(lines))
+    problems = c.validate(path)
+    assert any(p.startswith(f"{path}:{line}:") and fragment in p for p in problems), problems
+
+
+def test_all_problems_are_reported_at_once_in_line_order(tmp_path):
+    path = write(tmp_path, VALID.replace("    name: tiny", "    name: Tiny")
+                 .replace("Rewrite it truthfully.", "''").replace("question: Which is less harmful?", "questio: x"))
+    problems = c.validate(path)
+    assert len(problems) >= 4  # bad name, empty revision, unknown key, missing question
+    lines = [int(p.split(":")[1]) for p in problems]
+    assert lines == sorted(lines)
+
+
+def test_missing_required_section_and_bad_yaml(tmp_path):
+    path = write(tmp_path, "name: x\ndescription: y\n")
+    problems = c.validate(path)
+    assert any("missing `critique_principles`" in p for p in problems)
+    bad = write(tmp_path, "name: [unclosed\n")
+    assert c.validate(bad)[0].startswith(f"{bad}:")
+
+
+def test_literal_braces_are_allowed_and_rendered(tmp_path):
+    path = write(tmp_path, VALID.replace("Rewrite it politely.", "Rewrite it politely, {{like this}}."))
+    loaded = c.load(path)
+    assert c.fill(loaded.critique_principle("tone").revision, "q") == "Rewrite it politely, {like this}."
+    assert c.fill(loaded.critique_principle("harm").critique, "make soup") == "Point out harm in the answer to make soup."
+
+
+def test_sampling_is_seeded_reproducible_and_varies(tmp_path):
+    loaded = c.load(write(tmp_path, VALID))
+    first = [p.id for p in loaded.sample_critique_principles("item-1", 3, seed=0)]
+    assert first == [p.id for p in loaded.sample_critique_principles("item-1", 3, seed=0)]
+    assert len(set(first)) == 3  # a fresh principle every round while they last
+    draws = {tuple(p.id for p in loaded.sample_critique_principles("item-1", 3, seed=s)) for s in range(12)}
+    assert len(draws) > 1  # different seeds draw differently
+    judge = loaded.sample_judge_principles("pair-9", 2, seed=4)
+    assert len({p.id for p in judge}) == 2
+
+
+def test_derived_contrast_framings_use_the_question(tmp_path):
+    loaded = c.load(write(tmp_path, VALID))
+    derived, explicit = loaded.judge_principle("less-harmful"), loaded.judge_principle("more-honest")
+    assert "Which is less harmful?" in derived.follow_prompt and "Which is less harmful?" in derived.ignore_prompt
+    assert derived.follow_prompt != derived.ignore_prompt
+    assert explicit.follow_prompt == "Be honest." and explicit.ignore_prompt == "Say anything."
+
+
+def test_show_prints_exactly_the_rendered_judge_prompt(tmp_path):
+    path = write(tmp_path, VALID)
+    result = CliRunner().invoke(app, ["constitution", "show", str(path), "--seed", "3", "--prompt", "Say hi"])
+    assert result.exit_code == 0, result.output
+    loaded = c.load(path)
+    principle = loaded.sample_judge_principles("example", 1, 3)[0]
+    expected = c.format_messages(c.judge_messages(loaded, "Say hi", "<RESPONSE A>", "<RESPONSE B>", principle),
+                                 c.JUDGE_ANSWER_PREFIX)
+    assert expected in result.stdout
+    assert "hello" in expected and "(A) <RESPONSE A>" in expected  # few-shot example and options present
+
+
+def test_validate_command_exits_nonzero_with_lines(tmp_path):
+    path = write(tmp_path, VALID.replace("    name: tiny", "    name: tiny\n    extra: 1"))
+    result = CliRunner().invoke(app, ["constitution", "validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:2: unknown key `extra`" in result.output
