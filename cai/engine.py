@@ -1,0 +1,298 @@
+"""The hot path: batched generation and batched log-prob scoring.
+
+Generation dominates the cost of the pipeline (critique, feedback pairs, RL rollouts, eval), so:
+
+- prompts are sorted by length and batched (little padding), left-padded, decoded with the KV cache;
+- prefill computes logits for the last position only (the 49k-vocabulary head over every prompt token
+  would cost more than the layers on a small model);
+- rows that finish are dropped from the batch and the cache as they finish, so a long straggler does
+  not keep paying for the short ones;
+- sampling is seeded per item (one `torch.Generator` per row), so an item's text does not depend on
+  which batch it landed in or where a run resumed;
+- scoring never generates: one forward pass per batch reads the log-probabilities of given
+  continuations (a judge's option letters, an answer under two system prompts).
+
+`Engine` is the interface stages use; `HFBackend` is the transformers implementation. Another backend
+(vLLM) implements `Backend` and plugs in without touching the stages.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cai.records import Message
+
+# Called as progress(items_done, tokens_generated_or_scored) after each batch.
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to generate. `temperature` 0 means greedy (argmax), in which case `top_p` is unused."""
+
+    max_new_tokens: int = 256  # tokens generated at most per item
+    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling mass, in (0, 1]
+    seed: int = 0  # base seed; item i of a call uses seed + its entry in `seeds`, or seed + i
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    num_tokens: int  # generated tokens, end-of-turn included when reached
+    finished: bool  # True if the model ended its turn; False if it hit max_new_tokens (truncated)
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    logprob: float  # sum of the continuation tokens' log-probabilities given the context
+    token_logprobs: list[float]  # one per continuation token
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(1, len(self.token_logprobs))
+
+
+class Backend(Protocol):
+    """What an inference backend provides. Prompts are already rendered text (chat template applied)."""
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling, seeds: Sequence[int],
+                 progress: ProgressFn | None) -> list[Generation]: ...
+
+    def score(self, contexts: Sequence[str], continuations: Sequence[str],
+              progress: ProgressFn | None) -> list[ContinuationScore]: ...
+
+
+class Engine:
+    """Chat-level generation and scoring for one model.
+
+        engine = Engine.from_reference("embedded:smollm2-135m-instruct")
+        answers = engine.generate_chat([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=32))
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, backend: Backend | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backend = backend or HFBackend(model, tokenizer, batch_size=batch_size)
+
+    @classmethod
+    def from_reference(cls, reference: str | None = None, *, batch_size: int = 32, quantize: str | None = None,
+                       device: str | None = None) -> "Engine":
+        from cai.models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(reference, quantize=quantize, device=device)
+        model.eval()
+        return cls(model, tokenizer, batch_size=batch_size)
+
+    def render(self, messages: list[Message], *, assistant_prefix: str = "",
+               add_generation_prompt: bool = True) -> str:
+        """The chat template applied to `messages`, ready for the assistant's reply, which starts
+        with `assistant_prefix` (so a judge's answer can be forced to begin "The answer is:")."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return text + assistant_prefix
+
+    def generate_chat(self, conversations: Sequence[list[Message]], sampling: Sampling,
+                      seeds: Sequence[int] | None = None, progress: ProgressFn | None = None) -> list[Generation]:
+        """One assistant reply per conversation, in input order."""
+        return self.generate([self.render(c) for c in conversations], sampling, seeds, progress)
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling, seeds: Sequence[int] | None = None,
+                 progress: ProgressFn | None = None) -> list[Generation]:
+        """One continuation per rendered prompt, in input order. Item i samples with seed
+        `sampling.seed + seeds[i]` (default `seeds[i] = i`): pass stable per-item seeds (for example a
+        hash of the record id) to make text independent of batching and resumption."""
+        if not prompts:
+            return []
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        return self.backend.generate(prompts, sampling, [sampling.seed + s for s in seeds], progress)
+
+    def score(self, contexts: Sequence[str], continuations: Sequence[str],
+              progress: ProgressFn | None = None) -> list[ContinuationScore]:
+        """Log-probability of each continuation after its context (rendered text), in input order.
+
+        Context and continuation are tokenized separately and joined, so the continuation's tokens
+        are the same whatever context precedes it (" (A)" scores the same tokens after any prompt).
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations")
+        if not contexts:
+            return []
+        return self.backend.score(contexts, continuations, progress)
+
+
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """Every id that ends an assistant turn: eos, the chat end-of-turn token, generation_config's list."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, list):
+        ids.update(int(i) for i in config_eos)
+    return ids
+
+
+class HFBackend:
+    """transformers implementation of `Backend`: a hand-written decode loop over the KV cache."""
+
+    # Compact the batch (drop finished rows from the cache) once this share of rows has finished.
+    COMPACT_FRACTION = 0.25
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.stop_ids = stop_token_ids(tokenizer, model)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling, seeds, progress):
+        import torch
+
+        encoded = self._encode(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+        results: list[Generation | None] = [None] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    batch = order[start:start + self.batch_size]
+                    outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch])
+                    for index, generation in zip(batch, outputs, strict=True):
+                        results[index] = generation
+                    if progress:
+                        progress(len(batch), sum(g.num_tokens for g in outputs))
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, sequences: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[Generation]:
+        import torch
+        from transformers import DynamicCache
+
+        device = self.device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):  # left padding: every row's last token is at column -1
+            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            attention[row, width - len(seq):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        generators = None
+        if sampling.temperature > 0:
+            generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+        cache = DynamicCache()
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        active = list(range(len(sequences)))  # original row of each row still in the batch
+        next_position = positions[:, -1] + 1  # (B,)
+        generated: list[list[int]] = [[] for _ in sequences]
+        finished = [False] * len(sequences)
+        for _step in range(sampling.max_new_tokens):
+            tokens = self._pick(logits, sampling, generators, active)  # (B_active,)
+            token_list = tokens.tolist()
+            for row, token in zip(active, token_list, strict=True):
+                generated[row].append(token)
+                if token in self.stop_ids:
+                    finished[row] = True
+            keep = [i for i, row in enumerate(active) if not finished[row]]
+            if not keep:
+                break
+            if len(generated[active[0]]) == sampling.max_new_tokens:
+                break
+            if len(keep) < len(active) and (len(active) - len(keep)) >= self.COMPACT_FRACTION * len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention, next_position, tokens = attention[index], next_position[index], tokens[index]
+                active = [active[i] for i in keep]
+            attention = torch.cat([attention, torch.ones((len(active), 1), dtype=attention.dtype, device=device)], 1)
+            out = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
+                             past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1, :].float()
+            next_position = next_position + 1
+
+        results = []
+        for row, tokens_out in enumerate(generated):
+            done = finished[row]
+            visible = tokens_out[:-1] if done else tokens_out
+            text = self.tokenizer.decode(visible, skip_special_tokens=True)
+            results.append(Generation(text=text.strip(), num_tokens=len(tokens_out), finished=done))
+        return results
+
+    @staticmethod
+    def _pick(logits, sampling: Sampling, generators, active: list[int]):
+        import torch
+
+        if sampling.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)  # (B, V)
+        if sampling.top_p < 1.0:
+            sorted_probs, sorted_index = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the top token always
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, sorted_index, sorted_probs)
+        # One generator per original row: the draw for an item does not depend on its batch-mates.
+        picks = [torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(active)]
+        return torch.cat(picks)
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def score(self, contexts, continuations, progress):
+        import torch
+
+        context_ids = self._encode(contexts)
+        continuation_ids = self._encode(continuations)
+        for i, ids in enumerate(continuation_ids):
+            if not ids:
+                raise ValueError(f"continuation {i} is empty: nothing to score")
+        total = [len(c) + len(k) for c, k in zip(context_ids, continuation_ids, strict=True)]
+        order = sorted(range(len(contexts)), key=lambda i: total[i], reverse=True)
+        results: list[ContinuationScore | None] = [None] * len(contexts)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = self.device
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                width = max(total[i] for i in batch)
+                keep = max(len(continuation_ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):  # left padding: every continuation ends at column -1
+                    seq = context_ids[i] + continuation_ids[i]
+                    input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                    attention[row, width - len(seq):] = 1
+                input_ids, attention = input_ids.to(device), attention.to(device)
+                positions = (attention.cumsum(-1) - 1).clamp(min=0)
+                # Logits for the last keep+1 positions only; the final one predicts past the end.
+                out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                 logits_to_keep=keep + 1)
+                logprobs = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # (B, keep, V)
+                targets = input_ids[:, -keep:]  # (B, keep): the tokens those positions predict
+                picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)  # (B, keep)
+                for row, i in enumerate(batch):
+                    n = len(continuation_ids[i])
+                    values = picked[row, keep - n:].tolist()
+                    results[i] = ContinuationScore(logprob=float(sum(values)), token_logprobs=values)
+                if progress:
+                    progress(len(batch), sum(total[i] for i in batch))
+        return results  # type: ignore[return-value]

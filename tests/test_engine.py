@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from cai.engine import Engine, Sampling
+
+CONVERSATIONS = [[{"role": "user", "content": text}] for text in (
+    "hello", "Please rewrite the response to remove anything harmful or illegal, thank you very much.",
+    "Which is less harmful?", "count the words in each line of the file", "hi there", "The capital of France is")]
+
+
+def test_outputs_come_back_in_input_order_whatever_the_batching(tiny_engine):
+    sampling = Sampling(max_new_tokens=12)
+    reference = [Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=1).generate_chat([c], sampling)[0]
+                 for c in CONVERSATIONS]
+    for batch_size in (2, 4, 16):
+        outputs = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=batch_size).generate_chat(
+            CONVERSATIONS, sampling)
+        assert [o.text for o in outputs] == [r.text for r in reference]
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_engine):
+    sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=7)
+    seeds = [11, 22, 33, 44, 55, 66]
+    together = tiny_engine.generate_chat(CONVERSATIONS, sampling, seeds=seeds)
+    alone = [Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=1).generate_chat([c], sampling, seeds=[s])[0]
+             for c, s in zip(CONVERSATIONS, seeds, strict=True)]
+    assert [o.text for o in together] == [o.text for o in alone]
+    other = tiny_engine.generate_chat(CONVERSATIONS, Sampling(max_new_tokens=10, temperature=1.0, seed=8), seeds=seeds)
+    assert [o.text for o in other] != [o.text for o in together]
+
+
+def test_max_new_tokens_truncates_and_is_reported(tiny_engine):
+    outputs = tiny_engine.generate_chat(CONVERSATIONS, Sampling(max_new_tokens=3))
+    for output in outputs:
+        assert output.num_tokens <= 3
+        assert output.finished or output.num_tokens == 3
+
+
+class _PreferToken(torch.nn.Module):
+    """Wraps a model and adds a large bonus to one token's logit after `after` forward calls of a batch."""
+
+    def __init__(self, model, token_id, after):
+        super().__init__()
+        self.inner, self.token_id, self.after, self.calls = model, token_id, after, 0
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        self.calls = 1 if kwargs["input_ids"].shape[1] > 1 else self.calls + 1  # a prefill starts a new batch
+        if self.calls > self.after:
+            out.logits[..., self.token_id] += 1e4
+        return out
+
+
+def test_generation_stops_at_end_of_turn_and_hides_it(tiny_engine):
+    end = tiny_engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = _PreferToken(tiny_engine.model, end, after=2)  # two free tokens, then end of turn
+    outputs = Engine(model, tiny_engine.tokenizer, batch_size=4).generate_chat(CONVERSATIONS, Sampling(max_new_tokens=8))
+    for output in outputs:
+        assert output.finished and output.num_tokens == 3
+        assert "<|im_end|>" not in output.text
+
+
+def slow_logprob(model, tokenizer, context, continuation):
+    """Reference: one sequence at a time, full logits, no padding."""
+    c_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    k_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([c_ids + k_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return sum(logprobs[len(c_ids) - 1 + j, tok].item() for j, tok in enumerate(k_ids))
+
+
+def test_scores_match_a_one_at_a_time_reference(tiny_engine):
+    contexts = [tiny_engine.render(c, assistant_prefix="The answer is:") for c in CONVERSATIONS]
+    continuations = [" (A)", " (B)", " a much longer continuation of several tokens", " (A)", " hello", " Paris"]
+    scores = tiny_engine.score(contexts, continuations)
+    for context, continuation, score in zip(contexts, continuations, scores, strict=True):
+        expected = slow_logprob(tiny_engine.model, tiny_engine.tokenizer, context, continuation)
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+        assert math.isclose(sum(score.token_logprobs), score.logprob, abs_tol=1e-6)
+
+
+def test_progress_reports_every_item_and_token(tiny_engine):
+    seen = []
+    outputs = tiny_engine.generate_chat(CONVERSATIONS, Sampling(max_new_tokens=5), progress=lambda i, t: seen.append((i, t)))
+    assert sum(i for i, _ in seen) == len(CONVERSATIONS)
+    assert sum(t for _, t in seen) == sum(o.num_tokens for o in outputs)
+
+
+@pytest.mark.slow
+def test_embedded_model_knows_the_capital_of_france(smol_engine):
+    answer = smol_engine.generate_chat([[{"role": "user", "content": "What is the capital of France?"}]],
+                                       Sampling(max_new_tokens=24))[0]
+    assert "Paris" in answer.text
