@@ -1,0 +1,287 @@
+"""What every stage shares: the context it runs in, its result, progress reporting, and manifests.
+
+A stage is `run(cfg, ctx) -> StageResult`: a function from files and a config dataclass to files.
+Stages never print; they report through `ctx.reporter` (the CLI draws a Rich progress bar on stderr).
+
+Manifests make stages resumable and skippable (STYLE.md 8, DESIGN.md "Run directory"):
+
+    run = StageRun("critique", cfg, ctx.manifest_for(cfg.out), inputs={"prompts": cfg.prompts}, force=cfg.force)
+    if (done := run.previous()) is not None:
+        return done                      # complete, same config and inputs: no work at all
+    run.start()                          # writes status "partial"; refuses a different config (ResumeMismatch)
+    ...                                  # work that appends records / checkpoints as it goes
+    return run.complete(outputs={...}, counts={...}, summary="...")
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cai import __version__
+from cai.errors import ResumeMismatch
+
+# ----------------------------------------------------------------------------- reporting
+
+
+class Task(Protocol):
+    def advance(self, items: int = 1, tokens: int = 0) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Reporter(Protocol):
+    """Progress and status. `task` returns a handle to advance; `log` is a status line (stderr in the CLI)."""
+
+    def task(self, description: str, total: int | None, unit: str = "items") -> Task: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class _NullTask:
+    def advance(self, items: int = 1, tokens: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NullReporter:
+    """Reports nothing; keeps the log lines so tests can assert on them."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def task(self, description: str, total: int | None, unit: str = "items") -> Task:
+        return _NullTask()
+
+    def log(self, message: str) -> None:
+        self.messages.append(message)
+
+
+def engine_progress(task: Task) -> Callable[[int, int], None]:
+    """Adapt a reporter task to the engine's `progress(items, tokens)` callback."""
+    return lambda items, tokens: task.advance(items, tokens)
+
+
+# ----------------------------------------------------------------------------- context and result
+
+
+@dataclass
+class StageContext:
+    """What a stage runs with besides its config.
+
+    `manifest_path`: where the caller wants the manifest (a recipe puts it in the stage directory);
+    None means beside the output (`default_manifest_path`). `device`: None picks CUDA when present.
+    """
+
+    reporter: Reporter = field(default_factory=NullReporter)
+    manifest_path: Path | None = None
+    device: str | None = None
+
+    def manifest_for(self, out: str | Path) -> Path:
+        return Path(self.manifest_path) if self.manifest_path else default_manifest_path(out)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    outputs: dict[str, str]  # name -> path written
+    counts: dict[str, int]  # what was done, dropped, skipped
+    summary: str  # one line for a person
+    skipped: bool = False  # True when a complete manifest matched and nothing ran
+    metrics: dict[str, Any] = field(default_factory=dict)  # numbers worth keeping (accuracy, loss...)
+
+
+def default_manifest_path(out: str | Path) -> Path:
+    """`DIR/manifest.json` for a directory output, `NAME.manifest.json` beside a file output."""
+    out = Path(out)
+    if out.suffix in (".jsonl", ".json", ".csv"):
+        return out.with_name(out.name.rsplit(".", 1)[0] + ".manifest.json")
+    return out / "manifest.json"
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def config_hash(cfg: Any) -> str:
+    """Hash of the fields that change a stage's output. Fields with `metadata={"hash": False}` (batch
+    size, output paths, force) do not count: changing them must not invalidate finished work."""
+    values = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("hash", True):
+            value = getattr(cfg, f.name)
+            values[f.name] = str(value) if isinstance(value, Path) else value
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def input_hash(reference: str | Path | None) -> str | None:
+    """Content hash of an input: a file's bytes; a directory's manifest (or file names and sizes);
+    a model reference that is not a path (embedded:..., hub id) is its own identity."""
+    if reference is None:
+        return None
+    path = Path(str(reference)).expanduser()
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()[:16]
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if not manifest.exists() and (path.parent / "manifest.json").exists():
+            manifest = path.parent / "manifest.json"
+        if manifest.exists():
+            data = json.loads(manifest.read_text())
+            return hashlib.sha256(json.dumps([data.get("config_hash"), data.get("inputs"), data.get("counts")],
+                                             sort_keys=True).encode()).hexdigest()[:16]
+        entries = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+    return hashlib.sha256(str(reference).encode()).hexdigest()[:16]
+
+
+def item_seed(seed: int, item_id: str, *salt: str) -> int:
+    """A per-item seed from the run seed and the item's id: the same item samples the same text in any
+    batch and after any resume."""
+    digest = hashlib.sha256("\x1f".join([str(seed), item_id, *salt]).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "cai": __version__}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+class StageRun:
+    """Manifest bookkeeping for one execution of one stage (see module docstring)."""
+
+    def __init__(self, stage: str, cfg: Any, manifest_path: str | Path, inputs: dict[str, Any],
+                 outputs: list[str | Path] = (), force: bool = False):
+        self.stage = stage
+        self.outputs = [Path(p) for p in outputs]
+        self.cfg = cfg
+        self.path = Path(manifest_path)
+        self.inputs = {name: input_hash(value) for name, value in inputs.items()}
+        self.config_hash = config_hash(cfg)
+        self.force = force
+        self.started = time.time()
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def matches(self, manifest: dict[str, Any]) -> bool:
+        return manifest.get("config_hash") == self.config_hash and manifest.get("inputs") == self.inputs
+
+    def previous(self) -> StageResult | None:
+        """The earlier result if a complete manifest matches this config and these inputs, else None."""
+        manifest = self._read()
+        if manifest and manifest.get("status") == "complete" and self.matches(manifest) and not self.force:
+            return StageResult(stage=self.stage, outputs=manifest.get("outputs", {}), counts=manifest.get("counts", {}),
+                               summary=manifest.get("summary", "") + " (already complete; skipped)", skipped=True,
+                               metrics=manifest.get("metrics", {}))
+        return None
+
+    def start(self) -> bool:
+        """Record that work began. Returns True when resuming a partial run of the same config.
+
+        | earlier state                      | without force     | with force          |
+        | no manifest, no output             | start             | start               |
+        | no manifest, output exists         | ResumeMismatch    | discard, start      |
+        | partial, same config and inputs    | resume            | resume              |
+        | complete, same config and inputs   | (previous() skips)| discard, start      |
+        | different config or inputs         | ResumeMismatch    | discard, start      |
+        """
+        manifest = self._read()
+        resuming = False
+        if manifest is None:
+            if any(p.exists() for p in self.outputs):
+                if not self.force:
+                    raise ResumeMismatch(f"{self.outputs[0]}: exists but has no manifest, so cai cannot tell how "
+                                         "it was made -- pass --force to overwrite it, or choose another --out")
+                discard_outputs(*self.outputs)
+        elif self.matches(manifest) and manifest.get("status") == "partial":
+            resuming = True
+        elif self.force:
+            discard_outputs(*self.outputs)
+        elif not self.matches(manifest):
+            changed = [name for name, same in (("config", manifest.get("config_hash") == self.config_hash),
+                                               ("inputs", manifest.get("inputs") == self.inputs)) if not same]
+            raise ResumeMismatch(
+                f"{self.path.parent}: holds {self.stage} output made with different {' and '.join(changed)} "
+                "-- pass --force to discard it and start over, or choose another --out")
+        self._write("partial", outputs={}, counts={}, summary="")
+        return resuming
+
+    def complete(self, outputs: dict[str, str | Path], counts: dict[str, int], summary: str,
+                 metrics: dict[str, Any] | None = None) -> StageResult:
+        outputs = {k: str(v) for k, v in outputs.items()}
+        self._write("complete", outputs=outputs, counts=counts, summary=summary, metrics=metrics or {})
+        return StageResult(stage=self.stage, outputs=outputs, counts=counts, summary=summary,
+                           metrics=metrics or {})
+
+    def _write(self, status: str, **fields: Any) -> None:
+        manifest = {
+            "stage": self.stage, "status": status, "config_hash": self.config_hash, "inputs": self.inputs,
+            "config": {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)},
+            "seed": getattr(self.cfg, "seed", None), "versions": _library_versions(), "git_sha": _git_sha(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S") if status == "complete" else None,
+            "seconds": round(time.time() - self.started, 1) if status == "complete" else None,
+            **fields,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        os.replace(tmp, self.path)  # written last and atomically: a manifest is never half-written
+
+
+def discard_outputs(*paths: str | Path) -> None:
+    """Remove earlier outputs before a forced restart."""
+    import shutil
+
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def help_of(cfg_class: type, name: str) -> str:
+    """A config field's help text: the only documentation of an option (STYLE.md 2)."""
+    for f in dataclasses.fields(cfg_class):
+        if f.name == name:
+            return f.metadata["help"]
+    raise KeyError(f"{cfg_class.__name__} has no field {name!r}")
