@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check cai tests bench
 
 bench: install
-	$(PY) bench/generation.py
+	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 demo: install
 	$(CAI) run recipes/demo.yaml
