@@ -249,6 +249,110 @@ def constitution_show(
 # ----------------------------------------------------------------------------- stage 1: critique, sft (issue 3)
 
 
+def _stage1(config: str, name: str, what: str = "help"):
+    """Help text or default of a CritiqueConfig / SFTConfig field (the config is the only place either lives)."""
+    import dataclasses
+
+    from cai.stages.base import help_of
+
+    if config == "critique":
+        from cai.stages.critique import CritiqueConfig as cls
+    else:
+        from cai.stages.sft import SFTConfig as cls
+    if what == "help":
+        return help_of(cls, name)
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+def _c(name: str, what: str = "help"):
+    return _stage1("critique", name, what)
+
+
+def _s(name: str, what: str = "help"):
+    return _stage1("sft", name, what)
+
+
+_IO, _GEN, _RUN, _TRAIN = "Inputs and outputs", "Generation", "Running", "Training"
+
+
+@app.command("critique")
+def critique(
+    prompts: Annotated[str, typer.Option("--prompts", help=_c("prompts"), rich_help_panel=_IO)],
+    out: Annotated[str, typer.Option("--out", help=_c("out"), rich_help_panel=_IO)],
+    model: Annotated[str, typer.Option("--model", "-m", help=_c("model"), rich_help_panel=_IO)] = _c("model", "d"),
+    constitution: Annotated[str, typer.Option(help=_c("constitution"), rich_help_panel=_IO)]
+    = _c("constitution", "d"),
+    revisions: Annotated[int, typer.Option(help=_c("revisions"), rich_help_panel=_GEN)] = _c("revisions", "d"),
+    limit: Annotated[int | None, typer.Option(help=_c("limit"), rich_help_panel=_IO)] = None,
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=_c("few_shot"), rich_help_panel=_GEN)]
+    = _c("few_shot", "d"),
+    max_new_tokens: Annotated[int, typer.Option(help=_c("max_new_tokens"), rich_help_panel=_GEN)]
+    = _c("max_new_tokens", "d"),
+    temperature: Annotated[float, typer.Option(help=_c("temperature"), rich_help_panel=_GEN)]
+    = _c("temperature", "d"),
+    top_p: Annotated[float, typer.Option(help=_c("top_p"), rich_help_panel=_GEN)] = _c("top_p", "d"),
+    seed: Annotated[int, typer.Option(help=_c("seed"), rich_help_panel=_GEN)] = _c("seed", "d"),
+    batch_size: Annotated[int, typer.Option(help=_c("batch_size"), rich_help_panel=_RUN)] = _c("batch_size", "d"),
+    chunk_size: Annotated[int, typer.Option(help=_c("chunk_size"), rich_help_panel=_RUN)] = _c("chunk_size", "d"),
+    force: Annotated[bool, typer.Option("--force", help=_c("force"), rich_help_panel=_RUN)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Answer prompts, then critique and revise each answer under constitution principles (SL-CAI data).
+
+    Writes one record per prompt: the initial answer, every round's principle, critique and revision,
+    and the final revision. Interrupt it any time: re-running the same command resumes.
+
+    Example: cai critique --prompts data/red_team_prompts.jsonl --out critique.jsonl --limit 16 --revisions 2
+    """
+    from cai.stages import critique as stage
+
+    cfg = stage.CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution,
+                               revisions=revisions, limit=limit, few_shot=few_shot, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                               chunk_size=chunk_size, force=force)
+    _run_stage(stage.run, cfg, json_output)
+
+
+@app.command("sft")
+def sft(
+    data: Annotated[str, typer.Option("--data", help=_s("data"), rich_help_panel=_IO)],
+    out: Annotated[str, typer.Option("--out", help=_s("out"), rich_help_panel=_IO)],
+    model: Annotated[str, typer.Option("--model", "-m", help=_s("model"), rich_help_panel=_IO)] = _s("model", "d"),
+    helpful: Annotated[str | None, typer.Option(help=_s("helpful"), rich_help_panel=_IO)] = None,
+    helpful_fraction: Annotated[float, typer.Option(help=_s("helpful_fraction"), rich_help_panel=_IO)]
+    = _s("helpful_fraction", "d"),
+    helpful_max_new_tokens: Annotated[int, typer.Option(help=_s("helpful_max_new_tokens"), rich_help_panel=_IO)]
+    = _s("helpful_max_new_tokens", "d"),
+    quantize: Annotated[str | None, typer.Option(help=_s("quantize"), rich_help_panel=_TRAIN)] = None,
+    lora_r: Annotated[int, typer.Option(help=_s("lora_r"), rich_help_panel=_TRAIN)] = _s("lora_r", "d"),
+    epochs: Annotated[float, typer.Option(help=_s("epochs"), rich_help_panel=_TRAIN)] = _s("epochs", "d"),
+    max_steps: Annotated[int | None, typer.Option(help=_s("max_steps"), rich_help_panel=_TRAIN)] = None,
+    lr: Annotated[float | None, typer.Option(help=_s("lr"), rich_help_panel=_TRAIN)] = None,
+    batch_size: Annotated[int, typer.Option(help=_s("batch_size"), rich_help_panel=_TRAIN)] = _s("batch_size", "d"),
+    max_length: Annotated[int, typer.Option(help=_s("max_length"), rich_help_panel=_TRAIN)] = _s("max_length", "d"),
+    seed: Annotated[int, typer.Option(help=_s("seed"), rich_help_panel=_TRAIN)] = _s("seed", "d"),
+    save_steps: Annotated[int, typer.Option(help=_s("save_steps"), rich_help_panel=_RUN)] = _s("save_steps", "d"),
+    generation_batch_size: Annotated[int, typer.Option(help=_s("generation_batch_size"), rich_help_panel=_RUN)]
+    = _s("generation_batch_size", "d"),
+    force: Annotated[bool, typer.Option("--force", help=_s("force"), rich_help_panel=_RUN)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Fine-tune the model on its final revisions (loss on the answer only), mixed with helpful answers.
+
+    Writes a standalone model directory (LoRA merged; the adapter kept in OUT/adapter). An interrupted
+    run resumes from its last checkpoint when re-run; a finished one is skipped.
+
+    Example: cai sft --data critique.jsonl --out sft-model --helpful data/helpful_prompts.jsonl --max-steps 20
+    """
+    from cai.stages import sft as stage
+
+    cfg = stage.SFTConfig(data=data, out=out, model=model, helpful=helpful, helpful_fraction=helpful_fraction,
+                          helpful_max_new_tokens=helpful_max_new_tokens, quantize=quantize, lora_r=lora_r,
+                          epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                          seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force)
+    _run_stage(stage.run, cfg, json_output)
+
+
 
 # ----------------------------------------------------------------------------- stage 2: feedback, feedback eval (issue 4)
 

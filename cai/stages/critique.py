@@ -196,7 +196,6 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
     Each step is one batched engine call over the whole chunk (the engine sorts by length and batches).
     """
     from cai import constitution as c
-    from cai.records import as_messages
 
     sampling = _sampling(cfg)
 
