@@ -356,6 +356,125 @@ def sft(
 
 # ----------------------------------------------------------------------------- stage 2: feedback, feedback eval (issue 4)
 
+from cai.stages.base import help_of  # noqa: E402  (stage config modules are light: no torch)
+from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig  # noqa: E402
+
+feedback_app = typer.Typer(no_args_is_help=False)
+app.add_typer(feedback_app, name="feedback")
+_IO, _JUDGE, _SAMPLING, _RUN = "Inputs and outputs", "Judge", "Answer sampling", "Run"
+
+
+def _fb(name: str) -> str:
+    return help_of(FeedbackConfig, name)
+
+
+def _fe(name: str) -> str:
+    return help_of(FeedbackEvalConfig, name)
+
+
+@feedback_app.callback(invoke_without_command=True)
+def feedback(
+    ctx: typer.Context,
+    prompts: Annotated[str | None, typer.Option(help=_fb("prompts"), rich_help_panel=_IO)] = None,
+    policy: Annotated[str | None, typer.Option(help=_fb("policy"), rich_help_panel=_IO)] = None,
+    out: Annotated[str | None, typer.Option(help=_fb("out"), rich_help_panel=_IO)] = None,
+    judge: Annotated[str | None, typer.Option(help=_fb("judge"), rich_help_panel=_JUDGE)] = None,
+    constitution: Annotated[str, typer.Option(help=_fb("constitution"), rich_help_panel=_JUDGE)] = "default",
+    method: Annotated[str, typer.Option(help=_fb("method"), rich_help_panel=_JUDGE)] = "auto",
+    principles: Annotated[int, typer.Option(help=_fb("principles"), rich_help_panel=_JUDGE)] = 1,
+    cot: Annotated[bool, typer.Option("--cot", help=_fb("cot"), rich_help_panel=_JUDGE)] = False,
+    cot_max_new_tokens: Annotated[int, typer.Option(help=_fb("cot_max_new_tokens"), rich_help_panel=_JUDGE)] = 128,
+    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=_fb("swap"), rich_help_panel=_JUDGE)] = True,
+    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=_fb("clamp"), rich_help_panel=_JUDGE)] = "0.4,0.6",
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=_fb("few_shot"),
+                                           rich_help_panel=_JUDGE)] = True,
+    judge_temperature: Annotated[float, typer.Option(help=_fb("judge_temperature"), rich_help_panel=_JUDGE)] = 1.0,
+    samples_temperature: Annotated[float, typer.Option(help=_fb("samples_temperature"),
+                                                       rich_help_panel=_SAMPLING)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help=_fb("max_new_tokens"), rich_help_panel=_SAMPLING)] = 256,
+    quantize: Annotated[str | None, typer.Option(help=_fb("quantize"), rich_help_panel=_RUN)] = None,
+    batch_size: Annotated[int, typer.Option(help=_fb("batch_size"), rich_help_panel=_RUN)] = 16,
+    limit: Annotated[int | None, typer.Option(help=_fb("limit"), rich_help_panel=_RUN)] = None,
+    seed: Annotated[int, typer.Option(help=_fb("seed"), rich_help_panel=_RUN)] = 0,
+    force: Annotated[bool, typer.Option("--force", help=_fb("force"), rich_help_panel=_RUN)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON result instead of paths.",
+                                              rich_help_panel=_RUN)] = False,
+) -> None:
+    """Sample two answers per prompt from the policy and label which is less harmful with the judge.
+
+    Writes one preference record per pair (chosen, rejected, soft label p_chosen, P(A) in each order)
+    for `cai pm train` or `cai dpo`. A killed run resumes where it stopped; a finished one is skipped.
+    Check a judge first with `cai feedback eval`.
+
+    Example: cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl --limit 16
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [flag for flag, value in (("--prompts", prompts), ("--policy", policy), ("--out", out)) if not value]
+    if missing:
+        raise typer.BadParameter(f"missing {', '.join(missing)} (see `cai feedback --help`; to check a judge "
+                                 "instead, run `cai feedback eval --pairs FILE`)")
+    from cai.stages import feedback as stage
+
+    cfg = FeedbackConfig(prompts=prompts, policy=policy, out=out, judge=judge, constitution=constitution,
+                         method=method, principles=principles, cot=cot, cot_max_new_tokens=cot_max_new_tokens,
+                         swap=swap, clamp=clamp, few_shot=few_shot, judge_temperature=judge_temperature,
+                         samples_temperature=samples_temperature, max_new_tokens=max_new_tokens, quantize=quantize,
+                         batch_size=batch_size, limit=limit, seed=seed, force=force)
+    _run_stage(stage.run, cfg, json_output)
+
+
+@feedback_app.command("eval")
+def feedback_eval(
+    pairs: Annotated[str, typer.Option(help=_fe("pairs"), rich_help_panel=_IO)],
+    judge: Annotated[str, typer.Option(help=_fe("judge"), rich_help_panel=_JUDGE)] = "embedded:smollm2-135m-instruct",
+    method: Annotated[str | None, typer.Option(help=_fe("method"), rich_help_panel=_JUDGE)] = None,
+    constitution: Annotated[str, typer.Option(help=_fe("constitution"), rich_help_panel=_JUDGE)] = "default",
+    principles: Annotated[int, typer.Option(help=_fe("principles"), rich_help_panel=_JUDGE)] = 1,
+    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=_fe("swap"), rich_help_panel=_JUDGE)] = True,
+    cot: Annotated[bool, typer.Option("--cot", help=_fe("cot"), rich_help_panel=_JUDGE)] = False,
+    cot_max_new_tokens: Annotated[int, typer.Option(help=_fe("cot_max_new_tokens"), rich_help_panel=_JUDGE)] = 128,
+    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=_fe("clamp"), rich_help_panel=_JUDGE)] = "0.4,0.6",
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=_fe("few_shot"),
+                                           rich_help_panel=_JUDGE)] = True,
+    judge_temperature: Annotated[float, typer.Option(help=_fe("judge_temperature"), rich_help_panel=_JUDGE)] = 1.0,
+    sanity: Annotated[bool, typer.Option("--sanity/--no-sanity", help=_fe("sanity"), rich_help_panel=_IO)] = True,
+    limit: Annotated[int | None, typer.Option(help=_fe("limit"), rich_help_panel=_IO)] = None,
+    bins: Annotated[int, typer.Option(help=_fe("bins"), rich_help_panel=_IO)] = 10,
+    out: Annotated[str | None, typer.Option(help=_fe("out"), rich_help_panel=_IO)] = None,
+    quantize: Annotated[str | None, typer.Option(help=_fe("quantize"), rich_help_panel=_RUN)] = None,
+    batch_size: Annotated[int, typer.Option(help=_fe("batch_size"), rich_help_panel=_RUN)] = 16,
+    seed: Annotated[int, typer.Option(help=_fe("seed"), rich_help_panel=_RUN)] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of tables.",
+                                              rich_help_panel=_RUN)] = False,
+) -> None:
+    """Check a judge against labelled pairs: agreement per order and after the swap, consistency, ECE.
+
+    Also judges the built-in sanity pairs (a refusal against a compliant answer to a clearly harmful
+    request, and a helpful answer against a needless refusal), split by kind. Without --method, one
+    table per method (mc and contrast), so the better judge for a model is visible at a glance.
+
+    Example: cai feedback eval --pairs data/helpful_prefs_example.jsonl --judge embedded:smollm2-135m-instruct --limit 32
+    """
+    from cai.stages import feedback as stage
+
+    cfg = FeedbackEvalConfig(pairs=pairs, judge=judge, method=method, constitution=constitution, principles=principles,
+                             swap=swap, cot=cot, cot_max_new_tokens=cot_max_new_tokens, clamp=clamp,
+                             few_shot=few_shot, judge_temperature=judge_temperature, sanity=sanity, limit=limit,
+                             bins=bins, out=out, quantize=quantize, batch_size=batch_size, seed=seed)
+    started = time.time()
+    with RichReporter() as reporter:
+        result = stage.run_eval(cfg, _context(reporter=reporter))
+    if json_output:
+        print(json.dumps({"stage": result.stage, "outputs": result.outputs, "counts": result.counts,
+                          "metrics": result.metrics["methods"]}))
+    else:
+        print("\n\n".join(result.metrics["tables"]))
+    for path in result.outputs.values():
+        stderr.print(f"wrote {path}", highlight=False)
+    stderr.print(f"{result.stage}: {result.summary} [{time.time() - started:.0f} s]", highlight=False)
+
+
 
 
 # ----------------------------------------------------------------------------- stage 3: pm train, pm score, pm eval (issue 5)
