@@ -479,6 +479,124 @@ def feedback_eval(
 
 # ----------------------------------------------------------------------------- stage 3: pm train, pm score, pm eval (issue 5)
 
+from cai.stages.base import help_of  # noqa: E402
+from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig  # noqa: E402  (config only: no torch)
+
+pm_app = typer.Typer(help="Train, score and evaluate the hybrid preference model (stage 3).", no_args_is_help=True)
+app.add_typer(pm_app, name="pm")
+_PM_DATA, _PM_MODEL, _PM_TRAINING = "Data", "Model", "Training"
+
+
+@pm_app.command("train")
+def pm_train(
+    ai: Annotated[str, typer.Option(help=help_of(PMTrainConfig, "ai"), rich_help_panel=_PM_DATA)],
+    out: Annotated[str, typer.Option(help=help_of(PMTrainConfig, "out"), rich_help_panel=_PM_DATA)],
+    human: Annotated[str | None, typer.Option(help=help_of(PMTrainConfig, "human"), rich_help_panel=_PM_DATA)]
+    = None,
+    human_fraction: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "human_fraction"),
+                                                  rich_help_panel=_PM_DATA)] = PMTrainConfig.human_fraction,
+    eval_fraction: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "eval_fraction"),
+                                                 rich_help_panel=_PM_DATA)] = PMTrainConfig.eval_fraction,
+    max_length: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "max_length"), rich_help_panel=_PM_DATA)]
+    = PMTrainConfig.max_length,
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMTrainConfig, "model"),
+                                       rich_help_panel=_PM_MODEL)] = PMTrainConfig.model,
+    quantize: Annotated[str | None, typer.Option(help=help_of(PMTrainConfig, "quantize"),
+                                                 rich_help_panel=_PM_MODEL)] = None,
+    lora_r: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "lora_r"), rich_help_panel=_PM_MODEL)]
+    = PMTrainConfig.lora_r,
+    epochs: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "epochs"), rich_help_panel=_PM_TRAINING)]
+    = PMTrainConfig.epochs,
+    max_steps: Annotated[int | None, typer.Option(help=help_of(PMTrainConfig, "max_steps"),
+                                                  rich_help_panel=_PM_TRAINING)] = None,
+    lr: Annotated[float | None, typer.Option(help=help_of(PMTrainConfig, "lr"), rich_help_panel=_PM_TRAINING)]
+    = None,
+    batch_size: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "batch_size"),
+                                            rich_help_panel=_PM_TRAINING)] = PMTrainConfig.batch_size,
+    seed: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "seed"), rich_help_panel=_PM_TRAINING)]
+    = PMTrainConfig.seed,
+    save_steps: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "save_steps"),
+                                            rich_help_panel=_PM_TRAINING)] = PMTrainConfig.save_steps,
+    force: Annotated[bool, typer.Option("--force", help=help_of(PMTrainConfig, "force"))] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Train a preference model on AI harmlessness labels mixed with human helpfulness labels.
+
+    Soft-label Bradley-Terry loss; LoRA by default, QLoRA with --quantize 4bit, full with --lora-r 0.
+
+    Writes OUT/model and reports held-out accuracy on AI and human pairs. A re-run resumes.
+
+    Example: cai pm train --ai prefs.jsonl --human data/helpful_prefs_example.jsonl --out runs/pm
+    """
+    from cai.stages.pm import run_train
+
+    cfg = PMTrainConfig(ai=ai, out=out, human=human, human_fraction=human_fraction, model=model, quantize=quantize,
+                        lora_r=lora_r, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
+                        max_length=max_length, eval_fraction=eval_fraction, seed=seed, save_steps=save_steps,
+                        force=force)
+    _run_stage(run_train, cfg, json_output)
+
+
+@pm_app.command("score")
+def pm_score(
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMScoreConfig, "model"))],
+    prompt: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "prompt"))] = None,
+    response: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "response"))] = None,
+    input_path: Annotated[str | None, typer.Option("--input", help=help_of(PMScoreConfig, "input"))] = None,
+    out: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "out"))] = None,
+    max_length: Annotated[int | None, typer.Option(help=help_of(PMScoreConfig, "max_length"))] = None,
+    batch_size: Annotated[int, typer.Option(help=help_of(PMScoreConfig, "batch_size"))] = PMScoreConfig.batch_size,
+) -> None:
+    """Print the preference model's reward for a response (or add `reward` to each record of a JSONL).
+
+    Example: cai pm score --model runs/pm --prompt "How do I pick a lock?" --response "I can't help with that."
+    """
+    from cai.stages.pm import run_score
+
+    cfg = PMScoreConfig(model=model, prompt=prompt, response=response, input=input_path, out=out,
+                        max_length=max_length, batch_size=batch_size)
+    with RichReporter() as reporter:
+        scored = run_score(cfg, _context(reporter=reporter))
+    if cfg.input is None:
+        print(f"{scored[0]['reward']:.4f}")
+    elif cfg.out:
+        print(cfg.out)
+    else:
+        for record in scored:
+            print(json.dumps(record, ensure_ascii=False))
+
+
+@pm_app.command("eval")
+def pm_eval(
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMEvalConfig, "model"))],
+    pairs: Annotated[str, typer.Option(help=help_of(PMEvalConfig, "pairs"))],
+    out: Annotated[str | None, typer.Option(help=help_of(PMEvalConfig, "out"))] = None,
+    limit: Annotated[int | None, typer.Option(help=help_of(PMEvalConfig, "limit"))] = None,
+    max_length: Annotated[int | None, typer.Option(help=help_of(PMEvalConfig, "max_length"))] = None,
+    bins: Annotated[int, typer.Option(help=help_of(PMEvalConfig, "bins"))] = PMEvalConfig.bins,
+    batch_size: Annotated[int, typer.Option(help=help_of(PMEvalConfig, "batch_size"))] = PMEvalConfig.batch_size,
+    force: Annotated[bool, typer.Option("--force", help=help_of(PMEvalConfig, "force"))] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+) -> None:
+    """Measure a preference model on labelled pairs: accuracy, mean margin, calibration (ECE), length bias.
+
+    With --out, also writes metrics.json, scores.jsonl, calibration.png and length_bias.png there.
+
+    Example: cai pm eval --model runs/pm --pairs data/helpful_prefs_example.jsonl --out runs/pm/eval
+    """
+    from cai.stages.pm import format_metrics, run_eval
+
+    cfg = PMEvalConfig(model=model, pairs=pairs, out=out, limit=limit, max_length=max_length, bins=bins,
+                       batch_size=batch_size, force=force)
+    started = time.time()
+    with RichReporter() as reporter:
+        result = run_eval(cfg, _context(reporter=reporter))
+    print(json.dumps(result.metrics) if json_output else format_metrics(result.metrics))
+    for name, path in result.outputs.items():
+        stderr.print(f"{name}: {path}", highlight=False)
+    stderr.print(f"pm eval: {result.summary} [{time.time() - started:.0f} s]", highlight=False)
+
+
 
 
 # ----------------------------------------------------------------------------- stage 4: rl (issue 6)
