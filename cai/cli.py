@@ -602,6 +602,68 @@ def pm_eval(
 # ----------------------------------------------------------------------------- stage 4: rl (issue 6)
 
 
+def _rl_help(name: str) -> str:
+    from cai.stages.base import help_of
+    from cai.stages.rl import RLConfig
+
+    return help_of(RLConfig, name)
+
+
+_RL_REWARDS = "Rewards and monitors"
+_RL_TRAINING = "Training"
+
+
+@app.command("rl")
+def rl_command(
+    prompts: Annotated[list[Path], typer.Option("--prompts", help=_rl_help("prompts") + " Repeat for several.")],
+    out: Annotated[Path, typer.Option(help=_rl_help("out"))],
+    policy: Annotated[str, typer.Option(help=_rl_help("policy"))] = "embedded:smollm2-135m-instruct",
+    pm: Annotated[str | None, typer.Option(help=_rl_help("pm"))] = None,
+    algo: Annotated[str, typer.Option(help=_rl_help("algo"))] = "grpo",
+    beta: Annotated[float, typer.Option(help=_rl_help("beta"))] = 0.05,
+    reward: Annotated[list[str] | None, typer.Option(
+        "--reward", help=_rl_help("reward") + " Repeatable. Default: pm:1.", rich_help_panel=_RL_REWARDS)] = None,
+    num_generations: Annotated[int, typer.Option(help=_rl_help("num_generations"), rich_help_panel=_RL_TRAINING)] = 4,
+    prompts_per_step: Annotated[int, typer.Option(help=_rl_help("prompts_per_step"),
+                                                  rich_help_panel=_RL_TRAINING)] = 2,
+    max_steps: Annotated[int, typer.Option(help=_rl_help("max_steps"), rich_help_panel=_RL_TRAINING)] = 10,
+    lr: Annotated[float | None, typer.Option(help=_rl_help("lr"), rich_help_panel=_RL_TRAINING)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help=_rl_help("max_new_tokens"), rich_help_panel=_RL_TRAINING)] = 64,
+    temperature: Annotated[float, typer.Option(help=_rl_help("temperature"), rich_help_panel=_RL_TRAINING)] = 1.0,
+    quantize: Annotated[str | None, typer.Option(help=_rl_help("quantize"), rich_help_panel=_RL_TRAINING)] = None,
+    lora_r: Annotated[int, typer.Option(help=_rl_help("lora_r"), rich_help_panel=_RL_TRAINING)] = 16,
+    limit: Annotated[int | None, typer.Option(help=_rl_help("limit"))] = None,
+    length_target: Annotated[int | None, typer.Option(help=_rl_help("length_target"),
+                                                      rich_help_panel=_RL_REWARDS)] = None,
+    code_timeout: Annotated[float, typer.Option(help=_rl_help("code_timeout"), rich_help_panel=_RL_REWARDS)] = 5.0,
+    code_memory_mb: Annotated[int, typer.Option(help=_rl_help("code_memory_mb"), rich_help_panel=_RL_REWARDS)] = 512,
+    judge: Annotated[str | None, typer.Option(help=_rl_help("judge"), rich_help_panel=_RL_REWARDS)] = None,
+    constitution: Annotated[str, typer.Option(help=_rl_help("constitution"), rich_help_panel=_RL_REWARDS)] = "default",
+    judge_every: Annotated[int, typer.Option(help=_rl_help("judge_every"), rich_help_panel=_RL_REWARDS)] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help=_rl_help("checkpoint_every"),
+                                                  rich_help_panel=_RL_TRAINING)] = 5,
+    pm_batch_size: Annotated[int, typer.Option(help=_rl_help("pm_batch_size"), rich_help_panel=_RL_TRAINING)] = 16,
+    seed: Annotated[int, typer.Option(help=_rl_help("seed"))] = 0,
+    force: Annotated[bool, typer.Option("--force", help=_rl_help("force"))] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Optimise a policy against the preference model (GRPO or RLOO) with a KL penalty and optional verifiable rewards.
+
+    Example: cai rl --policy runs/x/2-sft/model --pm runs/x/4-pm/model --prompts data/red_team_prompts.jsonl
+    --prompts data/helpful_prompts.jsonl --out runs/x/5-rl --max-steps 20
+    """
+    from cai.stages.rl import RLConfig, run
+
+    cfg = RLConfig(prompts=[str(p) for p in prompts], out=str(out), policy=policy, pm=pm, algo=algo, beta=beta,
+                   reward=list(reward) if reward else ["pm:1"], num_generations=num_generations,
+                   prompts_per_step=prompts_per_step, max_steps=max_steps, lr=lr, max_new_tokens=max_new_tokens,
+                   temperature=temperature, quantize=quantize, lora_r=lora_r, limit=limit,
+                   length_target=length_target, code_timeout=code_timeout, code_memory_mb=code_memory_mb,
+                   judge=judge, constitution=constitution, judge_every=judge_every,
+                   checkpoint_every=checkpoint_every, pm_batch_size=pm_batch_size, seed=seed, force=force)
+    _run_stage(run, cfg, json_)
+
+
 
 # ----------------------------------------------------------------------------- offline path: dpo (issue 8)
 
