@@ -279,13 +279,17 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, pre
     assert not (tmp_path / "m" / "checkpoints").exists()
 
 
-def test_qlora_4bit_trains_and_saves_a_full_precision_standalone_model(tiny_model_dir, pref_files, tmp_path):
+def test_qlora_4bit_with_trls_robust_loss_saves_a_full_precision_standalone_model(tiny_model_dir, pref_files,
+                                                                                      tmp_path):
+    """QLoRA on CPU, and the hard-label path (trl's own loss): robust DPO with the label-noise rate taken
+    from the AI records' p_chosen (0.9 each, so 0.1)."""
     ai_path, _ = pref_files
     out = tmp_path / "q"
     cfg = dpo.DPOConfig(policy=tiny_model_dir, ai=str(ai_path), out=str(out), quantize="4bit", lora_r=4,
-                        max_steps=1, batch_size=2, max_length=64, soft_labels=True)
+                        max_steps=1, batch_size=2, max_length=64, loss="robust")
     result = dpo.run(cfg, StageContext(device="cpu"))
-    assert result.counts["steps"] == 1
+    assert result.counts["steps"] == 1 and result.metrics["label_smoothing"] == pytest.approx(0.1)
+    assert math.isfinite(result.metrics["loss"])
     model = AutoModelForCausalLM.from_pretrained(out)
     assert getattr(model.config, "quantization_config", None) is None
     assert model.dtype == torch.float32 and (out / "adapter" / "adapter_model.safetensors").exists()
