@@ -479,7 +479,6 @@ def feedback_eval(
 
 # ----------------------------------------------------------------------------- stage 3: pm train, pm score, pm eval (issue 5)
 
-from cai.stages.base import help_of  # noqa: E402
 from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig  # noqa: E402  (config only: no torch)
 
 pm_app = typer.Typer(help="Train, score and evaluate the hybrid preference model (stage 3).", no_args_is_help=True)
