@@ -402,9 +402,7 @@ def feedback(
 ) -> None:
     """Sample two answers per prompt from the policy and label which is less harmful with the judge.
 
-    Writes one preference record per pair (chosen, rejected, soft label p_chosen, P(A) in each order)
-    for `cai pm train` or `cai dpo`. A killed run resumes where it stopped; a finished one is skipped.
-    Check a judge first with `cai feedback eval`.
+    Writes one preference record per pair (chosen, rejected, soft label p_chosen, P(A) in each order) for `cai pm train` or `cai dpo`; pairs set aside go to OUT.rejected.jsonl. A killed run resumes where it stopped; a finished one is skipped. Check a judge first with `cai feedback eval`.
 
     Example: cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl --limit 16
     """
@@ -450,9 +448,7 @@ def feedback_eval(
 ) -> None:
     """Check a judge against labelled pairs: agreement per order and after the swap, consistency, ECE.
 
-    Also judges the built-in sanity pairs (a refusal against a compliant answer to a clearly harmful
-    request, and a helpful answer against a needless refusal), split by kind. Without --method, one
-    table per method (mc and contrast), so the better judge for a model is visible at a glance.
+    Also judges the built-in sanity pairs (a refusal against a compliant answer to a clearly harmful request, and a helpful answer against a needless refusal), split by kind. Without --method it prints one table per method (mc and contrast), so the better judge for a model is visible at a glance.
 
     Example: cai feedback eval --pairs data/helpful_prefs_example.jsonl --judge embedded:smollm2-135m-instruct --limit 32
     """

@@ -21,9 +21,11 @@ probabilities come out near 0 or 1, so they are clamped to `clamp` (0.4, 0.6 in 
 principles per comparison the verdict averages over them (an ensemble).
 
 `method="auto"` picks contrast for judges under ~1B parameters and mc otherwise. Measured with
-SmolLM2-135M-Instruct on this project's sanity pairs: as an mc judge (swap on) it preferred a plain
-refusal over a compliant answer to a clearly harmful request in about a third of the pairs; contrast
-preferred the refusal in every one.
+SmolLM2-135M-Instruct on the 24 harmful-request pairs of data/judge_sanity_pairs.jsonl (a plain refusal
+against a compliant answer): as an mc judge (swap on, few-shot on or off) it picked the refusal in 11
+to 15, chance, because it answers "(B)" with p ~ 0.8 whatever the order (position consistency 0 of 40);
+contrast picked it in 23 with the `less-harmful` principle and 19 with principles drawn per pair (some
+principles, such as `helps-benign` and `less-evasive`, are about helpfulness).
 """
 
 import math

@@ -27,9 +27,10 @@ METHOD_CHOICES = ("auto", "mc", "contrast")
 METHOD_HELP = ("Judging method: mc (multiple choice: log-probabilities of ' (A)' / ' (B)', as in the paper), "
                "contrast (how much more likely each answer is under a system prompt that follows the principle "
                "than under one that ignores it), or auto: contrast for judges under ~1B parameters, mc above. "
-               "Small judges cannot answer the multiple-choice question: SmolLM2-135M as mc (order swap on) "
-               "picked a refusal over a compliant answer to a clearly harmful request in about a third of "
-               "the built-in sanity pairs; contrast picked the refusal in every one.")
+               "Why: small judges cannot answer the multiple-choice question. Measured with SmolLM2-135M on the 24 "
+               "harmful-request sanity pairs, mc (order swap on) picked the refusal over the compliant answer in "
+               "11-15 (chance: it answers (B) whatever the order), contrast in 19 (principles drawn per pair) "
+               "to 23 (less-harmful).")
 
 
 def _parse_clamp(value: Any) -> tuple[float, float]:

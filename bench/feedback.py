@@ -1,0 +1,133 @@
+"""Judging throughput: cai's log-probability judge against a judge that generates its answer letter.
+
+Same model (embedded SmolLM2-135M-Instruct), same pairs (the first 32 built-in sanity pairs, the
+labelled winner shown as (A) or (B) by a seeded coin), same run, order swap on for every multiple-choice
+judge (two questions per comparison). Timed, in comparisons per second:
+
+- ours     : `Judge(method="mc")`: one forward pass per ordering reads the log-probabilities of " (A)"
+             and " (B)"; the few-shot block all questions share is computed once per call;
+- ours, no prefix sharing: the same with the shared-prefix reuse turned off (what it contributes);
+- generate : the same prompts, the judge's reply begun as "The answer is:", greedy generation of 4
+             tokens through the same batched engine, the letter parsed from the text (a hard label);
+- cot      : `Judge(method="mc", cot=True)`: reasoning generated first (--cot-max-new-tokens), on
+             --cot-pairs pairs (it is slow; the rate is per comparison, so it compares);
+- contrast : `Judge(method="contrast")`: four scored continuations per comparison, no swap.
+
+Also prints each judge's agreement with the labels and the position consistency: the share of pairs
+whose two orders pick the same winner. Without the swap a label's winner is whatever the one order
+says, so it flips with the presentation order on the inconsistent pairs; with the swap the label
+averages both orders and does not depend on the order at all.
+
+    python bench/feedback.py [--pairs 32] [--cot-pairs 8] [--batch-size 16] [--json]
+"""
+
+import argparse
+import json
+import re
+import time
+
+from cai import constitution as c
+from cai.engine import Engine, Sampling
+from cai.judge import Judge, winner
+from cai.paths import bundled
+from cai.records import read_preferences
+from cai.stages.feedback import agreement_metrics, judged_pairs
+
+LETTER = re.compile(r"\(?\b([AB])\b\)?")
+
+
+def generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: int = 4) -> list[list[float]]:
+    """The baseline: ask in both orders, generate the reply after "The answer is:", parse the letter.
+    Returns [P(original A) shown first, P(original A) shown second] per comparison as 1/0 (0.5 unparsed)."""
+    contexts = []
+    for comparison in comparisons:
+        [principle] = comparison.principles
+        for first, second in ((comparison.response_a, comparison.response_b),
+                              (comparison.response_b, comparison.response_a)):
+            contexts.append(engine.render(c.judge_messages(constitution, comparison.prompt, first, second, principle),
+                                          assistant_prefix=c.JUDGE_ANSWER_PREFIX))
+    outputs = engine.generate(contexts, Sampling(max_new_tokens=max_new_tokens))
+    picks = []
+    for output in outputs:
+        match = LETTER.search(output.text)
+        picks.append(0.5 if match is None else 1.0 if match.group(1) == "A" else 0.0)
+    return [[picks[2 * i], 1.0 - picks[2 * i + 1]] for i in range(len(comparisons))]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--cot-pairs", type=int, default=8)
+    parser.add_argument("--cot-max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args()
+
+    constitution = c.load("default")
+    records = read_preferences(bundled("data/judge_sanity_pairs.jsonl"), default_source="sanity")[:args.pairs]
+    comparisons, targets = judged_pairs(records, constitution, principles=1, seed=0)
+    engine = Engine.from_reference("embedded:smollm2-135m-instruct", batch_size=args.batch_size, device="cpu")
+    n, n_cot = len(comparisons), min(args.cot_pairs, len(comparisons))
+
+    ours, ours_s = timed(lambda: Judge(engine, constitution, method="mc").compare(comparisons))
+    engine.backend.MIN_SHARED_PREFIX = 10**9
+    _, unshared_s = timed(lambda: Judge(engine, constitution, method="mc").compare(comparisons))
+    engine.backend.MIN_SHARED_PREFIX = type(engine.backend).MIN_SHARED_PREFIX
+    generated, generate_s = timed(lambda: generating_judge(engine, constitution, comparisons))
+    cot, cot_s = timed(lambda: Judge(engine, constitution, method="mc", cot=True,
+                                     cot_max_new_tokens=args.cot_max_new_tokens).compare(comparisons[:n_cot]))
+    contrast, contrast_s = timed(lambda: Judge(engine, constitution, method="contrast").compare(comparisons))
+
+    def agreement(probabilities, wanted):
+        return sum(winner(p) is not None and winner(p) == winner(t) for p, t in zip(probabilities, wanted,
+                                                                                    strict=True)) / len(wanted)
+
+    ours_metrics = agreement_metrics(ours, targets)
+    rates = {"ours": n / ours_s, "ours_no_prefix_sharing": n / unshared_s, "generate": n / generate_s,
+             "cot": n_cot / cot_s, "contrast": n / contrast_s}
+    result = {
+        "pairs": n, "cot_pairs": n_cot, "batch_size": args.batch_size, "comparisons_per_s": rates,
+        "ratio_vs_generate": rates["ours"] / rates["generate"],
+        "ratio_no_sharing_vs_generate": rates["ours_no_prefix_sharing"] / rates["generate"],
+        "ratio_vs_cot": rates["ours"] / rates["cot"], "ratio_vs_contrast": rates["ours"] / rates["contrast"],
+        "position_consistency": {
+            "ours": ours_metrics["position_consistency"],
+            "generate": sum(winner(a) is not None and winner(a) == winner(b) for a, b in generated) / n,
+            "cot": sum(bool(v.agree) for v in cot) / n_cot,
+        },
+        "agreement": {
+            "ours_without_swap": ours_metrics["agreement_first"], "ours_with_swap": ours_metrics["agreement"],
+            "generate_without_swap": agreement([g[0] for g in generated], targets),
+            "cot_with_swap": agreement([v.p_a for v in cot], targets[:n_cot]),
+            "contrast": agreement([v.p_a for v in contrast], targets),
+        },
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{n} pairs (CoT: {n_cot}), embedded SmolLM2-135M-Instruct, CPU, batch {args.batch_size}, swap on for mc")
+    for name, rate in rates.items():
+        print(f"{name:<24}: {rate:7.3f} comparisons/s")
+    print(f"ratio ours / generate   : {result['ratio_vs_generate']:.1f}x "
+          f"(without prefix sharing: {result['ratio_no_sharing_vs_generate']:.1f}x)")
+    print(f"ratio ours / cot        : {result['ratio_vs_cot']:.1f}x")
+    print(f"ratio ours / contrast   : {result['ratio_vs_contrast']:.1f}x")
+    consistency = result["position_consistency"]
+    print(f"position consistency (both orders pick the same winner): ours {consistency['ours']:.2f}, "
+          f"generate {consistency['generate']:.2f}, cot {consistency['cot']:.2f}")
+    print(f"  without swap the label follows the first order: it flips with the presentation order on "
+          f"{1 - consistency['ours']:.0%} of pairs; with swap: on none (both orders averaged)")
+    agreement_ = result["agreement"]
+    print(f"agreement with the labels: ours {agreement_['ours_without_swap']:.2f} without swap, "
+          f"{agreement_['ours_with_swap']:.2f} with swap; generate {agreement_['generate_without_swap']:.2f}; "
+          f"cot {agreement_['cot_with_swap']:.2f}; contrast {agreement_['contrast']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
