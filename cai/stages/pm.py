@@ -543,9 +543,9 @@ def plot_length_bias(scores: list[dict[str, Any]], metrics: dict[str, Any], path
     if length["prefer_longer_accuracy"] is not None:
         right.axhline(length["prefer_longer_accuracy"], linestyle="--", color="grey",
                       label=f"always prefer longer: {length['prefer_longer_accuracy']:.0%}")
-        right.legend(loc="lower right")
+        right.legend(loc="upper center", fontsize="small")
     right.axhline(0.5, linestyle=":", color="black", linewidth=0.8)
-    right.set_ylim(0, 1.15)
+    right.set_ylim(0, 1.45)
     right.set_ylabel("PM accuracy")
     right.set_title("accuracy by which answer is longer")
     figure.suptitle(title)
@@ -712,8 +712,9 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
     if last:
         ctx.reporter.log(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
-    model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.model,
-                                auto_class="sequence-classification")
+    with suppress_seqcls_warning():  # a 4-bit PM is merged into a freshly loaded full-precision base
+        model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.model,
+                                    auto_class="sequence-classification")
     info = {"max_length": cfg.max_length, "base_model": cfg.model, "lora_r": cfg.lora_r, "quantize": cfg.quantize,
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "train_tokens": trainer._total_train_tokens, "resumed_from": Path(last).name if last else None}
@@ -827,7 +828,8 @@ def run_eval(cfg: PMEvalConfig, ctx: StageContext) -> StageResult:
         if (done := run.previous()) is not None:
             return done
         run.start()
-    records = read_preferences(cfg.pairs, default_source="unknown", limit=cfg.limit)
+    # Pairs without a `source` are grouped under the file name in the per-source accuracy.
+    records = read_preferences(cfg.pairs, default_source=Path(cfg.pairs).name, limit=cfg.limit)
     scorer = RewardScorer.from_directory(cfg.model, device=ctx.device, max_length=cfg.max_length,
                                          batch_size=cfg.batch_size)
     task = ctx.reporter.task("scoring pairs", total=2 * len(records))
