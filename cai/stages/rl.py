@@ -316,7 +316,9 @@ class Monitor:
             "learning_rate": logs.get("learning_rate"),
             **self.pending,
             "step_s": round(step_s, 3) if step_s is not None else None,
-            **{key: round(value, 3) for key, value in self.times.items()},
+            "generate_s": round(self.times["generate_s"], 3),
+            "reward_s": round(self.times["reward_s"] - self.times["judge_s"], 3),  # PM + verifiable rewards
+            "judge_s": round(self.times["judge_s"], 3),  # the held-back judge (runs inside the reward call)
         }
         self.history.append(record)
         with self.path.open("a", encoding="utf-8") as handle:
