@@ -24,6 +24,7 @@ The text rewards and monitors are pure functions of their inputs, unit-tested wi
 """
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -183,26 +184,35 @@ def pm_directory(path: str | Path) -> Path:
                      "pass the directory `cai pm train --out` wrote")
 
 
+# Written by `cai pm train` into the PM directory (cai.stages.pm.PM_INFO): how it was trained, max_length included.
+PM_INFO = "cai-pm.json"
+PM_MAX_LENGTH = 2048  # tokens given to a PM that does not say what it was trained on (one not made by cai)
+
+
 class PreferenceModelReward:
     """The preference model's score of each (conversation, answer), as a trl reward function.
 
     Loaded once. Each conversation plus the answer is rendered with the PM's own tokenizer and chat
     template (`render`), whatever the policy's template is, then scored in batches (sorted by length,
-    right-padded, no gradient). Texts longer than `max_length` tokens keep their end, where the answer is.
+    right-padded, no gradient), as `cai pm train` fed it. A text longer than the PM's `max_length` (the
+    one it was trained with, from its `cai-pm.json`) keeps its last tokens, where the answer is.
     """
 
     __name__ = "pm"
 
     def __init__(self, model_dir: str | Path, *, device: str | None = None, batch_size: int = 16,
-                 max_length: int = 2048, model=None, tokenizer=None):
+                 max_length: int | None = None, model=None, tokenizer=None):
         if model is None:
             from cai.models import load_sequence_classifier
 
-            model, tokenizer = load_sequence_classifier(str(pm_directory(model_dir)), device=device)
+            directory = pm_directory(model_dir)
+            model, tokenizer = load_sequence_classifier(str(directory), device=device)
+            info = directory / PM_INFO
+            if max_length is None and info.exists():
+                max_length = json.loads(info.read_text()).get("max_length")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.tokenizer.truncation_side = "left"
         self.batch_size = batch_size
-        self.max_length = max_length
+        self.max_length = max_length or PM_MAX_LENGTH
         self.last_texts: list[str] = []  # the texts of the last call, as the PM saw them (for inspection)
 
     def render(self, prompt: str | list[Message], completion: str | list[Message]) -> str:
@@ -214,8 +224,7 @@ class PreferenceModelReward:
         """The PM's logit for each rendered text, in input order."""
         import torch
 
-        encoded = [self.tokenizer(t, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
-                   for t in texts]
+        encoded = [ids[-self.max_length:] for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]), reverse=True)
         scores: list[float] = [0.0] * len(texts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -334,3 +334,32 @@ def test_pm_directory_accepts_a_pm_train_output_directory(other_pm_dir, tmp_path
     assert rewards.pm_directory(tmp_path) == tmp_path / "model"
     with pytest.raises(Exception, match="no preference model"):
         rewards.pm_directory(tmp_path / "nothing")
+
+
+def test_pm_reads_the_max_length_it_was_trained_with(other_pm_dir, tmp_path):
+    import json
+    import shutil
+
+    from cai.stages import pm
+
+    assert rewards.PM_INFO == pm.PM_INFO
+    shutil.copytree(other_pm_dir, tmp_path / "pm")
+    (tmp_path / "pm" / rewards.PM_INFO).write_text(json.dumps({"max_length": 8}))
+    reward = PreferenceModelReward(tmp_path / "pm", device="cpu")
+    seen = []
+    forward = reward.model.forward
+    reward.model.forward = lambda *args, **kwargs: seen.append(kwargs["input_ids"]) or forward(*args, **kwargs)
+    long_answer = "word " * 50 + "END"
+    reward([PROMPT], [answer(long_answer)])
+    full = reward.tokenizer(reward.render(PROMPT, answer(long_answer)), add_special_tokens=False)["input_ids"]
+    assert seen[0][0].tolist() == full[-8:]  # the last 8 tokens: the end of the answer, where the reward is read
+
+
+def test_pm_reward_agrees_with_cai_pm_scoring(other_pm_dir):
+    from cai.stages.pm import RewardScorer
+
+    reward = PreferenceModelReward(other_pm_dir, device="cpu")
+    scorer = RewardScorer.from_directory(other_pm_dir, device="cpu", max_length=reward.max_length)
+    answers = ["Five.", "It is 5, because two and three make five."]
+    assert reward([PROMPT, PROMPT], [answer(a) for a in answers]) == pytest.approx(
+        scorer.rewards([PROMPT, PROMPT], answers), abs=1e-5)
