@@ -661,6 +661,7 @@ class Thresholds:
     length_growth: float = 0.5  # mean response length grew by more than this share of its start
     kl: float = 0.5  # KL to the start policy above this (nats per token, as trl reports it)
     boilerplate: float = 0.5  # over this share of a step's responses repeat one sentence
+    truncated: float = 0.5  # over this share of recent answers stopped at the token limit
     min_steps: int = 4  # fewer steps than this: too short for trends
 
 
@@ -677,7 +678,8 @@ def _std(values: list[float]) -> float:
 def hacking_warnings(history: Sequence[dict[str, Any]], thresholds: Thresholds = Thresholds()) -> list[str]:
     """Read per-step metrics (`metrics.jsonl` records) and say what looks like reward hacking.
 
-    - response length trending up (its last third's mean against its first third's), or truncation rising;
+    - response length trending up (its last third's mean against its first third's);
+    - most recent answers cut off at the token limit (the rewards then judge unfinished text);
     - KL to the start policy above the threshold;
     - one sentence repeated across a large share of the responses (mean over the last third of steps);
     - the PM reward rising (last third above first third by more than half its step-to-step spread) while
@@ -696,6 +698,13 @@ def hacking_warnings(history: Sequence[dict[str, Any]], thresholds: Thresholds =
         if first > 0 and (last - first) / first > thresholds.length_growth:
             warnings.append(f"response length rising: {first:.0f} -> {last:.0f} tokens (slope {slope(lengths):+.1f}/step)"
                             " -- the reward may favour length; try --reward length:W or a larger --beta")
+    clipped = series("clipped_ratio")
+    if clipped:
+        third = max(1, len(clipped) // 3)
+        recent = sum(clipped[-third:]) / third
+        if recent > thresholds.truncated:
+            warnings.append(f"{recent:.0%} of recent answers hit the token limit -- rewards are judging cut-off "
+                            "answers; raise --max-new-tokens or add --reward format:W")
     kls = series("kl")
     if kls and kls[-1] > thresholds.kl:
         warnings.append(f"KL to the start policy is {kls[-1]:.2f} (> {thresholds.kl}) -- the policy is drifting "

@@ -253,7 +253,7 @@ def steps(**series):
 
 
 def test_hacking_warnings_quiet_on_a_healthy_run():
-    history = steps(mean_length=[40, 42, 41, 43, 40, 42], kl=[0, .01, .02, .02, .03, .03],
+    history = steps(mean_length=[40, 42, 41, 43, 40, 42], kl=[0, .01, .02, .02, .03, .03], clipped_ratio=[.1] * 6,
                     boilerplate_share=[.1, .1, .2, .1, .1, .2], reward_pm=[0, .1, .2, .3, .4, .5],
                     judge_score=[0, .01, .02, .03, .04, .05])
     assert hacking_warnings(history) == []
@@ -263,8 +263,9 @@ def test_hacking_warnings_flag_each_signal():
     history = steps(mean_length=[20, 22, 30, 40, 50, 60], kl=[0, .2, .4, .6, .8, .9],
                     boilerplate_share=[.1, .3, .6, .8, .9, .9], boilerplate_sentence=["x"] * 6,
                     reward_pm=[0, .2, .4, .6, .8, 1.0], judge_score=[.05, .04, .03, .02, .01, 0])
+    history[-1]["clipped_ratio"] = history[-2]["clipped_ratio"] = 0.9
     found = hacking_warnings(history, Thresholds())
-    assert len(found) == 4
+    assert len(found) == 5 and any("token limit" in w for w in found)
     assert any("length" in w for w in found) and any("KL" in w for w in found)
     assert any("repeat one sentence" in w for w in found) and any("held-back judge" in w for w in found)
 
