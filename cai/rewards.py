@@ -24,6 +24,7 @@ The text rewards and monitors are pure functions of their inputs, unit-tested wi
 """
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -183,26 +184,35 @@ def pm_directory(path: str | Path) -> Path:
                      "pass the directory `cai pm train --out` wrote")
 
 
+# Written by `cai pm train` into the PM directory (cai.stages.pm.PM_INFO): how it was trained, max_length included.
+PM_INFO = "cai-pm.json"
+PM_MAX_LENGTH = 2048  # tokens given to a PM that does not say what it was trained on (one not made by cai)
+
+
 class PreferenceModelReward:
     """The preference model's score of each (conversation, answer), as a trl reward function.
 
     Loaded once. Each conversation plus the answer is rendered with the PM's own tokenizer and chat
     template (`render`), whatever the policy's template is, then scored in batches (sorted by length,
-    right-padded, no gradient). Texts longer than `max_length` tokens keep their end, where the answer is.
+    right-padded, no gradient), as `cai pm train` fed it. A text longer than the PM's `max_length` (the
+    one it was trained with, from its `cai-pm.json`) keeps its last tokens, where the answer is.
     """
 
     __name__ = "pm"
 
     def __init__(self, model_dir: str | Path, *, device: str | None = None, batch_size: int = 16,
-                 max_length: int = 2048, model=None, tokenizer=None):
+                 max_length: int | None = None, model=None, tokenizer=None):
         if model is None:
             from cai.models import load_sequence_classifier
 
-            model, tokenizer = load_sequence_classifier(str(pm_directory(model_dir)), device=device)
+            directory = pm_directory(model_dir)
+            model, tokenizer = load_sequence_classifier(str(directory), device=device)
+            info = directory / PM_INFO
+            if max_length is None and info.exists():
+                max_length = json.loads(info.read_text()).get("max_length")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.tokenizer.truncation_side = "left"
         self.batch_size = batch_size
-        self.max_length = max_length
+        self.max_length = max_length or PM_MAX_LENGTH
         self.last_texts: list[str] = []  # the texts of the last call, as the PM saw them (for inspection)
 
     def render(self, prompt: str | list[Message], completion: str | list[Message]) -> str:
@@ -214,8 +224,7 @@ class PreferenceModelReward:
         """The PM's logit for each rendered text, in input order."""
         import torch
 
-        encoded = [self.tokenizer(t, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
-                   for t in texts]
+        encoded = [ids[-self.max_length:] for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]), reverse=True)
         scores: list[float] = [0.0] * len(texts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -652,6 +661,7 @@ class Thresholds:
     length_growth: float = 0.5  # mean response length grew by more than this share of its start
     kl: float = 0.5  # KL to the start policy above this (nats per token, as trl reports it)
     boilerplate: float = 0.5  # over this share of a step's responses repeat one sentence
+    truncated: float = 0.5  # over this share of recent answers stopped at the token limit
     min_steps: int = 4  # fewer steps than this: too short for trends
 
 
@@ -668,7 +678,8 @@ def _std(values: list[float]) -> float:
 def hacking_warnings(history: Sequence[dict[str, Any]], thresholds: Thresholds = Thresholds()) -> list[str]:
     """Read per-step metrics (`metrics.jsonl` records) and say what looks like reward hacking.
 
-    - response length trending up (its last third's mean against its first third's), or truncation rising;
+    - response length trending up (its last third's mean against its first third's);
+    - most recent answers cut off at the token limit (the rewards then judge unfinished text);
     - KL to the start policy above the threshold;
     - one sentence repeated across a large share of the responses (mean over the last third of steps);
     - the PM reward rising (last third above first third by more than half its step-to-step spread) while
@@ -687,6 +698,13 @@ def hacking_warnings(history: Sequence[dict[str, Any]], thresholds: Thresholds =
         if first > 0 and (last - first) / first > thresholds.length_growth:
             warnings.append(f"response length rising: {first:.0f} -> {last:.0f} tokens (slope {slope(lengths):+.1f}/step)"
                             " -- the reward may favour length; try --reward length:W or a larger --beta")
+    clipped = series("clipped_ratio")
+    if clipped:
+        third = max(1, len(clipped) // 3)
+        recent = sum(clipped[-third:]) / third
+        if recent > thresholds.truncated:
+            warnings.append(f"{recent:.0%} of recent answers hit the token limit -- rewards are judging cut-off "
+                            "answers; raise --max-new-tokens or add --reward format:W")
     kls = series("kl")
     if kls and kls[-1] > thresholds.kl:
         warnings.append(f"KL to the start policy is {kls[-1]:.2f} (> {thresholds.kl}) -- the policy is drifting "

@@ -253,7 +253,7 @@ def steps(**series):
 
 
 def test_hacking_warnings_quiet_on_a_healthy_run():
-    history = steps(mean_length=[40, 42, 41, 43, 40, 42], kl=[0, .01, .02, .02, .03, .03],
+    history = steps(mean_length=[40, 42, 41, 43, 40, 42], kl=[0, .01, .02, .02, .03, .03], clipped_ratio=[.1] * 6,
                     boilerplate_share=[.1, .1, .2, .1, .1, .2], reward_pm=[0, .1, .2, .3, .4, .5],
                     judge_score=[0, .01, .02, .03, .04, .05])
     assert hacking_warnings(history) == []
@@ -263,8 +263,9 @@ def test_hacking_warnings_flag_each_signal():
     history = steps(mean_length=[20, 22, 30, 40, 50, 60], kl=[0, .2, .4, .6, .8, .9],
                     boilerplate_share=[.1, .3, .6, .8, .9, .9], boilerplate_sentence=["x"] * 6,
                     reward_pm=[0, .2, .4, .6, .8, 1.0], judge_score=[.05, .04, .03, .02, .01, 0])
+    history[-1]["clipped_ratio"] = history[-2]["clipped_ratio"] = 0.9
     found = hacking_warnings(history, Thresholds())
-    assert len(found) == 4
+    assert len(found) == 5 and any("token limit" in w for w in found)
     assert any("length" in w for w in found) and any("KL" in w for w in found)
     assert any("repeat one sentence" in w for w in found) and any("held-back judge" in w for w in found)
 
@@ -334,3 +335,32 @@ def test_pm_directory_accepts_a_pm_train_output_directory(other_pm_dir, tmp_path
     assert rewards.pm_directory(tmp_path) == tmp_path / "model"
     with pytest.raises(Exception, match="no preference model"):
         rewards.pm_directory(tmp_path / "nothing")
+
+
+def test_pm_reads_the_max_length_it_was_trained_with(other_pm_dir, tmp_path):
+    import json
+    import shutil
+
+    from cai.stages import pm
+
+    assert rewards.PM_INFO == pm.PM_INFO
+    shutil.copytree(other_pm_dir, tmp_path / "pm")
+    (tmp_path / "pm" / rewards.PM_INFO).write_text(json.dumps({"max_length": 8}))
+    reward = PreferenceModelReward(tmp_path / "pm", device="cpu")
+    seen = []
+    forward = reward.model.forward
+    reward.model.forward = lambda *args, **kwargs: seen.append(kwargs["input_ids"]) or forward(*args, **kwargs)
+    long_answer = "word " * 50 + "END"
+    reward([PROMPT], [answer(long_answer)])
+    full = reward.tokenizer(reward.render(PROMPT, answer(long_answer)), add_special_tokens=False)["input_ids"]
+    assert seen[0][0].tolist() == full[-8:]  # the last 8 tokens: the end of the answer, where the reward is read
+
+
+def test_pm_reward_agrees_with_cai_pm_scoring(other_pm_dir):
+    from cai.stages.pm import RewardScorer
+
+    reward = PreferenceModelReward(other_pm_dir, device="cpu")
+    scorer = RewardScorer.from_directory(other_pm_dir, device="cpu", max_length=reward.max_length)
+    answers = ["Five.", "It is 5, because two and three make five."]
+    assert reward([PROMPT, PROMPT], [answer(a) for a in answers]) == pytest.approx(
+        scorer.rewards([PROMPT, PROMPT], answers), abs=1e-5)

@@ -316,7 +316,9 @@ class Monitor:
             "learning_rate": logs.get("learning_rate"),
             **self.pending,
             "step_s": round(step_s, 3) if step_s is not None else None,
-            **{key: round(value, 3) for key, value in self.times.items()},
+            "generate_s": round(self.times["generate_s"], 3),
+            "reward_s": round(self.times["reward_s"] - self.times["judge_s"], 3),  # PM + verifiable rewards
+            "judge_s": round(self.times["judge_s"], 3),  # the held-back judge (runs inside the reward call)
         }
         self.history.append(record)
         with self.path.open("a", encoding="utf-8") as handle:
@@ -379,7 +381,7 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
     if rewards:
         metrics.update(reward_first=round(rewards[0], 4), reward_last=round(rewards[-1], 4))
     if values("kl"):
-        metrics["kl_last"] = round(values("kl")[-1], 4)
+        metrics["kl_last"] = float(f"{values('kl')[-1]:.3g}")  # small early on: keep significant digits
     if lengths:
         metrics.update(mean_length_first=round(lengths[0], 1), mean_length_last=round(lengths[-1], 1),
                        length_slope_per_step=round(slope(lengths), 3))
@@ -465,7 +467,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     reward_text = " + ".join(f"{w:g}*{n}" for n, w in weights.items())
     summary = (f"{cfg.algo} {len(history)} steps on {len(rows)} prompts, reward {reward_text}: "
                f"{metrics.get('reward_first', float('nan')):+.3f} -> {metrics.get('reward_last', float('nan')):+.3f}; "
-               f"beta {cfg.beta:g}" + (f", KL {metrics['kl_last']:.3f}" if "kl_last" in metrics else "")
+               f"beta {cfg.beta:g}" + (f", KL {metrics['kl_last']:.2g}" if "kl_last" in metrics else "")
                + (f"; {metrics['generation_share']:.0%} of step time generating" if "generation_share" in metrics else "")
                + (f"; {len(warnings)} hacking warning(s)" if warnings else "; no hacking warnings"))
     return stage.complete(outputs={"model": str(model_dir), "metrics": str(out / "metrics.jsonl")},
