@@ -11,7 +11,7 @@ part is trl's RewardTrainer (what `cai pm train` wraps) on the same pairs, and t
 (`rl_path`) that reports "not measured" until `cai rl` lands. DPO replaces both; the PM comparison alone
 understates the saving, since RL adds generation on top of a PM-sized training step.
 
-    python bench/dpo.py [--steps 8] [--batch-size 4] [--max-length 256] [--lora-r 16] [--json]
+    python bench/dpo.py [--steps 4] [--batch-size 2] [--max-length 256] [--lora-r 16] [--threads N] [--json]
 
 CPU only here (no GPU this session): GPU figures (a 1B-class model in 4 bits) are out of scope.
 """
@@ -101,6 +101,10 @@ def rl_path(args, pm_dir: Path, out: Path) -> dict | None:
 
 
 def child(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     ai, human = make_inputs(workdir)
     out = workdir / args.child
@@ -117,7 +121,7 @@ def child(args) -> None:
 def measure(path: str, args, workdir: str) -> dict:
     command = [sys.executable, __file__, "--child", path, "--workdir", workdir, "--model", args.model,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--lora-r", str(args.lora_r)]
+               "--max-length", str(args.max_length), "--lora-r", str(args.lora_r), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -130,10 +134,12 @@ def measure(path: str, args, workdir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per path")
-    parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per path")
+    parser.add_argument("--batch-size", type=int, default=2, help="preference pairs per step")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per path (0: torch's default; 1 is steadier on a shared CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--child", choices=["dpo", "pm"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -147,7 +153,7 @@ def main() -> None:
         dpo = measure("dpo", args, workdir)
     result = {
         "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-        "lora_r": args.lora_r, "dpo": dpo, "pm": pm, "rl_measured": pm.get("rl") is not None,
+        "lora_r": args.lora_r, "threads": args.threads, "dpo": dpo, "pm": pm, "rl_measured": pm.get("rl") is not None,
         "dpo_over_pm_tokens_per_s": dpo["tokens_per_s"] / pm["tokens_per_s"],
         "dpo_over_pm_peak_rss": dpo["peak_rss_mb"] / pm["peak_rss_mb"],
     }
@@ -155,7 +161,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"{args.model}, {args.steps} steps x {args.batch_size} pairs, max length {args.max_length}, "
-          f"LoRA r={args.lora_r}, CPU")
+          f"LoRA r={args.lora_r}, CPU, {args.threads or 'default'} torch threads")
     for name, figures in (("cai dpo (soft labels)", dpo), ("PM (trl RewardTrainer)", pm)):
         print(f"{name:24s}: {figures['tokens']} tokens in {figures['train_s']:.1f} s = "
               f"{figures['tokens_per_s']:.0f} tok/s, peak RSS {figures['peak_rss_mb']:.0f} MB")
