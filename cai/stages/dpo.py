@@ -17,8 +17,9 @@
 - `--soft-labels` trains on each pair's `p_chosen` (the judge's confidence) instead of treating every
   pair as certain: the per-pair loss is the cross-entropy against the soft label (`soft_dpo_loss`),
   which is conservative DPO (Mitchell 2023) with label smoothing 1 - p per pair. trl's
-  `label_smoothing` is one number for the whole run, so `_DPOTrainer` carries `p_chosen` through the
-  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's.
+  `label_smoothing` is one number for the whole run, so `CaiDPOTrainer` carries `p_chosen` through the
+  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's. `--loss
+  robust` is trl's robust DPO with one label-noise rate, the mean of 1 - p_chosen.
 - Checkpoints go to `DIR/checkpoints` and a re-run resumes from the last one; the final model is a
   standalone merged directory (`from_pretrained(DIR)`, the adapter kept in `DIR/adapter`), and the
   checkpoints are removed once it is saved.
