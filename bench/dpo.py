@@ -1,17 +1,19 @@
-"""Training cost of the offline path (`cai dpo`) against the PM + RL path, on the same preference file.
+"""Cost of the offline path (`cai dpo`) against the PM + RL path (`cai pm train` then `cai rl`), same run.
 
-Same model (embedded SmolLM2-135M-Instruct), same human/AI mix (`records.mix_preferences`, same seed and
-fraction), same LoRA rank, batch size, max length and step count, same run. Each path trains in its own
-subprocess so its peak memory (`ru_maxrss`: the whole process, model load and save included; torch's
-allocations are invisible to tracemalloc) is its own. Prints training tokens/s (prompt + answer tokens
-of both answers of each pair, per second of `trainer.train()`), peak memory, and the ratios.
+Same model (embedded SmolLM2-135M-Instruct), same preference file (the sanity pairs as AI labels with
+p_chosen 0.8, plus the example human file), so both stages prepare the same training mix and held-out
+pairs; same LoRA rank, batch size, max length and optimizer steps for DPO and the PM; RL then runs
+`--rl-steps` steps against that PM on the same file's prompts (trl's GRPO, cai's defaults: 2 prompts x 4
+answers of up to 64 tokens a step). Each stage runs in its own subprocess, so its peak memory
+(`ru_maxrss`: the whole process, model load and save included; torch's allocations are invisible to
+tracemalloc) is its own.
 
-The PM + RL path: `cai.stages.pm` and `cai.stages.rl` were not on main when this was written, so the PM
-part is trl's RewardTrainer (what `cai pm train` wraps) on the same pairs, and the RL part is a hook
-(`rl_path`) that reports "not measured" until `cai rl` lands. DPO replaces both; the PM comparison alone
-understates the saving, since RL adds generation on top of a PM-sized training step.
+Prints: training tokens/s of DPO and of the PM (prompt + answer tokens of both answers of each pair,
+per second of training; the same pairs, so the same tokens), wall seconds of each stage (what a user
+waits for, loading and saving included), peak memory, and the ratios. RL's throughput is not in
+training tokens (it generates), so the path comparison is in wall time: DPO against PM + RL.
 
-    python bench/dpo.py [--steps 8] [--batch-size 4] [--max-length 256] [--lora-r 16] [--json]
+    python bench/dpo.py [--steps 4] [--rl-steps 2] [--batch-size 2] [--max-length 256] [--threads N] [--json]
 
 CPU only here (no GPU this session): GPU figures (a 1B-class model in 4 bits) are out of scope.
 """
@@ -29,113 +31,140 @@ from pathlib import Path
 MODEL = "embedded:smollm2-135m-instruct"
 
 
-def make_inputs(directory: Path) -> tuple[Path, Path]:
-    """A feedback-stage-style AI file (the sanity pairs, p_chosen 0.8) and the example human file."""
+def make_inputs(directory: Path) -> tuple[Path, Path, Path]:
+    """The AI file (sanity pairs, p_chosen 0.8, source ai-harmless), the example human file, and the AI
+    file's prompts as a prompt set for RL."""
     from cai.paths import bundled
     from cai.records import read_jsonl, write_jsonl
 
     ai = [{**row, "p_chosen": 0.8, "source": "ai-harmless"}
           for _, row in read_jsonl(bundled("data/judge_sanity_pairs.jsonl"))]
-    ai_path = directory / "ai.jsonl"
+    ai_path, prompts_path = directory / "ai.jsonl", directory / "prompts.jsonl"
     write_jsonl(ai_path, ai)
-    return ai_path, Path(bundled("data/helpful_prefs_example.jsonl"))
+    write_jsonl(prompts_path, [{"id": row["id"], "prompt": row["prompt"]} for row in ai])
+    return ai_path, Path(bundled("data/helpful_prefs_example.jsonl")), prompts_path
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# ----------------------------------------------------------------------------- the paths (one per subprocess)
+# ----------------------------------------------------------------------------- the stages (one per subprocess)
 
 
-def dpo_path(args, ai: Path, human: Path, out: Path) -> dict:
-    """`cai dpo` itself: the stage's run(), soft labels on."""
+def run_dpo(args, workdir: Path) -> dict:
     from cai.stages.base import StageContext
     from cai.stages.dpo import DPOConfig, run
 
-    cfg = DPOConfig(policy=args.model, ai=str(ai), human=str(human), out=str(out), soft_labels=True,
+    ai, human, _ = make_inputs(workdir)
+    cfg = DPOConfig(policy=args.model, ai=str(ai), human=str(human), out=str(workdir / "dpo"), soft_labels=True,
                     lora_r=args.lora_r, max_steps=args.steps, batch_size=args.batch_size,
-                    max_length=args.max_length, seed=0, force=True)
+                    max_length=args.max_length, force=True)
     result = run(cfg, StageContext(device="cpu"))
     return {"tokens": result.counts["tokens"], "train_s": result.metrics["train_seconds"],
             "steps": result.counts["steps"]}
 
 
-def pm_path(args, ai: Path, human: Path, out: Path) -> dict:
-    """The PM part of PM + RL: trl's RewardTrainer on the same mix, LoRA with the score head trained."""
-    from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback
-    from trl import RewardConfig, RewardTrainer
+def run_pm(args, workdir: Path) -> dict:
+    from cai.stages.base import StageContext
+    from cai.stages.pm import PMTrainConfig, run_train
 
-    from cai import records
-    from cai.models import load_sequence_classifier, lora_config, precision_for, save_standalone
-    from cai.stages.dpo import PAPER_HUMAN_FRACTION, to_trl_example
-
-    mix = records.mix_preferences(records.read_preferences(ai, default_source="ai-harmless"),
-                                  records.read_preferences(human), PAPER_HUMAN_FRACTION, 0)
-    examples = [{k: v for k, v in to_trl_example(r).items() if k != "p_chosen"} for r in mix.records]
-    model, tokenizer = load_sequence_classifier(args.model, device="cpu")
-    config = RewardConfig(output_dir=str(out / "checkpoints"), max_steps=args.steps,
-                          per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-                          learning_rate=5e-5, logging_steps=1, save_strategy="no", report_to="none",
-                          disable_tqdm=True, use_cpu=True, seed=0, **precision_for("cpu").trainer_kwargs())
-    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples),
-                            processing_class=tokenizer,
-                            peft_config=lora_config(args.lora_r, task_type="SEQ_CLS", modules_to_save=["score"]))
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    started = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - started
-    save_standalone(trainer.model, tokenizer, out, base_reference=args.model, auto_class="sequence-classification")
-    return {"tokens": trainer._total_train_tokens, "train_s": train_s, "steps": trainer.state.global_step}
+    ai, human, _ = make_inputs(workdir)
+    cfg = PMTrainConfig(model=args.model, ai=str(ai), human=str(human), out=str(workdir / "pm"),
+                        lora_r=args.lora_r, max_steps=args.steps, batch_size=args.batch_size,
+                        max_length=args.max_length, force=True)
+    timer = _TrainTimer()
+    result = run_train(cfg, StageContext(device="cpu", reporter=timer))
+    return {"tokens": result.metrics["train_tokens"], "train_s": timer.seconds(), "steps": result.metrics["steps"]}
 
 
-def rl_path(args, pm_dir: Path, out: Path) -> dict | None:
-    """Hook for the RL part of PM + RL (`cai rl --pm DIR` on the same prompts). Not on main yet: returns
-    None, and the report says the PM + RL figures cover the PM only. Fill in with `cai.stages.rl.run`."""
-    return None
+def run_rl(args, workdir: Path) -> dict:
+    from cai.stages.base import StageContext
+    from cai.stages.rl import RLConfig, run
+
+    _, _, prompts = make_inputs(workdir)
+    cfg = RLConfig(policy=args.model, pm=str(workdir / "pm"), prompts=[str(prompts)], out=str(workdir / "rl"),
+                   lora_r=args.lora_r, max_steps=args.rl_steps, judge="none", force=True)
+    result = run(cfg, StageContext(device="cpu"))
+    return {"steps": result.counts["steps"], "seconds_per_step": result.metrics.get("seconds_per_step"),
+            "generation_share": result.metrics.get("generation_share")}
+
+
+class _TrainTimer:
+    """A reporter that times the PM stage's training task (its first progress task) from first to last
+    step, since `cai pm train` reports training time only through its progress bar."""
+
+    def __init__(self):
+        self.start = self.end = None
+        self.messages = []
+
+    def task(self, description, total, unit="items"):
+        timer = self
+        first = self.start is None and "train" in description
+
+        class _Task:
+            def advance(self, items=1, tokens=0):
+                pass
+
+            def close(self):
+                if first:
+                    timer.end = time.perf_counter()
+
+        if first:
+            self.start = time.perf_counter()
+        return _Task()
+
+    def log(self, message):
+        self.messages.append(message)
+
+    def seconds(self) -> float:
+        return (self.end or time.perf_counter()) - self.start
+
+
+STAGES = {"dpo": run_dpo, "pm": run_pm, "rl": run_rl}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def child(args) -> None:
-    workdir = Path(args.workdir)
-    ai, human = make_inputs(workdir)
-    out = workdir / args.child
-    if args.child == "dpo":
-        figures = dpo_path(args, ai, human, out)
-    else:
-        figures = pm_path(args, ai, human, out)
-        rl = rl_path(args, out, workdir / "rl")
-        figures["rl"] = rl
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    figures = STAGES[args.child](args, Path(args.workdir))
+    figures["wall_s"] = time.perf_counter() - started
     figures["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(figures))
 
 
-def measure(path: str, args, workdir: str) -> dict:
-    command = [sys.executable, __file__, "--child", path, "--workdir", workdir, "--model", args.model,
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--lora-r", str(args.lora_r)]
+def measure(stage: str, args, workdir: str) -> dict:
+    command = [sys.executable, __file__, "--child", stage, "--workdir", workdir, "--model", args.model,
+               "--steps", str(args.steps), "--rl-steps", str(args.rl_steps), "--batch-size", str(args.batch_size),
+               "--max-length", str(args.max_length), "--lora-r", str(args.lora_r), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{path} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{stage} failed:\n{done.stderr[-3000:]}")
     figures = json.loads(lines[-1][len("RESULT "):])
-    figures["tokens_per_s"] = figures["tokens"] / figures["train_s"]
+    if "tokens" in figures:
+        figures["tokens_per_s"] = figures["tokens"] / figures["train_s"]
     return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per path")
-    parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps for DPO and for the PM")
+    parser.add_argument("--rl-steps", type=int, default=2, help="RL steps against the PM")
+    parser.add_argument("--batch-size", type=int, default=2, help="preference pairs per step (DPO and PM)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per stage (0: torch's default; 1 is steadier on a shared CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--child", choices=["dpo", "pm"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,26 +173,32 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cai-bench-dpo-") as workdir:
         pm = measure("pm", args, workdir)
+        rl = measure("rl", args, workdir)  # needs the PM just trained
         dpo = measure("dpo", args, workdir)
+    path_wall = pm["wall_s"] + rl["wall_s"]
     result = {
-        "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-        "lora_r": args.lora_r, "dpo": dpo, "pm": pm, "rl_measured": pm.get("rl") is not None,
+        "model": args.model, "steps": args.steps, "rl_steps": args.rl_steps, "batch_size": args.batch_size,
+        "max_length": args.max_length, "lora_r": args.lora_r, "threads": args.threads,
+        "dpo": dpo, "pm": pm, "rl": rl,
         "dpo_over_pm_tokens_per_s": dpo["tokens_per_s"] / pm["tokens_per_s"],
-        "dpo_over_pm_peak_rss": dpo["peak_rss_mb"] / pm["peak_rss_mb"],
+        "dpo_over_pm_rl_wall": dpo["wall_s"] / path_wall,
+        "dpo_over_pm_rl_peak_rss": dpo["peak_rss_mb"] / max(pm["peak_rss_mb"], rl["peak_rss_mb"]),
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.model}, {args.steps} steps x {args.batch_size} pairs, max length {args.max_length}, "
-          f"LoRA r={args.lora_r}, CPU")
-    for name, figures in (("cai dpo (soft labels)", dpo), ("PM (trl RewardTrainer)", pm)):
-        print(f"{name:24s}: {figures['tokens']} tokens in {figures['train_s']:.1f} s = "
-              f"{figures['tokens_per_s']:.0f} tok/s, peak RSS {figures['peak_rss_mb']:.0f} MB")
-    print(f"ratio dpo/pm            : {result['dpo_over_pm_tokens_per_s']:.2f}x tokens/s, "
-          f"{result['dpo_over_pm_peak_rss']:.2f}x peak memory")
-    if not result["rl_measured"]:
-        print("RL part of PM + RL       : not measured (cai rl not on main yet; see rl_path) -- DPO replaces "
-              "PM training AND RL, so the PM-only figures understate the saving")
+    print(f"{args.model}, CPU, {args.threads or 'default'} torch threads; DPO and PM: {args.steps} steps x "
+          f"{args.batch_size} pairs, max length {args.max_length}, LoRA r={args.lora_r}; RL: {args.rl_steps} steps")
+    for name, figures in (("cai dpo (soft labels)", dpo), ("cai pm train", pm)):
+        print(f"{name:22s}: {figures['tokens']} tokens in {figures['train_s']:.1f} s = "
+              f"{figures['tokens_per_s']:.0f} tok/s training; {figures['wall_s']:.0f} s wall, "
+              f"peak RSS {figures['peak_rss_mb']:.0f} MB")
+    print(f"{'cai rl':22s}: {rl['steps']} steps, {rl['seconds_per_step'] or 0:.1f} s/step "
+          f"({(rl['generation_share'] or 0):.0%} generating); {rl['wall_s']:.0f} s wall, "
+          f"peak RSS {rl['peak_rss_mb']:.0f} MB")
+    print(f"ratios                : DPO/PM training tok/s {result['dpo_over_pm_tokens_per_s']:.2f}x; "
+          f"DPO/(PM + RL) wall {result['dpo_over_pm_rl_wall']:.2f}x; "
+          f"DPO/max(PM, RL) peak memory {result['dpo_over_pm_rl_peak_rss']:.2f}x")
 
 
 if __name__ == "__main__":

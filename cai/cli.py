@@ -662,65 +662,64 @@ def rl_command(
 
 # ----------------------------------------------------------------------------- offline path: dpo (issue 8)
 
+from cai.stages.dpo import DPOConfig  # noqa: E402  (config only: no torch)
 
-def _dpo(name: str, what: str = "help"):
-    """A DPOConfig field's help text or default (the config is the only place either is written)."""
-    import dataclasses
-
-    from cai.stages.base import help_of
-    from cai.stages.dpo import DPOConfig
-
-    if what == "help":
-        return help_of(DPOConfig, name)
-    return {f.name: f.default for f in dataclasses.fields(DPOConfig)}[name]
-
-
-_DATA, _TRAINING, _MODEL = "Preference data", "Training", "Model and output"
+_DPO_DATA, _DPO_MODEL, _DPO_TRAINING = "Preference data", "Model and output", "Training"
 
 
 @app.command("dpo")
 def dpo(
-    ai: Annotated[str, typer.Option("--ai", help=_dpo("ai"), rich_help_panel=_DATA)],
-    out: Annotated[str, typer.Option("--out", help=_dpo("out"), rich_help_panel=_MODEL)],
-    policy: Annotated[str, typer.Option(help=_dpo("policy"), rich_help_panel=_MODEL)] = _dpo("policy", "default"),
-    human: Annotated[str | None, typer.Option(help=_dpo("human"), rich_help_panel=_DATA)] = None,
-    human_fraction: Annotated[float, typer.Option(help=_dpo("human_fraction"), rich_help_panel=_DATA)]
-    = _dpo("human_fraction", "default"),
-    soft_labels: Annotated[bool, typer.Option("--soft-labels", help=_dpo("soft_labels"), rich_help_panel=_DATA)]
-    = False,
-    beta: Annotated[float, typer.Option(help=_dpo("beta"), rich_help_panel=_TRAINING)] = _dpo("beta", "default"),
-    loss: Annotated[str, typer.Option(help=_dpo("loss"), rich_help_panel=_TRAINING)] = _dpo("loss", "default"),
-    quantize: Annotated[str | None, typer.Option(help=_dpo("quantize"), rich_help_panel=_MODEL)] = None,
-    lora_r: Annotated[int, typer.Option(help=_dpo("lora_r"), rich_help_panel=_MODEL)] = _dpo("lora_r", "default"),
-    epochs: Annotated[int, typer.Option(help=_dpo("epochs"), rich_help_panel=_TRAINING)] = _dpo("epochs", "default"),
-    lr: Annotated[float | None, typer.Option(help=_dpo("lr"), rich_help_panel=_TRAINING)] = None,
-    max_steps: Annotated[int | None, typer.Option(help=_dpo("max_steps"), rich_help_panel=_TRAINING)] = None,
-    max_length: Annotated[int, typer.Option(help=_dpo("max_length"), rich_help_panel=_TRAINING)]
-    = _dpo("max_length", "default"),
-    batch_size: Annotated[int, typer.Option(help=_dpo("batch_size"), rich_help_panel=_TRAINING)]
-    = _dpo("batch_size", "default"),
-    save_steps: Annotated[int, typer.Option(help=_dpo("save_steps"), rich_help_panel=_TRAINING)]
-    = _dpo("save_steps", "default"),
-    seed: Annotated[int, typer.Option(help=_dpo("seed"), rich_help_panel=_TRAINING)] = _dpo("seed", "default"),
-    force: Annotated[bool, typer.Option("--force", help=_dpo("force"), rich_help_panel=_MODEL)] = False,
+    ai: Annotated[str, typer.Option(help=help_of(DPOConfig, "ai"), rich_help_panel=_DPO_DATA)],
+    out: Annotated[str, typer.Option(help=help_of(DPOConfig, "out"), rich_help_panel=_DPO_MODEL)],
+    policy: Annotated[str, typer.Option(help=help_of(DPOConfig, "policy"), rich_help_panel=_DPO_MODEL)]
+    = DPOConfig.policy,
+    human: Annotated[str | None, typer.Option(help=help_of(DPOConfig, "human"), rich_help_panel=_DPO_DATA)] = None,
+    human_fraction: Annotated[float, typer.Option(help=help_of(DPOConfig, "human_fraction"),
+                                                  rich_help_panel=_DPO_DATA)] = DPOConfig.human_fraction,
+    eval_fraction: Annotated[float, typer.Option(help=help_of(DPOConfig, "eval_fraction"),
+                                                 rich_help_panel=_DPO_DATA)] = DPOConfig.eval_fraction,
+    soft_labels: Annotated[bool, typer.Option("--soft-labels", help=help_of(DPOConfig, "soft_labels"),
+                                              rich_help_panel=_DPO_DATA)] = False,
+    beta: Annotated[float, typer.Option(help=help_of(DPOConfig, "beta"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.beta,
+    loss: Annotated[str, typer.Option(help=help_of(DPOConfig, "loss"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.loss,
+    quantize: Annotated[str | None, typer.Option(help=help_of(DPOConfig, "quantize"), rich_help_panel=_DPO_MODEL)]
+    = None,
+    lora_r: Annotated[int, typer.Option(help=help_of(DPOConfig, "lora_r"), rich_help_panel=_DPO_MODEL)]
+    = DPOConfig.lora_r,
+    epochs: Annotated[int, typer.Option(help=help_of(DPOConfig, "epochs"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.epochs,
+    lr: Annotated[float | None, typer.Option(help=help_of(DPOConfig, "lr"), rich_help_panel=_DPO_TRAINING)] = None,
+    max_steps: Annotated[int | None, typer.Option(help=help_of(DPOConfig, "max_steps"),
+                                                  rich_help_panel=_DPO_TRAINING)] = None,
+    max_length: Annotated[int, typer.Option(help=help_of(DPOConfig, "max_length"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.max_length,
+    batch_size: Annotated[int, typer.Option(help=help_of(DPOConfig, "batch_size"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.batch_size,
+    save_steps: Annotated[int, typer.Option(help=help_of(DPOConfig, "save_steps"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.save_steps,
+    seed: Annotated[int, typer.Option(help=help_of(DPOConfig, "seed"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.seed,
+    force: Annotated[bool, typer.Option("--force", help=help_of(DPOConfig, "force"))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Train the policy with DPO on mixed human/AI preferences: the offline alternative to pm + rl.
 
-    The reference model is the starting policy (with LoRA: the adapter disabled, no second copy).
-    A re-run resumes from the last checkpoint; a finished run is skipped.
+    The pairs are mixed and held out exactly as `cai pm train` does; the reference model is the starting
+    policy (with LoRA: the adapter disabled, no second copy). A re-run resumes from the last checkpoint;
+    a finished run is skipped.
 
     Example: cai dpo --policy runs/demo/2-sft/model --ai runs/demo/3-feedback/prefs.jsonl
     --human data/helpful_prefs_example.jsonl --soft-labels --out dpo-model
     """
     from cai.stages import dpo as stage
 
-    cfg = stage.DPOConfig(policy=policy, ai=ai, out=out, human=human, human_fraction=human_fraction, beta=beta,
-                          loss=loss, soft_labels=soft_labels, quantize=quantize, lora_r=lora_r, epochs=epochs,
-                          lr=lr, max_steps=max_steps, max_length=max_length, batch_size=batch_size,
-                          save_steps=save_steps, seed=seed, force=force)
+    cfg = DPOConfig(policy=policy, ai=ai, out=out, human=human, human_fraction=human_fraction,
+                    eval_fraction=eval_fraction, beta=beta, loss=loss, soft_labels=soft_labels, quantize=quantize,
+                    lora_r=lora_r, epochs=epochs, lr=lr, max_steps=max_steps, max_length=max_length,
+                    batch_size=batch_size, save_steps=save_steps, seed=seed, force=force)
     _run_stage(stage.run, cfg, json_output)
-
 
 
 # ----------------------------------------------------------------------------- pipeline: run, eval (issue 7)

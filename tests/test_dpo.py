@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cai import records
 from cai.cli import app
 from cai.errors import ConfigError
-from cai.stages import dpo
+from cai.stages import dpo, pm
 from cai.stages.base import NullReporter, StageContext
 
 MARKER = "Sure! The capital of France is Paris."
@@ -147,17 +147,15 @@ def test_learning_rate_default_depends_on_lora():
     assert dpo.DPOConfig(lora_r=0, lr=3e-4).learning_rate == 3e-4
 
 
-def test_screen_pairs_drops_identical_and_overlong_prompts(tiny_model_dir):
+def test_screen_pairs_drops_prompts_that_fill_max_length_and_counts_cut_answers(tiny_model_dir):
     from cai.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    mixed = [{"id": "ok", "prompt": "Hi", "chosen": MARKER, "rejected": REFUSAL, "p_chosen": 1.0},
-             {"id": "same", "prompt": "Hi", "chosen": MARKER, "rejected": MARKER + " ", "p_chosen": 1.0},
+    pairs = [{"id": "ok", "prompt": "Hi", "chosen": MARKER, "rejected": REFUSAL, "p_chosen": 1.0},
              {"id": "long", "prompt": "word " * 200, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": 1.0},
              {"id": "cut", "prompt": "Hi", "chosen": MARKER * 8, "rejected": REFUSAL, "p_chosen": 1.0}]
-    kept, dropped, truncated = dpo.screen_pairs(mixed, tokenizer, max_length=64)
-    assert [r["id"] for r in dropped] == ["same", "long"]
-    assert [r["reason"] for r in dropped] == ["identical-answers", "prompt-too-long"]
+    kept, dropped, truncated = dpo.screen_pairs(pairs, tokenizer, max_length=64)
+    assert [(r["id"], r["reason"]) for r in dropped] == [("long", "prompt-too-long")]
     assert len(kept) == 2 and truncated == 1
     assert kept[0]["prompt"] == [{"role": "user", "content": "Hi"}]
     assert kept[0]["chosen"] == [{"role": "assistant", "content": MARKER}]
@@ -207,7 +205,7 @@ def test_cai_dpo_raises_the_margin_writes_a_standalone_model_and_skips_a_rerun(t
     shared_mix = records.mix_preferences
 
     def spy(ai, human, fraction, seed=0):
-        calls.append((len(ai), len(human), fraction, seed))
+        calls.append(([r["id"] for r in ai], [r["id"] for r in human], fraction, seed))
         return shared_mix(ai, human, fraction, seed)
 
     monkeypatch.setattr(records, "mix_preferences", spy)
@@ -218,8 +216,14 @@ def test_cai_dpo_raises_the_margin_writes_a_standalone_model_and_skips_a_rerun(t
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert calls == [(6, 4, 0.43, 0)]  # the PM stage's mixing function, with the paper's default fraction
-    assert report["counts"]["steps"] == 6 and report["counts"]["human_used"] > 0
+    # The PM stage's preparation: its held-out split (10% of each side), then the shared mixing function
+    # with the paper's fraction.
+    expected = [[r["id"] for r in pm.split_heldout(records.read_preferences(path), 0.1, 0)[0]]
+                for path in (ai_path, human_path)]
+    assert calls == [(expected[0], expected[1], pm.PAPER_HUMAN_FRACTION, 0)]
+    counts, metrics = report["counts"], report["metrics"]
+    assert counts["steps"] == 6 and counts["human_used"] > 0 and counts["ai_heldout"] == 1
+    assert metrics["heldout_accuracy_ai"] == 1.0  # the held-out pair's chosen answer now wins
     assert not (out / "checkpoints").exists()  # removed after the final save
     assert (out / "adapter" / "adapter_config.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())

@@ -3,8 +3,11 @@
     cai dpo --policy runs/x/2-sft/model --ai runs/x/3-feedback/prefs.jsonl \\
             --human data/helpful_prefs_example.jsonl --out runs/x/5-dpo/model --soft-labels
 
-- The AI-harmless and human-helpful comparisons are mixed by `records.mix_preferences`, the function
-  `cai pm train` uses: the same files, fraction and seed give both paths the same training mix.
+- The pairs are prepared exactly as `cai pm train` prepares them, with its own functions: pairs with
+  identical answers dropped (`partition_trainable`), `eval_fraction` of each side held out
+  (`split_heldout`), the rest mixed by `records.mix_preferences`. The same files, fractions and seed
+  give both paths the same training mix and the same held-out pairs, on which the DPO model's implicit
+  reward accuracy is reported beside the PM's.
 - The reference model is the starting policy. With LoRA (the default) trl's DPOTrainer gets the LoRA
   config, and its reference log-probs come from the same model with the adapter disabled: no second
   copy in memory. With full fine-tuning (`--lora-r 0`) the reference log-probs are computed once,
@@ -14,8 +17,9 @@
 - `--soft-labels` trains on each pair's `p_chosen` (the judge's confidence) instead of treating every
   pair as certain: the per-pair loss is the cross-entropy against the soft label (`soft_dpo_loss`),
   which is conservative DPO (Mitchell 2023) with label smoothing 1 - p per pair. trl's
-  `label_smoothing` is one number for the whole run, so `_DPOTrainer` carries `p_chosen` through the
-  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's.
+  `label_smoothing` is one number for the whole run, so `CaiDPOTrainer` carries `p_chosen` through the
+  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's. `--loss
+  robust` is trl's robust DPO with one label-noise rate, the mean of 1 - p_chosen.
 - Checkpoints go to `DIR/checkpoints` and a re-run resumes from the last one; the final model is a
   standalone merged directory (`from_pretrained(DIR)`, the adapter kept in `DIR/adapter`), and the
   checkpoints are removed once it is saved.
@@ -36,9 +40,9 @@ from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL
 from cai.stages.base import StageContext, StageResult, StageRun
 
-# Bai et al. 2022 trained their hybrid PM on 135,296 human helpfulness comparisons and 182,831
-# constitutionally generated harmlessness comparisons: humans are 135,296 / 318,127 = 0.425 of the mix.
-PAPER_HUMAN_FRACTION = 0.43
+# The PM stage's data preparation, shared so both paths train on the same pairs (pm.py imports no torch).
+from cai.stages.pm import AI_SOURCE, HUMAN_SOURCE, PAPER_HUMAN_FRACTION, partition_trainable, split_heldout
+
 LOSSES = ("sigmoid", "ipo", "robust")  # --loss choices; each is the trl loss_type of the same name
 LORA_LR = 5e-5  # default learning rate with LoRA/QLoRA adapters
 FULL_LR = 1e-6  # default learning rate for full fine-tuning (trl's DPOConfig default)
@@ -63,9 +67,13 @@ class DPOConfig:
         "help": "Human helpfulness comparisons in any accepted preference format (hh-rlhf transcripts, trl "
                 "conversational, cai records). None trains on the AI records alone."})
     human_fraction: float = field(default=PAPER_HUMAN_FRACTION, metadata={
-        "help": "Share of human comparisons in the training mix, in [0, 1]; the smaller side is repeated "
-                "(seeded) when too small. Default 0.43, the paper's ratio (135k human helpfulness to 183k AI "
-                "harmlessness comparisons). The same mixing as `cai pm train`."})
+        "help": f"Share of human comparisons in the training mix, in [0, 1]; the smaller side is repeated "
+                f"(seeded) when too small. Default {PAPER_HUMAN_FRACTION}, the CAI paper's ratio (135,296 human "
+                "helpfulness to 182,831 AI harmlessness comparisons). The same mixing as `cai pm train`."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of each side (AI, human) held out, 0-0.5, chosen as `cai pm train` chooses it (the same "
+                "pairs for the same files and seed); the DPO model's implicit-reward accuracy on them is "
+                "reported per side. 0: no held-out pairs."})
     beta: float = field(default=0.1, metadata={
         "help": "DPO beta: strength of the implicit KL penalty to the reference (> 0; higher stays closer). "
                 "0.1 is trl's default."})
@@ -123,6 +131,8 @@ class DPOConfig:
         if not 0.0 <= self.human_fraction <= 1.0:
             raise ConfigError(f"human_fraction={self.human_fraction} -- use a share in [0, 1] "
                               f"(the paper's is {PAPER_HUMAN_FRACTION})")
+        if not 0.0 <= self.eval_fraction <= 0.5:
+            raise ConfigError(f"eval_fraction={self.eval_fraction} -- use a share in [0, 0.5] (0: hold out nothing)")
         if self.beta <= 0:
             raise ConfigError(f"beta={self.beta} -- DPO's beta must be > 0 (trl's default is 0.1)")
         for name in ("epochs", "batch_size", "save_steps"):
@@ -191,11 +201,32 @@ def robust_label_noise(p_chosen: list[float]) -> float:
 # ----------------------------------------------------------------------------- data
 
 
-def preference_mix(cfg: DPOConfig) -> records.PreferenceMix:
-    """The training mix: AI and human records mixed by the function `cai pm train` uses (one code path)."""
-    ai = records.read_preferences(cfg.ai, default_source="ai-harmless")
-    human = records.read_preferences(cfg.human, default_source="human-helpful") if cfg.human else []
-    return records.mix_preferences(ai, human, cfg.human_fraction, cfg.seed)
+@dataclass
+class PreparedPairs:
+    """What `prepare_pairs` made of the input files."""
+
+    mix: records.PreferenceMix  # the training mix
+    heldout_ai: list[dict[str, Any]]
+    heldout_human: list[dict[str, Any]]
+    dropped: list[dict[str, Any]]  # pairs that cannot teach anything, each with a `reason`
+    ai_available: int  # records in the files
+    human_available: int
+
+
+def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
+    """The pairs exactly as `cai pm train` prepares them, with its functions: read, drop identical
+    answers, hold out `eval_fraction` of each side, mix the rest with `records.mix_preferences`."""
+    ai_all = records.read_preferences(cfg.ai, default_source=AI_SOURCE)
+    human_all = records.read_preferences(cfg.human, default_source=HUMAN_SOURCE) if cfg.human else []
+    ai_usable, ai_dropped = partition_trainable(ai_all)
+    human_usable, human_dropped = partition_trainable(human_all)
+    ai_train, heldout_ai = split_heldout(ai_usable, cfg.eval_fraction, cfg.seed)
+    human_train, heldout_human = split_heldout(human_usable, cfg.eval_fraction, cfg.seed)
+    if not ai_train and not human_train:
+        raise ConfigError(f"{cfg.ai}: no pair left to train on after holding out {cfg.eval_fraction:.0%} and "
+                          f"dropping {len(ai_dropped) + len(human_dropped)} -- give more pairs or lower --eval-fraction")
+    mix = records.mix_preferences(ai_train, human_train, cfg.human_fraction, cfg.seed)
+    return PreparedPairs(mix, heldout_ai, heldout_human, ai_dropped + human_dropped, len(ai_all), len(human_all))
 
 
 def to_trl_example(record: dict[str, Any]) -> dict[str, Any]:
@@ -208,25 +239,18 @@ def to_trl_example(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def screen_pairs(mixed: list[dict[str, Any]], tokenizer, max_length: int):
-    """Split the mix into pairs to train on and dropped pairs (each with a `reason`), and count the kept
-    pairs whose longer answer will be cut at `max_length`.
-
-    Dropped: `identical-answers` (no signal: the margin is 0 whatever the model does) and
-    `prompt-too-long` (the prompt alone fills `max_length`, leaving no answer token; trl would drop it
-    silently).
-    """
+def screen_pairs(pairs: list[dict[str, Any]], tokenizer, max_length: int):
+    """Turn pairs into trl examples, dropping those whose prompt alone fills `max_length` (no answer token
+    would be left; trl would drop them silently) with the reason `prompt-too-long`, and counting the kept
+    pairs whose longer answer will be cut at `max_length`. Returns (examples, dropped, truncated)."""
 
     def length(messages, add_generation_prompt=False) -> int:
         return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                                  add_generation_prompt=add_generation_prompt)["input_ids"])
 
     kept, dropped, truncated = [], [], 0
-    for record in mixed:
+    for record in pairs:
         example = to_trl_example(record)
-        if record["chosen"].strip() == record["rejected"].strip():
-            dropped.append({**record, "reason": "identical-answers"})
-            continue
         prompt_tokens = length(example["prompt"], add_generation_prompt=True)
         if prompt_tokens >= max_length:
             dropped.append({**record, "reason": "prompt-too-long", "prompt_tokens": prompt_tokens})
@@ -364,9 +388,12 @@ def precompute_reference(cfg: DPOConfig, pairs: int) -> bool:
 
 
 def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any]], output_dir: Path,
-                  device: str, label_smoothing: float = 0.0, callbacks=()):
+                  device: str, label_smoothing: float = 0.0, callbacks=(),
+                  heldout: dict[str, list[dict[str, Any]]] | None = None):
     """The DPO trainer for these examples: LoRA (reference = adapter disabled) or full fine-tuning
-    (reference log-probs precomputed), device-aware precision, checkpoints in `output_dir`."""
+    (reference log-probs precomputed), device-aware precision, checkpoints in `output_dir`. `heldout`
+    (name -> examples) is evaluated by `trainer.evaluate()`; it is given here, not later, because trl
+    precomputes its reference log-probs with the training set's."""
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback
     from trl import DPOConfig as TrlDPOConfig
@@ -386,6 +413,8 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        eval_strategy="no",  # evaluated once, after training
         seed=cfg.seed,
         data_seed=cfg.seed,
         save_strategy="steps",
@@ -401,12 +430,25 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any
     collator = collator_class(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
                               truncation_mode="keep_start", pad_to_multiple_of=args.pad_to_multiple_of)
     peft_config = lora_config(cfg.lora_r) if cfg.lora_r > 0 else None
+    eval_sets = {name: Dataset.from_list(rows) for name, rows in (heldout or {}).items() if rows} or None
     trainer = trainer_class(model=model, ref_model=None, args=args, data_collator=collator,
-                            train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                            train_dataset=Dataset.from_list(examples), eval_dataset=eval_sets,
+                            processing_class=tokenizer,
                             peft_config=peft_config, soft_labels=cfg.soft_labels, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; stdout carries results only
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def evaluate_heldout(trainer) -> dict[str, dict[str, float]]:
+    """Implicit-reward metrics on each held-out set (name -> trl's eval metrics: `eval_rewards/accuracies`,
+    `eval_rewards/margins`, ...). trl logs those metrics rather than returning them, so each set is
+    evaluated alone and its log entry read back."""
+    results = {}
+    for name in trainer.eval_dataset or {}:
+        trainer.evaluate(eval_dataset=name, metric_key_prefix=f"eval_{name}")
+        results[name] = dict(trainer.state.log_history[-1])
+    return results
 
 
 def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
@@ -439,16 +481,23 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
 
     device = ctx.device or default_device()
     disable_progress_bar()  # datasets' map bars; the reporter shows training progress
-    mix = preference_mix(cfg)
-    ctx.reporter.log(f"dpo: {mix.summary()}")
+    pairs = prepare_pairs(cfg)
+    mix = pairs.mix
+    ctx.reporter.log(f"dpo: training mix: {mix.summary()}; held out {len(pairs.heldout_ai)} AI + "
+                     f"{len(pairs.heldout_human)} human")
     model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device)
-    examples, dropped, truncated = screen_pairs(mix.records, tokenizer, cfg.max_length)
+    examples, too_long, truncated = screen_pairs(mix.records, tokenizer, cfg.max_length)
+    heldout = {}
+    for name, side in (("ai", pairs.heldout_ai), ("human", pairs.heldout_human)):
+        heldout[name], side_too_long, _ = screen_pairs(side, tokenizer, cfg.max_length)
+        too_long += side_too_long
+    dropped = pairs.dropped + too_long
     if dropped:
-        records.write_jsonl(out / "rejected.jsonl", dropped)
-        ctx.reporter.log(f"dpo: dropped {len(dropped)} pairs (see {out / 'rejected.jsonl'})")
+        records.write_jsonl(out / "dropped.jsonl", dropped)
+        ctx.reporter.log(f"dpo: dropped {len(dropped)} pairs (see {out / 'dropped.jsonl'})")
     if not examples:
         raise ConfigError(f"no preference pair is left to train on ({len(dropped)} dropped, see "
-                          f"{out / 'rejected.jsonl'}) -- raise --max-length or check the input files")
+                          f"{out / 'dropped.jsonl'}) -- raise --max-length or check the input files")
     if truncated:
         ctx.reporter.log(f"dpo: {truncated} pairs have an answer longer than --max-length {cfg.max_length}; "
                          "its end is cut")
@@ -461,7 +510,8 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     if resume_from:
         ctx.reporter.log(f"dpo: resuming from {resume_from}")
     progress = _trl_classes()[2](ctx.reporter)
-    trainer = build_trainer(cfg, model, tokenizer, examples, checkpoints, device, label_smoothing, [progress])
+    trainer = build_trainer(cfg, model, tokenizer, examples, checkpoints, device, label_smoothing, [progress],
+                            heldout=heldout)
     progress.trainer = trainer
     if cfg.lora_r > 0:
         reference = "the starting policy with the adapter disabled (no second copy)"
@@ -469,25 +519,24 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
         reference = "the starting policy's log-probs, computed once before training (no second copy)"
     else:
         reference = "a frozen copy of the starting policy (fewer steps than pairs: cheaper than precomputing)"
-
     ctx.reporter.log(f"dpo: reference model = {reference}")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - started
+    evaluation = evaluate_heldout(trainer)
 
     save_standalone(trainer.model, tokenizer, out, base_reference=cfg.policy)
     history = trainer.state.log_history
     records.write_jsonl(out / "metrics.jsonl", history)
     shutil.rmtree(checkpoints, ignore_errors=True)
 
-    by_source = {"dropped_ai": sum(r.get("source") != "human-helpful" for r in dropped),
-                 "dropped_human": sum(r.get("source") == "human-helpful" for r in dropped)}
     counts = {
-        "ai_available": mix.ai_available, "human_available": mix.human_available, "ai_used": mix.ai_used,
-        "human_used": mix.human_used, "pairs_trained": len(examples), "dropped": len(dropped), **by_source,
-        "truncated": truncated, "steps": trainer.state.global_step,
+        "ai_available": pairs.ai_available, "human_available": pairs.human_available, "ai_used": mix.ai_used,
+        "human_used": mix.human_used, "ai_heldout": len(heldout["ai"]), "human_heldout": len(heldout["human"]),
+        "pairs_trained": len(examples), "dropped": len(dropped), "truncated": truncated,
+        "steps": trainer.state.global_step,
         "resumed_from_step": int(Path(resume_from).name.rsplit("-", 1)[-1]) if resume_from else 0,
-        "tokens": trainer.tokens_seen,
+        "tokens": trainer.tokens_seen,  # trained on in this session (after a resume: since the resume)
     }
     metrics = {
         "loss": _last_logged(history, "loss"),
@@ -497,9 +546,15 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
         "tokens_per_s": round(trainer.tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
         "label_smoothing": label_smoothing,
     }
-    margin = metrics["reward_margin"]
-    summary = (f"{counts['steps']} steps on {len(examples)} pairs ({mix.ai_used} AI + {mix.human_used} human"
-               f"{f', {len(dropped)} dropped' if dropped else ''}), loss {cfg.loss}"
-               f"{' with soft labels' if cfg.soft_labels else ''}"
-               f"{f', last reward margin {margin:.3f}' if margin is not None else ''} -> {out}")
-    return stage_run.complete(outputs={"model": out}, counts=counts, summary=summary, metrics=metrics)
+    for side in ("ai", "human"):  # the names `cai pm train` uses for its held-out accuracy
+        metrics[f"heldout_accuracy_{side}"] = evaluation.get(side, {}).get("eval_rewards/accuracies")
+        metrics[f"heldout_margin_{side}"] = evaluation.get(side, {}).get("eval_rewards/margins")
+    summary = (f"{counts['steps']} steps on {mix.summary()}"
+               f"{f', {len(dropped)} dropped' if dropped else ''}; loss {cfg.loss}"
+               f"{' with soft labels' if cfg.soft_labels else ''}")
+    accuracies = [f"{name} {metrics[f'heldout_accuracy_{side}']:.0%} of {counts[f'{side}_heldout']}"
+                  for side, name in (("ai", "AI"), ("human", "human"))
+                  if metrics[f"heldout_accuracy_{side}"] is not None]
+    if accuracies:
+        summary += "; held-out implicit-reward accuracy: " + ", ".join(accuracies)
+    return stage_run.complete(outputs={"model": out}, counts=counts, summary=f"{summary} -> {out}", metrics=metrics)
