@@ -72,20 +72,24 @@ class StageSpec:
     module: str  # imported only when the stage's config is needed
     output: str  # cfg.out, relative to the stage directory ("" = the directory itself)
     wiring: dict[str, str] = field(default_factory=dict)
+    product: str | None = None  # what later stages read, relative to the stage directory (None = output)
+    config: str | None = None  # config class name (None = the module's one *Config dataclass)
+    function: str = "run"  # the stage's run(cfg, ctx) in the module
     loader: Callable[[], tuple[type, Callable]] | None = None  # tests plug fake stages in here
 
     def load(self) -> tuple[type, Callable]:
-        """(config class, run function). The config class is the one dataclass named *Config defined
-        in the stage module (STYLE.md 1)."""
+        """(config class, run function), imported now."""
         if self.loader is not None:
             return self.loader()
         module = importlib.import_module(self.module)
+        if self.config:
+            return getattr(module, self.config), getattr(module, self.function)
         configs = [value for name, value in vars(module).items()
                    if name.endswith("Config") and dataclasses.is_dataclass(value)
                    and value.__module__ == module.__name__]
         if len(configs) != 1:
-            raise RuntimeError(f"{self.module} must define exactly one *Config dataclass, found {len(configs)}")
-        return configs[0], module.run
+            raise RuntimeError(f"{self.module} defines {len(configs)} *Config dataclasses -- name one in StageSpec.config")
+        return configs[0], getattr(module, self.function)
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -95,10 +99,10 @@ STAGES: tuple[StageSpec, ...] = (
               {"data": "out.critique", "model": "model", "helpful": "data.helpful"}),
     StageSpec("feedback", "3-feedback", "cai.stages.feedback", "prefs.jsonl",
               {"prompts": "data.red_team", "policy": "out.sft", "judge": "judge", "constitution": "constitution"}),
-    StageSpec("pm", "4-pm", "cai.stages.pm", "model",
-              {"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
-    StageSpec("rl", "5-rl", "cai.stages.rl", "model",
-              {"policy": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts"}),
+    StageSpec("pm", "4-pm", "cai.stages.pm", "", product="model", config="PMTrainConfig", function="run_train",
+              wiring={"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
+    StageSpec("rl", "5-rl", "cai.stages.rl", "", product="model",
+              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts"}),
     StageSpec("dpo", "5-dpo", "cai.stages.dpo", "model",
               {"policy": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
     StageSpec("eval", "6-eval", "cai.stages.evaluate", "",
@@ -114,7 +118,7 @@ DATA_KEYS = {
     "red_team": ("data/red_team_prompts.jsonl", "harmful requests for critique, feedback and RL"),
     "helpful": ("data/helpful_prompts.jsonl", "ordinary requests mixed into SFT so the model stays helpful"),
     "human_prefs": ("data/helpful_prefs_example.jsonl", "human helpfulness comparisons mixed into the PM/DPO"),
-    "rl_prompts": (None, "prompts for RL rollouts; null = red_team"),
+    "rl_prompts": (None, "prompts for RL rollouts (a file or a list); null = red_team and helpful"),
     "eval_harmful": ("data/eval_harmful.jsonl", "held-out harmful requests for eval"),
     "eval_benign": ("data/eval_benign.jsonl", "held-out benign requests for eval (over-refusal)"),
 }
@@ -405,7 +409,7 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
         problems.at(nodes["stages"][1] if "stages" in nodes else None, "a stage is listed twice in stages")
 
     # data: file inputs, checked to exist now rather than after an hour of training.
-    data: dict[str, str | None] = {key: default for key, (default, _) in DATA_KEYS.items()}
+    data: dict[str, Any] = {key: default for key, (default, _) in DATA_KEYS.items()}
     data_nodes: dict[str, yaml.Node] = {}
     if "data" in nodes:
         data_node = nodes["data"][1]
@@ -417,27 +421,29 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
                     problems.at(key_node, f"unknown data key `{key_node.value}` -- {_closest(key_node.value, DATA_KEYS)}")
                     continue
                 value = _value(value_node)
-                if value is not None and not isinstance(value, str):
-                    problems.at(value_node, f"`data.{key_node.value}` must be a file path, got {value!r}")
+                if not check_type(value, str | list[str] | None)[0] or value == []:
+                    problems.at(value_node, f"`data.{key_node.value}` must be a file path (or a list of them), "
+                                            f"got {value!r}")
                     continue
                 data[key_node.value] = value
                 data_nodes[key_node.value] = value_node
     data.update(cli_data)
-    if data["rl_prompts"] is None:
-        data["rl_prompts"] = data["red_team"]
+    if data["rl_prompts"] is None:  # the paper trained RL on red-team and helpful prompts
+        data["rl_prompts"] = [data["red_team"], data["helpful"]]
     needed_data = {source.split(".", 1)[1] for spec in registry if spec.name in order
                    for source in spec.wiring.values() if source.startswith("data.")}
     for key in list(data):
         if data[key] is None:
             continue
-        found = _existing_path(data[key])
-        if found is None:
-            if key in needed_data:
-                where = data_nodes.get(key)
-                message = f"data.{key}: no such file {data[key]!r} -- check the path (relative paths are read from the current directory)"
-                problems.cli(f"data.{key}", message) if key in cli_data else problems.at(where, message)
-            continue
-        data[key] = str(found)
+        resolved = []
+        for value in data[key] if isinstance(data[key], list) else [data[key]]:
+            found = _existing_path(str(value))
+            if found is None and key in needed_data:
+                message = (f"data.{key}: no such file {value!r} -- check the path (relative paths are read "
+                           "from the current directory)")
+                problems.cli(f"data.{key}", message) if key in cli_data else problems.at(data_nodes.get(key), message)
+            resolved.append(str(found) if found else value)
+        data[key] = resolved if isinstance(data[key], list) else resolved[0]
     top_values["data"] = data
 
     constitution_ref = top_values["constitution"]
@@ -463,10 +469,11 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
         problems.at(nodes["name"][1] if "name" in nodes else None,
                     f"name {top_values['name']!r} must be a plain directory name (letters, digits, - and _)")
 
-    def output_of(stage: str) -> Path:
+    def output_of(stage: str, product: bool = True) -> Path:
         spec = by_name[stage]
         directory = (run_dir / spec.directory).resolve()
-        return directory / spec.output if spec.output else directory
+        relative = spec.product if product and spec.product is not None else spec.output
+        return directory / relative if relative else directory
 
     planned: list[PlannedStage] = []
     for stage in order:
@@ -482,7 +489,7 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
             wired = _wired_value(source, top_values, order, output_of)
             if wired is _MISSING:
                 continue
-            values[field_name] = wired
+            values[field_name] = _fit(wired, fields[field_name][1])
         for shared in SHARED_FIELDS:
             if shared in fields and top_values.get(shared) is not None:
                 values[shared] = top_values[shared]
@@ -521,7 +528,7 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
                 problems.at(nodes["stages"][1] if "stages" in nodes else None,
                             f"{stage} needs {source[4:]}'s output (`{stage}.{field_name}`) -- add "
                             f"{source[4:]} to stages, or set {stage}.{field_name} to a path")
-        values["out"] = str(output_of(stage))
+        values["out"] = str(output_of(stage, product=False))
         if problems.items:
             continue
         try:
@@ -538,6 +545,13 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
 
 
 _MISSING = object()
+
+
+def _fit(value: Any, tp: Any) -> Any:
+    """A wired value shaped for its field: one path into a list field becomes a list of one."""
+    if isinstance(value, str) and not check_type(value, tp)[0] and check_type([value], tp)[0]:
+        return [value]
+    return value
 
 
 def _wired_value(source: str, top: dict[str, Any], order: list[str], output_of: Callable[[str], Path]) -> Any:

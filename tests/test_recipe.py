@@ -82,7 +82,7 @@ class FakePmConfig:
 class FakeRlConfig:
     policy: str = _f("")
     pm: str = _f("")
-    prompts: str = _f("")
+    prompts: list[str] = _f(list)
     beta: float = _f(0.05)
     rewards: list[str] = _f(list)
     seed: int = _f(0)
@@ -134,8 +134,9 @@ def _fake_run(name: str):
                                    "made_by": stage.config_hash, "from": stage.inputs})
             count = len(writer.done_ids)
         else:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps({"stage": name, **{k: str(v) for k, v in inputs.items()}}))
+            model = out if out.name == "model" or name == "eval" else out / "model"  # as pm and rl write
+            model.mkdir(parents=True, exist_ok=True)
+            (model / "config.json").write_text(json.dumps({"stage": name, **{k: str(v) for k, v in inputs.items()}}))
             count = 1
         return stage.complete(outputs={"out": out}, counts={"records": count}, summary=f"{name} did {count}")
 
