@@ -39,6 +39,9 @@ import dataclasses
 import difflib
 import importlib
 import json
+import os
+import shlex
+import subprocess
 import time
 import types
 import typing
@@ -134,7 +137,11 @@ TOP_LEVEL = {
     "device": "cpu, cuda, cuda:N; null = CUDA when present",
     "stages": "which stages to run, in order (dpo may replace pm + rl)",
     "data": "input files: " + ", ".join(DATA_KEYS),
+    "launch": "run some stages through a launcher: {command: 'accelerate launch --config_file F', stages: [sft, ...]}",
 }
+LAUNCH_KEYS = ("command", "stages")
+# Set in a stage process started by a `launch:` command, so it runs the stage instead of launching again.
+LAUNCHED_ENV = "CAI_LAUNCHED"
 # Top-level keys copied into every stage config that has a field of the same name (unless the stage sets it).
 SHARED_FIELDS = ("seed", "quantize")
 # Config fields the runner owns: never read from a recipe.
@@ -399,6 +406,22 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
         "quantize": top("quantize", None, str | None),
         "device": top("device", None, str | None),
     }
+    launch = top("launch", None, dict | None)
+    if launch is not None:
+        launch_node = nodes["launch"][1] if "launch" in nodes else None
+        for key in launch:
+            if key not in LAUNCH_KEYS:
+                problems.at(launch_node, f"unknown key `{key}` in launch -- {_closest(key, LAUNCH_KEYS)}")
+        if not isinstance(launch.get("command"), str) or not launch["command"].strip():
+            problems.at(launch_node, "launch.command must be a command line, e.g. accelerate launch --config_file "
+                                     "recipes/accelerate/multi-gpu.yaml")
+        if not check_type(launch.get("stages"), list[str])[0]:
+            problems.at(launch_node, "launch.stages must be a list of stage names, e.g. [sft, pm, rl]")
+        else:
+            for stage in launch["stages"]:
+                if stage not in by_name:
+                    problems.at(launch_node, f"unknown stage `{stage}` in launch.stages -- {_closest(stage, by_name)}")
+    top_values["launch"] = launch
     stages = top("stages", list(DEFAULT_STAGES), list[str])
     for index, stage in enumerate(stages):
         if stage not in by_name:
@@ -659,9 +682,17 @@ def run(recipe: Recipe, reporter, *, from_stage: str | None = None, only: str | 
             on_stage(index, len(selected), planned.spec.name)
         if force or from_stage:
             discard_outputs(planned.directory)
+        started = time.time()
+        if _launched_elsewhere(recipe, planned.spec.name):
+            result = _launch(recipe, planned, reporter)
+            outcome = StageOutcome(planned.spec.name, round(time.time() - started, 2), result.skipped,
+                                   result.summary, dict(result.outputs), dict(result.counts), dict(result.metrics))
+            outcomes.append(outcome)
+            reporter.log(f"{planned.spec.name}: {result.summary} [{outcome.seconds:.0f} s]")
+            _record_outcomes(recipe, outcomes)
+            continue
         _, run_fn = planned.spec.load()
         context = StageContext(reporter=reporter, manifest_path=planned.manifest_path, device=recipe.top["device"])
-        started = time.time()
         try:
             result = run_fn(planned.config, context)
         except ResumeMismatch:
@@ -677,6 +708,37 @@ def run(recipe: Recipe, reporter, *, from_stage: str | None = None, only: str | 
         reporter.log(f"{planned.spec.name}: {result.summary} [{outcome.seconds:.0f} s]")
         _record_outcomes(recipe, outcomes)
     return RunResult(recipe, outcomes)
+
+
+def _launched_elsewhere(recipe: Recipe, stage: str) -> bool:
+    launch = recipe.top.get("launch")
+    return bool(launch) and stage in launch["stages"] and not os.environ.get(LAUNCHED_ENV)
+
+
+def launch_command(recipe: Recipe, stage: str) -> list[str]:
+    """The command that runs one stage through the recipe's launcher (accelerate, torchrun...): the
+    launcher runs `-m cai run runs/NAME/recipe.yaml --only STAGE` in each of its processes."""
+    resolved = recipe.run_dir / "recipe.yaml"
+    return [*shlex.split(recipe.top["launch"]["command"]), "-m", "cai", "run", str(resolved), "--only", stage,
+            "--runs-dir", str(recipe.run_dir.parent), "--name", recipe.name]
+
+
+def _launch(recipe: Recipe, planned: PlannedStage, reporter):
+    from cai.stages.base import StageResult
+
+    command = launch_command(recipe, planned.spec.name)
+    reporter.log(f"{planned.spec.name}: launching {' '.join(shlex.quote(c) for c in command)}")
+    completed = subprocess.run(command, env={**os.environ, LAUNCHED_ENV: "1"})
+    if completed.returncode != 0:
+        raise RecipeError(f"{planned.spec.name}: the launched command exited with {completed.returncode} -- its "
+                          f"output is above; fix it and run again (finished work is kept)")
+    try:
+        manifest = json.loads(planned.manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RecipeError(f"{planned.spec.name}: the launched command wrote no manifest at "
+                          f"{planned.manifest_path}") from None
+    return StageResult(stage=planned.spec.name, outputs=manifest.get("outputs", {}), counts=manifest.get("counts", {}),
+                       summary=manifest.get("summary", ""), metrics=manifest.get("metrics", {}))
 
 
 def _complete(manifest_path: Path) -> bool:

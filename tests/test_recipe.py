@@ -378,3 +378,19 @@ def test_real_stage_wiring_matches_the_stage_configs():
         names = {f.name for f in dataclasses.fields(config_class)}
         assert set(spec.wiring) <= names, (spec.name, set(spec.wiring) - names)
         assert "out" in names and callable(run_fn)
+
+
+def test_launch_section(tmp_path, prompts):
+    path = write_recipe(tmp_path, "launch:\n  command: accelerate launch --config_file 'my conf.yaml'\n"
+                                  "  stages: [sft, pm]\n", prompts)
+    recipe = load(path)
+    run_dir = tmp_path / "runs" / "t"
+    assert recipes.launch_command(recipe, "sft") == [
+        "accelerate", "launch", "--config_file", "my conf.yaml", "-m", "cai", "run", str(run_dir / "recipe.yaml"),
+        "--only", "sft", "--runs-dir", str(tmp_path / "runs"), "--name", "t"]
+    assert yaml.safe_load(recipes.write_resolved(recipe).read_text())["launch"]["stages"] == ["sft", "pm"]
+    path = write_recipe(tmp_path, "launch:\n  comand: x\n  stages: [sfx]\n", prompts)
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    assert "unknown key `comand` in launch -- did you mean `command`" in str(error.value)
+    assert "unknown stage `sfx` in launch.stages" in str(error.value)
