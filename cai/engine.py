@@ -10,7 +10,10 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
 - sampling is seeded per item (one `torch.Generator` per row), so an item's text does not depend on
   which batch it landed in or where a run resumed;
 - scoring never generates: one forward pass per batch reads the log-probabilities of given
-  continuations (a judge's option letters, an answer under two system prompts).
+  continuations (a judge's option letters, an answer under two system prompts);
+- `next_token_logprobs` reads only the next-token distribution at the end of each context (a judge's
+  "(A)" versus "(B)"), and computes a token prefix that all contexts of a call share (a judge's
+  few-shot block) once, reusing its KV cache for every row.
 
 `Engine` is the interface stages use; `HFBackend` is the transformers implementation. Another backend
 (vLLM) implements `Backend` and plugs in without touching the stages.
@@ -122,6 +125,40 @@ class Engine:
             return []
         return self.backend.score(contexts, continuations, progress)
 
+    def next_token_logprobs(self, contexts: Sequence[str], candidate_ids: Sequence[int], *,
+                            lead_ids: Sequence[int] = (), progress: ProgressFn | None = None) -> list[list[float]]:
+        """Log-probability of each candidate token being the next token after a context, in input order.
+
+        Row i is `tokenize(contexts[i]) + lead_ids` (the context tokenized alone, as `score` does);
+        entry [i][j] is log p(candidate_ids[j] | row i) under the full-vocabulary softmax, so it equals
+        `score(context, continuation).token_logprobs[len(lead_ids)]` for a continuation that tokenizes
+        to `lead_ids + [candidate_ids[j], ...]`. One forward pass per batch, logits at the last position
+        only; a token prefix shared by every context of the call is computed once.
+        """
+        if not contexts:
+            return []
+        if not candidate_ids:
+            raise ValueError("no candidate tokens to read")
+        method = getattr(self.backend, "next_token_logprobs", None)
+        if method is None:
+            raise NotImplementedError(f"{type(self.backend).__name__} does not read next-token log-probabilities; "
+                                      "use score() with whole continuations")
+        return method(contexts, list(candidate_ids), list(lead_ids), progress)
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all sequences share."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        n = 0
+        while n < length and other[n] == first[n]:
+            n += 1
+        length = n
+    return length
+
 
 def stop_token_ids(tokenizer, model=None) -> set[int]:
     """Every id that ends an assistant turn: eos, the chat end-of-turn token, generation_config's list."""
@@ -158,6 +195,8 @@ class HFBackend:
 
     # Compact the batch (drop finished rows from the cache) once this share of rows has finished.
     COMPACT_FRACTION = 0.25
+    # next_token_logprobs computes a prefix shared by all contexts once when it is at least this many tokens.
+    MIN_SHARED_PREFIX = 32
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32):
         self.model = model
@@ -344,3 +383,70 @@ class HFBackend:
                 if progress:
                     progress(len(batch), sum(total[i] for i in batch))
         return results  # type: ignore[return-value]
+
+    # -- next-token log-probabilities ----------------------------------------------------------------
+
+    def next_token_logprobs(self, contexts, candidate_ids, lead_ids, progress):
+        import torch
+        from transformers import DynamicCache
+
+        sequences = [ids + lead_ids for ids in self._encode(contexts)]
+        for i, seq in enumerate(sequences):
+            if not seq:
+                raise ValueError(f"context {i} is empty: nothing to condition on")
+        # The shared prefix runs once (batch of 1); every row keeps at least its last token to feed.
+        shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
+        if shared < self.MIN_SHARED_PREFIX:
+            shared = 0
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+        results: list[list[float] | None] = [None] * len(sequences)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = self.device
+        candidates = torch.tensor(candidate_ids, dtype=torch.long, device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                prefix_kv = self._prefix_kv(sequences[0][:shared]) if shared else None
+                for start in range(0, len(order), self.batch_size):
+                    batch = order[start:start + self.batch_size]
+                    rows = [sequences[i][shared:] for i in batch]
+                    width = max(len(r) for r in rows)
+                    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                    attention = torch.zeros((len(batch), width), dtype=torch.long)
+                    for row, seq in enumerate(rows):  # left padding (after the shared prefix): last token at -1
+                        input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                        attention[row, width - len(seq):] = 1
+                    input_ids, attention = input_ids.to(device), attention.to(device)
+                    positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)
+                    cache = None
+                    if prefix_kv is not None:
+                        # Padding sits between the prefix and each row's tokens, masked out; the expanded
+                        # views are not copied until the forward concatenates the new keys onto them.
+                        cache = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1),
+                                                              v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv],
+                                             config=self.model.config)
+                        attention = torch.cat([torch.ones((len(batch), shared), dtype=attention.dtype, device=device),
+                                               attention], dim=1)
+                    out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                     past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+                    logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
+                    picked = logprobs[:, candidates]  # (B, C)
+                    for row, i in enumerate(batch):
+                        results[i] = picked[row].tolist()
+                    if progress:
+                        progress(len(batch), sum(len(r) for r in rows))
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def _prefix_kv(self, prefix: list[int]) -> list[tuple]:
+        """Keys and values of every layer for one token prefix, shape (1, kv_heads, len, head_dim) each."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in cache.layers]

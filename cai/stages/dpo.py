@@ -1,0 +1,505 @@
+"""Offline path: DPO on the mixed human/AI preferences, as an alternative to PM + RL.
+
+    cai dpo --policy runs/x/2-sft/model --ai runs/x/3-feedback/prefs.jsonl \\
+            --human data/helpful_prefs_example.jsonl --out runs/x/5-dpo/model --soft-labels
+
+- The AI-harmless and human-helpful comparisons are mixed by `records.mix_preferences`, the function
+  `cai pm train` uses: the same files, fraction and seed give both paths the same training mix.
+- The reference model is the starting policy. With LoRA (the default) trl's DPOTrainer gets the LoRA
+  config, and its reference log-probs come from the same model with the adapter disabled: no second
+  copy in memory. With full fine-tuning (`--lora-r 0`) the reference log-probs are computed once,
+  before the first step (trl's `precompute_ref_log_probs`), so no copy is kept there either, unless
+  the run is shorter than one pass over the pairs (then trl keeps a frozen copy: cheaper than scoring
+  pairs that are never trained on).
+- `--soft-labels` trains on each pair's `p_chosen` (the judge's confidence) instead of treating every
+  pair as certain: the per-pair loss is the cross-entropy against the soft label (`soft_dpo_loss`),
+  which is conservative DPO (Mitchell 2023) with label smoothing 1 - p per pair. trl's
+  `label_smoothing` is one number for the whole run, so `_DPOTrainer` carries `p_chosen` through the
+  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's.
+- Checkpoints go to `DIR/checkpoints` and a re-run resumes from the last one; the final model is a
+  standalone merged directory (`from_pretrained(DIR)`, the adapter kept in `DIR/adapter`), and the
+  checkpoints are removed once it is saved.
+
+Torch, transformers and trl are imported inside functions: the CLI imports this module for its option
+help, and `import cai.cli` must stay light.
+"""
+
+import functools
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai import records
+from cai.errors import ConfigError
+from cai.models import DEFAULT_MODEL
+from cai.stages.base import StageContext, StageResult, StageRun
+
+# Bai et al. 2022 trained their hybrid PM on 135,296 human helpfulness comparisons and 182,831
+# constitutionally generated harmlessness comparisons: humans are 135,296 / 318,127 = 0.425 of the mix.
+PAPER_HUMAN_FRACTION = 0.43
+LOSSES = ("sigmoid", "ipo", "robust")  # --loss choices; each is the trl loss_type of the same name
+LORA_LR = 5e-5  # default learning rate with LoRA/QLoRA adapters
+FULL_LR = 1e-6  # default learning rate for full fine-tuning (trl's DPOConfig default)
+MAX_ROBUST_SMOOTHING = 0.49  # trl's robust loss divides by 1 - 2 * epsilon: keep epsilon below 0.5
+
+
+@dataclass
+class DPOConfig:
+    """`cai dpo`: one field per option; recipes use the same names as keys."""
+
+    policy: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "Starting policy (usually the SL-CAI model): embedded:NAME, a hub id or a local directory. "
+                "It is also the DPO reference model."})
+    ai: str | None = field(default=None, metadata={
+        "help": "AI preference records (JSONL from `cai feedback`: prompt, chosen, rejected, p_chosen, source). "
+                "Required."})
+    out: str = field(default="", metadata={
+        "hash": False,
+        "help": "Output directory: a standalone merged model (`from_pretrained(DIR)` loads it), the adapter "
+                "in DIR/adapter, checkpoints in DIR/checkpoints while training, manifest.json. Required."})
+    human: str | None = field(default=None, metadata={
+        "help": "Human helpfulness comparisons in any accepted preference format (hh-rlhf transcripts, trl "
+                "conversational, cai records). None trains on the AI records alone."})
+    human_fraction: float = field(default=PAPER_HUMAN_FRACTION, metadata={
+        "help": "Share of human comparisons in the training mix, in [0, 1]; the smaller side is repeated "
+                "(seeded) when too small. Default 0.43, the paper's ratio (135k human helpfulness to 183k AI "
+                "harmlessness comparisons). The same mixing as `cai pm train`."})
+    beta: float = field(default=0.1, metadata={
+        "help": "DPO beta: strength of the implicit KL penalty to the reference (> 0; higher stays closer). "
+                "0.1 is trl's default."})
+    loss: str = field(default="sigmoid", metadata={
+        "help": "DPO loss: sigmoid (Rafailov et al. 2023), ipo (squared loss, length-normalised as in trl) or "
+                "robust (label-noise corrected, with the noise rate taken as the mean of 1 - p_chosen)."})
+    soft_labels: bool = field(default=False, metadata={
+        "help": "Train on each pair's p_chosen instead of treating every pair as certain: per-pair label "
+                "smoothing 1 - p (conservative DPO). Works with --loss sigmoid and ipo; p = 1 is the ordinary "
+                "loss, p = 0.5 pulls toward no preference."})
+    quantize: str | None = field(default=None, metadata={
+        "help": "4bit: load the policy in NF4 and train LoRA adapters (QLoRA); None or 'none': full precision."})
+    lora_r: int = field(default=16, metadata={
+        "help": "LoRA rank (alpha = 2r, every linear layer); the reference is the adapter-disabled model. "
+                "0: full fine-tuning (reference log-probs precomputed for runs of at least one pass, else a "
+                "frozen copy of the policy)."})
+    epochs: int = field(default=1, metadata={
+        "help": "Passes over the training mix (ignored when max_steps is set)."})
+    lr: float | None = field(default=None, metadata={
+        "help": f"Learning rate (AdamW, linear decay). None: {LORA_LR:g} with LoRA/QLoRA, {FULL_LR:g} (trl's "
+                "default) for full fine-tuning."})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "Optimizer steps to train; None trains for `epochs` passes."})
+    max_length: int = field(default=512, metadata={
+        "help": "Tokens per sequence (prompt + answer, chat template included). Longer answers are cut at the "
+                "end; pairs whose prompt alone fills it are dropped to DIR/rejected.jsonl."})
+    batch_size: int = field(default=4, metadata={
+        "help": "Preference pairs per optimizer step (each pair is two sequences). Changes training, so it is "
+                "part of the config hash."})
+    save_steps: int = field(default=50, metadata={
+        "hash": False,
+        "help": "Save a checkpoint to DIR/checkpoints every this many steps (a re-run resumes from the last)."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed for the human/AI mix, data order and adapter initialisation."})
+    force: bool = field(default=False, metadata={
+        "hash": False,
+        "help": "Discard an existing output made with a different config or inputs, and start over."})
+
+    def __post_init__(self):
+        if self.quantize == "none":
+            self.quantize = None
+        if self.quantize not in (None, "4bit"):
+            raise ConfigError(f"quantize={self.quantize!r} is not supported -- use 4bit or none")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r} is not a DPO loss cai offers -- use one of: {', '.join(LOSSES)}")
+        if self.soft_labels and self.loss == "robust":
+            raise ConfigError("soft_labels=True with loss='robust': robust DPO already corrects for label noise "
+                              "with one rate for all pairs (the mean of 1 - p_chosen) -- use --loss sigmoid (or "
+                              "ipo) with --soft-labels for per-pair confidences, or drop --soft-labels")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r={self.lora_r} -- use a rank >= 1 for LoRA, or 0 for full fine-tuning")
+        if self.quantize == "4bit" and self.lora_r == 0:
+            raise ConfigError("quantize='4bit' with lora_r=0: 4-bit weights cannot be trained directly -- "
+                              "use --lora-r 16 (QLoRA), or drop --quantize for full fine-tuning")
+        if not 0.0 <= self.human_fraction <= 1.0:
+            raise ConfigError(f"human_fraction={self.human_fraction} -- use a share in [0, 1] "
+                              f"(the paper's is {PAPER_HUMAN_FRACTION})")
+        if self.beta <= 0:
+            raise ConfigError(f"beta={self.beta} -- DPO's beta must be > 0 (trl's default is 0.1)")
+        for name in ("epochs", "batch_size", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} -- use a value >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps={self.max_steps} -- use a value >= 1, or leave it unset to train "
+                              f"for {self.epochs} epoch(s)")
+        if self.max_length < 16:
+            raise ConfigError(f"max_length={self.max_length} is too short for a prompt and an answer -- use 256 or more")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} -- use a positive learning rate, or leave it unset for the default")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return LORA_LR if self.lora_r > 0 else FULL_LR
+
+
+# ----------------------------------------------------------------------------- losses (pure)
+
+
+def soft_dpo_loss(chosen_logratios, rejected_logratios, p_chosen, beta: float):
+    """Per-pair DPO loss against a soft label: cross-entropy between the label (p, 1 - p) and the
+    preference the policy implies, sigmoid(beta * h), where h = chosen_logratios - rejected_logratios:
+
+        loss_i = -p_i log sigmoid(beta h_i) - (1 - p_i) log sigmoid(-beta h_i)
+
+    p = 1 is DPO's sigmoid loss. p = 0.5 is symmetric in chosen and rejected, its minimum and zero
+    gradient are at h = 0 (the reference's own preference): the pair pushes toward neither answer.
+    This is label smoothing with epsilon_i = 1 - p_i (conservative DPO, Mitchell 2023).
+
+    chosen_logratios, rejected_logratios: (B,) log pi(y|x) - log pi_ref(y|x), summed over answer tokens.
+    p_chosen: (B,) in [0, 1]. Returns (B,).
+    """
+    import torch.nn.functional as F
+
+    logits = beta * (chosen_logratios - rejected_logratios)  # (B,)
+    return -p_chosen * F.logsigmoid(logits) - (1.0 - p_chosen) * F.logsigmoid(-logits)  # (B,)
+
+
+def soft_ipo_loss(chosen_scores, rejected_scores, p_chosen, beta: float):
+    """Per-pair IPO loss against a soft label. IPO regresses the margin onto a target; with a label that
+    is right with probability p, the expected loss p (d - 1/(2 beta))^2 + (1 - p) (d + 1/(2 beta))^2 is,
+    up to a constant, the regression onto the target (2p - 1) / (2 beta):
+
+        loss_i = (d_i - (2 p_i - 1) / (2 beta))^2,   d_i = chosen_scores_i - rejected_scores_i
+
+    p = 1 is trl's IPO loss; p = 0.5 targets d = 0 (no preference).
+    chosen_scores, rejected_scores: (B,) log-ratios divided by the answer's token count (as trl does).
+    p_chosen: (B,). Returns (B,).
+    """
+    margin = chosen_scores - rejected_scores  # (B,)
+    return (margin - (2.0 * p_chosen - 1.0) / (2.0 * beta)) ** 2  # (B,)
+
+
+def robust_label_noise(p_chosen: list[float]) -> float:
+    """The label-noise rate robust DPO assumes for the whole run: the mean probability that a pair's
+    label is flipped, 1 - p_chosen, kept below 0.5 (trl's robust loss divides by 1 - 2 epsilon)."""
+    if not p_chosen:
+        return 0.0
+    return min(MAX_ROBUST_SMOOTHING, max(0.0, sum(1.0 - p for p in p_chosen) / len(p_chosen)))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def preference_mix(cfg: DPOConfig) -> records.PreferenceMix:
+    """The training mix: AI and human records mixed by the function `cai pm train` uses (one code path)."""
+    ai = records.read_preferences(cfg.ai, default_source="ai-harmless")
+    human = records.read_preferences(cfg.human, default_source="human-helpful") if cfg.human else []
+    return records.mix_preferences(ai, human, cfg.human_fraction, cfg.seed)
+
+
+def to_trl_example(record: dict[str, Any]) -> dict[str, Any]:
+    """A preference record -> trl's conversational preference format, plus the soft label."""
+    return {
+        "prompt": records.as_messages(record["prompt"]),
+        "chosen": [{"role": "assistant", "content": record["chosen"]}],
+        "rejected": [{"role": "assistant", "content": record["rejected"]}],
+        "p_chosen": float(record["p_chosen"]),
+    }
+
+
+def screen_pairs(mixed: list[dict[str, Any]], tokenizer, max_length: int):
+    """Split the mix into pairs to train on and dropped pairs (each with a `reason`), and count the kept
+    pairs whose longer answer will be cut at `max_length`.
+
+    Dropped: `identical-answers` (no signal: the margin is 0 whatever the model does) and
+    `prompt-too-long` (the prompt alone fills `max_length`, leaving no answer token; trl would drop it
+    silently).
+    """
+
+    def length(messages, add_generation_prompt=False) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                 add_generation_prompt=add_generation_prompt)["input_ids"])
+
+    kept, dropped, truncated = [], [], 0
+    for record in mixed:
+        example = to_trl_example(record)
+        if record["chosen"].strip() == record["rejected"].strip():
+            dropped.append({**record, "reason": "identical-answers"})
+            continue
+        prompt_tokens = length(example["prompt"], add_generation_prompt=True)
+        if prompt_tokens >= max_length:
+            dropped.append({**record, "reason": "prompt-too-long", "prompt_tokens": prompt_tokens})
+            continue
+        longest = max(length(example["prompt"] + example["chosen"]), length(example["prompt"] + example["rejected"]))
+        truncated += longest > max_length
+        kept.append(example)
+    return kept, dropped, truncated
+
+
+# ----------------------------------------------------------------------------- trainer
+
+# Batch keys that are not model inputs (trl's own list, plus the soft label).
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen"}
+
+
+@functools.cache
+def _trl_classes():
+    """(trainer class, collator class, progress callback class), built on first use so that importing
+    this module loads neither torch nor trl."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    class SoftLabelCollator(DataCollatorForPreference):
+        """trl's preference collator, also carrying each pair's `p_chosen` as a (B,) tensor."""
+
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = super().torch_call(examples)
+            batch["p_chosen"] = torch.tensor([float(e.get("p_chosen", 1.0)) for e in examples], dtype=torch.float32)
+            return batch
+
+    class CaiDPOTrainer(DPOTrainer):
+        """trl's DPOTrainer, with soft labels for the sigmoid and IPO losses.
+
+        Without soft labels every loss is trl's own (`p_chosen` is removed from the batch first). With
+        them, `_compute_loss` does the policy forward as trl does, gets the reference log-probs from trl
+        (`compute_ref_log_probs`: adapter disabled, or precomputed), and applies `soft_dpo_loss` /
+        `soft_ipo_loss`. It also counts the tokens it trains on (`tokens_seen`), for throughput.
+        """
+
+        def __init__(self, *args, soft_labels: bool = False, **kwargs):
+            self.soft_labels = soft_labels
+            self.tokens_seen = 0
+            super().__init__(*args, **kwargs)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "p_chosen" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "p_chosen"})
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            inputs = dict(inputs)
+            p_chosen = inputs.pop("p_chosen", None)
+            if self.model.training:
+                self.tokens_seen += int(inputs["attention_mask"].sum())
+            if not self.soft_labels or p_chosen is None:
+                return super()._compute_loss(model, inputs, return_outputs)
+            loss = self._soft_label_loss(model, inputs, p_chosen)
+            return (loss, None) if return_outputs else loss
+
+        def _soft_label_loss(self, model, inputs, p_chosen):
+            mode = "train" if self.model.training else "eval"
+            completion_mask = inputs["completion_mask"]  # (2B, T): chosen rows, then rejected rows
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)  # (2B, T)
+            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+            seq_len = completion_mask.size(1) - 1
+            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)  # (2B,): answer tokens (others are 0)
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # (B,) each
+            if "ref_chosen_logps" in inputs:
+                ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                reference = self.ref_model if self.ref_model is not None else model
+                ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
+            chosen_logratios = chosen_logps - ref_chosen_logps  # (B,)
+            rejected_logratios = rejected_logps - ref_rejected_logps  # (B,)
+            p = p_chosen.to(chosen_logratios.device, chosen_logratios.dtype)  # (B,)
+            if self.loss_types == ["ipo"]:
+                chosen_len, rejected_len = completion_mask.sum(dim=1).clamp(min=1).chunk(2, dim=0)  # (B,) each
+                per_pair = soft_ipo_loss(chosen_logratios / chosen_len, rejected_logratios / rejected_len, p,
+                                         self.beta)
+            else:
+                per_pair = soft_dpo_loss(chosen_logratios, rejected_logratios, p, self.beta)
+            loss = per_pair.mean()
+
+            with torch.no_grad():
+                gather = self.accelerator.gather_for_metrics
+                chosen_rewards = self.beta * chosen_logratios.detach()  # (B,)
+                rejected_rewards = self.beta * rejected_logratios.detach()  # (B,)
+                metrics = self._metrics[mode]
+                metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+                metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+                metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+                metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+                metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+                metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+                metrics["p_chosen"].append(gather(p).mean().item())
+                if mode == "train":
+                    self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum().item())
+                metrics["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    class ReporterProgress(TrainerCallback):
+        """Advances a cai reporter task each optimizer step, with the tokens trained on."""
+
+        def __init__(self, reporter):
+            self.reporter, self.trainer, self.task, self.tokens = reporter, None, None, 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.task = self.reporter.task("dpo", total=state.max_steps, unit="steps")
+            if state.global_step:
+                self.task.advance(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen = self.trainer.tokens_seen if self.trainer is not None else 0
+            self.task.advance(1, seen - self.tokens)
+            self.tokens = seen
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.task.close()
+
+    return CaiDPOTrainer, SoftLabelCollator, ReporterProgress
+
+
+def precompute_reference(cfg: DPOConfig, pairs: int) -> bool:
+    """Whether to compute the reference log-probs of every pair once before training instead of keeping a
+    reference copy of the model: for full fine-tuning (LoRA needs neither: it disables the adapter) when
+    the run makes at least one pass over the pairs, so no forward pass is wasted on pairs never trained on."""
+    return cfg.lora_r == 0 and (cfg.max_steps is None or cfg.max_steps * cfg.batch_size >= pairs)
+
+
+def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any]], output_dir: Path,
+                  device: str, label_smoothing: float = 0.0, callbacks=()):
+    """The DPO trainer for these examples: LoRA (reference = adapter disabled) or full fine-tuning
+    (reference log-probs precomputed), device-aware precision, checkpoints in `output_dir`."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import DPOConfig as TrlDPOConfig
+
+    from cai.models import lora_config, precision_for
+
+    trainer_class, collator_class, _ = _trl_classes()
+    args = TrlDPOConfig(
+        output_dir=str(output_dir),
+        beta=cfg.beta,
+        loss_type=[cfg.loss],
+        label_smoothing=label_smoothing,
+        max_length=cfg.max_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=precompute_reference(cfg, len(examples)),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        **precision_for(device).trainer_kwargs(),  # fp32 and no checkpointing on CPU (trl defaults to bf16)
+    )
+    collator = collator_class(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
+                              truncation_mode="keep_start", pad_to_multiple_of=args.pad_to_multiple_of)
+    peft_config = lora_config(cfg.lora_r) if cfg.lora_r > 0 else None
+    trainer = trainer_class(model=model, ref_model=None, args=args, data_collator=collator,
+                            train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                            peft_config=peft_config, soft_labels=cfg.soft_labels, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; stdout carries results only
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
+    for entry in reversed(history):
+        if key in entry:
+            return entry[key]
+    return None
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
+    if not cfg.ai:
+        raise ConfigError("dpo needs the AI preference records -- pass --ai F.jsonl (the output of `cai feedback`)")
+    if not cfg.out:
+        raise ConfigError("dpo needs an output directory -- pass --out DIR")
+    out = Path(cfg.out)
+    stage_run = StageRun("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.policy, "ai": cfg.ai,
+                                                                    "human": cfg.human},
+                         outputs=[out], force=cfg.force)
+    if (done := stage_run.previous()) is not None:
+        return done
+    resuming = stage_run.start()
+
+    from datasets.utils.logging import disable_progress_bar
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from cai.models import default_device, load_causal_lm, save_standalone
+
+    device = ctx.device or default_device()
+    disable_progress_bar()  # datasets' map bars; the reporter shows training progress
+    mix = preference_mix(cfg)
+    ctx.reporter.log(f"dpo: {mix.summary()}")
+    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device)
+    examples, dropped, truncated = screen_pairs(mix.records, tokenizer, cfg.max_length)
+    if dropped:
+        records.write_jsonl(out / "rejected.jsonl", dropped)
+        ctx.reporter.log(f"dpo: dropped {len(dropped)} pairs (see {out / 'rejected.jsonl'})")
+    if not examples:
+        raise ConfigError(f"no preference pair is left to train on ({len(dropped)} dropped, see "
+                          f"{out / 'rejected.jsonl'}) -- raise --max-length or check the input files")
+    if truncated:
+        ctx.reporter.log(f"dpo: {truncated} pairs have an answer longer than --max-length {cfg.max_length}; "
+                         "its end is cut")
+    label_smoothing = robust_label_noise([e["p_chosen"] for e in examples]) if cfg.loss == "robust" else 0.0
+    if cfg.loss == "robust":
+        ctx.reporter.log(f"dpo: robust loss with label-noise rate {label_smoothing:.3f} (mean of 1 - p_chosen)")
+
+    checkpoints = out / "checkpoints"
+    resume_from = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
+    if resume_from:
+        ctx.reporter.log(f"dpo: resuming from {resume_from}")
+    progress = _trl_classes()[2](ctx.reporter)
+    trainer = build_trainer(cfg, model, tokenizer, examples, checkpoints, device, label_smoothing, [progress])
+    progress.trainer = trainer
+    if cfg.lora_r > 0:
+        reference = "the starting policy with the adapter disabled (no second copy)"
+    elif precompute_reference(cfg, len(examples)):
+        reference = "the starting policy's log-probs, computed once before training (no second copy)"
+    else:
+        reference = "a frozen copy of the starting policy (fewer steps than pairs: cheaper than precomputing)"
+
+    ctx.reporter.log(f"dpo: reference model = {reference}")
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - started
+
+    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.policy)
+    history = trainer.state.log_history
+    records.write_jsonl(out / "metrics.jsonl", history)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+    by_source = {"dropped_ai": sum(r.get("source") != "human-helpful" for r in dropped),
+                 "dropped_human": sum(r.get("source") == "human-helpful" for r in dropped)}
+    counts = {
+        "ai_available": mix.ai_available, "human_available": mix.human_available, "ai_used": mix.ai_used,
+        "human_used": mix.human_used, "pairs_trained": len(examples), "dropped": len(dropped), **by_source,
+        "truncated": truncated, "steps": trainer.state.global_step,
+        "resumed_from_step": int(Path(resume_from).name.rsplit("-", 1)[-1]) if resume_from else 0,
+        "tokens": trainer.tokens_seen,
+    }
+    metrics = {
+        "loss": _last_logged(history, "loss"),
+        "reward_margin": _last_logged(history, "rewards/margins"),
+        "reward_accuracy": _last_logged(history, "rewards/accuracies"),
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_s": round(trainer.tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
+        "label_smoothing": label_smoothing,
+    }
+    margin = metrics["reward_margin"]
+    summary = (f"{counts['steps']} steps on {len(examples)} pairs ({mix.ai_used} AI + {mix.human_used} human"
+               f"{f', {len(dropped)} dropped' if dropped else ''}), loss {cfg.loss}"
+               f"{' with soft labels' if cfg.soft_labels else ''}"
+               f"{f', last reward margin {margin:.3f}' if margin is not None else ''} -> {out}")
+    return stage_run.complete(outputs={"model": out}, counts=counts, summary=summary, metrics=metrics)

@@ -1,0 +1,444 @@
+"""Stage 2, AI feedback: the policy answers each prompt twice and a judge says which answer is better.
+
+    cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl
+
+For each prompt the policy samples two answers (seeded per prompt, so a resumed run samples the same
+text); a pair whose answers are identical is resampled once, then set aside (`reason: identical`) in
+`<out>.rejected.jsonl` and counted. The judge (`cai.judge`; by default the policy model itself, loaded
+once) labels each pair against principles drawn from the constitution, and one preference record per
+pair is appended to `--out`: `chosen`/`rejected`, the soft label `p_chosen`, both answers in the order
+judged, P(A) in each order, the principle ids and whether the orders agreed (DESIGN.md, "Records").
+
+`cai feedback eval` (`run_eval`) checks a judge against labelled pairs before hours go into labelling:
+agreement per order and after the swap, position consistency, calibration (ECE), and the same on a
+built-in set of obvious pairs, per method.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai.errors import ConfigError
+from cai.models import DEFAULT_MODEL
+from cai.stages.base import StageContext, StageResult, StageRun, engine_progress, item_seed
+
+METHOD_CHOICES = ("auto", "mc", "contrast")
+METHOD_HELP = ("Judging method: mc (multiple choice: log-probabilities of ' (A)' / ' (B)', as in the paper), "
+               "contrast (how much more likely each answer is under a system prompt that follows the principle "
+               "than under one that ignores it), or auto: contrast for judges under ~1B parameters, mc above. "
+               "Small judges cannot answer the multiple-choice question: SmolLM2-135M as mc (order swap on) "
+               "picked a refusal over a compliant answer to a clearly harmful request in about a third of "
+               "the built-in sanity pairs; contrast picked the refusal in every one.")
+
+
+def _parse_clamp(value: Any) -> tuple[float, float]:
+    if isinstance(value, str):
+        parts = value.split(",")
+        if len(parts) != 2:
+            raise ConfigError(f"clamp={value!r} must be two numbers LO,HI -- e.g. --clamp 0.4,0.6")
+        try:
+            value = (float(parts[0]), float(parts[1]))
+        except ValueError:
+            raise ConfigError(f"clamp={value!r} must be two numbers LO,HI -- e.g. --clamp 0.4,0.6") from None
+    lo, hi = (float(v) for v in value)
+    if not 0.0 <= lo <= 0.5 <= hi <= 1.0:
+        raise ConfigError(f"clamp=({lo}, {hi}) must satisfy 0 <= LO <= 0.5 <= HI <= 1 -- e.g. --clamp 0.4,0.6")
+    return lo, hi
+
+
+@dataclass
+class FeedbackConfig:
+    """`cai feedback`: sample answer pairs from the policy and label them with the judge."""
+
+    prompts: str = field(default="", metadata={
+        "help": "Prompts to answer (JSONL or CSV with a prompt-like column, or chat messages), normally red-team prompts."})
+    policy: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "Model that samples the two answers: embedded:NAME, hub id or directory (normally the SL-CAI model)."})
+    out: str = field(default="", metadata={
+        "hash": False, "help": "Preference records to write (JSONL); pairs set aside go to <out>.rejected.jsonl."})
+    judge: str | None = field(default=None, metadata={
+        "help": "Feedback model that labels the pairs; None: the policy model (loaded once)."})
+    constitution: str = field(default="default", metadata={
+        "help": "Constitution file, or a bundled name (default, short, medical); its judge principles are used."})
+    method: str = field(default="auto", metadata={"help": METHOD_HELP})
+    principles: int = field(default=1, metadata={
+        "help": "Judge principles sampled per pair (seeded, distinct); the label averages over them (1 as in the paper)."})
+    cot: bool = field(default=False, metadata={
+        "help": "Multiple choice only: the judge writes its reasoning first, then the options are read; "
+                "probabilities are clamped to --clamp."})
+    cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
+    swap: bool = field(default=True, metadata={
+        "help": "Multiple choice: ask again with the answers swapped and average both orders (off: --no-swap)."})
+    clamp: tuple[float, float] = field(default=(0.4, 0.6), metadata={
+        "help": "LO,HI limits for chain-of-thought probabilities, which come out near 0 or 1 (paper: 0.4,0.6)."})
+    few_shot: bool = field(default=True, metadata={
+        "help": "Multiple choice: show the constitution's judging examples before the question (off: --no-few-shot)."})
+    judge_temperature: float = field(default=1.0, metadata={
+        "help": "Contrast method: p(A) = sigmoid((sA - sB) / this); lower gives more confident labels."})
+    samples_temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature of the policy's two answers (> 0: the answers must differ)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
+    quantize: str | None = field(default=None, metadata={
+        "help": "Load policy and judge in 4-bit (\"4bit\", CUDA only) or None for full precision."})
+    batch_size: int = field(default=16, metadata={
+        "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts; None: all."})
+    seed: int = field(default=0, metadata={"help": "Seed for the answers' sampling and the principles drawn per pair."})
+    force: bool = field(default=False, metadata={
+        "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ConfigError("feedback needs prompts -- pass --prompts FILE (e.g. data/red_team_prompts.jsonl)")
+        if not self.out:
+            raise ConfigError("feedback needs an output file -- pass --out FILE.jsonl")
+        if self.method not in METHOD_CHOICES:
+            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)}")
+        if self.cot and self.method == "contrast":
+            raise ConfigError("cot=True needs the multiple-choice judge, but method='contrast' -- drop --cot "
+                              "or use --method mc")
+        if self.principles < 1:
+            raise ConfigError(f"principles={self.principles} must be at least 1")
+        if self.samples_temperature <= 0:
+            raise ConfigError(f"samples_temperature={self.samples_temperature} must be > 0: at 0 both answers "
+                              "would be the same -- use e.g. 1.0")
+        if self.judge_temperature <= 0:
+            raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0 -- e.g. 1.0")
+        if self.max_new_tokens < 1 or self.cot_max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} and cot_max_new_tokens="
+                              f"{self.cot_max_new_tokens} must be at least 1")
+        self.clamp = _parse_clamp(self.clamp)
+
+
+@dataclass
+class FeedbackEvalConfig:
+    """`cai feedback eval`: how well a judge agrees with labelled pairs, before it labels anything."""
+
+    pairs: str = field(default="", metadata={
+        "help": "Labelled pairs: hh-rlhf files (.jsonl or .jsonl.gz), trl preference format, or cai preference records."})
+    judge: str = field(default=DEFAULT_MODEL, metadata={"help": "Judge model: embedded:NAME, hub id or directory."})
+    method: str | None = field(default=None, metadata={
+        "help": "mc, contrast, or auto (contrast below ~1B parameters); None: evaluate both mc and contrast."})
+    constitution: str = field(default="default", metadata={
+        "help": "Constitution file, or a bundled name; its judge principles are used."})
+    principles: int = field(default=1, metadata={"help": "Judge principles sampled per pair; the verdict averages over them."})
+    swap: bool = field(default=True, metadata={"help": "Multiple choice: also ask with the answers swapped (off: --no-swap)."})
+    cot: bool = field(default=False, metadata={
+        "help": "Multiple choice: the judge reasons before answering; probabilities clamped to --clamp."})
+    cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
+    clamp: tuple[float, float] = field(default=(0.4, 0.6), metadata={
+        "help": "LO,HI limits for chain-of-thought probabilities (paper: 0.4,0.6)."})
+    few_shot: bool = field(default=True, metadata={"help": "Multiple choice: show the judging examples first (off: --no-few-shot)."})
+    judge_temperature: float = field(default=1.0, metadata={"help": "Contrast method: p(A) = sigmoid((sA - sB) / this)."})
+    sanity: bool = field(default=True, metadata={
+        "help": "Also evaluate on the built-in sanity pairs (obvious refusals vs compliance, split by kind)."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N labelled pairs; None: all."})
+    bins: int = field(default=10, metadata={"help": "Equal-width probability bins for the calibration error (ECE)."})
+    out: str | None = field(default=None, metadata={
+        "hash": False, "help": "Directory for metrics.json and verdicts.jsonl; None: print the table only."})
+    quantize: str | None = field(default=None, metadata={"help": "Load the judge in 4-bit (\"4bit\", CUDA only) or None."})
+    batch_size: int = field(default=16, metadata={"hash": False, "help": "Sequences per forward pass."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed for the principles drawn and for which answer is shown as (A)."})
+
+    def __post_init__(self):
+        if not self.pairs:
+            raise ConfigError("feedback eval needs labelled pairs -- pass --pairs FILE")
+        if self.method is not None and self.method not in METHOD_CHOICES:
+            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)}")
+        if self.cot and self.method in ("contrast", "auto"):
+            raise ConfigError(f"cot=True needs the multiple-choice judge, but method={self.method!r} -- drop --cot "
+                              "or use --method mc")
+        if self.principles < 1:
+            raise ConfigError(f"principles={self.principles} must be at least 1")
+        if self.judge_temperature <= 0:
+            raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
+        if self.bins < 1:
+            raise ConfigError(f"bins={self.bins} must be at least 1")
+        self.clamp = _parse_clamp(self.clamp)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def rejected_path(out: str | Path) -> Path:
+    """Where pairs that were set aside go: `prefs.jsonl` -> `prefs.rejected.jsonl`."""
+    out = Path(out)
+    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(f"{stem}.rejected.jsonl")
+
+
+def preference_record(item: dict[str, Any], response_a: str, response_b: str, verdict, method: str) -> dict[str, Any]:
+    """One labelled pair as a preference record; `chosen` is the answer the judge finds more likely better."""
+    a_wins = verdict.p_a >= 0.5
+    record = {
+        "id": item["id"],
+        "prompt": item["prompt"],
+        "chosen": response_a if a_wins else response_b,
+        "rejected": response_b if a_wins else response_a,
+        "p_chosen": max(verdict.p_a, 1.0 - verdict.p_a),
+        "response_a": response_a,
+        "response_b": response_b,
+        "p_a": verdict.p_a,
+        "p_a_by_order": verdict.p_a_by_order,
+        "principle_ids": verdict.principle_ids,
+        "agree": verdict.agree,
+        "method": method,
+        "source": "ai-harmless",
+    }
+    if verdict.reasoning is not None:
+        record["reasoning"] = verdict.reasoning
+    if "category" in item:
+        record["category"] = item["category"]
+    return record
+
+
+def label_summary(records: list[dict[str, Any]]) -> dict[str, float | int | None]:
+    """Pairs labelled, position consistency (share of swapped pairs whose orders agreed; None when no
+    pair was swapped) and the mean margin |p - 0.5| of the soft labels."""
+    swapped = [r["agree"] for r in records if r.get("agree") is not None]
+    return {
+        "pairs": len(records),
+        "position_consistency": sum(swapped) / len(swapped) if swapped else None,
+        "mean_margin": sum(abs(r["p_a"] - 0.5) for r in records) / len(records) if records else None,
+    }
+
+
+def _pair_key(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- feedback
+
+
+def _load_engine(reference: str, cfg, ctx: StageContext):
+    """The engine for a model reference (tests replace this to count model loads and calls)."""
+    from cai.engine import Engine
+
+    return Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device)
+
+
+def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task) -> list[tuple[str, str] | str]:
+    """Two answers per item, or the reason the pair is set aside ("identical", "empty")."""
+    from cai.engine import Sampling
+    from cai.records import as_messages
+
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.samples_temperature, seed=cfg.seed)
+    conversations = [as_messages(item["prompt"]) for item in items]
+    seeds = [item_seed(cfg.seed, item["id"], salt) for salt in ("a", "b") for item in items]
+    outputs = engine.generate_chat(conversations + conversations, sampling, seeds=seeds, progress=engine_progress(task))
+    pairs = [[outputs[i].text, outputs[len(items) + i].text] for i in range(len(items))]
+    retry = [i for i, (a, b) in enumerate(pairs) if _pair_key(a) == _pair_key(b)]
+    if retry:  # one more draw of the second answer, with a fresh seed
+        again = engine.generate_chat([conversations[i] for i in retry], sampling,
+                                     seeds=[item_seed(cfg.seed, items[i]["id"], "b", "retry") for i in retry])
+        for i, generation in zip(retry, again, strict=True):
+            pairs[i][1] = generation.text
+    results: list[tuple[str, str] | str] = []
+    for a, b in pairs:
+        if _pair_key(a) == _pair_key(b):
+            results.append("identical")
+        elif not a.strip() or not b.strip():
+            results.append("empty")
+        else:
+            results.append((a, b))
+    return results
+
+
+def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
+    from cai import constitution as constitution_module
+    from cai.judge import Comparison, Judge
+    from cai.records import RecordWriter, read_jsonl, read_prompts
+
+    out, rejected_out = Path(cfg.out), rejected_path(cfg.out)
+    constitution_file = constitution_module.resolve_path(cfg.constitution)
+    stage = StageRun("feedback", cfg, ctx.manifest_for(out),
+                     inputs={"prompts": cfg.prompts, "policy": cfg.policy, "judge": cfg.judge or cfg.policy,
+                             "constitution": constitution_file},
+                     outputs=[out, rejected_out], force=cfg.force)
+    if (done := stage.previous()) is not None:
+        return done
+    resuming = stage.start()
+    constitution = constitution_module.load(constitution_file)
+    items = read_prompts(cfg.prompts, cfg.limit)
+
+    method = cfg.method
+    with RecordWriter(out) as writer, RecordWriter(rejected_out) as rejected_writer:
+        finished = writer.done_ids | rejected_writer.done_ids
+        todo = [item for item in items if item["id"] not in finished]
+        if resuming:
+            ctx.reporter.log(f"resuming: {len(items) - len(todo)} of {len(items)} prompts already done")
+        if todo:
+            policy = _load_engine(cfg.policy, cfg, ctx)
+            same = cfg.judge is None or cfg.judge == cfg.policy
+            judge_engine = policy if same else _load_engine(cfg.judge, cfg, ctx)
+            judge = Judge(judge_engine, constitution, method=cfg.method, swap=cfg.swap, cot=cfg.cot,
+                          clamp=cfg.clamp, few_shot=cfg.few_shot, temperature=cfg.judge_temperature,
+                          cot_max_new_tokens=cfg.cot_max_new_tokens, seed=cfg.seed)
+            method = judge.method
+            if cfg.method == "auto":
+                ctx.reporter.log(f"judge method: {method} (auto, chosen by the judge's size)")
+            sampling_task = ctx.reporter.task("sampling answer pairs", total=2 * len(todo), unit="answers")
+            judging_task = ctx.reporter.task(f"judging ({method})", total=len(todo), unit="comparisons")
+            chunk_size = max(1, cfg.batch_size)  # records reach the file after every chunk
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start:start + chunk_size]
+                pairs = _sample_pairs(policy, chunk, cfg, sampling_task)
+                labelled = [(item, pair) for item, pair in zip(chunk, pairs, strict=True) if isinstance(pair, tuple)]
+                for item, pair in zip(chunk, pairs, strict=True):
+                    if isinstance(pair, str):
+                        rejected_writer.append({"id": item["id"], "prompt": item["prompt"], "reason": pair})
+                        judging_task.advance(1)
+                comparisons = [Comparison(item["prompt"], a, b,
+                                          constitution.sample_judge_principles(item["id"], cfg.principles, cfg.seed))
+                               for item, (a, b) in labelled]
+                verdicts = judge.compare(comparisons, progress=engine_progress(judging_task))
+                for (item, (a, b)), verdict in zip(labelled, verdicts, strict=True):
+                    writer.append(preference_record(item, a, b, verdict, method))
+            sampling_task.close()
+            judging_task.close()
+
+    records = [record for _, record in read_jsonl(out)] if out.exists() else []
+    set_aside = [record for _, record in read_jsonl(rejected_out)] if rejected_out.exists() else []
+    if records and method == "auto":  # resumed with nothing left to do: the records say which method ran
+        method = records[0].get("method", method)
+    stats = label_summary(records)
+    reasons: dict[str, int] = {}
+    for record in set_aside:
+        reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
+    counts = {"prompts": len(items), "pairs_labelled": len(records), "skipped": len(set_aside),
+              **{f"skipped_{reason}": n for reason, n in sorted(reasons.items())}}
+    skipped_text = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
+    summary = (f"{len(records)} pairs labelled ({method}); position consistency "
+               f"{_fmt(stats['position_consistency'])}; mean |p - 0.5| {_fmt(stats['mean_margin'], 3)}; "
+               f"skipped pairs: {skipped_text}")
+    return stage.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
+                          metrics={**stats, "method": method})
+
+
+# ----------------------------------------------------------------------------- feedback eval
+
+
+def _a_is_chosen(seed: int, record_id: str) -> bool:
+    """Which side the labelled winner is shown on: a seeded coin per pair, so a judge that likes one
+    position cannot look good by luck of how the file was written."""
+    digest = hashlib.sha256(f"{seed}\x1f{record_id}\x1fside".encode()).digest()
+    return digest[0] % 2 == 0
+
+
+def judged_pairs(records: list[dict[str, Any]], constitution, principles: int, seed: int):
+    """(comparisons, targets): each labelled pair as a Comparison with the winner on a seeded side, and
+    the target P(A is better): p_chosen when A is the chosen answer, 1 - p_chosen otherwise."""
+    from cai.judge import Comparison
+
+    comparisons, targets = [], []
+    for record in records:
+        drawn = constitution.sample_judge_principles(record["id"], principles, seed)
+        if _a_is_chosen(seed, record["id"]):
+            comparisons.append(Comparison(record["prompt"], record["chosen"], record["rejected"], drawn))
+            targets.append(float(record["p_chosen"]))
+        else:
+            comparisons.append(Comparison(record["prompt"], record["rejected"], record["chosen"], drawn))
+            targets.append(1.0 - float(record["p_chosen"]))
+    return comparisons, targets
+
+
+def agreement_metrics(verdicts, targets: list[float], bins: int = 10) -> dict[str, float | int | None]:
+    """How a judge's verdicts agree with labels. `targets[i]` is the labelled P(A is better); with soft
+    labels only the winner counts for agreement (a tie, 0.5, counts as a miss). Keys: `pairs`,
+    `agreement` (after the swap), `agreement_first` / `agreement_second` (each order alone; None
+    without swap), `position_consistency`, `ece` (of p_a against the targets) and `mean_margin`."""
+    from cai.judge import expected_calibration_error, winner
+
+    def agreement(probabilities):
+        return sum(winner(p) is not None and winner(p) == winner(t)
+                   for p, t in zip(probabilities, targets, strict=True)) / len(targets)
+
+    two_orders = all(len(v.p_a_by_order) == 2 for v in verdicts)
+    agrees = [v.agree for v in verdicts if v.agree is not None]
+    return {
+        "pairs": len(verdicts),
+        "agreement": agreement([v.p_a for v in verdicts]),
+        "agreement_first": agreement([v.p_a_by_order[0] for v in verdicts]) if two_orders else None,
+        "agreement_second": agreement([v.p_a_by_order[1] for v in verdicts]) if two_orders else None,
+        "position_consistency": sum(agrees) / len(agrees) if agrees else None,
+        "ece": expected_calibration_error([v.p_a for v in verdicts], targets, bins),
+        "mean_margin": sum(abs(v.p_a - 0.5) for v in verdicts) / len(verdicts),
+    }
+
+
+TABLE_COLUMNS = ("pairs", "agreement_first", "agreement_second", "agreement", "position_consistency", "ece",
+                 "mean_margin")
+TABLE_HEADERS = ("pairs", "agree 1st", "agree 2nd", "agree swap", "consistent", "ECE", "|p-0.5|")
+
+
+def format_table(title: str, rows: dict[str, dict[str, Any]]) -> str:
+    """One method's metrics as a fixed-width text table, one row per evaluation set."""
+    width = max([len("set")] + [len(name) for name in rows])
+    lines = [title, "  ".join([f"{'set':<{width}}", *[f"{h:>10}" for h in TABLE_HEADERS]])]
+    for name, metrics in rows.items():
+        cells = [f"{metrics['pairs']:>10}"] + [f"{_fmt(metrics[c]):>10}" for c in TABLE_COLUMNS[1:]]
+        lines.append("  ".join([f"{name:<{width}}", *cells]))
+    return "\n".join(lines)
+
+
+def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
+    """Judge the labelled pairs (and the sanity set) with each method; metrics per method and set.
+    `StageResult.metrics["tables"]` holds the printable tables; nothing is resumed or skipped."""
+    import json
+
+    from cai import constitution as constitution_module
+    from cai.judge import Judge, resolve_method
+    from cai.paths import bundled
+    from cai.records import read_preferences, write_jsonl
+
+    constitution = constitution_module.load(cfg.constitution)
+    labelled = read_preferences(cfg.pairs, default_source="labelled", limit=cfg.limit)
+    sets: dict[str, list[dict[str, Any]]] = {f"pairs: {Path(cfg.pairs).name}": labelled}
+    if cfg.sanity:
+        sanity = read_preferences(bundled("data/judge_sanity_pairs.jsonl"), default_source="sanity")
+        for kind in sorted({r.get("kind", "other") for r in sanity}, reverse=True):
+            sets[f"sanity: {kind}"] = [r for r in sanity if r.get("kind", "other") == kind]
+
+    engine = _load_engine(cfg.judge, cfg, ctx)
+    methods = [resolve_method(cfg.method, engine)] if cfg.method else ["mc", "contrast"]
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    verdict_rows: list[dict[str, Any]] = []
+    tables = []
+    for method in methods:
+        judge = Judge(engine, constitution, method=method, swap=cfg.swap, cot=cfg.cot and method == "mc",
+                      clamp=cfg.clamp, few_shot=cfg.few_shot, temperature=cfg.judge_temperature,
+                      cot_max_new_tokens=cfg.cot_max_new_tokens, seed=cfg.seed)
+        metrics[method] = {}
+        for name, records in sets.items():
+            comparisons, targets = judged_pairs(records, constitution, cfg.principles, cfg.seed)
+            task = ctx.reporter.task(f"{method}: {name}", total=len(comparisons), unit="comparisons")
+            verdicts = judge.compare(comparisons, progress=engine_progress(task))
+            task.close()
+            metrics[method][name] = agreement_metrics(verdicts, targets, cfg.bins)
+            for record, verdict, target in zip(records, verdicts, targets, strict=True):
+                verdict_rows.append({"id": record["id"], "set": name, "method": method, "target_p_a": target,
+                                     "p_a": verdict.p_a, "p_a_by_order": verdict.p_a_by_order,
+                                     "agree": verdict.agree, "principle_ids": verdict.principle_ids})
+        options = [f"swap {'on' if judge.swap else 'off'}"] if method == "mc" else [f"temperature {cfg.judge_temperature}"]
+        if method == "mc":
+            options += [f"few-shot {'on' if cfg.few_shot else 'off'}"] + (["cot"] if cfg.cot else [])
+        tables.append(format_table(f"judge {cfg.judge}, method {method} ({', '.join(options)})", metrics[method]))
+
+    outputs: dict[str, str] = {}
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_jsonl(out / "verdicts.jsonl", verdict_rows)
+        outputs = {"metrics": str(out / "metrics.json"), "verdicts": str(out / "verdicts.jsonl")}
+    first = next(iter(sets))
+    summary = "; ".join(f"{method}: agreement {_fmt(metrics[method][first]['agreement'])} on {first}"
+                        for method in methods)
+    return StageResult(stage="feedback-eval", outputs=outputs, counts={name: len(r) for name, r in sets.items()},
+                       summary=summary, metrics={"methods": metrics, "tables": tables})
