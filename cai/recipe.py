@@ -100,8 +100,9 @@ STAGES: tuple[StageSpec, ...] = (
               {"prompts": "data.red_team", "model": "model", "constitution": "constitution"}),
     StageSpec("sft", "2-sft", "cai.stages.sft", "model",
               {"data": "out.critique", "model": "model", "helpful": "data.helpful"}),
-    StageSpec("feedback", "3-feedback", "cai.stages.feedback", "prefs.jsonl",
-              {"prompts": "data.red_team", "policy": "out.sft", "judge": "judge", "constitution": "constitution"}),
+    StageSpec("feedback", "3-feedback", "cai.stages.feedback", "prefs.jsonl", config="FeedbackConfig",
+              wiring={"prompts": "data.red_team", "policy": "out.sft", "judge": "judge",
+                      "constitution": "constitution"}),
     StageSpec("pm", "4-pm", "cai.stages.pm", "", product="model", config="PMTrainConfig", function="run_train",
               wiring={"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
     StageSpec("rl", "5-rl", "cai.stages.rl", "", product="model",
@@ -771,5 +772,5 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append("harmlessness Elo (judge): " + ", ".join(f"{label} {elo[label]:.0f}" for label in labels
                                                                if label in elo))
     else:
-        lines.append("harmlessness Elo: n/a (no judge)")
+        lines.append("harmlessness Elo: n/a (no judge, or no comparison it could judge)")
     return lines

@@ -59,7 +59,10 @@ def test_every_stage_writes_its_outputs(smoke):
     for model_dir in ("2-sft/model", "4-pm/model", "5-rl/model"):
         assert (run_dir / model_dir / "config.json").exists(), model_dir
     metrics = json.loads((run_dir / "6-eval" / "metrics.json").read_text())
-    assert metrics["labels"] == ["base", "sl", "rl"] and set(metrics["elo"]) == {"base", "sl", "rl"}
+    assert metrics["labels"] == ["base", "sl", "rl"]
+    judgments = [r for _, r in read_jsonl(run_dir / "6-eval" / "judgments.jsonl")]
+    limit = yaml.safe_load(SMOKE.read_text())["eval"]["limit"]
+    assert len(judgments) == 3 * limit + 3 * 2 * limit  # vs the refusal, then 3 pairs on both prompt kinds
     assert metrics["models"]["rl"]["pm_score_harmful"] is not None
     report = Path(smoke["data"]["report"])
     assert report == (run_dir / "6-eval" / "report.html").resolve() and report.exists()
@@ -81,8 +84,6 @@ def test_changing_an_option_reruns_that_stage_and_later_ones(smoke):
     data, _ = cai("--set", f"rl.max_steps={max_steps + 1}", runs_dir=smoke["runs_dir"])
     ran = [s["stage"] for s in data["stages"] if not s["skipped"]]
     assert ran == ["rl", "eval"]
-    data, _ = cai(runs_dir=smoke["runs_dir"])  # back to the recipe as written: rl and eval again
-    assert [s["stage"] for s in data["stages"] if not s["skipped"]] == ["rl", "eval"]
 
 
 def test_unknown_key_fails_naming_file_and_line(tmp_path):
@@ -98,7 +99,9 @@ def test_unknown_key_fails_naming_file_and_line(tmp_path):
 
 def test_killed_run_resumes_without_duplicates(tmp_path):
     records = tmp_path / "smoke" / "1-critique" / "records.jsonl"
-    command = [sys.executable, "-m", "cai", "run", str(SMOKE), "--runs-dir", str(tmp_path)]
+    # Critique alone: the kill lands in it, and the re-run has only it to finish.
+    command = [sys.executable, "-m", "cai", "run", str(SMOKE), "--runs-dir", str(tmp_path), "--set",
+               "stages=[critique]"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 300
@@ -115,5 +118,5 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     ids = [r["id"] for _, r in read_jsonl(records)]
     assert len(ids) == len(set(ids)) and len(ids) >= kept
-    for spec in STAGES:
-        assert json.loads((tmp_path / "smoke" / spec.directory / "manifest.json").read_text())["status"] == "complete"
+    assert len(ids) == yaml.safe_load(SMOKE.read_text())["critique"]["limit"]
+    assert json.loads((tmp_path / "smoke" / "1-critique" / "manifest.json").read_text())["status"] == "complete"

@@ -128,13 +128,6 @@ def test_summarize_and_win_matrix():
 
 
 @pytest.fixture(scope="module")
-def second_tiny_model(tmp_path_factory):
-    from cai.models import TinyModelSpec, build_tiny_random
-
-    return str(build_tiny_random(tmp_path_factory.mktemp("tiny2") / "model", TinyModelSpec(seed=1)))
-
-
-@pytest.fixture(scope="module")
 def tiny_pm(tmp_path_factory, tiny_model_dir):
     from cai.models import load_sequence_classifier
 
@@ -146,9 +139,35 @@ def tiny_pm(tmp_path_factory, tiny_model_dir):
 
 
 def prompt_file(path, prefix, n):
-    path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "prompt": f"question number {i} about things"}) + "\n"
+    path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "prompt": f"{prefix}: question number {i}"}) + "\n"
                             for i in range(n)))
     return str(path)
+
+
+REFUSAL = "I'm sorry, but I can't help with that."
+COMPLIANCE = "Sure! Here is exactly how to do it, step by step: first gather everything, then begin."
+
+
+class FakeEngine:
+    """Answers by rule: `refuser` declines harmful prompts ("h: ...") and answers benign ones briefly;
+    `complier` answers everything at length. Counts the prompts it was asked."""
+
+    asked = 0
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    @classmethod
+    def from_reference(cls, reference, **kwargs):
+        return cls(reference)
+
+    def generate_chat(self, conversations, sampling, seeds=None, progress=None):
+        from cai.engine import Generation
+
+        FakeEngine.asked += len(conversations)
+        texts = [REFUSAL if self.reference == "refuser" and c[-1]["content"].startswith("h:") else
+                 "Sure, briefly: yes." if self.reference == "refuser" else COMPLIANCE for c in conversations]
+        return [Generation(text=t, num_tokens=len(t.split()), finished=True) for t in texts]
 
 
 class StubJudge:
@@ -158,6 +177,7 @@ class StubJudge:
         self.calls = 0
 
     def __call__(self, items):
+        assert all(a.strip() and b.strip() for _, a, b, _ in items), "an empty answer reached the judge"
         self.calls += len(items)
         return [0.5 if len(a) == len(b) else 0.8 if len(a) < len(b) else 0.2 for _, a, b, _ in items]
 
@@ -175,42 +195,76 @@ def eval_config(tmp_path, models, **kw):
                       judge="stub", max_new_tokens=8, batch_size=2, **kw)
 
 
-def test_eval_run_writes_answers_metrics_and_report(tmp_path, tiny_model_dir, second_tiny_model, tiny_pm,
-                                                    stub_judge, monkeypatch):
-    cfg = eval_config(tmp_path, [f"base={tiny_model_dir}", f"other={second_tiny_model}"], pm=tiny_pm)
+def test_eval_run_writes_answers_metrics_and_report(tmp_path, tiny_pm, stub_judge, monkeypatch):
+    import cai.engine
+
+    monkeypatch.setattr(cai.engine, "Engine", FakeEngine)
+    FakeEngine.asked = 0
+    cfg = eval_config(tmp_path, ["base=refuser", "rl=complier"], pm=tiny_pm)
     result = evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
     out = tmp_path / "eval"
     answers = [r for _, r in read_jsonl(out / "answers.jsonl")]
-    assert len(answers) == 2 * (4 + 3) and len({a["id"] for a in answers}) == len(answers)
+    assert len(answers) == 2 * (4 + 3) == FakeEngine.asked and len({a["id"] for a in answers}) == len(answers)
     judgments = [r for _, r in read_jsonl(out / "judgments.jsonl")]
     assert len(judgments) == 2 * 4 + (4 + 3)  # each model vs the refusal on harmful, one pair on both kinds
     assert stub_judge.calls == len(judgments)
     pm_scores = [r for _, r in read_jsonl(out / "pm_scores.jsonl")]
     assert len(pm_scores) == len(answers) and all(math.isfinite(s["score"]) for s in pm_scores)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["labels"] == ["base", "other"]
-    assert set(metrics["elo"]) == {"base", "other"} and set(metrics["elo_benign"]) == {"base", "other"}
-    assert metrics["models"]["base"]["pm_score_benign"] is not None
+    base, rl = metrics["models"]["base"], metrics["models"]["rl"]
+    assert metrics["labels"] == ["base", "rl"]
+    assert (base["harmful_refusal_rate"], base["benign_refusal_rate"]) == (1.0, 0.0)
+    assert (rl["harmful_refusal_rate"], rl["benign_refusal_rate"]) == (0.0, 0.0)
+    # The stub judge prefers the shorter answer with p = 0.8: the refusal beats the compliance every time,
+    # and ties with the reference refusal.
+    assert base["judge_vs_refusal"] == 0.5 and rl["judge_vs_refusal"] == pytest.approx(0.2)
+    assert metrics["win_rates_harmful"]["base"]["rl"] == pytest.approx(0.8)
+    gap = 400 * math.log10((4 * 0.8 + 0.5) / (4 * 0.2 + 0.5))  # Bradley-Terry with the 0.5 prior
+    assert metrics["elo"]["base"] - metrics["elo"]["rl"] == pytest.approx(gap, abs=0.2)
+    assert base["pm_score_benign"] is not None
     for name in ("report.html", "report.md", "pareto.png", "elo.png"):
         assert (out / name).exists(), name
     assert result.outputs["report_html"].endswith("report.html") and result.counts["answers"] == 14
 
     # A second run does no work: no model is loaded, the judge is not asked.
-    import cai.engine
-
     def fail(*args, **kwargs):
         raise AssertionError("a finished eval loaded a model")
 
-    monkeypatch.setattr(cai.engine.Engine, "from_reference", fail)
+    monkeypatch.setattr(FakeEngine, "from_reference", fail)
+    calls = stub_judge.calls
     again = evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
-    assert again.skipped and stub_judge.calls == len(judgments)
+    assert again.skipped and stub_judge.calls == calls
 
 
-def test_eval_resumes_after_a_kill(tmp_path, tiny_model_dir, second_tiny_model, stub_judge, monkeypatch):
+def test_empty_answers_are_not_judged(tmp_path, stub_judge, monkeypatch):
     import cai.engine
 
-    cfg = eval_config(tmp_path, [f"base={tiny_model_dir}", f"other={second_tiny_model}"])
-    real = cai.engine.Engine.generate_chat
+    class Silent(FakeEngine):
+        def generate_chat(self, conversations, *args, **kwargs):
+            from cai.engine import Generation
+
+            if self.reference == "silent":
+                return [Generation(text="", num_tokens=1, finished=True) for _ in conversations]
+            return super().generate_chat(conversations, *args, **kwargs)
+
+    monkeypatch.setattr(cai.engine, "Engine", Silent)
+    cfg = eval_config(tmp_path, ["a=silent", "b=complier"])
+    result = evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
+    judgments = [r for _, r in read_jsonl(tmp_path / "eval" / "judgments.jsonl")]
+    dropped = [j for j in judgments if j["p_a"] is None]
+    assert len(dropped) == 4 + 4 + 3  # a vs the refusal (4) and every a-b pair (4 + 3)
+    assert all(j["dropped"] == "empty-answer" for j in dropped) and stub_judge.calls == len(judgments) - len(dropped)
+    assert result.counts["judgments_dropped/empty-answer"] == len(dropped)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["models"]["a"]["harmful_refusal_rate"] == 1.0 and "elo" not in metrics
+
+
+def test_eval_resumes_after_a_kill(tmp_path, stub_judge, monkeypatch):
+    import cai.engine
+
+    monkeypatch.setattr(cai.engine, "Engine", FakeEngine)
+    cfg = eval_config(tmp_path, ["base=refuser", "rl=complier"])
+    real = FakeEngine.generate_chat
     calls = {"n": 0}
 
     def dies_on_third_batch(self, *args, **kwargs):
@@ -219,17 +273,17 @@ def test_eval_resumes_after_a_kill(tmp_path, tiny_model_dir, second_tiny_model, 
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(cai.engine.Engine, "generate_chat", dies_on_third_batch)
+    monkeypatch.setattr(FakeEngine, "generate_chat", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
     answers_path = tmp_path / "eval" / "answers.jsonl"
     assert len(list(read_jsonl(answers_path))) == 4  # two batches of two
-    first = {r["id"]: r["answer"] for _, r in read_jsonl(answers_path)}
-    monkeypatch.setattr(cai.engine.Engine, "generate_chat", real)
+    monkeypatch.setattr(FakeEngine, "generate_chat", real)
+    FakeEngine.asked = 0
     evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
     answers = [r for _, r in read_jsonl(answers_path)]
     assert len(answers) == 14 and len({a["id"] for a in answers}) == 14
-    assert all(first[a["id"]] == a["answer"] for a in answers if a["id"] in first)
+    assert FakeEngine.asked == 14 - 4  # only what was missing
 
 
 def test_eval_without_judge(tmp_path, tiny_model_dir):

@@ -180,7 +180,7 @@ def win_matrix(labels: list[str], judgments: list[dict[str, Any]], prompt_kind: 
     index = {label: i for i, label in enumerate(labels)}
     wins = [[0.0] * len(labels) for _ in labels]
     for record in judgments:
-        if record["type"] != "pair" or record["prompt_kind"] != prompt_kind:
+        if record["type"] != "pair" or record["prompt_kind"] != prompt_kind or record["p_a"] is None:
             continue
         if record["a"] not in index or record["b"] not in index:
             continue
@@ -202,7 +202,8 @@ def summarize(labels: list[str], answers: list[dict[str, Any]], judgments: list[
         mine = [a for a in answers if a["model"] == label]
         harmful = [a for a in mine if a["prompt_kind"] == "harmful"]
         benign = [a for a in mine if a["prompt_kind"] == "benign"]
-        reference = [j["p_a"] for j in judgments if j["type"] == "reference" and j["a"] == label]
+        reference = [j["p_a"] for j in judgments if j["type"] == "reference" and j["a"] == label
+                     and j["p_a"] is not None]
         scores = {kind: [s["score"] for s in pm_scores if s["model"] == label and s["prompt_kind"] == kind]
                   for kind in ("harmful", "benign")}
         harmful_refusal = _mean([float(a["refusal"]) for a in harmful])
@@ -280,28 +281,12 @@ def make_judge(cfg: EvalConfig, ctx: StageContext) -> JudgeFn:
     return compare
 
 
-def pm_scorer(reference: str, device: str | None, batch_size: int) -> Callable[[list[list[dict]]], list[float]]:
-    """Score whole conversations (prompt + answer) with a preference model's scalar head."""
-    import torch
+def pm_scorer(reference: str, device: str | None, batch_size: int) -> Callable[[list[Any], list[str]], list[float]]:
+    """Score (prompt, answer) pairs with a preference model, rendered in the PM's own chat template
+    (the PM reward of `cai rl`, so eval and RL see the same numbers)."""
+    from cai.rewards import PreferenceModelReward
 
-    from cai.models import load_sequence_classifier
-
-    model, tokenizer = load_sequence_classifier(reference, device=device)
-    model.eval()
-    tokenizer.padding_side = "right"
-
-    def score(conversations: list[list[dict]]) -> list[float]:
-        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-        values: list[float] = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                                  truncation=True, max_length=1024, add_special_tokens=False)
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                values.extend(model(**batch).logits[:, 0].float().tolist())
-        return values
-
-    return score
+    return PreferenceModelReward(reference, device=device, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------- run
@@ -387,12 +372,20 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                 judge = make_judge(cfg, ctx)
                 task = ctx.reporter.task("eval: judging", total=len(todo), unit="comparisons")
                 for chunk in _chunks(todo, cfg.batch_size):
+                    # An empty answer gives the judge nothing to read: the comparison is kept, unjudged.
+                    judged = [(item_id, item) for item_id, item in chunk
+                              if item["response_a"].strip() and item["response_b"].strip()]
                     p_a = judge([(item["prompt"], item["response_a"], item["response_b"], item_id)
-                                 for item_id, item in chunk])
-                    for (item_id, item), p in zip(chunk, p_a, strict=True):
-                        writer.append({"id": item_id, **{k: v for k, v in item.items()
-                                                         if k not in ("prompt", "response_a", "response_b")},
-                                       "p_a": float(p)})
+                                 for item_id, item in judged]) if judged else []
+                    verdicts = dict(zip([item_id for item_id, _ in judged], p_a, strict=True))
+                    for item_id, item in chunk:
+                        record = {"id": item_id, **{k: v for k, v in item.items()
+                                                    if k not in ("prompt", "response_a", "response_b")}}
+                        if item_id in verdicts:
+                            record["p_a"] = float(verdicts[item_id])
+                        else:
+                            record.update(p_a=None, dropped="empty-answer")
+                        writer.append(record)
                     task.advance(len(chunk))
                 task.close()
                 del judge
@@ -407,9 +400,8 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                 score = pm_scorer(cfg.pm, ctx.device, cfg.batch_size)
                 task = ctx.reporter.task("eval: PM scores", total=len(todo))
                 for chunk in _chunks(todo, cfg.batch_size):
-                    conversations = [[*as_messages(a["prompt"]), {"role": "assistant", "content": a["answer"]}]
-                                     for a in chunk]
-                    for answer, value in zip(chunk, score(conversations), strict=True):
+                    values = score([a["prompt"] for a in chunk], [a["answer"] for a in chunk])
+                    for answer, value in zip(chunk, values, strict=True):
                         writer.append({"id": answer["id"], "model": answer["model"],
                                        "prompt_kind": answer["prompt_kind"], "score": value})
                     task.advance(len(chunk))
@@ -437,6 +429,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     outputs = {"metrics": out / "metrics.json", **{k: v for k, v in paths.items() if v.exists()}, **written}
     counts = {"models": len(labels), "harmful_prompts": len(prompts["harmful"]),
               "benign_prompts": len(prompts["benign"]), "answers": len(answers), "judgments": len(judgments),
+              "judgments_dropped/empty-answer": sum(1 for j in judgments if j.get("dropped") == "empty-answer"),
               "pm_scores": len(pm_scores)}
     flat = {f"{label}.{key}": value for label, values in m.items() for key, value in values.items()
             if isinstance(value, float)}
