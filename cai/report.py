@@ -66,15 +66,21 @@ def plot_pareto(metrics: dict[str, Any], path: Path) -> Path:
         points = [(x, y, label) for x, y, label in zip(xs, ys, labels, strict=True) if x is not None and y is not None]
         for (x0, y0, _), (x1, y1, _) in zip(points, points[1:], strict=False):
             axis.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "color": "0.6"})
-        for x, y, label in points:
-            axis.scatter([x], [y], s=60, zorder=3)
-            axis.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6))
+        seen: dict[tuple[float, float], int] = {}
+        for index, (x, y, label) in enumerate(points):
+            place = (round(x, 3), round(y, 3))
+            stacked = seen.get(place, 0)  # models at the same point: labels one under the other
+            seen[place] = stacked + 1
+            axis.scatter([x], [y], s=60, zorder=3, color=f"C{index}", label=label)
+            axis.annotate(label, (x, y), textcoords="offset points", xytext=(7, 5 - 12 * stacked))
         if x_key == "helpfulness":
             axis.set_xlim(-0.05, 1.05)
             axis.set_ylim(-0.05, 1.05)
         axis.set_xlabel(x_label)
         axis.set_ylabel(y_label)
         axis.grid(alpha=0.3)
+        if points:
+            axis.legend(fontsize=8, loc="lower left")
     fig.suptitle("Harmlessness vs helpfulness (up and right is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -394,3 +394,11 @@ def test_launch_section(tmp_path, prompts):
         load(path)
     assert "unknown key `comand` in launch -- did you mean `command`" in str(error.value)
     assert "unknown stage `sfx` in launch.stages" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "qlora-1gpu", "multi-gpu"])
+def test_bundled_recipes_load(name, tmp_path):
+    path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"
+    recipe = recipes.load(path, runs_dir=tmp_path)
+    assert recipe.name == name and recipe.stages[-1].spec.name == "eval"
+    assert [s.spec.name for s in recipe.stages][:3] == ["critique", "sft", "feedback"]
