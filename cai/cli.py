@@ -725,6 +725,109 @@ def dpo(
 # ----------------------------------------------------------------------------- pipeline: run, eval (issue 7)
 
 
+def _eval_help(name: str) -> str:
+    from cai.stages.base import help_of
+    from cai.stages.evaluate import EvalConfig
+
+    return help_of(EvalConfig, name)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[list[str], typer.Option("--model", "-m", help=_eval_help("models"))],
+    harmful: Annotated[str, typer.Option(help=_eval_help("harmful"))],
+    benign: Annotated[str, typer.Option(help=_eval_help("benign"))],
+    out: Annotated[str, typer.Option(help=_eval_help("out"))],
+    judge: Annotated[str, typer.Option(help=_eval_help("judge"), rich_help_panel="Judge")]
+    = "embedded:smollm2-135m-instruct",
+    judge_method: Annotated[str, typer.Option(help=_eval_help("judge_method"), rich_help_panel="Judge")] = "auto",
+    constitution: Annotated[str, typer.Option(help=_eval_help("constitution"), rich_help_panel="Judge")] = "default",
+    principles: Annotated[int, typer.Option(help=_eval_help("principles"), rich_help_panel="Judge")] = 1,
+    head_to_head: Annotated[bool, typer.Option("--head-to-head/--no-head-to-head", help=_eval_help("head_to_head"),
+                                               rich_help_panel="Judge")] = True,
+    pm: Annotated[str | None, typer.Option(help=_eval_help("pm"))] = None,
+    limit: Annotated[int | None, typer.Option(help=_eval_help("limit"))] = None,
+    max_new_tokens: Annotated[int, typer.Option(help=_eval_help("max_new_tokens"))] = 128,
+    quantize: Annotated[str | None, typer.Option(help=_eval_help("quantize"))] = None,
+    seed: Annotated[int, typer.Option(help=_eval_help("seed"))] = 0,
+    batch_size: Annotated[int, typer.Option(help=_eval_help("batch_size"), rich_help_panel="Speed")] = 16,
+    examples: Annotated[int, typer.Option(help=_eval_help("examples"))] = 6,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+) -> None:
+    """Measure harmlessness, over-refusal, PM score and head-to-head Elo of one or more models.
+
+    Example: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/demo/5-rl/model
+    --harmful data/eval_harmful.jsonl --benign data/eval_benign.jsonl --out eval/
+    """
+    from cai.stages.evaluate import EvalConfig, run
+
+    cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
+                     constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
+                     limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, seed=seed,
+                     batch_size=batch_size, examples=examples)
+    _run_stage(run, cfg, json_output)
+
+
+def _stage_list() -> str:
+    from cai.recipe import stage_names
+
+    return ", ".join(stage_names())
+
+
+@app.command("run")
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, qlora-1gpu, multi-gpu).")],
+    from_stage: Annotated[str | None, typer.Option("--from", help=f"Re-run this stage and every later one; "
+                                                   f"earlier ones must have finished ({_stage_list()}).")] = None,
+    only: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must exist).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: the directory under --runs-dir "
+                                                  "(default: the recipe's name).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: STAGE.KEY=VALUE, "
+                                                   "data.KEY=FILE or a top-level KEY=VALUE (repeatable).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+    force: Annotated[bool, typer.Option("--force", help="Discard the selected stages' outputs and redo them.")]
+    = False,
+    check: Annotated[bool, typer.Option("--check", help="Validate the recipe and print the resolved "
+                                                        "version; run nothing.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+) -> None:
+    """Run the whole pipeline from a recipe; finished stages are skipped, interrupted ones resume.
+
+    Example: cai run recipes/demo.yaml   (then: cai run recipes/demo.yaml --set rl.beta=0.1 re-runs rl and eval)
+    """
+    import yaml
+
+    from cai import recipe as recipes
+
+    loaded = recipes.load(recipe, set_ or [], name=name, runs_dir=runs_dir)
+    if check:
+        print(yaml.safe_dump(loaded.resolved(), sort_keys=False), end="")
+        return
+    started = time.time()
+    with RichReporter() as reporter:
+        overall = reporter.progress.add_task(f"run {loaded.name}", total=None, unit="stages", tokens=0)
+
+        def on_stage(index: int, total: int, stage: str) -> None:
+            reporter.progress.update(overall, total=total, completed=index,
+                                     description=f"run {loaded.name} [{index + 1}/{total}] {stage}")
+
+        result = recipes.run(loaded, reporter, from_stage=from_stage, only=only, force=force, on_stage=on_stage)
+        reporter.progress.update(overall, completed=len(result.outcomes), description=f"run {loaded.name}: done")
+    report = result.report_path
+    metrics_path = loaded.run_dir / "6-eval" / "metrics.json"
+    lines = recipes.summary_lines(json.loads(metrics_path.read_text())) if metrics_path.exists() else []
+    if json_output:
+        print(json.dumps({"run_dir": str(loaded.run_dir), "report": str(report) if report else None,
+                          "stages": [{"stage": o.name, "skipped": o.skipped, "seconds": o.seconds,
+                                      "summary": o.summary} for o in result.outcomes], "summary": lines}))
+    else:
+        print(report if report else loaded.run_dir)
+    stderr.print(f"run {loaded.name}: {len(result.outcomes)} stages "
+                 f"({sum(o.skipped for o in result.outcomes)} already done) in {time.time() - started:.0f} s; "
+                 f"{loaded.run_dir}", highlight=False)
+    for line in lines:
+        stderr.print(line, highlight=False)
+
 
 # ----------------------------------------------------------------------------- entry point
 
