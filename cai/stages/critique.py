@@ -205,7 +205,8 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
                                     progress=lambda items, tokens: on_tokens(tokens))
 
     initial = generate([c.answer_messages(cons, p["prompt"]) for p in prompts], "initial")
-    current = [clean_text(g.text, "answer", g.finished) for g in initial]
+    initial_texts = [clean_text(g.text, "answer", g.finished) for g in initial]
+    current = list(initial_texts)
     principles = [cons.sample_critique_principles(p["id"], cfg.revisions, cfg.seed) for p in prompts]
     rounds: list[list[dict[str, Any]]] = [[] for _ in prompts]
     for k in range(cfg.revisions):
@@ -233,8 +234,7 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
         record = {"id": p["id"], "prompt": p["prompt"]}
         if "category" in p:
             record["category"] = p["category"]
-        record.update(initial=clean_text(initial[i].text, "answer", initial[i].finished), rounds=rounds[i],
-                      final=current[i], model=cfg.model)
+        record.update(initial=initial_texts[i], rounds=rounds[i], final=current[i], model=cfg.model)
         records.append(record)
     return records
 
