@@ -20,6 +20,7 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
 """
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -179,15 +180,15 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
-def _common_prefix_length(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    length = min(len(s) for s in sequences)
-    for other in sequences[1:]:
-        i = 0
-        while i < length and other[i] == first[i]:
-            i += 1
-        length = i
-    return length
+@contextmanager
+def _eval_mode(model):
+    """Dropout off while generating or scoring (a model handed over mid-training is in train mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class HFBackend:
@@ -219,19 +220,14 @@ class HFBackend:
         encoded = self._encode(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
         results: list[Generation | None] = [None] * len(prompts)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start:start + self.batch_size]
-                    outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch])
-                    for index, generation in zip(batch, outputs, strict=True):
-                        results[index] = generation
-                    if progress:
-                        progress(len(batch), sum(g.num_tokens for g in outputs))
-        finally:
-            self.model.train(was_training)
+        with _eval_mode(self.model), torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch])
+                for index, generation in zip(batch, outputs, strict=True):
+                    results[index] = generation
+                if progress:
+                    progress(len(batch), sum(g.num_tokens for g in outputs))
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, sequences: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[Generation]:
@@ -301,7 +297,7 @@ class HFBackend:
 
         device = self.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        shared = _common_prefix_length(sequences)
+        shared = common_prefix_length(sequences)
         shared = min(shared, min(len(s) for s in sequences) - 1)  # every row keeps >= 1 token to prefill
         if max_shared is not None:
             shared = min(shared, max_shared)
@@ -358,7 +354,7 @@ class HFBackend:
         results: list[ContinuationScore | None] = [None] * len(contexts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = self.device
-        with torch.inference_mode():
+        with _eval_mode(self.model), torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 keep = max(len(continuation_ids[i]) for i in batch)
@@ -394,59 +390,17 @@ class HFBackend:
         for i, seq in enumerate(sequences):
             if not seq:
                 raise ValueError(f"context {i} is empty: nothing to condition on")
-        # The shared prefix runs once (batch of 1); every row keeps at least its last token to feed.
-        shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
-        if shared < self.MIN_SHARED_PREFIX:
-            shared = 0
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         results: list[list[float] | None] = [None] * len(sequences)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = self.device
-        candidates = torch.tensor(candidate_ids, dtype=torch.long, device=device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                prefix_kv = self._prefix_kv(sequences[0][:shared]) if shared else None
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start:start + self.batch_size]
-                    rows = [sequences[i][shared:] for i in batch]
-                    width = max(len(r) for r in rows)
-                    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                    attention = torch.zeros((len(batch), width), dtype=torch.long)
-                    for row, seq in enumerate(rows):  # left padding (after the shared prefix): last token at -1
-                        input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                        attention[row, width - len(seq):] = 1
-                    input_ids, attention = input_ids.to(device), attention.to(device)
-                    positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)
-                    cache = None
-                    if prefix_kv is not None:
-                        # Padding sits between the prefix and each row's tokens, masked out; the expanded
-                        # views are not copied until the forward concatenates the new keys onto them.
-                        cache = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1),
-                                                              v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv],
-                                             config=self.model.config)
-                        attention = torch.cat([torch.ones((len(batch), shared), dtype=attention.dtype, device=device),
-                                               attention], dim=1)
-                    out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                     past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
-                    logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
-                    picked = logprobs[:, candidates]  # (B, C)
-                    for row, i in enumerate(batch):
-                        results[i] = picked[row].tolist()
-                    if progress:
-                        progress(len(batch), sum(len(r) for r in rows))
-        finally:
-            self.model.train(was_training)
+        candidates = torch.tensor(candidate_ids, dtype=torch.long, device=self.device)
+        with _eval_mode(self.model), torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                # The judge's few-shot block is shared by every context: _prefill computes it once.
+                out, _, _ = self._prefill([sequences[i] for i in batch], DynamicCache(), logits_to_keep=1)
+                picked = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, candidates]  # (B, C)
+                for row, i in enumerate(batch):
+                    results[i] = picked[row].tolist()
+                if progress:
+                    progress(len(batch), sum(len(sequences[i]) for i in batch))
         return results  # type: ignore[return-value]
-
-    def _prefix_kv(self, prefix: list[int]) -> list[tuple]:
-        """Keys and values of every layer for one token prefix, shape (1, kv_heads, len, head_dim) each."""
-        import torch
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
-        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
-        return [(layer.keys, layer.values) for layer in cache.layers]

@@ -38,6 +38,7 @@ import numpy as np
 from cai.errors import ConfigError, ModelError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.records import as_messages, mix_preferences, read_jsonl, read_preferences, write_jsonl
+from cai.rewards import pm_directory
 from cai.stages.base import StageContext, StageResult, StageRun, item_seed
 
 # The CAI paper's PM mix: 135,296 human helpfulness comparisons + 182,831 AI harmlessness comparisons.
@@ -385,18 +386,6 @@ def partition_trainable(records: list[dict[str, Any]]) -> tuple[list[dict], list
         else:
             usable.append(record)
     return usable, dropped
-
-
-def pm_directory(reference: str | Path) -> Path:
-    """A PM reference -> the directory that `from_pretrained` loads: the `cai pm train` output directory
-    (its model/ subdirectory) or the model directory itself."""
-    path = Path(reference).expanduser()
-    if (path / "config.json").exists():
-        return path
-    if (path / "model" / "config.json").exists():
-        return path / "model"
-    raise ModelError(f"{path}: not a preference model -- pass a `cai pm train` output directory "
-                     "(or its model/ subdirectory)")
 
 
 # ----------------------------------------------------------------------------- scoring
