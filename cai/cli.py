@@ -391,6 +391,7 @@ def feedback(
     judge_temperature: Annotated[float, typer.Option(help=_fb("judge_temperature"), rich_help_panel=_JUDGE)] = 1.0,
     samples_temperature: Annotated[float, typer.Option(help=_fb("samples_temperature"),
                                                        rich_help_panel=_SAMPLING)] = 1.0,
+    samples_top_p: Annotated[float, typer.Option(help=_fb("samples_top_p"), rich_help_panel=_SAMPLING)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help=_fb("max_new_tokens"), rich_help_panel=_SAMPLING)] = 256,
     quantize: Annotated[str | None, typer.Option(help=_fb("quantize"), rich_help_panel=_RUN)] = None,
     batch_size: Annotated[int, typer.Option(help=_fb("batch_size"), rich_help_panel=_RUN)] = 16,
@@ -417,7 +418,8 @@ def feedback(
     cfg = FeedbackConfig(prompts=prompts, policy=policy, out=out, judge=judge, constitution=constitution,
                          method=method, principles=principles, cot=cot, cot_max_new_tokens=cot_max_new_tokens,
                          swap=swap, clamp=clamp, few_shot=few_shot, judge_temperature=judge_temperature,
-                         samples_temperature=samples_temperature, max_new_tokens=max_new_tokens, quantize=quantize,
+                         samples_temperature=samples_temperature, samples_top_p=samples_top_p,
+                         max_new_tokens=max_new_tokens, quantize=quantize,
                          batch_size=batch_size, limit=limit, seed=seed, force=force)
     _run_stage(stage.run, cfg, json_output)
 
@@ -463,7 +465,7 @@ def feedback_eval(
         result = stage.run_eval(cfg, _context(reporter=reporter))
     if json_output:
         print(json.dumps({"stage": result.stage, "outputs": result.outputs, "counts": result.counts,
-                          "metrics": result.metrics["methods"]}))
+                          "metrics": result.metrics["methods"], "temperature_fit": result.metrics["temperature_fit"]}))
     else:
         print("\n\n".join(result.metrics["tables"]))
     for path in result.outputs.values():

@@ -17,6 +17,7 @@ from cai.stages.feedback import (
     FeedbackConfig,
     FeedbackEvalConfig,
     agreement_metrics,
+    fit_contrast_temperature,
     label_summary,
     preference_record,
     rejected_path,
@@ -146,6 +147,7 @@ def test_identical_pairs_are_resampled_once_then_set_aside_and_counted(monkeypat
     assert once["response_a"] != once["response_b"]
     assert result.counts["skipped"] == 1 and result.counts["skipped_identical"] == 1
     assert "skipped pairs: 1 identical" in result.summary and "position consistency" in result.summary
+    assert "comparisons/s" in result.summary and result.metrics["judge_comparisons_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------- resume and skip
@@ -204,6 +206,8 @@ def test_config_rejects_what_cannot_work(prompts_file, tmp_path):
         config(prompts_file, out, clamp="0.4")
     with pytest.raises(ConfigError, match="samples_temperature"):
         config(prompts_file, out, samples_temperature=0)
+    with pytest.raises(ConfigError, match="samples_top_p"):
+        config(prompts_file, out, samples_top_p=0)
     with pytest.raises(ConfigError, match="--prompts"):
         FeedbackConfig(out=str(out))
     assert config(prompts_file, out, clamp="0.3,0.7").clamp == (0.3, 0.7)
@@ -218,6 +222,15 @@ def test_preference_record_puts_the_likelier_answer_first():
     verdict = Verdict(p_a=0.3, p_a_by_order=[0.2, 0.4], agree=True, principle_ids=["less-harmful"])
     record = preference_record({"id": "x", "prompt": "q"}, "yes", "no", verdict, "mc")
     assert (record["chosen"], record["rejected"], record["p_chosen"]) == ("no", "yes", pytest.approx(0.7))
+
+
+def test_the_fitted_contrast_temperature_recovers_the_one_that_made_the_labels():
+    differences = [-0.6, -0.3, -0.1, 0.05, 0.2, 0.4, 0.7]
+    p_a = [1 / (1 + math.exp(-d)) for d in differences]  # verdicts at temperature 1
+    targets = [1 / (1 + math.exp(-d / 0.2)) for d in differences]  # labels as sharp as temperature 0.2
+    fit = fit_contrast_temperature(p_a, targets, temperature=1.0)
+    assert fit["temperature"] == pytest.approx(0.2, rel=0.13)  # the grid has 20 steps a decade
+    assert fit["log_loss_fit"] < fit["log_loss"]
 
 
 def test_label_summary_and_agreement_metrics():
@@ -281,7 +294,10 @@ def test_cli_eval_prints_a_table_per_method(tmp_path):
     assert "method mc (swap on" in result.stdout and "method contrast" in result.stdout
     for name in ("pairs: helpful_prefs_example.jsonl", "sanity: harmful-request", "sanity: benign-request"):
         assert result.stdout.count(name) == 2
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = saved["methods"]
+    assert "best --judge-temperature on helpful_prefs_example.jsonl" in result.stdout
+    assert saved["temperature_fit"]["contrast"]["log_loss_fit"] <= saved["temperature_fit"]["contrast"]["log_loss"]
     assert metrics["mc"]["sanity: harmful-request"]["pairs"] == 24
     assert metrics["mc"]["pairs: helpful_prefs_example.jsonl"]["position_consistency"] is not None
     assert metrics["contrast"]["pairs: helpful_prefs_example.jsonl"]["agreement_first"] is None

@@ -15,6 +15,8 @@ built-in set of obvious pairs, per method.
 """
 
 import hashlib
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,8 @@ class FeedbackConfig:
         "help": "Contrast method: p(A) = sigmoid((sA - sB) / this); lower gives more confident labels."})
     samples_temperature: float = field(default=1.0, metadata={
         "help": "Sampling temperature of the policy's two answers (> 0: the answers must differ)."})
+    samples_top_p: float = field(default=1.0, metadata={
+        "help": "Nucleus sampling mass of the policy's answers, in (0, 1]; 1.0 samples from the whole distribution."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
     quantize: str | None = field(default=None, metadata={
         "help": "Load policy and judge in 4-bit (\"4bit\", CUDA only) or None for full precision."})
@@ -104,6 +108,8 @@ class FeedbackConfig:
         if self.samples_temperature <= 0:
             raise ConfigError(f"samples_temperature={self.samples_temperature} must be > 0: at 0 both answers "
                               "would be the same -- use e.g. 1.0")
+        if not 0.0 < self.samples_top_p <= 1.0:
+            raise ConfigError(f"samples_top_p={self.samples_top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
         if self.judge_temperature <= 0:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0 -- e.g. 1.0")
         if self.max_new_tokens < 1 or self.cot_max_new_tokens < 1:
@@ -229,7 +235,8 @@ def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task
     from cai.engine import Sampling
     from cai.records import as_messages
 
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.samples_temperature, seed=cfg.seed)
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.samples_temperature,
+                        top_p=cfg.samples_top_p, seed=cfg.seed)
     conversations = [as_messages(item["prompt"]) for item in items]
     seeds = [item_seed(cfg.seed, item["id"], salt) for salt in ("a", "b") for item in items]
     outputs = engine.generate_chat(conversations + conversations, sampling, seeds=seeds, progress=engine_progress(task))
@@ -269,6 +276,7 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     items = read_prompts(cfg.prompts, cfg.limit)
 
     method = cfg.method
+    judged, judge_seconds = 0, 0.0  # comparisons judged in this run, and the time spent judging them
     with RecordWriter(out) as writer, RecordWriter(rejected_out) as rejected_writer:
         finished = writer.done_ids | rejected_writer.done_ids
         todo = [item for item in items if item["id"] not in finished]
@@ -285,11 +293,13 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
             if cfg.method == "auto":
                 ctx.reporter.log(f"judge method: {method} (auto, chosen by the judge's size)")
             sampling_task = ctx.reporter.task("sampling answer pairs", total=2 * len(todo), unit="answers")
-            judging_task = ctx.reporter.task(f"judging ({method})", total=len(todo), unit="comparisons")
+            judging_task = None  # created when judging starts, so its rate does not count the first sampling
             chunk_size = max(1, cfg.batch_size)  # records reach the file after every chunk
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start:start + chunk_size]
                 pairs = _sample_pairs(policy, chunk, cfg, sampling_task)
+                if judging_task is None:
+                    judging_task = ctx.reporter.task(f"judging ({method})", total=len(todo), unit="comparisons")
                 labelled = [(item, pair) for item, pair in zip(chunk, pairs, strict=True) if isinstance(pair, tuple)]
                 for item, pair in zip(chunk, pairs, strict=True):
                     if isinstance(pair, str):
@@ -298,7 +308,10 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
                 comparisons = [Comparison(item["prompt"], a, b,
                                           constitution.sample_judge_principles(item["id"], cfg.principles, cfg.seed))
                                for item, (a, b) in labelled]
+                started = time.perf_counter()
                 verdicts = judge.compare(comparisons, progress=engine_progress(judging_task))
+                judge_seconds += time.perf_counter() - started
+                judged += len(comparisons)
                 for (item, (a, b)), verdict in zip(labelled, verdicts, strict=True):
                     writer.append(preference_record(item, a, b, verdict, method))
             sampling_task.close()
@@ -315,11 +328,12 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     counts = {"prompts": len(items), "pairs_labelled": len(records), "skipped": len(set_aside),
               **{f"skipped_{reason}": n for reason, n in sorted(reasons.items())}}
     skipped_text = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
+    rate = judged / judge_seconds if judge_seconds > 0 else None
     summary = (f"{len(records)} pairs labelled ({method}); position consistency "
                f"{_fmt(stats['position_consistency'])}; mean |p - 0.5| {_fmt(stats['mean_margin'], 3)}; "
-               f"skipped pairs: {skipped_text}")
+               f"skipped pairs: {skipped_text}" + (f"; judging {rate:.2f} comparisons/s" if rate else ""))
     return stage.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
-                          metrics={**stats, "method": method})
+                          metrics={**stats, "method": method, "judge_comparisons_per_s": rate})
 
 
 # ----------------------------------------------------------------------------- feedback eval
@@ -373,6 +387,26 @@ def agreement_metrics(verdicts, targets: list[float], bins: int = 10) -> dict[st
     }
 
 
+def fit_contrast_temperature(p_a: list[float], targets: list[float], temperature: float) -> dict[str, float]:
+    """The contrast temperature that best fits labelled pairs: the verdicts' score differences
+    (temperature * logit(p_a)) are re-scaled over a grid of temperatures from 0.01 to 10, keeping the
+    one with the lowest mean binary cross-entropy against the targets. Returns `temperature` (best),
+    `log_loss` (at the temperature used) and `log_loss_fit` (at the best)."""
+
+    def log_loss(scale: float) -> float:
+        total = 0.0
+        for p, t in zip(p_a, targets, strict=True):
+            p = min(max(p, 1e-12), 1 - 1e-12)
+            logit = temperature * math.log(p / (1 - p)) / scale
+            # -[t log s(x) + (1 - t) log(1 - s(x))], written stably: softplus(x) - t * x
+            total += max(logit, 0.0) + math.log1p(math.exp(-abs(logit))) - t * logit
+        return total / len(p_a)
+
+    grid = [10 ** (k / 20) for k in range(-40, 21)]  # 0.01 ... 10, 20 steps a decade
+    best = min(grid, key=log_loss)
+    return {"temperature": best, "log_loss": log_loss(temperature), "log_loss_fit": log_loss(best)}
+
+
 TABLE_COLUMNS = ("pairs", "agreement_first", "agreement_second", "agreement", "position_consistency", "ece",
                  "mean_margin")
 TABLE_HEADERS = ("pairs", "agree 1st", "agree 2nd", "agree swap", "consistent", "ECE", "|p-0.5|")
@@ -409,6 +443,8 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
     engine = _load_engine(cfg.judge, cfg, ctx)
     methods = [resolve_method(cfg.method, engine)] if cfg.method else ["mc", "contrast"]
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    fits: dict[str, dict[str, float]] = {}
+    first = next(iter(sets))
     verdict_rows: list[dict[str, Any]] = []
     tables = []
     for method in methods:
@@ -422,6 +458,8 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
             verdicts = judge.compare(comparisons, progress=engine_progress(task))
             task.close()
             metrics[method][name] = agreement_metrics(verdicts, targets, cfg.bins)
+            if method == "contrast" and name == first:  # fitted on the user's labels, never on the sanity set
+                fits[method] = fit_contrast_temperature([v.p_a for v in verdicts], targets, cfg.judge_temperature)
             for record, verdict, target in zip(records, verdicts, targets, strict=True):
                 verdict_rows.append({"id": record["id"], "set": name, "method": method, "target_p_a": target,
                                      "p_a": verdict.p_a, "p_a_by_order": verdict.p_a_by_order,
@@ -429,17 +467,21 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
         options = [f"swap {'on' if judge.swap else 'off'}"] if method == "mc" else [f"temperature {cfg.judge_temperature}"]
         if method == "mc":
             options += [f"few-shot {'on' if cfg.few_shot else 'off'}"] + (["cot"] if cfg.cot else [])
-        tables.append(format_table(f"judge {cfg.judge}, method {method} ({', '.join(options)})", metrics[method]))
+        table = format_table(f"judge {cfg.judge}, method {method} ({', '.join(options)})", metrics[method])
+        if method in fits:
+            fit = fits[method]
+            table += (f"\nbest --judge-temperature on {first.removeprefix('pairs: ')}: {fit['temperature']:.3g} "
+                      f"(log loss {fit['log_loss']:.3f} at {cfg.judge_temperature:g} -> {fit['log_loss_fit']:.3f})")
+        tables.append(table)
 
     outputs: dict[str, str] = {}
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "metrics.json").write_text(json.dumps({"methods": metrics, "temperature_fit": fits}, indent=2))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
         outputs = {"metrics": str(out / "metrics.json"), "verdicts": str(out / "verdicts.jsonl")}
-    first = next(iter(sets))
     summary = "; ".join(f"{method}: agreement {_fmt(metrics[method][first]['agreement'])} on {first}"
                         for method in methods)
     return StageResult(stage="feedback-eval", outputs=outputs, counts={name: len(r) for name, r in sets.items()},
-                       summary=summary, metrics={"methods": metrics, "tables": tables})
+                       summary=summary, metrics={"methods": metrics, "temperature_fit": fits, "tables": tables})
