@@ -396,7 +396,7 @@ def test_launch_section(tmp_path, prompts):
     assert "unknown stage `sfx` in launch.stages" in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo", "qlora-1gpu", "multi-gpu"])
+@pytest.mark.parametrize("name", ["smoke", "demo", "demo-dpo", "qlora-1gpu", "multi-gpu"])
 def test_bundled_recipes_load(name, tmp_path):
     path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"
     recipe = recipes.load(path, runs_dir=tmp_path)
