@@ -348,188 +348,208 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
     """Read and check a recipe; build every stage's config. Loads no model; raises `RecipeError` with
     every problem found (unknown keys, wrong types, missing files), each naming `file:line`."""
     path = Path(path)
-    root = _compose(path)
-    problems = _Problems(path)
-    by_name = {spec.name: spec for spec in registry}
-    nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}  # top-level key -> (key node, value node)
-    for key_node, value_node in root.value:
-        key = key_node.value
-        if key not in TOP_LEVEL and key not in by_name:
-            problems.at(key_node, f"unknown key `{key}` -- {_closest(key, [*TOP_LEVEL, *by_name])}")
-            continue
-        if key in nodes:
-            problems.at(key_node, f"key `{key}` appears twice -- keep one")
-        nodes[key] = (key_node, value_node)
+    reader = _Reader(path, _compose(path), overrides, registry)
+    top = reader.top_level(name)
+    order = reader.stage_order()
+    top["data"] = reader.data(order)
+    reader.check_references(top)
+    run_dir = Path(runs_dir) / top["name"]
+    planned = [stage for stage in (reader.stage(name, top, order, run_dir) for name in order) if stage is not None]
+    reader.problems.raise_if_any()
+    return Recipe(path=path, name=top["name"], run_dir=run_dir, top=top, stages=planned)
 
-    # --set overrides: KEY=VALUE for a top-level key, data.KEY=VALUE, or STAGE.FIELD=VALUE.
-    cli_top: dict[str, Any] = {}
-    cli_data: dict[str, Any] = {}
-    cli_stage: dict[str, dict[str, tuple[str, Any]]] = {}
-    for option in overrides:
-        parsed = _parse_set(option, problems)
-        if parsed is None:
-            continue
-        keys, value = parsed
-        if len(keys) == 1 and keys[0] in TOP_LEVEL and keys[0] != "data":
-            cli_top[keys[0]] = value
-        elif len(keys) == 2 and keys[0] == "data":
-            if keys[1] not in DATA_KEYS:
-                problems.cli(option, f"unknown data key `{keys[1]}` -- {_closest(keys[1], DATA_KEYS)}")
-            cli_data[keys[1]] = value
-        elif len(keys) == 2 and keys[0] in by_name:
-            cli_stage.setdefault(keys[0], {})[keys[1]] = (option, value)
-        else:
-            problems.cli(option, f"`{'.'.join(keys)}` is not a recipe key -- use STAGE.KEY ("
-                                 f"{_closest(keys[0], [*TOP_LEVEL, *by_name])}), data.KEY or a top-level key")
 
-    def top(key: str, default: Any, kind: Any) -> Any:
-        if key in cli_top:
-            ok, value = check_type(cli_top[key], kind)
+class _Reader:
+    """Reads one recipe: the YAML node tree (for line numbers) and the --set overrides on top of it."""
+
+    def __init__(self, path: Path, root: yaml.MappingNode, overrides: list[str], registry: tuple[StageSpec, ...]):
+        self.problems = _Problems(path)
+        self.registry = registry
+        self.by_name = {spec.name: spec for spec in registry}
+        self.nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}  # top-level key -> (key node, value node)
+        for key_node, value_node in root.value:
+            key = key_node.value
+            if key not in TOP_LEVEL and key not in self.by_name:
+                self.problems.at(key_node, f"unknown key `{key}` -- {_closest(key, [*TOP_LEVEL, *self.by_name])}")
+                continue
+            if key in self.nodes:
+                self.problems.at(key_node, f"key `{key}` appears twice -- keep one")
+            self.nodes[key] = (key_node, value_node)
+        # --set: KEY=VALUE for a top-level key, data.KEY=VALUE, or STAGE.FIELD=VALUE.
+        self.cli_top: dict[str, Any] = {}
+        self.cli_data: dict[str, Any] = {}
+        self.cli_stage: dict[str, dict[str, tuple[str, Any]]] = {}
+        for option in overrides:
+            parsed = _parse_set(option, self.problems)
+            if parsed is None:
+                continue
+            keys, value = parsed
+            if len(keys) == 1 and keys[0] in TOP_LEVEL and keys[0] != "data":
+                self.cli_top[keys[0]] = value
+            elif len(keys) == 2 and keys[0] == "data":
+                if keys[1] not in DATA_KEYS:
+                    self.problems.cli(option, f"unknown data key `{keys[1]}` -- {_closest(keys[1], DATA_KEYS)}")
+                self.cli_data[keys[1]] = value
+            elif len(keys) == 2 and keys[0] in self.by_name:
+                self.cli_stage.setdefault(keys[0], {})[keys[1]] = (option, value)
+            else:
+                self.problems.cli(option, f"`{'.'.join(keys)}` is not a recipe key -- use STAGE.KEY ("
+                                          f"{_closest(keys[0], [*TOP_LEVEL, *self.by_name])}), data.KEY or a "
+                                          "top-level key")
+
+    def node(self, key: str) -> yaml.Node | None:
+        return self.nodes[key][1] if key in self.nodes else None
+
+    def value(self, key: str, default: Any, kind: Any) -> Any:
+        """A top-level value: --set, else the recipe, else `default`; type-checked against `kind`."""
+        if key in self.cli_top:
+            ok, value = check_type(self.cli_top[key], kind)
             if not ok:
-                problems.cli(f"{key}={cli_top[key]}", f"`{key}` must be {_type_name(kind)}")
+                self.problems.cli(f"{key}={self.cli_top[key]}", f"`{key}` must be {_type_name(kind)}")
             return value
-        if key not in nodes:
+        if key not in self.nodes:
             return default
-        node = nodes[key][1]
-        ok, value = check_type(_value(node), kind)
+        ok, value = check_type(_value(self.node(key)), kind)
         if not ok:
-            problems.at(node, f"`{key}` must be {_type_name(kind)}, got {_value(node)!r}")
+            self.problems.at(self.node(key), f"`{key}` must be {_type_name(kind)}, got {_value(self.node(key))!r}")
             return default
         return value
 
-    top_values: dict[str, Any] = {
-        "name": name or top("name", path.stem, str),
-        "description": top("description", None, str | None),
-        "model": top("model", "embedded:smollm2-135m-instruct", str),
-        "judge": top("judge", None, str | None),
-        "constitution": top("constitution", "default", str),
-        "seed": top("seed", 0, int),
-        "quantize": top("quantize", None, str | None),
-        "device": top("device", None, str | None),
-    }
-    launch = top("launch", None, dict | None)
-    if launch is not None:
-        launch_node = nodes["launch"][1] if "launch" in nodes else None
-        for key in launch:
-            if key not in LAUNCH_KEYS:
-                problems.at(launch_node, f"unknown key `{key}` in launch -- {_closest(key, LAUNCH_KEYS)}")
-        if not isinstance(launch.get("command"), str) or not launch["command"].strip():
-            problems.at(launch_node, "launch.command must be a command line, e.g. accelerate launch --config_file "
-                                     "recipes/accelerate/multi-gpu.yaml")
-        if not check_type(launch.get("stages"), list[str])[0]:
-            problems.at(launch_node, "launch.stages must be a list of stage names, e.g. [sft, pm, rl]")
-        else:
-            for stage in launch["stages"]:
-                if stage not in by_name:
-                    problems.at(launch_node, f"unknown stage `{stage}` in launch.stages -- {_closest(stage, by_name)}")
-    top_values["launch"] = launch
-    stages = top("stages", list(DEFAULT_STAGES), list[str])
-    for index, stage in enumerate(stages):
-        if stage not in by_name:
-            node = nodes["stages"][1].value[index] if "stages" in nodes and "stages" not in cli_top else None
-            problems.at(node, f"unknown stage `{stage}` in stages -- {_closest(stage, by_name)}")
-    order = [spec.name for spec in registry if spec.name in stages]  # always in pipeline order
-    if len(set(stages)) != len(stages):
-        problems.at(nodes["stages"][1] if "stages" in nodes else None, "a stage is listed twice in stages")
+    def top_level(self, name: str | None) -> dict[str, Any]:
+        top: dict[str, Any] = {
+            "name": name or self.value("name", self.problems.path.stem, str),
+            "description": self.value("description", None, str | None),
+            "model": self.value("model", "embedded:smollm2-135m-instruct", str),
+            "judge": self.value("judge", None, str | None),
+            "constitution": self.value("constitution", "default", str),
+            "seed": self.value("seed", 0, int),
+            "quantize": self.value("quantize", None, str | None),
+            "device": self.value("device", None, str | None),
+            "launch": self.value("launch", None, dict | None),
+        }
+        if "/" in top["name"] or top["name"] in ("", ".", ".."):
+            self.problems.at(self.node("name"), f"name {top['name']!r} must be a plain directory name "
+                                                "(letters, digits, - and _)")
+        launch = top["launch"]
+        if launch is not None:
+            for key in launch:
+                if key not in LAUNCH_KEYS:
+                    self.problems.at(self.node("launch"), f"unknown key `{key}` in launch -- {_closest(key, LAUNCH_KEYS)}")
+            if not isinstance(launch.get("command"), str) or not launch["command"].strip():
+                self.problems.at(self.node("launch"), "launch.command must be a command line, e.g. accelerate "
+                                                      "launch --config_file recipes/accelerate/multi-gpu.yaml")
+            if not check_type(launch.get("stages"), list[str])[0]:
+                self.problems.at(self.node("launch"), "launch.stages must be a list of stage names, e.g. [sft, pm]")
+            else:
+                for stage in launch["stages"]:
+                    if stage not in self.by_name:
+                        self.problems.at(self.node("launch"), f"unknown stage `{stage}` in launch.stages -- "
+                                                              f"{_closest(stage, self.by_name)}")
+        return top
 
-    # data: file inputs, checked to exist now rather than after an hour of training.
-    data: dict[str, Any] = {key: default for key, (default, _) in DATA_KEYS.items()}
-    data_nodes: dict[str, yaml.Node] = {}
-    if "data" in nodes:
-        data_node = nodes["data"][1]
-        if not isinstance(data_node, yaml.MappingNode):
-            problems.at(data_node, "`data` must be a mapping like {red_team: FILE, eval_harmful: FILE}")
-        else:
-            for key_node, value_node in data_node.value:
-                if key_node.value not in DATA_KEYS:
-                    problems.at(key_node, f"unknown data key `{key_node.value}` -- {_closest(key_node.value, DATA_KEYS)}")
+    def stage_order(self) -> list[str]:
+        """The stages to run, always in pipeline order."""
+        stages = self.value("stages", list(DEFAULT_STAGES), list[str])
+        for index, stage in enumerate(stages):
+            if stage not in self.by_name:
+                node = self.node("stages").value[index] if "stages" in self.nodes and "stages" not in self.cli_top \
+                    else None
+                self.problems.at(node, f"unknown stage `{stage}` in stages -- {_closest(stage, self.by_name)}")
+        if len(set(stages)) != len(stages):
+            self.problems.at(self.node("stages"), "a stage is listed twice in stages")
+        return [spec.name for spec in self.registry if spec.name in stages]
+
+    def data(self, order: list[str]) -> dict[str, Any]:
+        """The input files, checked to exist now rather than after an hour of training."""
+        data: dict[str, Any] = {key: default for key, (default, _) in DATA_KEYS.items()}
+        data_nodes: dict[str, yaml.Node] = {}
+        mapping = self.node("data")
+        if mapping is not None and not isinstance(mapping, yaml.MappingNode):
+            self.problems.at(mapping, "`data` must be a mapping like {red_team: FILE, eval_harmful: FILE}")
+        elif mapping is not None:
+            for key_node, value_node in mapping.value:
+                key = key_node.value
+                if key not in DATA_KEYS:
+                    self.problems.at(key_node, f"unknown data key `{key}` -- {_closest(key, DATA_KEYS)}")
                     continue
                 value = _value(value_node)
                 if not check_type(value, str | list[str] | None)[0] or value == []:
-                    problems.at(value_node, f"`data.{key_node.value}` must be a file path (or a list of them), "
-                                            f"got {value!r}")
+                    self.problems.at(value_node, f"`data.{key}` must be a file path (or a list of them), got {value!r}")
                     continue
-                data[key_node.value] = value
-                data_nodes[key_node.value] = value_node
-    data.update(cli_data)
-    if data["rl_prompts"] is None:  # the paper trained RL on red-team and helpful prompts
-        data["rl_prompts"] = [data["red_team"], data["helpful"]]
-    needed_data = {source.split(".", 1)[1] for spec in registry if spec.name in order
-                   for source in spec.wiring.values() if source.startswith("data.")}
-    for key in list(data):
-        if data[key] is None:
-            continue
-        resolved = []
-        for value in data[key] if isinstance(data[key], list) else [data[key]]:
-            found = _existing_path(str(value))
-            if found is None and key in needed_data:
-                message = (f"data.{key}: no such file {value!r} -- check the path (relative paths are read "
-                           "from the current directory)")
-                problems.cli(f"data.{key}", message) if key in cli_data else problems.at(data_nodes.get(key), message)
-            resolved.append(str(found) if found else value)
-        data[key] = resolved if isinstance(data[key], list) else resolved[0]
-    top_values["data"] = data
+                data[key], data_nodes[key] = value, value_node
+        data.update(self.cli_data)
+        if data["rl_prompts"] is None:  # the paper trained RL on red-team and helpful prompts
+            data["rl_prompts"] = [data["red_team"], data["helpful"]]
+        needed = {source.split(".", 1)[1] for spec in self.registry if spec.name in order
+                  for source in spec.wiring.values() if source.startswith("data.")}
+        for key in list(data):
+            if data[key] is None:
+                continue
+            resolved = []
+            for value in data[key] if isinstance(data[key], list) else [data[key]]:
+                found = _existing_path(str(value))
+                if found is None and key in needed:
+                    message = (f"data.{key}: no such file {value!r} -- check the path (relative paths are read "
+                               "from the current directory)")
+                    if key in self.cli_data:
+                        self.problems.cli(f"data.{key}", message)
+                    else:
+                        self.problems.at(data_nodes.get(key), message)
+                resolved.append(str(found) if found else value)
+            data[key] = resolved if isinstance(data[key], list) else resolved[0]
+        return data
 
-    constitution_ref = top_values["constitution"]
-    from cai import constitution as constitution_module
+    def check_references(self, top: dict[str, Any]) -> None:
+        """The constitution validates; model and judge paths exist (hub ids are checked when loaded)."""
+        from cai import constitution as constitution_module
 
-    constitution_problems = constitution_module.validate(constitution_ref)
-    if constitution_problems:
-        node = nodes["constitution"][1] if "constitution" in nodes else None
-        problems.at(node, f"constitution {constitution_ref!r}: {constitution_problems[0]}")
-    elif Path(constitution_ref).exists():
-        top_values["constitution"] = str(Path(constitution_ref).resolve())
-    for key in ("model", "judge"):
-        reference = top_values[key]
-        if reference and _looks_like_path(reference) and not Path(reference).expanduser().exists():
-            node = nodes[key][1] if key in nodes else None
-            problems.at(node, f"`{key}`: no such model directory {reference!r} -- give a directory, a hub id, "
-                              "or embedded:smollm2-135m-instruct")
-        elif reference and Path(reference).expanduser().is_dir():
-            top_values[key] = str(Path(reference).expanduser().resolve())
+        reference = top["constitution"]
+        problems = constitution_module.validate(reference)
+        if problems:
+            self.problems.at(self.node("constitution"), f"constitution {reference!r}: {problems[0]}")
+        elif Path(reference).exists():
+            top["constitution"] = str(Path(reference).resolve())
+        for key in ("model", "judge"):
+            reference = top[key]
+            if reference and _looks_like_path(reference) and not Path(reference).expanduser().exists():
+                self.problems.at(self.node(key), f"`{key}`: no such model directory {reference!r} -- give a "
+                                                 "directory, a hub id, or embedded:smollm2-135m-instruct")
+            elif reference and Path(reference).expanduser().is_dir():
+                top[key] = str(Path(reference).expanduser().resolve())
 
-    run_dir = Path(runs_dir) / top_values["name"]
-    if "/" in top_values["name"] or top_values["name"] in ("", ".", ".."):
-        problems.at(nodes["name"][1] if "name" in nodes else None,
-                    f"name {top_values['name']!r} must be a plain directory name (letters, digits, - and _)")
-
-    def output_of(stage: str, product: bool = True) -> Path:
-        spec = by_name[stage]
-        directory = (run_dir / spec.directory).resolve()
-        relative = spec.product if product and spec.product is not None else spec.output
-        return directory / relative if relative else directory
-
-    planned: list[PlannedStage] = []
-    for stage in order:
-        spec = by_name[stage]
+    def stage(self, stage: str, top: dict[str, Any], order: list[str], run_dir: Path) -> PlannedStage | None:
+        """One stage's config: dataclass default < wiring and shared top-level keys < recipe < --set."""
+        spec = self.by_name[stage]
         config_class, _ = spec.load()
         fields = _fields(config_class)
+
+        def output_of(name: str, product: bool = True) -> Path:
+            other = self.by_name[name]
+            directory = (run_dir / other.directory).resolve()
+            relative = other.product if product and other.product is not None else other.output
+            return directory / relative if relative else directory
+
         values: dict[str, Any] = {}
-        # 1. what the pipeline wires in
         for field_name, source in spec.wiring.items():
             if field_name not in fields:
                 raise RuntimeError(f"recipe wiring: {config_class.__name__} has no field {field_name!r} "
                                    f"(update StageSpec({stage!r}).wiring in cai/recipe.py)")
-            wired = _wired_value(source, top_values, order, output_of)
-            if wired is _MISSING:
-                continue
-            values[field_name] = _fit(wired, fields[field_name][1])
+            wired = _wired_value(source, top, order, output_of)
+            if wired is not _MISSING:
+                values[field_name] = _fit(wired, fields[field_name][1])
         for shared in SHARED_FIELDS:
-            if shared in fields and top_values.get(shared) is not None:
-                values[shared] = top_values[shared]
-        # 2. the recipe's stage mapping, 3. --set
+            if shared in fields and top.get(shared) is not None:
+                values[shared] = top[shared]
         given: dict[str, tuple[Any, Callable[[str], None]]] = {}
-        if stage in nodes:
-            mapping = nodes[stage][1]
-            if isinstance(mapping, yaml.ScalarNode) and mapping.tag.endswith(":null"):
-                pass
-            elif not isinstance(mapping, yaml.MappingNode):
-                problems.at(mapping, f"`{stage}` must be a mapping of its options, e.g. {stage}: {{seed: 1}}")
+        mapping = self.node(stage)
+        if mapping is not None and not (isinstance(mapping, yaml.ScalarNode) and mapping.tag.endswith(":null")):
+            if not isinstance(mapping, yaml.MappingNode):
+                self.problems.at(mapping, f"`{stage}` must be a mapping of its options, e.g. {stage}: {{seed: 1}}")
             else:
                 for key_node, value_node in mapping.value:
-                    given[key_node.value] = (_value(value_node), lambda m, n=key_node: problems.at(n, m))
-        for key, (option, value) in cli_stage.get(stage, {}).items():
-            given[key] = (value, lambda m, o=option: problems.cli(o, m))
+                    given[key_node.value] = (_value(value_node), lambda m, n=key_node: self.problems.at(n, m))
+        for key, (option, value) in self.cli_stage.get(stage, {}).items():
+            given[key] = (value, lambda m, o=option: self.problems.cli(o, m))
         allowed = [name for name in fields if name not in RUNNER_FIELDS]
         for key, (value, report) in given.items():
             if key not in allowed:
@@ -539,33 +559,29 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
             if not ok:
                 report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
                 continue
-            if isinstance(converted, str) and key in spec.wiring and spec.wiring[key].startswith("data."):
+            if isinstance(converted, str) and spec.wiring.get(key, "").startswith("data."):
                 found = _existing_path(converted)
                 if found is None:
                     report(f"`{stage}.{key}`: no such file {converted!r} -- check the path")
                     continue
                 converted = str(found)
             values[key] = converted
-        # A wired upstream output that this recipe does not produce must be given explicitly.
-        for field_name, source in spec.wiring.items():
+        for field_name, source in spec.wiring.items():  # an upstream output this recipe does not produce
             if source.startswith("out.") and field_name not in values:
-                problems.at(nodes["stages"][1] if "stages" in nodes else None,
-                            f"{stage} needs {source[4:]}'s output (`{stage}.{field_name}`) -- add "
-                            f"{source[4:]} to stages, or set {stage}.{field_name} to a path")
+                self.problems.at(self.node("stages"), f"{stage} needs {source[4:]}'s output (`{stage}.{field_name}`) "
+                                                      f"-- add {source[4:]} to stages, or set {stage}.{field_name}")
         values["out"] = str(output_of(stage, product=False))
-        if problems.items:
-            continue
+        if self.problems.items:
+            return None
         try:
             config = config_class(**values)
         except TypeError as exc:  # a required field the recipe does not set
-            problems.at(nodes[stage][0] if stage in nodes else None, f"{stage}: {exc}")
-            continue
+            self.problems.at(self.nodes[stage][0] if stage in self.nodes else None, f"{stage}: {exc}")
+            return None
         except Exception as exc:  # ConfigError from __post_init__: a combination that cannot work
-            problems.at(nodes[stage][1] if stage in nodes else None, f"{stage}: {exc}")
-            continue
-        planned.append(PlannedStage(spec, config, (run_dir / spec.directory).resolve()))
-    problems.raise_if_any()
-    return Recipe(path=path, name=top_values["name"], run_dir=run_dir, top=top_values, stages=planned)
+            self.problems.at(self.node(stage), f"{stage}: {exc}")
+            return None
+        return PlannedStage(spec, config, (run_dir / spec.directory).resolve())
 
 
 _MISSING = object()
