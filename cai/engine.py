@@ -142,7 +142,7 @@ class Engine:
             raise ValueError("no candidate tokens to read")
         method = getattr(self.backend, "next_token_logprobs", None)
         if method is None:
-            raise NotImplementedError(f"{type(self.backend).__name__} does not read next-token log-probabilities; "
+            raise TypeError(f"{type(self.backend).__name__} does not read next-token log-probabilities; "
                                       "use score() with whole continuations")
         return method(contexts, list(candidate_ids), list(lead_ids), progress)
 
