@@ -249,6 +249,12 @@ class _Real:
     ("The answer is unsafe.\nRevision: I can't.", "critique", "The answer is unsafe."),
     ("A safer answer.\nCritique Request: more", "answer", "A safer answer."),
     ("A safer answer.\nCritique: it is fine", "answer", "A safer answer."),
+    # A ChatML turn header whose <|im_start|> was decoded away (seen with SmolLM2-135M).
+    ("I can't help with that.\nuser\nRewrite the assistant's response", "answer", "I can't help with that."),
+    ("I'm happy to help.\nsystem", "answer", "I'm happy to help."),
+    ("It is not helpful.\nuser\nRew", "critique", "It is not helpful."),
+    ("The user asked for a user guide.\nThe user\nmanual is long.", "answer",
+     "The user asked for a user guide.\nThe user\nmanual is long."),
 ])
 def test_clean_text_strips_labels_and_cuts_new_turns(raw, kind, expected):
     assert clean_text(raw, kind) == expected
