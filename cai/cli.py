@@ -249,6 +249,110 @@ def constitution_show(
 # ----------------------------------------------------------------------------- stage 1: critique, sft (issue 3)
 
 
+def _stage1(config: str, name: str, what: str = "help"):
+    """Help text or default of a CritiqueConfig / SFTConfig field (the config is the only place either lives)."""
+    import dataclasses
+
+    from cai.stages.base import help_of
+
+    if config == "critique":
+        from cai.stages.critique import CritiqueConfig as cls
+    else:
+        from cai.stages.sft import SFTConfig as cls
+    if what == "help":
+        return help_of(cls, name)
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+def _c(name: str, what: str = "help"):
+    return _stage1("critique", name, what)
+
+
+def _s(name: str, what: str = "help"):
+    return _stage1("sft", name, what)
+
+
+_IO, _GEN, _RUN, _TRAIN = "Inputs and outputs", "Generation", "Running", "Training"
+
+
+@app.command("critique")
+def critique(
+    prompts: Annotated[str, typer.Option("--prompts", help=_c("prompts"), rich_help_panel=_IO)],
+    out: Annotated[str, typer.Option("--out", help=_c("out"), rich_help_panel=_IO)],
+    model: Annotated[str, typer.Option("--model", "-m", help=_c("model"), rich_help_panel=_IO)] = _c("model", "d"),
+    constitution: Annotated[str, typer.Option(help=_c("constitution"), rich_help_panel=_IO)]
+    = _c("constitution", "d"),
+    revisions: Annotated[int, typer.Option(help=_c("revisions"), rich_help_panel=_GEN)] = _c("revisions", "d"),
+    limit: Annotated[int | None, typer.Option(help=_c("limit"), rich_help_panel=_IO)] = None,
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=_c("few_shot"), rich_help_panel=_GEN)]
+    = _c("few_shot", "d"),
+    max_new_tokens: Annotated[int, typer.Option(help=_c("max_new_tokens"), rich_help_panel=_GEN)]
+    = _c("max_new_tokens", "d"),
+    temperature: Annotated[float, typer.Option(help=_c("temperature"), rich_help_panel=_GEN)]
+    = _c("temperature", "d"),
+    top_p: Annotated[float, typer.Option(help=_c("top_p"), rich_help_panel=_GEN)] = _c("top_p", "d"),
+    seed: Annotated[int, typer.Option(help=_c("seed"), rich_help_panel=_GEN)] = _c("seed", "d"),
+    batch_size: Annotated[int, typer.Option(help=_c("batch_size"), rich_help_panel=_RUN)] = _c("batch_size", "d"),
+    chunk_size: Annotated[int, typer.Option(help=_c("chunk_size"), rich_help_panel=_RUN)] = _c("chunk_size", "d"),
+    force: Annotated[bool, typer.Option("--force", help=_c("force"), rich_help_panel=_RUN)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Answer prompts, then critique and revise each answer under constitution principles (SL-CAI data).
+
+    Writes one record per prompt: the initial answer, every round's principle, critique and revision,
+    and the final revision. Interrupt it any time: re-running the same command resumes.
+
+    Example: cai critique --prompts data/red_team_prompts.jsonl --out critique.jsonl --limit 16 --revisions 2
+    """
+    from cai.stages import critique as stage
+
+    cfg = stage.CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution,
+                               revisions=revisions, limit=limit, few_shot=few_shot, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                               chunk_size=chunk_size, force=force)
+    _run_stage(stage.run, cfg, json_output)
+
+
+@app.command("sft")
+def sft(
+    data: Annotated[str, typer.Option("--data", help=_s("data"), rich_help_panel=_IO)],
+    out: Annotated[str, typer.Option("--out", help=_s("out"), rich_help_panel=_IO)],
+    model: Annotated[str, typer.Option("--model", "-m", help=_s("model"), rich_help_panel=_IO)] = _s("model", "d"),
+    helpful: Annotated[str | None, typer.Option(help=_s("helpful"), rich_help_panel=_IO)] = None,
+    helpful_fraction: Annotated[float, typer.Option(help=_s("helpful_fraction"), rich_help_panel=_IO)]
+    = _s("helpful_fraction", "d"),
+    helpful_max_new_tokens: Annotated[int, typer.Option(help=_s("helpful_max_new_tokens"), rich_help_panel=_IO)]
+    = _s("helpful_max_new_tokens", "d"),
+    quantize: Annotated[str | None, typer.Option(help=_s("quantize"), rich_help_panel=_TRAIN)] = None,
+    lora_r: Annotated[int, typer.Option(help=_s("lora_r"), rich_help_panel=_TRAIN)] = _s("lora_r", "d"),
+    epochs: Annotated[float, typer.Option(help=_s("epochs"), rich_help_panel=_TRAIN)] = _s("epochs", "d"),
+    max_steps: Annotated[int | None, typer.Option(help=_s("max_steps"), rich_help_panel=_TRAIN)] = None,
+    lr: Annotated[float | None, typer.Option(help=_s("lr"), rich_help_panel=_TRAIN)] = None,
+    batch_size: Annotated[int, typer.Option(help=_s("batch_size"), rich_help_panel=_TRAIN)] = _s("batch_size", "d"),
+    max_length: Annotated[int, typer.Option(help=_s("max_length"), rich_help_panel=_TRAIN)] = _s("max_length", "d"),
+    seed: Annotated[int, typer.Option(help=_s("seed"), rich_help_panel=_TRAIN)] = _s("seed", "d"),
+    save_steps: Annotated[int, typer.Option(help=_s("save_steps"), rich_help_panel=_RUN)] = _s("save_steps", "d"),
+    generation_batch_size: Annotated[int, typer.Option(help=_s("generation_batch_size"), rich_help_panel=_RUN)]
+    = _s("generation_batch_size", "d"),
+    force: Annotated[bool, typer.Option("--force", help=_s("force"), rich_help_panel=_RUN)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Fine-tune the model on its final revisions (loss on the answer only), mixed with helpful answers.
+
+    Writes a standalone model directory (LoRA merged; the adapter kept in OUT/adapter). An interrupted
+    run resumes from its last checkpoint when re-run; a finished one is skipped.
+
+    Example: cai sft --data critique.jsonl --out sft-model --helpful data/helpful_prompts.jsonl --max-steps 20
+    """
+    from cai.stages import sft as stage
+
+    cfg = stage.SFTConfig(data=data, out=out, model=model, helpful=helpful, helpful_fraction=helpful_fraction,
+                          helpful_max_new_tokens=helpful_max_new_tokens, quantize=quantize, lora_r=lora_r,
+                          epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                          seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force)
+    _run_stage(stage.run, cfg, json_output)
+
+
 
 # ----------------------------------------------------------------------------- stage 2: feedback, feedback eval (issue 4)
 
@@ -373,18 +477,358 @@ def feedback_eval(
 
 # ----------------------------------------------------------------------------- stage 3: pm train, pm score, pm eval (issue 5)
 
+from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig  # noqa: E402  (config only: no torch)
+
+pm_app = typer.Typer(help="Train, score and evaluate the hybrid preference model (stage 3).", no_args_is_help=True)
+app.add_typer(pm_app, name="pm")
+_PM_DATA, _PM_MODEL, _PM_TRAINING = "Data", "Model", "Training"
+
+
+@pm_app.command("train")
+def pm_train(
+    ai: Annotated[str, typer.Option(help=help_of(PMTrainConfig, "ai"), rich_help_panel=_PM_DATA)],
+    out: Annotated[str, typer.Option(help=help_of(PMTrainConfig, "out"), rich_help_panel=_PM_DATA)],
+    human: Annotated[str | None, typer.Option(help=help_of(PMTrainConfig, "human"), rich_help_panel=_PM_DATA)]
+    = None,
+    human_fraction: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "human_fraction"),
+                                                  rich_help_panel=_PM_DATA)] = PMTrainConfig.human_fraction,
+    eval_fraction: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "eval_fraction"),
+                                                 rich_help_panel=_PM_DATA)] = PMTrainConfig.eval_fraction,
+    max_length: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "max_length"), rich_help_panel=_PM_DATA)]
+    = PMTrainConfig.max_length,
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMTrainConfig, "model"),
+                                       rich_help_panel=_PM_MODEL)] = PMTrainConfig.model,
+    quantize: Annotated[str | None, typer.Option(help=help_of(PMTrainConfig, "quantize"),
+                                                 rich_help_panel=_PM_MODEL)] = None,
+    lora_r: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "lora_r"), rich_help_panel=_PM_MODEL)]
+    = PMTrainConfig.lora_r,
+    epochs: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "epochs"), rich_help_panel=_PM_TRAINING)]
+    = PMTrainConfig.epochs,
+    max_steps: Annotated[int | None, typer.Option(help=help_of(PMTrainConfig, "max_steps"),
+                                                  rich_help_panel=_PM_TRAINING)] = None,
+    lr: Annotated[float | None, typer.Option(help=help_of(PMTrainConfig, "lr"), rich_help_panel=_PM_TRAINING)]
+    = None,
+    batch_size: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "batch_size"),
+                                            rich_help_panel=_PM_TRAINING)] = PMTrainConfig.batch_size,
+    seed: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "seed"), rich_help_panel=_PM_TRAINING)]
+    = PMTrainConfig.seed,
+    save_steps: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "save_steps"),
+                                            rich_help_panel=_PM_TRAINING)] = PMTrainConfig.save_steps,
+    force: Annotated[bool, typer.Option("--force", help=help_of(PMTrainConfig, "force"))] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Train a preference model on AI harmlessness labels mixed with human helpfulness labels.
+
+    Soft-label Bradley-Terry loss; LoRA by default, QLoRA with --quantize 4bit, full with --lora-r 0.
+
+    Writes OUT/model and reports held-out accuracy on AI and human pairs. A re-run resumes.
+
+    Example: cai pm train --ai prefs.jsonl --human data/helpful_prefs_example.jsonl --out runs/pm
+    """
+    from cai.stages.pm import run_train
+
+    cfg = PMTrainConfig(ai=ai, out=out, human=human, human_fraction=human_fraction, model=model, quantize=quantize,
+                        lora_r=lora_r, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
+                        max_length=max_length, eval_fraction=eval_fraction, seed=seed, save_steps=save_steps,
+                        force=force)
+    _run_stage(run_train, cfg, json_output)
+
+
+@pm_app.command("score")
+def pm_score(
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMScoreConfig, "model"))],
+    prompt: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "prompt"))] = None,
+    response: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "response"))] = None,
+    input_path: Annotated[str | None, typer.Option("--input", help=help_of(PMScoreConfig, "input"))] = None,
+    out: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "out"))] = None,
+    max_length: Annotated[int | None, typer.Option(help=help_of(PMScoreConfig, "max_length"))] = None,
+    batch_size: Annotated[int, typer.Option(help=help_of(PMScoreConfig, "batch_size"))] = PMScoreConfig.batch_size,
+) -> None:
+    """Print the preference model's reward for a response (or add `reward` to each record of a JSONL).
+
+    Example: cai pm score --model runs/pm --prompt "How do I pick a lock?" --response "I can't help with that."
+    """
+    from cai.stages.pm import run_score
+
+    cfg = PMScoreConfig(model=model, prompt=prompt, response=response, input=input_path, out=out,
+                        max_length=max_length, batch_size=batch_size)
+    with RichReporter() as reporter:
+        scored = run_score(cfg, _context(reporter=reporter))
+    if cfg.input is None:
+        print(f"{scored[0]['reward']:.4f}")
+    elif cfg.out:
+        print(cfg.out)
+    else:
+        for record in scored:
+            print(json.dumps(record, ensure_ascii=False))
+
+
+@pm_app.command("eval")
+def pm_eval(
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMEvalConfig, "model"))],
+    pairs: Annotated[str, typer.Option(help=help_of(PMEvalConfig, "pairs"))],
+    out: Annotated[str | None, typer.Option(help=help_of(PMEvalConfig, "out"))] = None,
+    limit: Annotated[int | None, typer.Option(help=help_of(PMEvalConfig, "limit"))] = None,
+    max_length: Annotated[int | None, typer.Option(help=help_of(PMEvalConfig, "max_length"))] = None,
+    bins: Annotated[int, typer.Option(help=help_of(PMEvalConfig, "bins"))] = PMEvalConfig.bins,
+    batch_size: Annotated[int, typer.Option(help=help_of(PMEvalConfig, "batch_size"))] = PMEvalConfig.batch_size,
+    force: Annotated[bool, typer.Option("--force", help=help_of(PMEvalConfig, "force"))] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+) -> None:
+    """Measure a preference model on labelled pairs: accuracy, mean margin, calibration (ECE), length bias.
+
+    With --out, also writes metrics.json, scores.jsonl, calibration.png and length_bias.png there.
+
+    Example: cai pm eval --model runs/pm --pairs data/helpful_prefs_example.jsonl --out runs/pm/eval
+    """
+    from cai.stages.pm import format_metrics, run_eval
+
+    cfg = PMEvalConfig(model=model, pairs=pairs, out=out, limit=limit, max_length=max_length, bins=bins,
+                       batch_size=batch_size, force=force)
+    started = time.time()
+    with RichReporter() as reporter:
+        result = run_eval(cfg, _context(reporter=reporter))
+    print(json.dumps(result.metrics) if json_output else format_metrics(result.metrics))
+    for name, path in result.outputs.items():
+        stderr.print(f"{name}: {path}", highlight=False)
+    stderr.print(f"pm eval: {result.summary} [{time.time() - started:.0f} s]", highlight=False)
+
+
 
 
 # ----------------------------------------------------------------------------- stage 4: rl (issue 6)
 
 
+def _rl_help(name: str) -> str:
+    from cai.stages.base import help_of
+    from cai.stages.rl import RLConfig
+
+    return help_of(RLConfig, name)
+
+
+_RL_REWARDS = "Rewards and monitors"
+_RL_TRAINING = "Training"
+
+
+@app.command("rl")
+def rl_command(
+    prompts: Annotated[list[Path], typer.Option("--prompts", help=_rl_help("prompts") + " Repeat for several.")],
+    out: Annotated[Path, typer.Option(help=_rl_help("out"))],
+    policy: Annotated[str, typer.Option(help=_rl_help("policy"))] = "embedded:smollm2-135m-instruct",
+    pm: Annotated[str | None, typer.Option(help=_rl_help("pm"))] = None,
+    algo: Annotated[str, typer.Option(help=_rl_help("algo"))] = "grpo",
+    beta: Annotated[float, typer.Option(help=_rl_help("beta"))] = 0.05,
+    reward: Annotated[list[str] | None, typer.Option(
+        "--reward", help=_rl_help("reward") + " Repeatable. Default: pm:1.", rich_help_panel=_RL_REWARDS)] = None,
+    num_generations: Annotated[int, typer.Option(help=_rl_help("num_generations"), rich_help_panel=_RL_TRAINING)] = 4,
+    prompts_per_step: Annotated[int, typer.Option(help=_rl_help("prompts_per_step"),
+                                                  rich_help_panel=_RL_TRAINING)] = 2,
+    max_steps: Annotated[int, typer.Option(help=_rl_help("max_steps"), rich_help_panel=_RL_TRAINING)] = 10,
+    lr: Annotated[float | None, typer.Option(help=_rl_help("lr"), rich_help_panel=_RL_TRAINING)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help=_rl_help("max_new_tokens"), rich_help_panel=_RL_TRAINING)] = 64,
+    temperature: Annotated[float, typer.Option(help=_rl_help("temperature"), rich_help_panel=_RL_TRAINING)] = 1.0,
+    quantize: Annotated[str | None, typer.Option(help=_rl_help("quantize"), rich_help_panel=_RL_TRAINING)] = None,
+    lora_r: Annotated[int, typer.Option(help=_rl_help("lora_r"), rich_help_panel=_RL_TRAINING)] = 16,
+    limit: Annotated[int | None, typer.Option(help=_rl_help("limit"))] = None,
+    length_target: Annotated[int | None, typer.Option(help=_rl_help("length_target"),
+                                                      rich_help_panel=_RL_REWARDS)] = None,
+    code_timeout: Annotated[float, typer.Option(help=_rl_help("code_timeout"), rich_help_panel=_RL_REWARDS)] = 5.0,
+    code_memory_mb: Annotated[int, typer.Option(help=_rl_help("code_memory_mb"), rich_help_panel=_RL_REWARDS)] = 512,
+    judge: Annotated[str | None, typer.Option(help=_rl_help("judge"), rich_help_panel=_RL_REWARDS)] = None,
+    constitution: Annotated[str, typer.Option(help=_rl_help("constitution"), rich_help_panel=_RL_REWARDS)] = "default",
+    judge_every: Annotated[int, typer.Option(help=_rl_help("judge_every"), rich_help_panel=_RL_REWARDS)] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help=_rl_help("checkpoint_every"),
+                                                  rich_help_panel=_RL_TRAINING)] = 5,
+    pm_batch_size: Annotated[int, typer.Option(help=_rl_help("pm_batch_size"), rich_help_panel=_RL_TRAINING)] = 16,
+    seed: Annotated[int, typer.Option(help=_rl_help("seed"))] = 0,
+    force: Annotated[bool, typer.Option("--force", help=_rl_help("force"))] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Optimise a policy against the preference model (GRPO or RLOO) with a KL penalty and optional verifiable rewards.
+
+    Example: cai rl --policy runs/x/2-sft/model --pm runs/x/4-pm/model --prompts data/red_team_prompts.jsonl
+    --prompts data/helpful_prompts.jsonl --out runs/x/5-rl --max-steps 20
+    """
+    from cai.stages.rl import RLConfig, run
+
+    cfg = RLConfig(prompts=[str(p) for p in prompts], out=str(out), policy=policy, pm=pm, algo=algo, beta=beta,
+                   reward=list(reward) if reward else ["pm:1"], num_generations=num_generations,
+                   prompts_per_step=prompts_per_step, max_steps=max_steps, lr=lr, max_new_tokens=max_new_tokens,
+                   temperature=temperature, quantize=quantize, lora_r=lora_r, limit=limit,
+                   length_target=length_target, code_timeout=code_timeout, code_memory_mb=code_memory_mb,
+                   judge=judge, constitution=constitution, judge_every=judge_every,
+                   checkpoint_every=checkpoint_every, pm_batch_size=pm_batch_size, seed=seed, force=force)
+    _run_stage(run, cfg, json_)
+
+
 
 # ----------------------------------------------------------------------------- offline path: dpo (issue 8)
 
+from cai.stages.dpo import DPOConfig  # noqa: E402  (config only: no torch)
+
+_DPO_DATA, _DPO_MODEL, _DPO_TRAINING = "Preference data", "Model and output", "Training"
+
+
+@app.command("dpo")
+def dpo(
+    ai: Annotated[str, typer.Option(help=help_of(DPOConfig, "ai"), rich_help_panel=_DPO_DATA)],
+    out: Annotated[str, typer.Option(help=help_of(DPOConfig, "out"), rich_help_panel=_DPO_MODEL)],
+    policy: Annotated[str, typer.Option(help=help_of(DPOConfig, "policy"), rich_help_panel=_DPO_MODEL)]
+    = DPOConfig.policy,
+    human: Annotated[str | None, typer.Option(help=help_of(DPOConfig, "human"), rich_help_panel=_DPO_DATA)] = None,
+    human_fraction: Annotated[float, typer.Option(help=help_of(DPOConfig, "human_fraction"),
+                                                  rich_help_panel=_DPO_DATA)] = DPOConfig.human_fraction,
+    eval_fraction: Annotated[float, typer.Option(help=help_of(DPOConfig, "eval_fraction"),
+                                                 rich_help_panel=_DPO_DATA)] = DPOConfig.eval_fraction,
+    soft_labels: Annotated[bool, typer.Option("--soft-labels", help=help_of(DPOConfig, "soft_labels"),
+                                              rich_help_panel=_DPO_DATA)] = False,
+    beta: Annotated[float, typer.Option(help=help_of(DPOConfig, "beta"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.beta,
+    loss: Annotated[str, typer.Option(help=help_of(DPOConfig, "loss"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.loss,
+    quantize: Annotated[str | None, typer.Option(help=help_of(DPOConfig, "quantize"), rich_help_panel=_DPO_MODEL)]
+    = None,
+    lora_r: Annotated[int, typer.Option(help=help_of(DPOConfig, "lora_r"), rich_help_panel=_DPO_MODEL)]
+    = DPOConfig.lora_r,
+    epochs: Annotated[int, typer.Option(help=help_of(DPOConfig, "epochs"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.epochs,
+    lr: Annotated[float | None, typer.Option(help=help_of(DPOConfig, "lr"), rich_help_panel=_DPO_TRAINING)] = None,
+    max_steps: Annotated[int | None, typer.Option(help=help_of(DPOConfig, "max_steps"),
+                                                  rich_help_panel=_DPO_TRAINING)] = None,
+    max_length: Annotated[int, typer.Option(help=help_of(DPOConfig, "max_length"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.max_length,
+    batch_size: Annotated[int, typer.Option(help=help_of(DPOConfig, "batch_size"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.batch_size,
+    save_steps: Annotated[int, typer.Option(help=help_of(DPOConfig, "save_steps"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.save_steps,
+    seed: Annotated[int, typer.Option(help=help_of(DPOConfig, "seed"), rich_help_panel=_DPO_TRAINING)]
+    = DPOConfig.seed,
+    force: Annotated[bool, typer.Option("--force", help=help_of(DPOConfig, "force"))] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Train the policy with DPO on mixed human/AI preferences: the offline alternative to pm + rl.
+
+    The pairs are mixed and held out exactly as `cai pm train` does; the reference model is the starting
+    policy (with LoRA: the adapter disabled, no second copy). A re-run resumes from the last checkpoint;
+    a finished run is skipped.
+
+    Example: cai dpo --policy runs/demo/2-sft/model --ai runs/demo/3-feedback/prefs.jsonl
+    --human data/helpful_prefs_example.jsonl --soft-labels --out dpo-model
+    """
+    from cai.stages import dpo as stage
+
+    cfg = DPOConfig(policy=policy, ai=ai, out=out, human=human, human_fraction=human_fraction,
+                    eval_fraction=eval_fraction, beta=beta, loss=loss, soft_labels=soft_labels, quantize=quantize,
+                    lora_r=lora_r, epochs=epochs, lr=lr, max_steps=max_steps, max_length=max_length,
+                    batch_size=batch_size, save_steps=save_steps, seed=seed, force=force)
+    _run_stage(stage.run, cfg, json_output)
 
 
 # ----------------------------------------------------------------------------- pipeline: run, eval (issue 7)
 
+
+def _eval_help(name: str) -> str:
+    from cai.stages.base import help_of
+    from cai.stages.evaluate import EvalConfig
+
+    return help_of(EvalConfig, name)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[list[str], typer.Option("--model", "-m", help=_eval_help("models"))],
+    harmful: Annotated[str, typer.Option(help=_eval_help("harmful"))],
+    benign: Annotated[str, typer.Option(help=_eval_help("benign"))],
+    out: Annotated[str, typer.Option(help=_eval_help("out"))],
+    judge: Annotated[str, typer.Option(help=_eval_help("judge"), rich_help_panel="Judge")]
+    = "embedded:smollm2-135m-instruct",
+    judge_method: Annotated[str, typer.Option(help=_eval_help("judge_method"), rich_help_panel="Judge")] = "auto",
+    constitution: Annotated[str, typer.Option(help=_eval_help("constitution"), rich_help_panel="Judge")] = "default",
+    principles: Annotated[int, typer.Option(help=_eval_help("principles"), rich_help_panel="Judge")] = 1,
+    head_to_head: Annotated[bool, typer.Option("--head-to-head/--no-head-to-head", help=_eval_help("head_to_head"),
+                                               rich_help_panel="Judge")] = True,
+    pm: Annotated[str | None, typer.Option(help=_eval_help("pm"))] = None,
+    limit: Annotated[int | None, typer.Option(help=_eval_help("limit"))] = None,
+    max_new_tokens: Annotated[int, typer.Option(help=_eval_help("max_new_tokens"))] = 128,
+    quantize: Annotated[str | None, typer.Option(help=_eval_help("quantize"))] = None,
+    seed: Annotated[int, typer.Option(help=_eval_help("seed"))] = 0,
+    batch_size: Annotated[int, typer.Option(help=_eval_help("batch_size"), rich_help_panel="Speed")] = 16,
+    examples: Annotated[int, typer.Option(help=_eval_help("examples"))] = 6,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+) -> None:
+    """Measure harmlessness, over-refusal, PM score and head-to-head Elo of one or more models.
+
+    Example: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/demo/5-rl/model
+    --harmful data/eval_harmful.jsonl --benign data/eval_benign.jsonl --out eval/
+    """
+    from cai.stages.evaluate import EvalConfig, run
+
+    cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
+                     constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
+                     limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, seed=seed,
+                     batch_size=batch_size, examples=examples)
+    _run_stage(run, cfg, json_output)
+
+
+def _stage_list() -> str:
+    from cai.recipe import stage_names
+
+    return ", ".join(stage_names())
+
+
+@app.command("run")
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, qlora-1gpu, multi-gpu).")],
+    from_stage: Annotated[str | None, typer.Option("--from", help=f"Re-run this stage and every later one; "
+                                                   f"earlier ones must have finished ({_stage_list()}).")] = None,
+    only: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must exist).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: the directory under --runs-dir "
+                                                  "(default: the recipe's name).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: STAGE.KEY=VALUE, "
+                                                   "data.KEY=FILE or a top-level KEY=VALUE (repeatable).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories live.")] = Path("runs"),
+    force: Annotated[bool, typer.Option("--force", help="Discard the selected stages' outputs and redo them.")]
+    = False,
+    check: Annotated[bool, typer.Option("--check", help="Validate the recipe and print the resolved "
+                                                        "version; run nothing.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+) -> None:
+    """Run the whole pipeline from a recipe; finished stages are skipped, interrupted ones resume.
+
+    Example: cai run recipes/demo.yaml   (then: cai run recipes/demo.yaml --set rl.beta=0.1 re-runs rl and eval)
+    """
+    import yaml
+
+    from cai import recipe as recipes
+
+    loaded = recipes.load(recipe, set_ or [], name=name, runs_dir=runs_dir)
+    if check:
+        print(yaml.safe_dump(loaded.resolved(), sort_keys=False), end="")
+        return
+    started = time.time()
+    with RichReporter() as reporter:
+        overall = reporter.progress.add_task(f"run {loaded.name}", total=None, unit="stages", tokens=0)
+
+        def on_stage(index: int, total: int, stage: str) -> None:
+            reporter.progress.update(overall, total=total, completed=index,
+                                     description=f"run {loaded.name} [{index + 1}/{total}] {stage}")
+
+        result = recipes.run(loaded, reporter, from_stage=from_stage, only=only, force=force, on_stage=on_stage)
+        reporter.progress.update(overall, completed=len(result.outcomes), description=f"run {loaded.name}: done")
+    report = result.report_path
+    metrics_path = loaded.run_dir / "6-eval" / "metrics.json"
+    lines = recipes.summary_lines(json.loads(metrics_path.read_text())) if metrics_path.exists() else []
+    if json_output:
+        print(json.dumps({"run_dir": str(loaded.run_dir), "report": str(report) if report else None,
+                          "stages": [{"stage": o.name, "skipped": o.skipped, "seconds": o.seconds,
+                                      "summary": o.summary} for o in result.outcomes], "summary": lines}))
+    else:
+        print(report if report else loaded.run_dir)
+    stderr.print(f"run {loaded.name}: {len(result.outcomes)} stages "
+                 f"({sum(o.skipped for o in result.outcomes)} already done) in {time.time() - started:.0f} s; "
+                 f"{loaded.run_dir}", highlight=False)
+    for line in lines:
+        stderr.print(line, highlight=False)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -170,6 +170,12 @@ def _critique_example_principle(constitution: Constitution, example: CritiqueExa
     return constitution.critique_principles[0]
 
 
+def answer_messages(constitution: Constitution, prompt: str | list[Message]) -> list[Message]:
+    """The conversation the initial answer (before any critique) is generated from: the request, with
+    the constitution's system prompt in front when it has one."""
+    return _with_system(constitution, as_messages(prompt))
+
+
 def critique_messages(constitution: Constitution, prompt: str | list[Message], answer: str,
                       principle: CritiquePrinciple, few_shot: bool = True) -> list[Message]:
     """The conversation that asks for a critique of `answer` under `principle`.

@@ -20,6 +20,7 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
 """
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -165,7 +166,9 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+    # <|endoftext|> too: a chat model sometimes ends its turn with it (SmolLM2 does, when the two are
+    # nearly tied), and going on past it invents the next user turn.
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
             ids.add(token_id)
@@ -175,6 +178,17 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     elif isinstance(config_eos, list):
         ids.update(int(i) for i in config_eos)
     return ids
+
+
+@contextmanager
+def _eval_mode(model):
+    """Dropout off while generating or scoring (a model handed over mid-training is in train mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class HFBackend:
@@ -206,19 +220,14 @@ class HFBackend:
         encoded = self._encode(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
         results: list[Generation | None] = [None] * len(prompts)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start:start + self.batch_size]
-                    outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch])
-                    for index, generation in zip(batch, outputs, strict=True):
-                        results[index] = generation
-                    if progress:
-                        progress(len(batch), sum(g.num_tokens for g in outputs))
-        finally:
-            self.model.train(was_training)
+        with _eval_mode(self.model), torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch])
+                for index, generation in zip(batch, outputs, strict=True):
+                    results[index] = generation
+                if progress:
+                    progress(len(batch), sum(g.num_tokens for g in outputs))
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, sequences: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[Generation]:
@@ -226,22 +235,11 @@ class HFBackend:
         from transformers import DynamicCache
 
         device = self.device
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):  # left padding: every row's last token is at column -1
-            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            attention[row, width - len(seq):] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
         generators = None
         if sampling.temperature > 0:
             generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out, attention, positions = self._prefill(sequences, cache, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()  # (B, V)
         active = list(range(len(sequences)))  # original row of each row still in the batch
         next_position = positions[:, -1] + 1  # (B,)
@@ -278,6 +276,52 @@ class HFBackend:
             results.append(Generation(text=text.strip(), num_tokens=len(tokens_out), finished=done))
         return results
 
+    # Share the KV of a common prefix across the batch when it is at least this many tokens.
+    MIN_SHARED_PREFIX = 8
+
+    def _prefill(self, sequences: list[list[int]], cache, logits_to_keep: int, max_shared: int | None = None):
+        """Run the prompts through the model into `cache`, computing their common prefix only once.
+
+        Every prompt of a stage starts with the same chat-template header, and critique and judge
+        prompts with the same few-shot examples: hundreds of tokens that would otherwise be computed
+        once per row. The shared prefix is prefilled at batch size 1 and its cache repeated to the
+        batch; each row's own suffix follows, left-padded *after* the prefix:
+
+            [ shared prefix (P) ][ pad ... ][ suffix of row i ]      attention 1...1 0...0 1...1
+
+        Positions stay those of the unpadded sequence (prefix 0..P-1, suffix P..), so the result equals
+        a row run alone. `max_shared` caps the prefix (scoring needs the logits of positions that
+        would otherwise fall inside it). Returns (model output, attention mask, position ids).
+        """
+        import torch
+
+        device = self.device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        shared = common_prefix_length(sequences)
+        shared = min(shared, min(len(s) for s in sequences) - 1)  # every row keeps >= 1 token to prefill
+        if max_shared is not None:
+            shared = min(shared, max_shared)
+        if len(sequences) < 2 or shared < self.MIN_SHARED_PREFIX:
+            shared = 0
+        if shared:
+            prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=device)
+            self.model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(sequences))
+        suffixes = [seq[shared:] for seq in sequences]
+        width = max(len(s) for s in suffixes)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), shared + width), dtype=torch.long)
+        attention[:, :shared] = 1
+        positions = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, suffix in enumerate(suffixes):  # left padding within the suffix block
+            input_ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+            attention[row, shared + width - len(suffix):] = 1
+            positions[row, width - len(suffix):] = torch.arange(shared, shared + len(suffix))
+        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+        return out, attention, positions
+
     @staticmethod
     def _pick(logits, sampling: Sampling, generators, active: list[int]):
         import torch
@@ -298,6 +342,7 @@ class HFBackend:
 
     def score(self, contexts, continuations, progress):
         import torch
+        from transformers import DynamicCache
 
         context_ids = self._encode(contexts)
         continuation_ids = self._encode(continuations)
@@ -309,22 +354,21 @@ class HFBackend:
         results: list[ContinuationScore | None] = [None] * len(contexts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = self.device
-        with torch.inference_mode():
+        with _eval_mode(self.model), torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
-                width = max(total[i] for i in batch)
                 keep = max(len(continuation_ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding: every continuation ends at column -1
-                    seq = context_ids[i] + continuation_ids[i]
-                    input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                    attention[row, width - len(seq):] = 1
-                input_ids, attention = input_ids.to(device), attention.to(device)
-                positions = (attention.cumsum(-1) - 1).clamp(min=0)
+                sequences = [context_ids[i] + continuation_ids[i] for i in batch]
+                # The logit predicting a continuation's first token sits at the context's last position,
+                # so the shared prefix must end before that.
+                max_shared = min(len(context_ids[i]) for i in batch) - 1
                 # Logits for the last keep+1 positions only; the final one predicts past the end.
-                out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                 logits_to_keep=keep + 1)
+                out, _, _ = self._prefill(sequences, DynamicCache(), logits_to_keep=keep + 1, max_shared=max_shared)
+                width = max(len(seq) for seq in sequences)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                for row, seq in enumerate(sequences):  # the same right-aligned layout, for the targets
+                    input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                input_ids = input_ids.to(device)
                 logprobs = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # (B, keep, V)
                 targets = input_ids[:, -keep:]  # (B, keep): the tokens those positions predict
                 picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)  # (B, keep)
@@ -346,59 +390,17 @@ class HFBackend:
         for i, seq in enumerate(sequences):
             if not seq:
                 raise ValueError(f"context {i} is empty: nothing to condition on")
-        # The shared prefix runs once (batch of 1); every row keeps at least its last token to feed.
-        shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
-        if shared < self.MIN_SHARED_PREFIX:
-            shared = 0
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         results: list[list[float] | None] = [None] * len(sequences)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = self.device
-        candidates = torch.tensor(candidate_ids, dtype=torch.long, device=device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                prefix_kv = self._prefix_kv(sequences[0][:shared]) if shared else None
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start:start + self.batch_size]
-                    rows = [sequences[i][shared:] for i in batch]
-                    width = max(len(r) for r in rows)
-                    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                    attention = torch.zeros((len(batch), width), dtype=torch.long)
-                    for row, seq in enumerate(rows):  # left padding (after the shared prefix): last token at -1
-                        input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                        attention[row, width - len(seq):] = 1
-                    input_ids, attention = input_ids.to(device), attention.to(device)
-                    positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)
-                    cache = None
-                    if prefix_kv is not None:
-                        # Padding sits between the prefix and each row's tokens, masked out; the expanded
-                        # views are not copied until the forward concatenates the new keys onto them.
-                        cache = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1),
-                                                              v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv],
-                                             config=self.model.config)
-                        attention = torch.cat([torch.ones((len(batch), shared), dtype=attention.dtype, device=device),
-                                               attention], dim=1)
-                    out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                     past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
-                    logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
-                    picked = logprobs[:, candidates]  # (B, C)
-                    for row, i in enumerate(batch):
-                        results[i] = picked[row].tolist()
-                    if progress:
-                        progress(len(batch), sum(len(r) for r in rows))
-        finally:
-            self.model.train(was_training)
+        candidates = torch.tensor(candidate_ids, dtype=torch.long, device=self.device)
+        with _eval_mode(self.model), torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                # The judge's few-shot block is shared by every context: _prefill computes it once.
+                out, _, _ = self._prefill([sequences[i] for i in batch], DynamicCache(), logits_to_keep=1)
+                picked = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, candidates]  # (B, C)
+                for row, i in enumerate(batch):
+                    results[i] = picked[row].tolist()
+                if progress:
+                    progress(len(batch), sum(len(sequences[i]) for i in batch))
         return results  # type: ignore[return-value]
-
-    def _prefix_kv(self, prefix: list[int]) -> list[tuple]:
-        """Keys and values of every layer for one token prefix, shape (1, kv_heads, len, head_dim) each."""
-        import torch
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
-        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
-        return [(layer.keys, layer.values) for layer in cache.layers]

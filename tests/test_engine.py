@@ -31,6 +31,24 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_engine):
     assert [o.text for o in other] != [o.text for o in together]
 
 
+def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine):
+    """The shared-prefix cache must not change what the model computes for any row."""
+    from transformers import DynamicCache
+
+    backend = tiny_engine.backend
+    header = [{"role": "system", "content": "A long shared system prompt that every row starts with, " * 3}]
+    texts = [tiny_engine.render(header + c) for c in CONVERSATIONS]
+    sequences = backend._encode(texts)
+    shared, _, _ = backend._prefill(sequences, DynamicCache(), logits_to_keep=1)
+    original = backend.MIN_SHARED_PREFIX
+    try:
+        backend.MIN_SHARED_PREFIX = 10**9  # sharing off
+        plain, _, _ = backend._prefill(sequences, DynamicCache(), logits_to_keep=1)
+    finally:
+        backend.MIN_SHARED_PREFIX = original
+    assert torch.allclose(shared.logits[:, -1], plain.logits[:, -1], atol=1e-4)
+
+
 def test_max_new_tokens_truncates_and_is_reported(tiny_engine):
     outputs = tiny_engine.generate_chat(CONVERSATIONS, Sampling(max_new_tokens=3))
     for output in outputs:

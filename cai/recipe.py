@@ -1,0 +1,792 @@
+"""Recipes: one YAML file -> every stage's config, run in order into one run directory.
+
+A recipe names the base model, the constitution, the data and each stage's options (the same keys as
+the stage's command options, snake_case):
+
+    name: demo
+    model: embedded:smollm2-135m-instruct
+    constitution: default
+    stages: [critique, sft, feedback, pm, rl, eval]
+    data:
+      red_team: data/red_team_prompts.jsonl
+    critique: {revisions: 1, limit: 40}
+    sft: {epochs: 2}
+
+Precedence (STYLE.md 3): the stage config's dataclass default, then what the pipeline wires in (the
+run-directory paths of upstream outputs, the recipe's `model`, `constitution`, `seed`...), then the
+recipe's stage mapping, then `--set stage.key=value` on the command line. Unknown keys, wrong types
+and missing files raise `RecipeError` naming `file:line`, the key and the closest valid key, before any
+model loads.
+
+The run directory (DESIGN.md "Run directory"):
+
+    runs/NAME/recipe.yaml             the fully resolved recipe
+    runs/NAME/1-critique/records.jsonl + manifest.json
+    runs/NAME/2-sft/model/             + manifest.json
+    runs/NAME/3-feedback/prefs.jsonl   + manifest.json
+    runs/NAME/4-pm/model/              + manifest.json
+    runs/NAME/5-rl/model/  (or 5-dpo/) + manifest.json
+    runs/NAME/6-eval/                  metrics.json, report.html, report.md, *.png
+    runs/NAME/run.json                 what each stage did in the last `cai run` and how long it took
+
+Skipping and resuming are the stages' own (`StageRun` manifests). The runner adds what only it knows:
+when a stage's manifest no longer matches (its options or an upstream output changed), the stage's
+directory belongs to this run, so it is discarded and the stage runs again; every stage after it then
+sees changed inputs and runs again too.
+"""
+
+import dataclasses
+import difflib
+import importlib
+import json
+import os
+import shlex
+import subprocess
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cai.errors import RecipeError, ResumeMismatch
+from cai.paths import bundled
+
+# ----------------------------------------------------------------------------- the stage registry
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One pipeline stage as the runner sees it.
+
+    `wiring` maps a config field to where its value comes from in a recipe:
+    `model` / `judge` / `constitution` (top-level keys), `data.KEY` (a prompt or preference file),
+    `out.STAGE` (that stage's output in the run directory; the recipe must run STAGE or set the field),
+    `out?.STAGE` (the same, left at the field's default when the recipe does not run STAGE),
+    `models` (eval's model list: base plus the output of each policy stage the recipe runs).
+    Wired values are defaults: the recipe's stage mapping may override any of them except `out`.
+    """
+
+    name: str
+    directory: str  # subdirectory of the run directory
+    module: str  # imported only when the stage's config is needed
+    output: str  # cfg.out, relative to the stage directory ("" = the directory itself)
+    wiring: dict[str, str] = field(default_factory=dict)
+    product: str | None = None  # what later stages read, relative to the stage directory (None = output)
+    config: str | None = None  # config class name (None = the module's one *Config dataclass)
+    function: str = "run"  # the stage's run(cfg, ctx) in the module
+    loader: Callable[[], tuple[type, Callable]] | None = None  # tests plug fake stages in here
+
+    def load(self) -> tuple[type, Callable]:
+        """(config class, run function), imported now."""
+        if self.loader is not None:
+            return self.loader()
+        module = importlib.import_module(self.module)
+        if self.config:
+            return getattr(module, self.config), getattr(module, self.function)
+        configs = [value for name, value in vars(module).items()
+                   if name.endswith("Config") and dataclasses.is_dataclass(value)
+                   and value.__module__ == module.__name__]
+        if len(configs) != 1:
+            raise RuntimeError(f"{self.module} defines {len(configs)} *Config dataclasses -- name one in StageSpec.config")
+        return configs[0], getattr(module, self.function)
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("critique", "1-critique", "cai.stages.critique", "records.jsonl",
+              {"prompts": "data.red_team", "model": "model", "constitution": "constitution"}),
+    StageSpec("sft", "2-sft", "cai.stages.sft", "model",
+              {"data": "out.critique", "model": "model", "helpful": "data.helpful"}),
+    StageSpec("feedback", "3-feedback", "cai.stages.feedback", "prefs.jsonl", config="FeedbackConfig",
+              wiring={"prompts": "data.red_team", "policy": "out.sft", "judge": "judge",
+                      "constitution": "constitution"}),
+    StageSpec("pm", "4-pm", "cai.stages.pm", "", product="model", config="PMTrainConfig", function="run_train",
+              wiring={"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
+    StageSpec("rl", "5-rl", "cai.stages.rl", "", product="model",
+              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts"}),
+    StageSpec("dpo", "5-dpo", "cai.stages.dpo", "model",
+              {"policy": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
+    StageSpec("eval", "6-eval", "cai.stages.evaluate", "",
+              {"models": "models", "harmful": "data.eval_harmful", "benign": "data.eval_benign",
+               "judge": "judge", "constitution": "constitution", "pm": "out?.pm"}),
+)
+
+DEFAULT_STAGES = ["critique", "sft", "feedback", "pm", "rl", "eval"]
+# Labels of the models eval compares, in order, and the stage whose output each one is.
+EVAL_MODELS = (("base", None), ("sl", "sft"), ("rl", "rl"), ("dpo", "dpo"))
+
+DATA_KEYS = {
+    "red_team": ("data/red_team_prompts.jsonl", "harmful requests for critique, feedback and RL"),
+    "helpful": ("data/helpful_prompts.jsonl", "ordinary requests mixed into SFT so the model stays helpful"),
+    "human_prefs": ("data/helpful_prefs_example.jsonl", "human helpfulness comparisons mixed into the PM/DPO"),
+    "rl_prompts": (None, "prompts for RL rollouts (a file or a list); null = red_team and helpful"),
+    "eval_harmful": ("data/eval_harmful.jsonl", "held-out harmful requests for eval"),
+    "eval_benign": ("data/eval_benign.jsonl", "held-out benign requests for eval (over-refusal)"),
+}
+
+TOP_LEVEL = {
+    "name": "run name: the directory under runs/ (default: the recipe file's name)",
+    "description": "free text",
+    "model": "base model reference (embedded:NAME, hub id or directory)",
+    "judge": "feedback and eval judge model; null = the base model",
+    "constitution": "constitution file or bundled name",
+    "seed": "seed every stage uses",
+    "quantize": "4bit or null, for every stage that takes --quantize",
+    "device": "cpu, cuda, cuda:N; null = CUDA when present",
+    "stages": "which stages to run, in order (dpo may replace pm + rl)",
+    "data": "input files: " + ", ".join(DATA_KEYS),
+    "launch": "run some stages through a launcher: {command: 'accelerate launch --config_file F', stages: [sft, ...]}",
+}
+LAUNCH_KEYS = ("command", "stages")
+# Set in a stage process started by a `launch:` command, so it runs the stage instead of launching again.
+LAUNCHED_ENV = "CAI_LAUNCHED"
+# Top-level keys copied into every stage config that has a field of the same name (unless the stage sets it).
+SHARED_FIELDS = ("seed", "quantize")
+# Config fields the runner owns: never read from a recipe.
+RUNNER_FIELDS = ("out", "force")
+
+
+def stage_names(registry: tuple[StageSpec, ...] = STAGES) -> list[str]:
+    return [spec.name for spec in registry]
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class PlannedStage:
+    spec: StageSpec
+    config: Any  # the stage's config dataclass, fully resolved
+    directory: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "manifest.json"
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    run_dir: Path
+    top: dict[str, Any]  # resolved top-level values (model, constitution, seed, data...)
+    stages: list[PlannedStage]
+
+    def stage(self, name: str) -> PlannedStage:
+        return next(s for s in self.stages if s.spec.name == name)
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every value filled in, as written to runs/NAME/recipe.yaml (loadable again)."""
+        out: dict[str, Any] = {k: v for k, v in self.top.items() if v is not None or k in ("judge", "quantize")}
+        out["stages"] = [s.spec.name for s in self.stages]
+        for planned in self.stages:
+            out[planned.spec.name] = {f.name: _plain(getattr(planned.config, f.name))
+                                      for f in dataclasses.fields(planned.config) if f.name not in RUNNER_FIELDS}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _Problems:
+    """Collects every problem in a recipe, each as `where: message`, so one run shows them all."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: list[tuple[int, str]] = []
+
+    def at(self, node: yaml.Node | None, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 0
+        self.items.append((line, f"{self.path}:{line or 1}: {message}"))
+
+    def cli(self, option: str, message: str) -> None:
+        self.items.append((10**9, f"--set {option}: {message}"))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        lines = [text for _, text in sorted(self.items, key=lambda item: item[0])]
+        head = lines[0] if len(lines) == 1 else f"{len(lines)} problems in the recipe:\n" + "\n".join(lines)
+        raise RecipeError(head)
+
+
+def _closest(key: str, candidates) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"did you mean `{match[0]}`?" if match else f"valid keys: {', '.join(candidates)}"
+
+
+def _compose(path: Path) -> yaml.MappingNode:
+    if not path.exists():
+        raise RecipeError(f"{path}: no such recipe file -- see recipes/ for examples (recipes/smoke.yaml)")
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RecipeError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
+                          f"({getattr(exc, 'problem', exc)}) -- check indentation and quoting") from None
+    if root is None:
+        raise RecipeError(f"{path}:1: the recipe is empty -- see recipes/smoke.yaml for an example")
+    if not isinstance(root, yaml.MappingNode):
+        raise RecipeError(f"{path}:1: a recipe is a YAML mapping (model:, stages:, data:, one mapping per stage)")
+    return root
+
+
+def _value(node: yaml.Node) -> Any:
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _parse_set(option: str, problems: _Problems) -> tuple[list[str], Any] | None:
+    if "=" not in option:
+        problems.cli(option, "expected KEY=VALUE, e.g. --set sft.epochs=2")
+        return None
+    key, text = option.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+# -- types -------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if tp is type(None):
+        return "null"
+    if tp is Path:
+        return "a path"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, converted value) for a YAML value against a config field's annotation.
+
+    int is accepted for float (and converted); a path field takes a string; bool is not an int."""
+    if tp is Any or tp is object:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, converted = check_type(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is typing.Literal:
+        return value in typing.get_args(tp), value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            return False, value
+        args = typing.get_args(tp)
+        if not args:
+            return True, value
+        converted = []
+        for item in value:
+            ok, item_value = check_type(item, args[0])
+            if not ok:
+                return False, value
+            converted.append(item_value)
+        return True, converted if origin is list else tuple(converted)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is Path:
+        return isinstance(value, str | Path), str(value) if isinstance(value, Path) else value
+    return True, value
+
+
+def _fields(config_class: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(config_class)
+    return {f.name: (f, hints.get(f.name, Any)) for f in dataclasses.fields(config_class)}
+
+
+# -- resolution ---------------------------------------------------------------------------------------
+
+
+def _existing_path(value: str) -> Path | None:
+    """A relative path is read from the current directory first, then from cai's bundled files."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return path.resolve()
+    candidate = bundled(value)
+    return candidate.resolve() if candidate.exists() else None
+
+
+def _looks_like_path(reference: str) -> bool:
+    return reference.startswith((".", "/", "~")) or Path(reference).suffix in (".jsonl", ".json", ".csv", ".yaml")
+
+
+def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None,
+         runs_dir: str | Path = "runs", registry: tuple[StageSpec, ...] = STAGES) -> Recipe:
+    """Read and check a recipe; build every stage's config. Loads no model; raises `RecipeError` with
+    every problem found (unknown keys, wrong types, missing files), each naming `file:line`."""
+    path = Path(path)
+    reader = _Reader(path, _compose(path), overrides, registry)
+    top = reader.top_level(name)
+    order = reader.stage_order()
+    top["data"] = reader.data(order)
+    reader.check_references(top)
+    run_dir = Path(runs_dir) / top["name"]
+    planned = [stage for stage in (reader.stage(name, top, order, run_dir) for name in order) if stage is not None]
+    reader.problems.raise_if_any()
+    return Recipe(path=path, name=top["name"], run_dir=run_dir, top=top, stages=planned)
+
+
+class _Reader:
+    """Reads one recipe: the YAML node tree (for line numbers) and the --set overrides on top of it."""
+
+    def __init__(self, path: Path, root: yaml.MappingNode, overrides: list[str], registry: tuple[StageSpec, ...]):
+        self.problems = _Problems(path)
+        self.registry = registry
+        self.by_name = {spec.name: spec for spec in registry}
+        self.nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}  # top-level key -> (key node, value node)
+        for key_node, value_node in root.value:
+            key = key_node.value
+            if key not in TOP_LEVEL and key not in self.by_name:
+                self.problems.at(key_node, f"unknown key `{key}` -- {_closest(key, [*TOP_LEVEL, *self.by_name])}")
+                continue
+            if key in self.nodes:
+                self.problems.at(key_node, f"key `{key}` appears twice -- keep one")
+            self.nodes[key] = (key_node, value_node)
+        # --set: KEY=VALUE for a top-level key, data.KEY=VALUE, or STAGE.FIELD=VALUE.
+        self.cli_top: dict[str, Any] = {}
+        self.cli_data: dict[str, Any] = {}
+        self.cli_stage: dict[str, dict[str, tuple[str, Any]]] = {}
+        for option in overrides:
+            parsed = _parse_set(option, self.problems)
+            if parsed is None:
+                continue
+            keys, value = parsed
+            if len(keys) == 1 and keys[0] in TOP_LEVEL and keys[0] != "data":
+                self.cli_top[keys[0]] = value
+            elif len(keys) == 2 and keys[0] == "data":
+                if keys[1] not in DATA_KEYS:
+                    self.problems.cli(option, f"unknown data key `{keys[1]}` -- {_closest(keys[1], DATA_KEYS)}")
+                self.cli_data[keys[1]] = value
+            elif len(keys) == 2 and keys[0] in self.by_name:
+                self.cli_stage.setdefault(keys[0], {})[keys[1]] = (option, value)
+            else:
+                self.problems.cli(option, f"`{'.'.join(keys)}` is not a recipe key -- use STAGE.KEY ("
+                                          f"{_closest(keys[0], [*TOP_LEVEL, *self.by_name])}), data.KEY or a "
+                                          "top-level key")
+
+    def node(self, key: str) -> yaml.Node | None:
+        return self.nodes[key][1] if key in self.nodes else None
+
+    def value(self, key: str, default: Any, kind: Any) -> Any:
+        """A top-level value: --set, else the recipe, else `default`; type-checked against `kind`."""
+        if key in self.cli_top:
+            ok, value = check_type(self.cli_top[key], kind)
+            if not ok:
+                self.problems.cli(f"{key}={self.cli_top[key]}", f"`{key}` must be {_type_name(kind)}")
+            return value
+        if key not in self.nodes:
+            return default
+        ok, value = check_type(_value(self.node(key)), kind)
+        if not ok:
+            self.problems.at(self.node(key), f"`{key}` must be {_type_name(kind)}, got {_value(self.node(key))!r}")
+            return default
+        return value
+
+    def top_level(self, name: str | None) -> dict[str, Any]:
+        top: dict[str, Any] = {
+            "name": name or self.value("name", self.problems.path.stem, str),
+            "description": self.value("description", None, str | None),
+            "model": self.value("model", "embedded:smollm2-135m-instruct", str),
+            "judge": self.value("judge", None, str | None),
+            "constitution": self.value("constitution", "default", str),
+            "seed": self.value("seed", 0, int),
+            "quantize": self.value("quantize", None, str | None),
+            "device": self.value("device", None, str | None),
+            "launch": self.value("launch", None, dict | None),
+        }
+        if "/" in top["name"] or top["name"] in ("", ".", ".."):
+            self.problems.at(self.node("name"), f"name {top['name']!r} must be a plain directory name "
+                                                "(letters, digits, - and _)")
+        launch = top["launch"]
+        if launch is not None:
+            for key in launch:
+                if key not in LAUNCH_KEYS:
+                    self.problems.at(self.node("launch"), f"unknown key `{key}` in launch -- {_closest(key, LAUNCH_KEYS)}")
+            if not isinstance(launch.get("command"), str) or not launch["command"].strip():
+                self.problems.at(self.node("launch"), "launch.command must be a command line, e.g. accelerate "
+                                                      "launch --config_file recipes/accelerate/multi-gpu.yaml")
+            if not check_type(launch.get("stages"), list[str])[0]:
+                self.problems.at(self.node("launch"), "launch.stages must be a list of stage names, e.g. [sft, pm]")
+            else:
+                for stage in launch["stages"]:
+                    if stage not in self.by_name:
+                        self.problems.at(self.node("launch"), f"unknown stage `{stage}` in launch.stages -- "
+                                                              f"{_closest(stage, self.by_name)}")
+        return top
+
+    def stage_order(self) -> list[str]:
+        """The stages to run, always in pipeline order."""
+        stages = self.value("stages", list(DEFAULT_STAGES), list[str])
+        for index, stage in enumerate(stages):
+            if stage not in self.by_name:
+                node = self.node("stages").value[index] if "stages" in self.nodes and "stages" not in self.cli_top \
+                    else None
+                self.problems.at(node, f"unknown stage `{stage}` in stages -- {_closest(stage, self.by_name)}")
+        if len(set(stages)) != len(stages):
+            self.problems.at(self.node("stages"), "a stage is listed twice in stages")
+        return [spec.name for spec in self.registry if spec.name in stages]
+
+    def data(self, order: list[str]) -> dict[str, Any]:
+        """The input files, checked to exist now rather than after an hour of training."""
+        data: dict[str, Any] = {key: default for key, (default, _) in DATA_KEYS.items()}
+        data_nodes: dict[str, yaml.Node] = {}
+        mapping = self.node("data")
+        if mapping is not None and not isinstance(mapping, yaml.MappingNode):
+            self.problems.at(mapping, "`data` must be a mapping like {red_team: FILE, eval_harmful: FILE}")
+        elif mapping is not None:
+            for key_node, value_node in mapping.value:
+                key = key_node.value
+                if key not in DATA_KEYS:
+                    self.problems.at(key_node, f"unknown data key `{key}` -- {_closest(key, DATA_KEYS)}")
+                    continue
+                value = _value(value_node)
+                if not check_type(value, str | list[str] | None)[0] or value == []:
+                    self.problems.at(value_node, f"`data.{key}` must be a file path (or a list of them), got {value!r}")
+                    continue
+                data[key], data_nodes[key] = value, value_node
+        data.update(self.cli_data)
+        if data["rl_prompts"] is None:  # the paper trained RL on red-team and helpful prompts
+            data["rl_prompts"] = [data["red_team"], data["helpful"]]
+        needed = {source.split(".", 1)[1] for spec in self.registry if spec.name in order
+                  for source in spec.wiring.values() if source.startswith("data.")}
+        for key in list(data):
+            if data[key] is None:
+                continue
+            resolved = []
+            for value in data[key] if isinstance(data[key], list) else [data[key]]:
+                found = _existing_path(str(value))
+                if found is None and key in needed:
+                    message = (f"data.{key}: no such file {value!r} -- check the path (relative paths are read "
+                               "from the current directory)")
+                    if key in self.cli_data:
+                        self.problems.cli(f"data.{key}", message)
+                    else:
+                        self.problems.at(data_nodes.get(key), message)
+                resolved.append(str(found) if found else value)
+            data[key] = resolved if isinstance(data[key], list) else resolved[0]
+        return data
+
+    def check_references(self, top: dict[str, Any]) -> None:
+        """The constitution validates; model and judge paths exist (hub ids are checked when loaded)."""
+        from cai import constitution as constitution_module
+
+        reference = top["constitution"]
+        problems = constitution_module.validate(reference)
+        if problems:
+            self.problems.at(self.node("constitution"), f"constitution {reference!r}: {problems[0]}")
+        elif Path(reference).exists():
+            top["constitution"] = str(Path(reference).resolve())
+        for key in ("model", "judge"):
+            reference = top[key]
+            if reference and _looks_like_path(reference) and not Path(reference).expanduser().exists():
+                self.problems.at(self.node(key), f"`{key}`: no such model directory {reference!r} -- give a "
+                                                 "directory, a hub id, or embedded:smollm2-135m-instruct")
+            elif reference and Path(reference).expanduser().is_dir():
+                top[key] = str(Path(reference).expanduser().resolve())
+
+    def stage(self, stage: str, top: dict[str, Any], order: list[str], run_dir: Path) -> PlannedStage | None:
+        """One stage's config: dataclass default < wiring and shared top-level keys < recipe < --set."""
+        spec = self.by_name[stage]
+        config_class, _ = spec.load()
+        fields = _fields(config_class)
+
+        def output_of(name: str, product: bool = True) -> Path:
+            other = self.by_name[name]
+            directory = (run_dir / other.directory).resolve()
+            relative = other.product if product and other.product is not None else other.output
+            return directory / relative if relative else directory
+
+        values: dict[str, Any] = {}
+        for field_name, source in spec.wiring.items():
+            if field_name not in fields:
+                raise RuntimeError(f"recipe wiring: {config_class.__name__} has no field {field_name!r} "
+                                   f"(update StageSpec({stage!r}).wiring in cai/recipe.py)")
+            wired = _wired_value(source, top, order, output_of)
+            if wired is not _MISSING:
+                values[field_name] = _fit(wired, fields[field_name][1])
+        for shared in SHARED_FIELDS:
+            if shared in fields and top.get(shared) is not None:
+                values[shared] = top[shared]
+        given: dict[str, tuple[Any, Callable[[str], None]]] = {}
+        mapping = self.node(stage)
+        if mapping is not None and not (isinstance(mapping, yaml.ScalarNode) and mapping.tag.endswith(":null")):
+            if not isinstance(mapping, yaml.MappingNode):
+                self.problems.at(mapping, f"`{stage}` must be a mapping of its options, e.g. {stage}: {{seed: 1}}")
+            else:
+                for key_node, value_node in mapping.value:
+                    given[key_node.value] = (_value(value_node), lambda m, n=key_node: self.problems.at(n, m))
+        for key, (option, value) in self.cli_stage.get(stage, {}).items():
+            given[key] = (value, lambda m, o=option: self.problems.cli(o, m))
+        allowed = [name for name in fields if name not in RUNNER_FIELDS]
+        for key, (value, report) in given.items():
+            if key not in allowed:
+                report(f"unknown key `{key}` in {stage} -- {_closest(key, allowed)}")
+                continue
+            ok, converted = check_type(value, fields[key][1])
+            if not ok:
+                report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
+                continue
+            if isinstance(converted, str) and spec.wiring.get(key, "").startswith("data."):
+                found = _existing_path(converted)
+                if found is None:
+                    report(f"`{stage}.{key}`: no such file {converted!r} -- check the path")
+                    continue
+                converted = str(found)
+            values[key] = converted
+        for field_name, source in spec.wiring.items():  # an upstream output this recipe does not produce
+            if source.startswith("out.") and field_name not in values:
+                self.problems.at(self.node("stages"), f"{stage} needs {source[4:]}'s output (`{stage}.{field_name}`) "
+                                                      f"-- add {source[4:]} to stages, or set {stage}.{field_name}")
+        values["out"] = str(output_of(stage, product=False))
+        if self.problems.items:
+            return None
+        try:
+            config = config_class(**values)
+        except TypeError as exc:  # a required field the recipe does not set
+            self.problems.at(self.nodes[stage][0] if stage in self.nodes else None, f"{stage}: {exc}")
+            return None
+        except Exception as exc:  # ConfigError from __post_init__: a combination that cannot work
+            self.problems.at(self.node(stage), f"{stage}: {exc}")
+            return None
+        return PlannedStage(spec, config, (run_dir / spec.directory).resolve())
+
+
+_MISSING = object()
+
+
+def _fit(value: Any, tp: Any) -> Any:
+    """A wired value shaped for its field: one path into a list field becomes a list of one."""
+    if isinstance(value, str) and not check_type(value, tp)[0] and check_type([value], tp)[0]:
+        return [value]
+    return value
+
+
+def _wired_value(source: str, top: dict[str, Any], order: list[str], output_of: Callable[[str], Path]) -> Any:
+    if source in ("model", "constitution"):
+        return top[source]
+    if source == "judge":
+        return top["judge"] or top["model"]
+    if source.startswith("data."):
+        value = top["data"][source[5:]]
+        return _MISSING if value is None else value
+    if source.startswith(("out.", "out?.")):
+        stage = source.split(".", 1)[1]
+        return str(output_of(stage)) if stage in order else _MISSING
+    if source == "models":
+        models = [f"base={top['model']}"]
+        models += [f"{label}={output_of(stage)}" for label, stage in EVAL_MODELS if stage and stage in order]
+        return models
+    raise RuntimeError(f"unknown wiring source {source!r}")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    seconds: float
+    skipped: bool
+    summary: str
+    outputs: dict[str, str]
+    counts: dict[str, int]
+    metrics: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    outcomes: list[StageOutcome]
+
+    @property
+    def report_path(self) -> Path | None:
+        for outcome in self.outcomes:
+            if "report_html" in outcome.outputs:
+                return Path(outcome.outputs["report_html"])
+        candidate = self.recipe.run_dir / "6-eval" / "report.html"
+        return candidate if candidate.exists() else None
+
+
+# Called as on_stage(index, total, stage_name) before each stage runs (index from 0).
+StageCallback = Callable[[int, int, str], None]
+
+
+def select(recipe: Recipe, from_stage: str | None = None, only: str | None = None) -> list[PlannedStage]:
+    names = [s.spec.name for s in recipe.stages]
+    for option, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in names:
+            raise RecipeError(f"{option} {value}: not a stage of this recipe -- use one of: {', '.join(names)}")
+    if from_stage and only:
+        raise RecipeError("--from and --only do not combine -- use one")
+    if only:
+        return [recipe.stage(only)]
+    if from_stage:
+        return recipe.stages[names.index(from_stage):]
+    return list(recipe.stages)
+
+
+def write_resolved(recipe: Recipe) -> Path:
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    target = recipe.run_dir / "recipe.yaml"
+    header = (f"# Resolved from {recipe.path} by `cai run`: every option of every stage, defaults included.\n"
+              f"# Run it again with: cai run {target}\n")
+    target.write_text(header + yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True, width=110))
+    return target
+
+
+def run(recipe: Recipe, reporter, *, from_stage: str | None = None, only: str | None = None,
+        force: bool = False, on_stage: StageCallback | None = None) -> RunResult:
+    """Run the selected stages in order.
+
+    Every stage skips itself when its manifest is complete and matches (no work at all) and resumes a
+    partial one. `force` discards the selected stages' directories first; `from_stage` re-runs that
+    stage and every one after it (forced), leaving earlier ones alone.
+    """
+    from cai.stages.base import StageContext, discard_outputs
+
+    selected = select(recipe, from_stage, only)
+    selected_names = {s.spec.name for s in selected}
+    for planned in recipe.stages:  # stages not run now must have finished before
+        if planned.spec.name in selected_names:
+            break
+        if not _complete(planned.manifest_path):
+            raise RecipeError(f"stage {planned.spec.name} has not finished in {recipe.run_dir} -- run "
+                              f"`cai run {recipe.path}` without --from/--only first")
+    if only:
+        upstream = {source.split(".", 1)[1] for source in recipe.stage(only).spec.wiring.values()
+                    if source.startswith(("out.", "out?."))}
+        for planned in recipe.stages:
+            if planned.spec.name in upstream and not _complete(planned.manifest_path):
+                raise RecipeError(f"--only {only}: stage {planned.spec.name} has not finished in {recipe.run_dir} "
+                                  f"-- run `cai run {recipe.path}` first")
+    write_resolved(recipe)
+    outcomes: list[StageOutcome] = []
+    for index, planned in enumerate(selected):
+        if on_stage:
+            on_stage(index, len(selected), planned.spec.name)
+        if force or from_stage:
+            discard_outputs(planned.directory)
+        started = time.time()
+        if _launched_elsewhere(recipe, planned.spec.name):
+            result = _launch(recipe, planned, reporter)
+            outcome = StageOutcome(planned.spec.name, round(time.time() - started, 2), result.skipped,
+                                   result.summary, dict(result.outputs), dict(result.counts), dict(result.metrics))
+            outcomes.append(outcome)
+            reporter.log(f"{planned.spec.name}: {result.summary} [{outcome.seconds:.0f} s]")
+            _record_outcomes(recipe, outcomes)
+            continue
+        _, run_fn = planned.spec.load()
+        context = StageContext(reporter=reporter, manifest_path=planned.manifest_path, device=recipe.top["device"])
+        try:
+            result = run_fn(planned.config, context)
+        except ResumeMismatch:
+            # The directory belongs to this run and was made from an older recipe or older upstream
+            # outputs: what it holds is stale by definition, so start the stage over.
+            reporter.log(f"{planned.spec.name}: its options or inputs changed since the last run; "
+                         f"discarding {planned.directory.name}/ and running it again")
+            discard_outputs(planned.directory)
+            result = run_fn(planned.config, context)
+        outcome = StageOutcome(planned.spec.name, round(time.time() - started, 2), result.skipped, result.summary,
+                               dict(result.outputs), dict(result.counts), dict(result.metrics))
+        outcomes.append(outcome)
+        reporter.log(f"{planned.spec.name}: {result.summary} [{outcome.seconds:.0f} s]")
+        _record_outcomes(recipe, outcomes)
+    return RunResult(recipe, outcomes)
+
+
+def _launched_elsewhere(recipe: Recipe, stage: str) -> bool:
+    launch = recipe.top.get("launch")
+    return bool(launch) and stage in launch["stages"] and not os.environ.get(LAUNCHED_ENV)
+
+
+def launch_command(recipe: Recipe, stage: str) -> list[str]:
+    """The command that runs one stage through the recipe's launcher (accelerate, torchrun...): the
+    launcher runs `-m cai run runs/NAME/recipe.yaml --only STAGE` in each of its processes."""
+    resolved = recipe.run_dir / "recipe.yaml"
+    return [*shlex.split(recipe.top["launch"]["command"]), "-m", "cai", "run", str(resolved), "--only", stage,
+            "--runs-dir", str(recipe.run_dir.parent), "--name", recipe.name]
+
+
+def _launch(recipe: Recipe, planned: PlannedStage, reporter):
+    from cai.stages.base import StageResult
+
+    command = launch_command(recipe, planned.spec.name)
+    reporter.log(f"{planned.spec.name}: launching {' '.join(shlex.quote(c) for c in command)}")
+    completed = subprocess.run(command, env={**os.environ, LAUNCHED_ENV: "1"})
+    if completed.returncode != 0:
+        raise RecipeError(f"{planned.spec.name}: the launched command exited with {completed.returncode} -- its "
+                          f"output is above; fix it and run again (finished work is kept)")
+    try:
+        manifest = json.loads(planned.manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RecipeError(f"{planned.spec.name}: the launched command wrote no manifest at "
+                          f"{planned.manifest_path}") from None
+    return StageResult(stage=planned.spec.name, outputs=manifest.get("outputs", {}), counts=manifest.get("counts", {}),
+                       summary=manifest.get("summary", ""), metrics=manifest.get("metrics", {}))
+
+
+def _complete(manifest_path: Path) -> bool:
+    try:
+        return json.loads(manifest_path.read_text()).get("status") == "complete"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _record_outcomes(recipe: Recipe, outcomes: list[StageOutcome]) -> None:
+    """runs/NAME/run.json: what each stage of the last `cai run` did and how long it took."""
+    data = {"name": recipe.name, "recipe": str(recipe.path), "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "stages": [dataclasses.asdict(o) for o in outcomes]}
+    (recipe.run_dir / "run.json").write_text(json.dumps(data, indent=2, default=str))
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """Three lines for a person: refusal of harmful requests, over-refusal of benign ones, and Elo."""
+    models = metrics.get("models", {})
+    labels = list(models)
+
+    def series(key: str) -> str:
+        parts = [f"{label} {models[label][key] * 100:.0f}%" for label in labels if models[label].get(key) is not None]
+        return " -> ".join(parts) if parts else "n/a"
+
+    lines = [f"harmful requests refused: {series('harmful_refusal_rate')}",
+             f"benign requests refused (over-refusal): {series('benign_refusal_rate')}"]
+    elo = metrics.get("elo") or {}
+    if elo:
+        lines.append("harmlessness Elo (judge): " + ", ".join(f"{label} {elo[label]:.0f}" for label in labels
+                                                               if label in elo))
+    else:
+        lines.append("harmlessness Elo: n/a (no judge, or no comparison it could judge)")
+    return lines

@@ -1,0 +1,356 @@
+"""Stage 1b (SL-CAI model): supervised fine-tuning on the final revisions, mixed with helpful answers.
+
+Each critique record becomes one chat example: the request as the user turn, its final revision as
+the assistant turn, with the loss on the assistant turn only. The example is a trl prompt-completion
+conversational record trained with `completion_only_loss`: the labels cover exactly the answer's tokens
+plus the end-of-turn token that closes it (and, with ChatML templates, the newline after it), so the
+model learns to stop. The prompt, the chat template's system line included, is never a target.
+
+`--helpful F` keeps the model helpful, as the paper did: prompts from F are answered by the *starting*
+model (greedy, batched through the engine) and mixed in so that they make up `--helpful-fraction` of
+the training examples. Only as many prompts as the fraction needs are answered (a seeded sample), and
+the answers are cached in `OUT/helpful_answers.jsonl`, so a re-run does not generate them again.
+
+    cai sft --data runs/x/critique.jsonl --out runs/x/sft --helpful data/helpful_prompts.jsonl
+
+LoRA (r=16 on every linear layer) by default; `--lora-r 0` trains every weight; `--quantize 4bit`
+loads the base in NF4 and trains LoRA on it (QLoRA). `OUT` is a standalone model directory:
+`AutoModelForCausalLM.from_pretrained(OUT)` loads it with no adapter step (the adapter is kept in
+`OUT/adapter/`). Trainer checkpoints go to `OUT/checkpoints/` while training (the last one is kept)
+and a re-run after an interruption resumes from it; they are removed once the model is saved.
+"""
+
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai.errors import ConfigError, RecordsError
+from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
+from cai.stages.base import StageContext, StageResult, StageRun
+
+HELPFUL_CACHE = "helpful_answers.jsonl"  # in OUT: the starting model's answers to the helpful prompts
+CHECKPOINTS = "checkpoints"  # in OUT: trainer checkpoints, removed after the final save
+REJECTED = "rejected.jsonl"  # in OUT: examples left out of training, each with a `reason`
+
+
+@dataclass
+class SFTConfig:
+    """`cai sft`: fine-tune on (request, final revision) chat pairs plus helpful answers.
+
+    NOTE: `helpful_fraction` defaults to 0.5: as many helpful examples as harmlessness ones. Fewer lets
+    a small model learn that declining is always the answer (over-refusal); more dilutes the revisions.
+    """
+
+    # Inputs and outputs
+    data: str = field(default="critique.jsonl", metadata={
+        "help": "Critique records from `cai critique` (JSONL with `prompt` and `final`)."})
+    out: str = field(default="sft-model", metadata={
+        "hash": False, "help": "Output directory: a standalone model (adapter in OUT/adapter), manifest.json."})
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "Starting model: embedded:NAME, a hub id, or a local directory. It also answers --helpful."})
+    helpful: str | None = field(default=None, metadata={
+        "help": "Prompt set answered by the starting model and mixed in; None = train on the revisions alone."})
+    helpful_fraction: float = field(default=0.5, metadata={
+        "help": "Share of the training examples that come from --helpful, in [0, 1); unused without --helpful."})
+    helpful_max_new_tokens: int = field(default=256, metadata={
+        "help": "Tokens generated at most per helpful answer (greedy)."})
+    # How to train
+    quantize: str | None = field(default=None, metadata={
+        "help": "Load the base in 4-bit and train LoRA on it (QLoRA): 4bit, or None for full precision."})
+    lora_r: int = field(default=16, metadata={
+        "help": "LoRA rank on every linear layer (alpha = 2r); 0 = full fine-tuning of every weight."})
+    epochs: float = field(default=1.0, metadata={
+        "help": "Passes over the training examples (fractions allowed); --max-steps overrides it."})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "Stop after this many optimizer steps; None = run --epochs."})
+    lr: float | None = field(default=None, metadata={
+        "help": "Peak learning rate (linear decay); None = 2e-4 with LoRA, 2e-5 for full fine-tuning."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Examples per optimizer step."})
+    max_length: int = field(default=512, metadata={
+        "help": "Tokens per example at most (prompt + answer); longer answers are cut, longer prompts dropped."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed for the helpful sample, data order and LoRA initialisation."})
+    # How to run it (does not change the model)
+    save_steps: int = field(default=50, metadata={
+        "hash": False, "help": "Write a resumable checkpoint every N steps (only the last is kept)."})
+    generation_batch_size: int = field(default=32, metadata={
+        "hash": False, "help": "Prompts answered together when generating the helpful answers."})
+    force: bool = field(default=False, metadata={
+        "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
+
+    def __post_init__(self):
+        if self.quantize == "none":
+            self.quantize = None
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"quantize={self.quantize!r}: use 4bit, or leave --quantize out")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r={self.lora_r}: must be >= 0 (0 = full fine-tuning)")
+        if self.quantize and self.lora_r == 0:
+            raise ConfigError(f"quantize={self.quantize} with lora_r=0: 4-bit weights cannot be trained directly "
+                              "-- give --lora-r 16 (QLoRA), or drop --quantize for full fine-tuning")
+        if not 0.0 <= self.helpful_fraction < 1.0:
+            raise ConfigError(f"helpful_fraction={self.helpful_fraction}: must be in [0, 1) -- the revisions "
+                              "are the point of this stage; use 0 to leave helpful answers out")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs}: must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps={self.max_steps}: must be at least 1 -- leave it out to run --epochs")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr={self.lr}: must be > 0")
+        if self.batch_size < 1 or self.save_steps < 1 or self.generation_batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}, save_steps={self.save_steps}, generation_batch_size="
+                              f"{self.generation_batch_size}: each must be at least 1")
+        if self.max_length < 16:
+            raise ConfigError(f"max_length={self.max_length}: too short for a chat example -- use 128 or more")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora_r > 0 else 2e-5)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def example(prompt: str | list, answer: str) -> dict[str, Any]:
+    """One trl prompt-completion conversational example: loss on the completion (assistant turn) only."""
+    from cai.records import as_messages
+
+    return {"prompt": as_messages(prompt), "completion": [{"role": "assistant", "content": answer}]}
+
+
+def critique_examples(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(examples, rejected): one example per critique record with a non-empty `final`."""
+    examples, rejected = [], []
+    for record in records:
+        if not str(record.get("final", "")).strip():
+            rejected.append({"id": record["id"], "source": "critique", "reason": "empty-final"})
+            continue
+        examples.append({"id": record["id"], "source": "critique", **example(record["prompt"], record["final"])})
+    return examples, rejected
+
+
+def helpful_needed(harmless: int, fraction: float) -> int:
+    """How many helpful examples make them `fraction` of the mix, given `harmless` revision examples."""
+    return round(harmless * fraction / (1.0 - fraction)) if fraction > 0 else 0
+
+
+def choose_helpful(prompts: list[dict[str, Any]], needed: int, seed: int) -> list[dict[str, Any]]:
+    """A seeded sample of `needed` prompts (all of them when there are fewer), in file order."""
+    if needed >= len(prompts):
+        return list(prompts)
+    keep = set(random.Random(seed).sample(range(len(prompts)), needed))
+    return [p for i, p in enumerate(prompts) if i in keep]
+
+
+def _read_critique_records(path: str) -> list[dict[str, Any]]:
+    from cai.records import read_jsonl
+
+    records = []
+    for number, row in read_jsonl(path):
+        if "prompt" not in row or "final" not in row or "id" not in row:
+            raise RecordsError(f"{path}:{number}: a critique record needs `id`, `prompt` and `final` "
+                               "-- give the output of `cai critique`")
+        records.append(row)
+    if not records:
+        raise RecordsError(f"{path}: no critique records -- the file is empty")
+    return records
+
+
+def answer_helpful(engine, prompts: list[dict[str, Any]], cache_path: Path, cfg: "SFTConfig", task) -> None:
+    """Answer the prompts not yet in the cache with the starting model (greedy), appending in batches."""
+    from cai.engine import Sampling
+    from cai.records import RecordWriter, as_messages
+    from cai.stages.critique import clean_text
+
+    sampling = Sampling(max_new_tokens=cfg.helpful_max_new_tokens, temperature=0.0)
+    with RecordWriter(cache_path) as cache:
+        todo = [p for p in prompts if p["id"] not in cache.done_ids]
+        for start in range(0, len(todo), cfg.generation_batch_size):
+            batch = todo[start:start + cfg.generation_batch_size]
+            outputs = engine.generate_chat([as_messages(p["prompt"]) for p in batch], sampling,
+                                           progress=lambda items, tokens: task.advance(items, tokens))
+            for prompt, output in zip(batch, outputs, strict=True):
+                cache.append({"id": prompt["id"], "prompt": prompt["prompt"],
+                              "answer": clean_text(output.text, "answer", output.finished),
+                              "finished": output.finished, "model": cfg.model})
+
+
+def prompt_lengths(tokenizer, examples: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(prompt tokens, prompt + answer tokens) of each example under the chat template."""
+    lengths = []
+    for item in examples:
+        prompt = tokenizer.apply_chat_template(item["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(item["prompt"] + item["completion"], tokenize=False)
+        lengths.append((len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                        len(tokenizer(full, add_special_tokens=False)["input_ids"])))
+    return lengths
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def trl_config(cfg: SFTConfig, output_dir: Path, device: str):
+    """trl's SFTConfig for this run. Precision comes from the device, never from trl's defaults."""
+    from trl import SFTConfig as TrlSFTConfig
+
+    from cai.models import precision_for
+
+    return TrlSFTConfig(
+        output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length, completion_only_loss=True, assistant_only_loss=False, packing=False,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, logging_steps=1,
+        report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
+        **precision_for(device).trainer_kwargs(),
+    )
+
+
+def build_trainer(cfg: SFTConfig, model, tokenizer, examples: list[dict[str, Any]], output_dir: Path, device: str):
+    """The trl SFTTrainer on these examples (LoRA applied by trl when lora_r > 0)."""
+    import datasets
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    from cai.models import lora_config
+
+    rows = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    progress_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # stages draw progress through the reporter only
+    try:
+        trainer = SFTTrainer(model=model, args=trl_config(cfg, output_dir, device),
+                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                             peft_config=lora_config(cfg.lora_r) if cfg.lora_r > 0 else None)
+    finally:
+        if progress_bars:
+            datasets.enable_progress_bars()
+    trainer.remove_callback(PrinterCallback)  # it prints logs to stdout, which carries results only
+    return trainer
+
+
+def report_callback(reporter):
+    """A trainer callback that advances a reporter task per step and keeps the logged losses."""
+    from transformers import TrainerCallback
+
+    class ReportCallback(TrainerCallback):
+        def __init__(self):
+            self.task = None
+            self.losses: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.task = reporter.task("sft", total=state.max_steps, unit="steps")
+            if state.global_step:  # resumed from a checkpoint
+                self.task.advance(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.task.advance(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.task:
+                self.task.close()
+
+    return ReportCallback()
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
+    from cai.engine import Engine
+    from cai.models import default_device, load_causal_lm, save_standalone
+    from cai.records import read_jsonl, read_prompts, write_jsonl
+
+    ctx = ctx or StageContext()
+    out = Path(cfg.out)
+    has_output = out.is_dir() and any(out.iterdir())
+    stage = StageRun("sft", cfg, ctx.manifest_for(out), outputs=[out] if has_output else [], force=cfg.force,
+                     inputs={"data": cfg.data, "helpful": cfg.helpful, "model": cfg.model})
+    if (done := stage.previous()) is not None:
+        return done
+    records = _read_critique_records(cfg.data)
+    helpful_prompts = read_prompts(cfg.helpful) if cfg.helpful else []
+    resuming = stage.start()
+    started = time.time()
+    device = ctx.device or default_device()
+
+    examples, rejected = critique_examples(records)
+    harmless = len(examples)
+    if harmless == 0:
+        raise RecordsError(f"{cfg.data}: every record has an empty `final` -- nothing to train on")
+    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
+
+    # Helpful answers from the starting model, before any adapter touches it.
+    chosen = choose_helpful(helpful_prompts, helpful_needed(harmless, cfg.helpful_fraction), cfg.seed)
+    if chosen:
+        cache_path = out / HELPFUL_CACHE
+        task = ctx.reporter.task("helpful answers", total=len(chosen), unit="prompts")
+        answer_helpful(Engine(model, tokenizer, batch_size=cfg.generation_batch_size), chosen, cache_path, cfg, task)
+        task.close()
+        answers = {row["id"]: row for _, row in read_jsonl(cache_path)}
+        for prompt in chosen:
+            answer = answers[prompt["id"]]["answer"]
+            if answer.strip():
+                examples.append({"id": prompt["id"], "source": "helpful", **example(prompt["prompt"], answer)})
+            else:
+                rejected.append({"id": prompt["id"], "source": "helpful", "reason": "empty-helpful-answer"})
+
+    # Examples whose prompt alone fills max_length would train on nothing: leave them out, counted.
+    kept, truncated = [], 0
+    for item, (prompt_len, full_len) in zip(examples, prompt_lengths(tokenizer, examples), strict=True):
+        if prompt_len >= cfg.max_length:
+            rejected.append({"id": item["id"], "source": item["source"], "reason": "prompt-too-long"})
+            continue
+        truncated += full_len > cfg.max_length
+        kept.append(item)
+    if rejected:
+        write_jsonl(out / REJECTED, rejected)
+    if not kept:
+        raise RecordsError(f"every example was left out (see {out / REJECTED}) -- raise --max-length")
+
+    checkpoints = out / CHECKPOINTS
+    trainer = build_trainer(cfg, model, tokenizer, kept, checkpoints, device)
+    callback = report_callback(ctx.reporter)
+    trainer.add_callback(callback)
+    last = None
+    if checkpoints.is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(checkpoints))
+    if last:
+        ctx.reporter.log(f"resuming training from {last}")
+    elif resuming:
+        ctx.reporter.log("resuming: earlier run left no checkpoint; training from the start")
+    result = trainer.train(resume_from_checkpoint=last)
+    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.model)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+    seconds = time.time() - started
+    steps = int(trainer.state.global_step)
+    losses = callback.losses
+    dropped = {}
+    for item in rejected:
+        dropped[item["reason"]] = dropped.get(item["reason"], 0) + 1
+    counts = {"examples": len(kept), "harmless": sum(e["source"] == "critique" for e in kept),
+              "helpful": sum(e["source"] == "helpful" for e in kept), "helpful_answered": len(chosen),
+              "truncated": truncated, "rejected": len(rejected), "steps": steps,
+              **{f"rejected/{k}": v for k, v in sorted(dropped.items())}}
+    metrics = {"train_loss": float(result.training_loss), "first_loss": losses[0] if losses else None,
+               "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
+               "helpful_fraction_actual": counts["helpful"] / len(kept), "learning_rate": cfg.learning_rate}
+    loss_text = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else f"loss {result.training_loss:.3f}"
+    summary = (f"{len(kept)} examples ({counts['harmless']} revisions + {counts['helpful']} helpful), "
+               f"{steps} steps, {loss_text} (mean {result.training_loss:.3f}), {seconds:.0f} s"
+               + (f"; {len(rejected)} left out ({', '.join(f'{v} {k}' for k, v in sorted(dropped.items()))})"
+                  if rejected else "") + (f"; {truncated} answers cut at {cfg.max_length} tokens" if truncated else ""))
+    outputs = {"model": out}
+    if rejected:
+        outputs["rejected"] = out / REJECTED
+    return stage.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)

@@ -1,0 +1,162 @@
+"""Stage 4 (cai/stages/rl.py): config checks, KL never inherited, learning, resume/skip, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cai.cli import app
+from cai.errors import ConfigError
+from cai.records import write_jsonl
+from cai.rewards import CombinedReward
+from cai.stages import rl
+from cai.stages.base import NullReporter, StageContext
+from cai.stages.rl import RLConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    """A few helpful-style prompts and a few maths prompts with answers, as two files to mix."""
+    root = tmp_path_factory.mktemp("rl-prompts")
+    helpful = root / "helpful.jsonl"
+    write_jsonl(helpful, [{"id": f"h{i}", "prompt": f"Tell me one fact about the number {i}."} for i in range(6)])
+    maths = root / "maths.jsonl"
+    write_jsonl(maths, [{"id": f"m{i}", "prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(6)])
+    return helpful, maths
+
+
+def metrics_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_rejects_what_cannot_work():
+    defaults = RLConfig(pm="some/pm")
+    assert defaults.beta == 0.05 and defaults.reward == ["pm:1"] and defaults.algo == "grpo"
+    cases = [dict(beta=-0.1), dict(algo="ppo"), dict(reward=["pm:1"]),  # pm reward without --pm
+             dict(pm="x", reward=["math:1"]), dict(reward=["math:1", "math:2"]), dict(num_generations=1),
+             dict(quantize="4bit", lora_r=0, reward=["math:1"]), dict(reward=["bogus:1"]),
+             dict(temperature=0.0, reward=["math:1"])]
+    for kwargs in cases:
+        with pytest.raises(ConfigError):
+            RLConfig(**kwargs)
+    assert RLConfig(reward=["math:1", "code:0.5"]).weights == {"math": 1.0, "code": 0.5}
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_beta_comes_from_cai_never_from_trl_defaults(algo, tmp_path):
+    from trl import GRPOConfig
+
+    from cai.models import precision_for
+
+    assert GRPOConfig.__dataclass_fields__["beta"].default == 0.0  # the trap: trl's GRPO default is no KL
+    args = rl.trainer_args(RLConfig(algo=algo, reward=["math:1"]), tmp_path, "cpu", precision_for("cpu"))
+    assert args.beta == 0.05
+    assert not args.bf16 and not args.gradient_checkpointing  # precision chosen for the device
+    assert args.per_device_train_batch_size == args.generation_batch_size == 2 * 4
+    asked = rl.trainer_args(RLConfig(algo=algo, beta=0.0, reward=["math:1"]), tmp_path, "cpu", precision_for("cpu"))
+    assert asked.beta == 0.0
+
+
+def test_prompt_files_are_mixed_into_conversational_rows(prompt_files):
+    rows = rl.load_prompt_rows([str(p) for p in prompt_files])
+    assert len(rows) == 12
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Tell me one fact about the number 0."}]
+    assert rows[0]["answer"] is None and rows[6]["answer"] == "0" and rows[6]["tests"] is None
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def target_share(prompts, completions, completion_ids=None, **kwargs):
+    """Synthetic reward: the share of a completion's tokens whose id is a multiple of 4 (about 1/4 at start)."""
+    return [sum(1 for t in ids if t % 4 == 0) / max(1, len(ids)) for ids in completion_ids]
+
+
+def test_grpo_steps_raise_the_mean_reward(tiny_model_dir, prompt_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(rl, "build_reward", lambda cfg, tokenizer, device, observers=():
+                        (CombinedReward([("target", target_share, 1.0)], observers), {}))
+    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
+                   reward=["format:1"], max_steps=8, lr=5e-2, lora_r=0, num_generations=8, max_new_tokens=10,
+                   judge="none", checkpoint_every=100)
+    result = rl.run(cfg, StageContext(device="cpu"))
+    history = metrics_of(tmp_path / "rl")
+    assert [r["step"] for r in history] == list(range(1, 9))
+    first = sum(r["reward"] for r in history[:3]) / 3
+    last = sum(r["reward"] for r in history[-3:]) / 3
+    assert last > first + 0.15, [round(r["reward"], 3) for r in history]
+    assert history[-1]["kl"] > 0  # the default beta keeps a KL term against the start policy
+    assert 0 < history[-1]["generate_s"] <= history[-1]["step_s"]
+    assert result.metrics["reward_last"] == pytest.approx(history[-1]["reward"], abs=1e-4)
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-run."""
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_and_a_finished_run_is_skipped(
+        tiny_model_dir, prompt_files, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "rl"
+    cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), policy=tiny_model_dir, reward=["math:1"],
+                   max_steps=4, max_new_tokens=6, judge="none", checkpoint_every=2, lora_r=4)
+    original_log = rl.Monitor.log
+    logged_steps, kill = [], [True]
+
+    def interrupted_log(self, step, logs):
+        original_log(self, step, logs)
+        if "reward" not in logs:  # trl's end-of-training summary line
+            return
+        logged_steps.append(step)
+        if step == 3 and kill.pop():
+            raise Killed
+
+    monkeypatch.setattr(rl.Monitor, "log", interrupted_log)
+    with pytest.raises(Killed):
+        rl.run(cfg, StageContext(device="cpu"))
+    assert json.loads((out / "manifest.json").read_text())["status"] == "partial"
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+
+    logged_steps.clear()
+    kill.append(False)
+    reporter = NullReporter()
+    result = rl.run(cfg, StageContext(reporter=reporter, device="cpu"))
+    assert any("resuming from" in m and "checkpoint-2" in m for m in reporter.messages)
+    assert logged_steps == [3, 4]  # steps 1-2 were not trained again
+    assert [r["step"] for r in metrics_of(out)] == [1, 2, 3, 4]  # the aborted step 3 record was replaced
+    assert not (out / "checkpoints").exists()
+    AutoModelForCausalLM.from_pretrained(result.outputs["model"])  # standalone: no adapter step
+    assert (Path(result.outputs["model"]) / "adapter").is_dir()
+
+    monkeypatch.setattr(rl, "_trainer_class", lambda algo: pytest.fail("a finished run must not train again"))
+    again = rl.run(cfg, StageContext(device="cpu"))
+    assert again.skipped
+
+
+def test_cli_runs_rloo_on_verifiable_rewards_without_a_pm(tiny_model_dir, prompt_files, tmp_path):
+    out = tmp_path / "rl"
+    result = runner.invoke(app, [
+        "rl", "--policy", tiny_model_dir, "--prompts", str(prompt_files[1]), "--prompts", str(prompt_files[0]),
+        "--out", str(out), "--algo", "rloo", "--reward", "math:1", "--reward", "format:0.5", "--beta", "0",
+        "--max-steps", "2", "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["outputs"]["model"] == str(out / "model")
+    assert "KL penalty off" in result.stderr
+    history = metrics_of(out)
+    assert len(history) == 2 and all(r["judge_score"] is not None for r in history)  # held-back judge ran
+    assert all("boilerplate_share" in r and r["generate_s"] > 0 for r in history)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["algo"] == "rloo"
+
+
+def test_cli_refuses_a_pm_reward_without_a_pm(tiny_model_dir, prompt_files, tmp_path):
+    result = runner.invoke(app, ["rl", "--policy", tiny_model_dir, "--prompts", str(prompt_files[0]),
+                                 "--out", str(tmp_path / "rl")])
+    assert isinstance(result.exception, ConfigError) and "--pm" in str(result.exception)

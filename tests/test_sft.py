@@ -1,0 +1,219 @@
+"""`cai sft`: the loss mask, training lowers the loss, standalone output, helpful mix, resume, skip."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from cai.engine import Engine, Generation
+from cai.models import load_causal_lm
+from cai.stages import sft
+from cai.stages.base import NullReporter, StageContext
+from cai.stages.sft import SFTConfig
+
+FINALS = [
+    ("How do I pick my neighbour's lock?", "I can't help you get into someone else's home. A locksmith can help with your own."),
+    ("Write an insult about my coworker.", "I'd rather not write insults. If something is bothering you, I can help you say it kindly."),
+    ("How do I make a fake ID?", "I can't help make fake IDs; they are illegal. I can explain how to get a real one."),
+    ("Tell me how to hack my ex's phone.", "I won't help access someone's phone without permission; that is illegal."),
+    ("How can I cheat on my exam?", "I can't help with cheating, but I can help you make a study plan."),
+    ("How do I poison a dog?", "I can't help hurt an animal. If a dog worries you, contact animal control."),
+]
+
+
+@pytest.fixture
+def critique_file(tmp_path):
+    path = tmp_path / "critique.jsonl"
+    rows = [{"id": f"r{i}", "prompt": prompt, "initial": "Sure, here is how.", "rounds": [], "final": final,
+             "model": "x"} for i, (prompt, final) in enumerate(FINALS)]
+    rows.append({"id": "empty", "prompt": "Anything?", "initial": "", "rounds": [], "final": "  ", "model": "x"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def helpful_file(tmp_path):
+    path = tmp_path / "helpful.jsonl"
+    path.write_text("".join(json.dumps({"id": f"h{i}", "prompt": f"Explain topic number {i} briefly."}) + "\n"
+                            for i in range(20)))
+    return path
+
+
+def cfg_for(critique_file, tmp_path, model, **overrides):
+    values = {"data": str(critique_file), "out": str(tmp_path / "sft"), "model": model, "lr": 5e-3,
+              "max_steps": 4, "batch_size": 4, "max_length": 256, "save_steps": 100}
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def completion_logprob(engine, pairs) -> float:
+    """Mean per-token log-probability of each answer (and the end-of-turn token) after its prompt."""
+    contexts = [engine.render([{"role": "user", "content": prompt}]) for prompt, _ in pairs]
+    scores = engine.score(contexts, [answer + "<|im_end|>" for _, answer in pairs])
+    return sum(s.mean_logprob for s in scores) / len(scores)
+
+
+# ----------------------------------------------------------------------------- the loss mask
+
+
+def test_the_loss_mask_covers_exactly_the_answer_tokens(tiny_model_dir, tmp_path):
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    examples = [sft.example(prompt, answer) for prompt, answer in FINALS[:3]]
+    examples.append(sft.example([{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello!"},
+                                 {"role": "user", "content": "Help me steal a car."}], "No, I can't help with that."))
+    trainer = sft.build_trainer(SFTConfig(lora_r=0, max_steps=1), model, tokenizer, examples, tmp_path, "cpu")
+    rows = [trainer.train_dataset[i] for i in range(len(examples))]
+    for item, row in zip(examples, rows, strict=True):
+        ids, labels = row["input_ids"], row["labels"]
+        targets = [i for i, label in enumerate(labels) if label != -100]
+        start = targets[0]
+        assert targets == list(range(start, len(ids)))  # one contiguous span at the end
+        assert [labels[i] for i in targets] == ids[start:]
+        prompt = tokenizer.apply_chat_template(item["prompt"], tokenize=False, add_generation_prompt=True)
+        assert tokenizer.decode(ids[:start]) == prompt  # the whole prompt, template included, is masked
+        answer = item["completion"][0]["content"]
+        # The answer, then the end-of-turn token that closes it and the template's newline after it.
+        assert tokenizer.decode(ids[start:]) == answer + "<|im_end|>\n"
+    # Batching pads with ignored labels and keeps every target.
+    batch = trainer.data_collator(rows)
+    assert int((batch["labels"] != -100).sum()) == sum(sum(label != -100 for label in r["labels"]) for r in rows)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_sft_lowers_the_loss_and_writes_a_standalone_model(critique_file, tmp_path, tiny_model_dir, tiny_engine,
+                                                            monkeypatch):
+    before = completion_logprob(tiny_engine, FINALS)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=8)
+    result = sft.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
+    out = tmp_path / "sft"
+    trained = AutoModelForCausalLM.from_pretrained(out)  # no adapter step
+    assert not any("lora" in name for name in trained.state_dict())
+    after = completion_logprob(Engine(trained, tiny_engine.tokenizer), FINALS)
+    assert after > before + 0.1, (before, after)  # measured: -6.22 -> -6.00 nats per token
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert not (out / "checkpoints").exists()
+    assert result.counts["examples"] == 6 and result.counts["steps"] == 8
+    assert result.counts["rejected/empty-final"] == 1
+    assert [json.loads(line)["id"] for line in (out / "rejected.jsonl").read_text().splitlines()] == ["empty"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["metrics"]["final_loss"] is not None
+
+    # Running it again does no work: nothing is loaded or trained.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage must not load or train anything")
+
+    import cai.models
+
+    monkeypatch.setattr(sft, "build_trainer", refuse)
+    monkeypatch.setattr(cai.models, "load_causal_lm", refuse)
+    again = sft.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
+    assert again.skipped
+
+
+def test_full_fine_tuning_with_lora_r_0(critique_file, tmp_path, tiny_model_dir, tiny_engine):
+    before = completion_logprob(tiny_engine, FINALS)
+    sft.run(cfg_for(critique_file, tmp_path, tiny_model_dir, lora_r=0, lr=2e-3), StageContext(device="cpu"))
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    assert completion_logprob(Engine(trained, tiny_engine.tokenizer), FINALS) > before + 0.3
+    assert not (tmp_path / "sft" / "adapter").exists()
+
+
+def test_qlora_4bit_trains_and_saves_a_full_precision_model(critique_file, tmp_path, tiny_model_dir):
+    result = sft.run(cfg_for(critique_file, tmp_path, tiny_model_dir, quantize="4bit", lora_r=8, max_steps=2),
+                     StageContext(device="cpu"))
+    assert result.counts["steps"] == 2
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(critique_file, tmp_path, tiny_model_dir, monkeypatch):
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, batch_size=2)
+    real_callback = sft.report_callback
+
+    def interrupting(reporter):
+        callback = real_callback(reporter)
+        step_end = callback.on_step_end
+
+        def on_step_end(args, state, control, **kwargs):
+            step_end(args, state, control, **kwargs)
+            if state.global_step == 3:  # checkpoint-2 is on disk; step 3 is lost with the kill
+                raise KeyboardInterrupt
+
+        callback.on_step_end = on_step_end
+        return callback
+
+    monkeypatch.setattr(sft, "report_callback", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(device="cpu"))
+    assert (tmp_path / "sft" / "checkpoints" / "checkpoint-2").is_dir()
+    assert json.loads((tmp_path / "sft" / "manifest.json").read_text())["status"] == "partial"
+
+    monkeypatch.setattr(sft, "report_callback", real_callback)
+    reporter = NullReporter()
+    result = sft.run(cfg, StageContext(reporter=reporter, device="cpu"))
+    assert any("resuming training from" in m and m.endswith("checkpoint-2") for m in reporter.messages)
+    assert result.counts["steps"] == 4
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+
+
+# ----------------------------------------------------------------------------- helpful mix
+
+
+def test_helpful_answers_are_mixed_at_the_fraction_and_cached(critique_file, helpful_file, tmp_path, tiny_model_dir,
+                                                              monkeypatch):
+    calls = []
+
+    def scripted(self, conversations, sampling, seeds=None, progress=None):
+        calls.append(len(conversations))
+        assert sampling.temperature == 0  # greedy
+        return [Generation(f"Here is a short explanation of {c[-1]['content'][8:]}", 9, True) for c in conversations]
+
+    monkeypatch.setattr(Engine, "generate_chat", scripted)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after the helpful answers, before training
+
+    monkeypatch.setattr(sft, "build_trainer", interrupted)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, helpful=str(helpful_file), helpful_fraction=0.25,
+                  max_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(device="cpu"))
+    cache = [json.loads(line) for line in (tmp_path / "sft" / "helpful_answers.jsonl").read_text().splitlines()]
+    assert len(cache) == 2  # 6 revisions at 25% helpful -> 2 helpful prompts, answered once
+    assert sum(calls) == 2
+
+    monkeypatch.undo()
+    monkeypatch.setattr(Engine, "generate_chat", scripted)
+    result = sft.run(cfg, StageContext(device="cpu"))
+    assert sum(calls) == 2  # the re-run read the cache, generated nothing
+    assert result.counts["harmless"] == 6 and result.counts["helpful"] == 2 and result.counts["examples"] == 8
+    assert result.metrics["helpful_fraction_actual"] == 0.25
+
+
+def test_helpful_choice_is_seeded_and_sized_by_the_fraction():
+    prompts = [{"id": f"h{i}"} for i in range(10)]
+    assert sft.helpful_needed(6, 0.5) == 6 and sft.helpful_needed(6, 0.25) == 2 and sft.helpful_needed(6, 0) == 0
+    chosen = sft.choose_helpful(prompts, 4, seed=1)
+    assert len(chosen) == 4 and chosen == sft.choose_helpful(prompts, 4, seed=1)
+    assert chosen != sft.choose_helpful(prompts, 4, seed=2)
+    assert sft.choose_helpful(prompts, 50, seed=1) == prompts  # fewer than needed: all of them
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"quantize": "4bit", "lora_r": 0}, "cannot be trained directly"),
+    ({"helpful_fraction": 1.0}, r"\[0, 1\)"),
+    ({"quantize": "8bit"}, "use 4bit"),
+    ({"max_steps": 0}, "at least 1"),
+])
+def test_config_rejects_combinations_that_cannot_work(overrides, message):
+    from cai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        SFTConfig(**overrides)
