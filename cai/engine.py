@@ -196,8 +196,6 @@ class HFBackend:
 
     # Compact the batch (drop finished rows from the cache) once this share of rows has finished.
     COMPACT_FRACTION = 0.25
-    # next_token_logprobs computes a prefix shared by all contexts once when it is at least this many tokens.
-    MIN_SHARED_PREFIX = 32
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32):
         self.model = model
