@@ -196,8 +196,6 @@ class HFBackend:
 
     # Compact the batch (drop finished rows from the cache) once this share of rows has finished.
     COMPACT_FRACTION = 0.25
-    # next_token_logprobs computes a prefix shared by all contexts once when it is at least this many tokens.
-    MIN_SHARED_PREFIX = 32
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32):
         self.model = model
@@ -279,7 +277,8 @@ class HFBackend:
     # Share the KV of a common prefix across the batch when it is at least this many tokens.
     MIN_SHARED_PREFIX = 8
 
-    def _prefill(self, sequences: list[list[int]], cache, logits_to_keep: int, max_shared: int | None = None):
+    def _prefill(self, sequences: list[list[int]], cache, logits_to_keep: int, max_shared: int | None = None,
+                 cached_prefix: int = 0):
         """Run the prompts through the model into `cache`, computing their common prefix only once.
 
         Every prompt of a stage starts with the same chat-template header, and critique and judge
@@ -291,7 +290,10 @@ class HFBackend:
 
         Positions stay those of the unpadded sequence (prefix 0..P-1, suffix P..), so the result equals
         a row run alone. `max_shared` caps the prefix (scoring needs the logits of positions that
-        would otherwise fall inside it). Returns (model output, attention mask, position ids).
+        would otherwise fall inside it). `cached_prefix` > 0: `cache` already holds the keys and values
+        of the first `cached_prefix` tokens, which every row shares, at batch size len(sequences) (see
+        `_shared_prefix_cache`), so a prefix common to several batches is computed once per call.
+        Returns (model output, attention mask, position ids).
         """
         import torch
 
@@ -303,7 +305,9 @@ class HFBackend:
             shared = min(shared, max_shared)
         if len(sequences) < 2 or shared < self.MIN_SHARED_PREFIX:
             shared = 0
-        if shared:
+        if cached_prefix:
+            shared = cached_prefix
+        elif shared:
             prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=device)
             self.model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(len(sequences))
@@ -393,14 +397,36 @@ class HFBackend:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         results: list[list[float] | None] = [None] * len(sequences)
         candidates = torch.tensor(candidate_ids, dtype=torch.long, device=self.device)
+        # The judge's few-shot block is shared by every context of the call: with more contexts than one
+        # batch, compute it once here rather than once per batch in _prefill.
+        shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
+        reuse = len(sequences) > self.batch_size and shared >= self.MIN_SHARED_PREFIX
         with _eval_mode(self.model), torch.inference_mode():
+            prefix_kv = self._shared_prefix_cache(sequences[0][:shared]) if reuse else None
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
-                # The judge's few-shot block is shared by every context: _prefill computes it once.
-                out, _, _ = self._prefill([sequences[i] for i in batch], DynamicCache(), logits_to_keep=1)
+                rows = [sequences[i] for i in batch]
+                if prefix_kv is None:
+                    out, _, _ = self._prefill(rows, DynamicCache(), logits_to_keep=1)
+                else:
+                    # Expanded views of the prefix: not copied until the forward appends the rows to them.
+                    cache = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1),
+                                                          v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv],
+                                         config=self.model.config)
+                    out, _, _ = self._prefill(rows, cache, logits_to_keep=1, cached_prefix=shared)
                 picked = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, candidates]  # (B, C)
                 for row, i in enumerate(batch):
                     results[i] = picked[row].tolist()
                 if progress:
                     progress(len(batch), sum(len(sequences[i]) for i in batch))
         return results  # type: ignore[return-value]
+
+    def _shared_prefix_cache(self, prefix: list[int]) -> list[tuple]:
+        """Keys and values of every layer for one token prefix, each (1, kv_heads, len(prefix), head_dim)."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in cache.layers]

@@ -294,8 +294,8 @@ def test_next_token_logprobs_match_score_and_a_slow_reference(tiny_engine, const
         assert lb == pytest.approx(slow_next_token_logprob(engine.model, ids, ids_b[lead]), abs=1e-4)
 
 
-def test_the_shared_prefix_is_computed_once(tiny_engine, constitution):
-    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=8)
+def test_the_shared_prefix_is_computed_once_for_all_batches(tiny_engine, constitution):
+    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=2)  # 5 contexts: 3 batches
     lengths = []
     handle = engine.model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape), with_kwargs=True)
@@ -305,9 +305,9 @@ def test_the_shared_prefix_is_computed_once(tiny_engine, constitution):
     finally:
         handle.remove()
     full = max(len(engine.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in contexts)
-    prefix_pass, rows_pass = lengths
-    assert prefix_pass[0] == 1 and rows_pass[0] == len(contexts)
-    assert rows_pass[1] < full / 2  # the rows carry only what follows the shared few-shot block
+    prefix_pass, *row_passes = lengths
+    assert prefix_pass[0] == 1 and [rows[0] for rows in row_passes] == [2, 2, 1]
+    assert all(rows[1] < full / 2 for rows in row_passes)  # only what follows the shared few-shot block
 
 
 def test_mc_probability_on_a_real_model_equals_the_slow_reference(tiny_engine, constitution):

@@ -472,6 +472,8 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
             fit = fits[method]
             table += (f"\nbest --judge-temperature on {first.removeprefix('pairs: ')}: {fit['temperature']:.3g} "
                       f"(log loss {fit['log_loss']:.3f} at {cfg.judge_temperature:g} -> {fit['log_loss_fit']:.3f})")
+            if fit["temperature"] >= 10:
+                table += "; at the top of the grid: the scores carry no usable signal on these labels"
         tables.append(table)
 
     outputs: dict[str, str] = {}
