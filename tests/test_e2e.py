@@ -77,6 +77,10 @@ def test_second_run_does_no_work(smoke):
     data, _ = cai(runs_dir=smoke["runs_dir"])
     assert all(s["skipped"] for s in data["stages"])
     assert time.time() - started < smoke["seconds"]
+    # Without --json: the report's path on stdout, the three-line summary last on stderr.
+    result = CliRunner().invoke(app, ["run", str(SMOKE), "--runs-dir", str(smoke["runs_dir"])])
+    assert result.exit_code == 0 and result.stdout.strip() == data["report"]
+    assert result.stderr.strip().splitlines()[-3:] == data["summary"]
 
 
 def test_changing_an_option_reruns_that_stage_and_later_ones(smoke):
