@@ -25,6 +25,17 @@ from rich.text import Text
 from cai import __version__
 from cai.errors import CaiError
 
+# Every option's help text and default come from its stage's config dataclass, the one place they live
+# (STYLE.md 2). Stage modules import torch only inside functions, so these imports keep `cai --help` fast.
+from cai.stages.base import help_of
+from cai.stages.critique import CritiqueConfig
+from cai.stages.dpo import DPOConfig
+from cai.stages.evaluate import EvalConfig
+from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
+from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
+from cai.stages.rl import RLConfig
+from cai.stages.sft import SFTConfig
+
 app = typer.Typer(name="cai", help="Constitutional AI on your own model and constitution.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
 models_app = typer.Typer(help="Resolve, convert and cache models.", no_args_is_help=True)
@@ -249,27 +260,6 @@ def constitution_show(
 # ----------------------------------------------------------------------------- stage 1: critique, sft (issue 3)
 
 
-def _stage1(config: str, name: str, what: str = "help"):
-    """Help text or default of a CritiqueConfig / SFTConfig field (the config is the only place either lives)."""
-    import dataclasses
-
-    from cai.stages.base import help_of
-
-    if config == "critique":
-        from cai.stages.critique import CritiqueConfig as cls
-    else:
-        from cai.stages.sft import SFTConfig as cls
-    if what == "help":
-        return help_of(cls, name)
-    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
-
-
-def _c(name: str, what: str = "help"):
-    return _stage1("critique", name, what)
-
-
-def _s(name: str, what: str = "help"):
-    return _stage1("sft", name, what)
 
 
 _IO, _GEN, _RUN, _TRAIN = "Inputs and outputs", "Generation", "Running", "Training"
@@ -277,24 +267,32 @@ _IO, _GEN, _RUN, _TRAIN = "Inputs and outputs", "Generation", "Running", "Traini
 
 @app.command("critique")
 def critique(
-    prompts: Annotated[str, typer.Option("--prompts", help=_c("prompts"), rich_help_panel=_IO)],
-    out: Annotated[str, typer.Option("--out", help=_c("out"), rich_help_panel=_IO)],
-    model: Annotated[str, typer.Option("--model", "-m", help=_c("model"), rich_help_panel=_IO)] = _c("model", "d"),
-    constitution: Annotated[str, typer.Option(help=_c("constitution"), rich_help_panel=_IO)]
-    = _c("constitution", "d"),
-    revisions: Annotated[int, typer.Option(help=_c("revisions"), rich_help_panel=_GEN)] = _c("revisions", "d"),
-    limit: Annotated[int | None, typer.Option(help=_c("limit"), rich_help_panel=_IO)] = None,
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=_c("few_shot"), rich_help_panel=_GEN)]
-    = _c("few_shot", "d"),
-    max_new_tokens: Annotated[int, typer.Option(help=_c("max_new_tokens"), rich_help_panel=_GEN)]
-    = _c("max_new_tokens", "d"),
-    temperature: Annotated[float, typer.Option(help=_c("temperature"), rich_help_panel=_GEN)]
-    = _c("temperature", "d"),
-    top_p: Annotated[float, typer.Option(help=_c("top_p"), rich_help_panel=_GEN)] = _c("top_p", "d"),
-    seed: Annotated[int, typer.Option(help=_c("seed"), rich_help_panel=_GEN)] = _c("seed", "d"),
-    batch_size: Annotated[int, typer.Option(help=_c("batch_size"), rich_help_panel=_RUN)] = _c("batch_size", "d"),
-    chunk_size: Annotated[int, typer.Option(help=_c("chunk_size"), rich_help_panel=_RUN)] = _c("chunk_size", "d"),
-    force: Annotated[bool, typer.Option("--force", help=_c("force"), rich_help_panel=_RUN)] = False,
+    prompts: Annotated[str, typer.Option("--prompts", help=help_of(CritiqueConfig, "prompts"), rich_help_panel=_IO)],
+    out: Annotated[str, typer.Option("--out", help=help_of(CritiqueConfig, "out"), rich_help_panel=_IO)],
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(CritiqueConfig, "model"), rich_help_panel=_IO)]
+    = CritiqueConfig.model,
+    constitution: Annotated[str, typer.Option(help=help_of(CritiqueConfig, "constitution"), rich_help_panel=_IO)]
+    = CritiqueConfig.constitution,
+    revisions: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "revisions"), rich_help_panel=_GEN)]
+    = CritiqueConfig.revisions,
+    limit: Annotated[int | None, typer.Option(help=help_of(CritiqueConfig, "limit"), rich_help_panel=_IO)] = None,
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=help_of(CritiqueConfig, "few_shot"),
+                                           rich_help_panel=_GEN)]
+    = CritiqueConfig.few_shot,
+    max_new_tokens: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "max_new_tokens"), rich_help_panel=_GEN)]
+    = CritiqueConfig.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help=help_of(CritiqueConfig, "temperature"), rich_help_panel=_GEN)]
+    = CritiqueConfig.temperature,
+    top_p: Annotated[float, typer.Option(help=help_of(CritiqueConfig, "top_p"), rich_help_panel=_GEN)]
+    = CritiqueConfig.top_p,
+    seed: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "seed"), rich_help_panel=_GEN)]
+    = CritiqueConfig.seed,
+    batch_size: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "batch_size"), rich_help_panel=_RUN)]
+    = CritiqueConfig.batch_size,
+    chunk_size: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "chunk_size"), rich_help_panel=_RUN)]
+    = CritiqueConfig.chunk_size,
+    force: Annotated[bool, typer.Option("--force", help=help_of(CritiqueConfig, "force"),
+                                        rich_help_panel=_RUN)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Answer prompts, then critique and revise each answer under constitution principles (SL-CAI data).
@@ -306,7 +304,7 @@ def critique(
     """
     from cai.stages import critique as stage
 
-    cfg = stage.CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution,
+    cfg = CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution,
                                revisions=revisions, limit=limit, few_shot=few_shot, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                                chunk_size=chunk_size, force=force)
@@ -315,26 +313,35 @@ def critique(
 
 @app.command("sft")
 def sft(
-    data: Annotated[str, typer.Option("--data", help=_s("data"), rich_help_panel=_IO)],
-    out: Annotated[str, typer.Option("--out", help=_s("out"), rich_help_panel=_IO)],
-    model: Annotated[str, typer.Option("--model", "-m", help=_s("model"), rich_help_panel=_IO)] = _s("model", "d"),
-    helpful: Annotated[str | None, typer.Option(help=_s("helpful"), rich_help_panel=_IO)] = None,
-    helpful_fraction: Annotated[float, typer.Option(help=_s("helpful_fraction"), rich_help_panel=_IO)]
-    = _s("helpful_fraction", "d"),
-    helpful_max_new_tokens: Annotated[int, typer.Option(help=_s("helpful_max_new_tokens"), rich_help_panel=_IO)]
-    = _s("helpful_max_new_tokens", "d"),
-    quantize: Annotated[str | None, typer.Option(help=_s("quantize"), rich_help_panel=_TRAIN)] = None,
-    lora_r: Annotated[int, typer.Option(help=_s("lora_r"), rich_help_panel=_TRAIN)] = _s("lora_r", "d"),
-    epochs: Annotated[float, typer.Option(help=_s("epochs"), rich_help_panel=_TRAIN)] = _s("epochs", "d"),
-    max_steps: Annotated[int | None, typer.Option(help=_s("max_steps"), rich_help_panel=_TRAIN)] = None,
-    lr: Annotated[float | None, typer.Option(help=_s("lr"), rich_help_panel=_TRAIN)] = None,
-    batch_size: Annotated[int, typer.Option(help=_s("batch_size"), rich_help_panel=_TRAIN)] = _s("batch_size", "d"),
-    max_length: Annotated[int, typer.Option(help=_s("max_length"), rich_help_panel=_TRAIN)] = _s("max_length", "d"),
-    seed: Annotated[int, typer.Option(help=_s("seed"), rich_help_panel=_TRAIN)] = _s("seed", "d"),
-    save_steps: Annotated[int, typer.Option(help=_s("save_steps"), rich_help_panel=_RUN)] = _s("save_steps", "d"),
-    generation_batch_size: Annotated[int, typer.Option(help=_s("generation_batch_size"), rich_help_panel=_RUN)]
-    = _s("generation_batch_size", "d"),
-    force: Annotated[bool, typer.Option("--force", help=_s("force"), rich_help_panel=_RUN)] = False,
+    data: Annotated[str, typer.Option("--data", help=help_of(SFTConfig, "data"), rich_help_panel=_IO)],
+    out: Annotated[str, typer.Option("--out", help=help_of(SFTConfig, "out"), rich_help_panel=_IO)],
+    model: Annotated[str, typer.Option("--model", "-m", help=help_of(SFTConfig, "model"), rich_help_panel=_IO)]
+    = SFTConfig.model,
+    helpful: Annotated[str | None, typer.Option(help=help_of(SFTConfig, "helpful"), rich_help_panel=_IO)] = None,
+    helpful_fraction: Annotated[float, typer.Option(help=help_of(SFTConfig, "helpful_fraction"), rich_help_panel=_IO)]
+    = SFTConfig.helpful_fraction,
+    helpful_max_new_tokens: Annotated[int, typer.Option(help=help_of(SFTConfig, "helpful_max_new_tokens"),
+                                                        rich_help_panel=_IO)]
+    = SFTConfig.helpful_max_new_tokens,
+    quantize: Annotated[str | None, typer.Option(help=help_of(SFTConfig, "quantize"), rich_help_panel=_TRAIN)] = None,
+    lora_r: Annotated[int, typer.Option(help=help_of(SFTConfig, "lora_r"), rich_help_panel=_TRAIN)]
+    = SFTConfig.lora_r,
+    epochs: Annotated[float, typer.Option(help=help_of(SFTConfig, "epochs"), rich_help_panel=_TRAIN)]
+    = SFTConfig.epochs,
+    max_steps: Annotated[int | None, typer.Option(help=help_of(SFTConfig, "max_steps"),
+                                                  rich_help_panel=_TRAIN)] = None,
+    lr: Annotated[float | None, typer.Option(help=help_of(SFTConfig, "lr"), rich_help_panel=_TRAIN)] = None,
+    batch_size: Annotated[int, typer.Option(help=help_of(SFTConfig, "batch_size"), rich_help_panel=_TRAIN)]
+    = SFTConfig.batch_size,
+    max_length: Annotated[int, typer.Option(help=help_of(SFTConfig, "max_length"), rich_help_panel=_TRAIN)]
+    = SFTConfig.max_length,
+    seed: Annotated[int, typer.Option(help=help_of(SFTConfig, "seed"), rich_help_panel=_TRAIN)] = SFTConfig.seed,
+    save_steps: Annotated[int, typer.Option(help=help_of(SFTConfig, "save_steps"), rich_help_panel=_RUN)]
+    = SFTConfig.save_steps,
+    generation_batch_size: Annotated[int, typer.Option(help=help_of(SFTConfig, "generation_batch_size"),
+                                                       rich_help_panel=_RUN)]
+    = SFTConfig.generation_batch_size,
+    force: Annotated[bool, typer.Option("--force", help=help_of(SFTConfig, "force"), rich_help_panel=_RUN)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fine-tune the model on its final revisions (loss on the answer only), mixed with helpful answers.
@@ -346,7 +353,7 @@ def sft(
     """
     from cai.stages import sft as stage
 
-    cfg = stage.SFTConfig(data=data, out=out, model=model, helpful=helpful, helpful_fraction=helpful_fraction,
+    cfg = SFTConfig(data=data, out=out, model=model, helpful=helpful, helpful_fraction=helpful_fraction,
                           helpful_max_new_tokens=helpful_max_new_tokens, quantize=quantize, lora_r=lora_r,
                           epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
                           seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force)
@@ -356,48 +363,60 @@ def sft(
 
 # ----------------------------------------------------------------------------- stage 2: feedback, feedback eval (issue 4)
 
-from cai.stages.base import help_of  # noqa: E402  (stage config modules are light: no torch)
-from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig  # noqa: E402
 
 feedback_app = typer.Typer(no_args_is_help=False)
 app.add_typer(feedback_app, name="feedback")
 _IO, _JUDGE, _SAMPLING, _RUN = "Inputs and outputs", "Judge", "Answer sampling", "Run"
 
 
-def _fb(name: str) -> str:
-    return help_of(FeedbackConfig, name)
-
-
-def _fe(name: str) -> str:
-    return help_of(FeedbackEvalConfig, name)
-
 
 @feedback_app.callback(invoke_without_command=True)
 def feedback(
     ctx: typer.Context,
-    prompts: Annotated[str | None, typer.Option(help=_fb("prompts"), rich_help_panel=_IO)] = None,
-    policy: Annotated[str | None, typer.Option(help=_fb("policy"), rich_help_panel=_IO)] = None,
-    out: Annotated[str | None, typer.Option(help=_fb("out"), rich_help_panel=_IO)] = None,
-    judge: Annotated[str | None, typer.Option(help=_fb("judge"), rich_help_panel=_JUDGE)] = None,
-    constitution: Annotated[str, typer.Option(help=_fb("constitution"), rich_help_panel=_JUDGE)] = "default",
-    method: Annotated[str, typer.Option(help=_fb("method"), rich_help_panel=_JUDGE)] = "auto",
-    principles: Annotated[int, typer.Option(help=_fb("principles"), rich_help_panel=_JUDGE)] = 1,
-    cot: Annotated[bool, typer.Option("--cot", help=_fb("cot"), rich_help_panel=_JUDGE)] = False,
-    cot_max_new_tokens: Annotated[int, typer.Option(help=_fb("cot_max_new_tokens"), rich_help_panel=_JUDGE)] = 128,
-    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=_fb("swap"), rich_help_panel=_JUDGE)] = True,
-    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=_fb("clamp"), rich_help_panel=_JUDGE)] = "0.4,0.6",
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=_fb("few_shot"),
-                                           rich_help_panel=_JUDGE)] = True,
-    judge_temperature: Annotated[float, typer.Option(help=_fb("judge_temperature"), rich_help_panel=_JUDGE)] = 1.0,
-    samples_temperature: Annotated[float, typer.Option(help=_fb("samples_temperature"),
-                                                       rich_help_panel=_SAMPLING)] = 1.0,
-    samples_top_p: Annotated[float, typer.Option(help=_fb("samples_top_p"), rich_help_panel=_SAMPLING)] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help=_fb("max_new_tokens"), rich_help_panel=_SAMPLING)] = 256,
-    quantize: Annotated[str | None, typer.Option(help=_fb("quantize"), rich_help_panel=_RUN)] = None,
-    batch_size: Annotated[int, typer.Option(help=_fb("batch_size"), rich_help_panel=_RUN)] = 16,
-    limit: Annotated[int | None, typer.Option(help=_fb("limit"), rich_help_panel=_RUN)] = None,
-    seed: Annotated[int, typer.Option(help=_fb("seed"), rich_help_panel=_RUN)] = 0,
-    force: Annotated[bool, typer.Option("--force", help=_fb("force"), rich_help_panel=_RUN)] = False,
+    prompts: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "prompts"), rich_help_panel=_IO)] = None,
+    policy: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "policy"), rich_help_panel=_IO)]
+    = FeedbackConfig.policy,
+    out: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "out"), rich_help_panel=_IO)] = None,
+    judge: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "judge"), rich_help_panel=_JUDGE)] = None,
+    constitution: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "constitution"), rich_help_panel=_JUDGE)]
+    = FeedbackConfig.constitution,
+    method: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "method"), rich_help_panel=_JUDGE)]
+    = FeedbackConfig.method,
+    principles: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "principles"), rich_help_panel=_JUDGE)]
+    = FeedbackConfig.principles,
+    cot: Annotated[bool, typer.Option("--cot", help=help_of(FeedbackConfig, "cot"), rich_help_panel=_JUDGE)] = False,
+    cot_max_new_tokens: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "cot_max_new_tokens"),
+                                                    rich_help_panel=_JUDGE)]
+    = FeedbackConfig.cot_max_new_tokens,
+    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=help_of(FeedbackConfig, "swap"),
+                                       rich_help_panel=_JUDGE)]
+    = FeedbackConfig.swap,
+    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=help_of(FeedbackConfig, "clamp"),
+                                       rich_help_panel=_JUDGE)]
+    = ",".join(map(str, FeedbackConfig.clamp)),
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=help_of(FeedbackConfig, "few_shot"),
+                                           rich_help_panel=_JUDGE)] = FeedbackConfig.few_shot,
+    judge_temperature: Annotated[float, typer.Option(help=help_of(FeedbackConfig, "judge_temperature"),
+                                                     rich_help_panel=_JUDGE)]
+    = FeedbackConfig.judge_temperature,
+    samples_temperature: Annotated[float, typer.Option(help=help_of(FeedbackConfig, "samples_temperature"),
+                                                       rich_help_panel=_SAMPLING)]
+    = FeedbackConfig.samples_temperature,
+    samples_top_p: Annotated[float, typer.Option(help=help_of(FeedbackConfig, "samples_top_p"),
+                                                 rich_help_panel=_SAMPLING)]
+    = FeedbackConfig.samples_top_p,
+    max_new_tokens: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "max_new_tokens"),
+                                                rich_help_panel=_SAMPLING)]
+    = FeedbackConfig.max_new_tokens,
+    quantize: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "quantize"),
+                                                 rich_help_panel=_RUN)] = None,
+    batch_size: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "batch_size"), rich_help_panel=_RUN)]
+    = FeedbackConfig.batch_size,
+    limit: Annotated[int | None, typer.Option(help=help_of(FeedbackConfig, "limit"), rich_help_panel=_RUN)] = None,
+    seed: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "seed"), rich_help_panel=_RUN)]
+    = FeedbackConfig.seed,
+    force: Annotated[bool, typer.Option("--force", help=help_of(FeedbackConfig, "force"),
+                                        rich_help_panel=_RUN)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON result instead of paths.",
                                               rich_help_panel=_RUN)] = False,
 ) -> None:
@@ -409,7 +428,7 @@ def feedback(
     """
     if ctx.invoked_subcommand is not None:
         return
-    missing = [flag for flag, value in (("--prompts", prompts), ("--policy", policy), ("--out", out)) if not value]
+    missing = [flag for flag, value in (("--prompts", prompts), ("--out", out)) if not value]
     if missing:
         raise typer.BadParameter(f"missing {', '.join(missing)} (see `cai feedback --help`; to check a judge "
                                  "instead, run `cai feedback eval --pairs FILE`)")
@@ -426,25 +445,45 @@ def feedback(
 
 @feedback_app.command("eval")
 def feedback_eval(
-    pairs: Annotated[str, typer.Option(help=_fe("pairs"), rich_help_panel=_IO)],
-    judge: Annotated[str, typer.Option(help=_fe("judge"), rich_help_panel=_JUDGE)] = "embedded:smollm2-135m-instruct",
-    method: Annotated[str | None, typer.Option(help=_fe("method"), rich_help_panel=_JUDGE)] = None,
-    constitution: Annotated[str, typer.Option(help=_fe("constitution"), rich_help_panel=_JUDGE)] = "default",
-    principles: Annotated[int, typer.Option(help=_fe("principles"), rich_help_panel=_JUDGE)] = 1,
-    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=_fe("swap"), rich_help_panel=_JUDGE)] = True,
-    cot: Annotated[bool, typer.Option("--cot", help=_fe("cot"), rich_help_panel=_JUDGE)] = False,
-    cot_max_new_tokens: Annotated[int, typer.Option(help=_fe("cot_max_new_tokens"), rich_help_panel=_JUDGE)] = 128,
-    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=_fe("clamp"), rich_help_panel=_JUDGE)] = "0.4,0.6",
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=_fe("few_shot"),
-                                           rich_help_panel=_JUDGE)] = True,
-    judge_temperature: Annotated[float, typer.Option(help=_fe("judge_temperature"), rich_help_panel=_JUDGE)] = 1.0,
-    sanity: Annotated[bool, typer.Option("--sanity/--no-sanity", help=_fe("sanity"), rich_help_panel=_IO)] = True,
-    limit: Annotated[int | None, typer.Option(help=_fe("limit"), rich_help_panel=_IO)] = None,
-    bins: Annotated[int, typer.Option(help=_fe("bins"), rich_help_panel=_IO)] = 10,
-    out: Annotated[str | None, typer.Option(help=_fe("out"), rich_help_panel=_IO)] = None,
-    quantize: Annotated[str | None, typer.Option(help=_fe("quantize"), rich_help_panel=_RUN)] = None,
-    batch_size: Annotated[int, typer.Option(help=_fe("batch_size"), rich_help_panel=_RUN)] = 16,
-    seed: Annotated[int, typer.Option(help=_fe("seed"), rich_help_panel=_RUN)] = 0,
+    pairs: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "pairs"), rich_help_panel=_IO)],
+    judge: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "judge"), rich_help_panel=_JUDGE)]
+    = FeedbackEvalConfig.judge,
+    method: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "method"),
+                                               rich_help_panel=_JUDGE)] = None,
+    constitution: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "constitution"),
+                                              rich_help_panel=_JUDGE)]
+    = FeedbackEvalConfig.constitution,
+    principles: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "principles"), rich_help_panel=_JUDGE)]
+    = FeedbackEvalConfig.principles,
+    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=help_of(FeedbackEvalConfig, "swap"),
+                                       rich_help_panel=_JUDGE)]
+    = FeedbackEvalConfig.swap,
+    cot: Annotated[bool, typer.Option("--cot", help=help_of(FeedbackEvalConfig, "cot"),
+                                      rich_help_panel=_JUDGE)] = False,
+    cot_max_new_tokens: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "cot_max_new_tokens"),
+                                                    rich_help_panel=_JUDGE)]
+    = FeedbackEvalConfig.cot_max_new_tokens,
+    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=help_of(FeedbackEvalConfig, "clamp"),
+                                       rich_help_panel=_JUDGE)]
+    = ",".join(map(str, FeedbackEvalConfig.clamp)),
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=help_of(FeedbackEvalConfig, "few_shot"),
+                                           rich_help_panel=_JUDGE)] = FeedbackEvalConfig.few_shot,
+    judge_temperature: Annotated[float, typer.Option(help=help_of(FeedbackEvalConfig, "judge_temperature"),
+                                                     rich_help_panel=_JUDGE)]
+    = FeedbackEvalConfig.judge_temperature,
+    sanity: Annotated[bool, typer.Option("--sanity/--no-sanity", help=help_of(FeedbackEvalConfig, "sanity"),
+                                         rich_help_panel=_IO)]
+    = FeedbackEvalConfig.sanity,
+    limit: Annotated[int | None, typer.Option(help=help_of(FeedbackEvalConfig, "limit"), rich_help_panel=_IO)] = None,
+    bins: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "bins"), rich_help_panel=_IO)]
+    = FeedbackEvalConfig.bins,
+    out: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "out"), rich_help_panel=_IO)] = None,
+    quantize: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "quantize"),
+                                                 rich_help_panel=_RUN)] = None,
+    batch_size: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "batch_size"), rich_help_panel=_RUN)]
+    = FeedbackEvalConfig.batch_size,
+    seed: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "seed"), rich_help_panel=_RUN)]
+    = FeedbackEvalConfig.seed,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of tables.",
                                               rich_help_panel=_RUN)] = False,
 ) -> None:
@@ -477,7 +516,6 @@ def feedback_eval(
 
 # ----------------------------------------------------------------------------- stage 3: pm train, pm score, pm eval (issue 5)
 
-from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig  # noqa: E402  (config only: no torch)
 
 pm_app = typer.Typer(help="Train, score and evaluate the hybrid preference model (stage 3).", no_args_is_help=True)
 app.add_typer(pm_app, name="pm")
@@ -599,12 +637,6 @@ def pm_eval(
 # ----------------------------------------------------------------------------- stage 4: rl (issue 6)
 
 
-def _rl_help(name: str) -> str:
-    from cai.stages.base import help_of
-    from cai.stages.rl import RLConfig
-
-    return help_of(RLConfig, name)
-
 
 _RL_REWARDS = "Rewards and monitors"
 _RL_TRAINING = "Training"
@@ -612,36 +644,51 @@ _RL_TRAINING = "Training"
 
 @app.command("rl")
 def rl_command(
-    prompts: Annotated[list[Path], typer.Option("--prompts", help=_rl_help("prompts") + " Repeat for several.")],
-    out: Annotated[Path, typer.Option(help=_rl_help("out"))],
-    policy: Annotated[str, typer.Option(help=_rl_help("policy"))] = "embedded:smollm2-135m-instruct",
-    pm: Annotated[str | None, typer.Option(help=_rl_help("pm"))] = None,
-    algo: Annotated[str, typer.Option(help=_rl_help("algo"))] = "grpo",
-    beta: Annotated[float, typer.Option(help=_rl_help("beta"))] = 0.05,
+    prompts: Annotated[list[Path], typer.Option("--prompts",
+                                                help=help_of(RLConfig, "prompts") + " Repeat for several.")],
+    out: Annotated[Path, typer.Option(help=help_of(RLConfig, "out"))],
+    policy: Annotated[str, typer.Option(help=help_of(RLConfig, "policy"))] = RLConfig.policy,
+    pm: Annotated[str | None, typer.Option(help=help_of(RLConfig, "pm"))] = None,
+    algo: Annotated[str, typer.Option(help=help_of(RLConfig, "algo"))] = RLConfig.algo,
+    beta: Annotated[float, typer.Option(help=help_of(RLConfig, "beta"))] = RLConfig.beta,
     reward: Annotated[list[str] | None, typer.Option(
-        "--reward", help=_rl_help("reward") + " Repeatable. Default: pm:1.", rich_help_panel=_RL_REWARDS)] = None,
-    num_generations: Annotated[int, typer.Option(help=_rl_help("num_generations"), rich_help_panel=_RL_TRAINING)] = 4,
-    prompts_per_step: Annotated[int, typer.Option(help=_rl_help("prompts_per_step"),
-                                                  rich_help_panel=_RL_TRAINING)] = 2,
-    max_steps: Annotated[int, typer.Option(help=_rl_help("max_steps"), rich_help_panel=_RL_TRAINING)] = 10,
-    lr: Annotated[float | None, typer.Option(help=_rl_help("lr"), rich_help_panel=_RL_TRAINING)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help=_rl_help("max_new_tokens"), rich_help_panel=_RL_TRAINING)] = 64,
-    temperature: Annotated[float, typer.Option(help=_rl_help("temperature"), rich_help_panel=_RL_TRAINING)] = 1.0,
-    quantize: Annotated[str | None, typer.Option(help=_rl_help("quantize"), rich_help_panel=_RL_TRAINING)] = None,
-    lora_r: Annotated[int, typer.Option(help=_rl_help("lora_r"), rich_help_panel=_RL_TRAINING)] = 16,
-    limit: Annotated[int | None, typer.Option(help=_rl_help("limit"))] = None,
-    length_target: Annotated[int | None, typer.Option(help=_rl_help("length_target"),
+        "--reward", help=help_of(RLConfig, "reward") + " Repeatable. Default: pm:1.", rich_help_panel=_RL_REWARDS)] = None,
+    num_generations: Annotated[int, typer.Option(help=help_of(RLConfig, "num_generations"),
+                                                 rich_help_panel=_RL_TRAINING)]
+    = RLConfig.num_generations,
+    prompts_per_step: Annotated[int, typer.Option(help=help_of(RLConfig, "prompts_per_step"),
+                                                  rich_help_panel=_RL_TRAINING)] = RLConfig.prompts_per_step,
+    max_steps: Annotated[int, typer.Option(help=help_of(RLConfig, "max_steps"), rich_help_panel=_RL_TRAINING)]
+    = RLConfig.max_steps,
+    lr: Annotated[float | None, typer.Option(help=help_of(RLConfig, "lr"), rich_help_panel=_RL_TRAINING)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help=help_of(RLConfig, "max_new_tokens"),
+                                                rich_help_panel=_RL_TRAINING)]
+    = RLConfig.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help=help_of(RLConfig, "temperature"), rich_help_panel=_RL_TRAINING)]
+    = RLConfig.temperature,
+    quantize: Annotated[str | None, typer.Option(help=help_of(RLConfig, "quantize"),
+                                                 rich_help_panel=_RL_TRAINING)] = None,
+    lora_r: Annotated[int, typer.Option(help=help_of(RLConfig, "lora_r"), rich_help_panel=_RL_TRAINING)]
+    = RLConfig.lora_r,
+    limit: Annotated[int | None, typer.Option(help=help_of(RLConfig, "limit"))] = None,
+    length_target: Annotated[int | None, typer.Option(help=help_of(RLConfig, "length_target"),
                                                       rich_help_panel=_RL_REWARDS)] = None,
-    code_timeout: Annotated[float, typer.Option(help=_rl_help("code_timeout"), rich_help_panel=_RL_REWARDS)] = 5.0,
-    code_memory_mb: Annotated[int, typer.Option(help=_rl_help("code_memory_mb"), rich_help_panel=_RL_REWARDS)] = 512,
-    judge: Annotated[str | None, typer.Option(help=_rl_help("judge"), rich_help_panel=_RL_REWARDS)] = None,
-    constitution: Annotated[str, typer.Option(help=_rl_help("constitution"), rich_help_panel=_RL_REWARDS)] = "default",
-    judge_every: Annotated[int, typer.Option(help=_rl_help("judge_every"), rich_help_panel=_RL_REWARDS)] = 1,
-    checkpoint_every: Annotated[int, typer.Option(help=_rl_help("checkpoint_every"),
-                                                  rich_help_panel=_RL_TRAINING)] = 5,
-    pm_batch_size: Annotated[int, typer.Option(help=_rl_help("pm_batch_size"), rich_help_panel=_RL_TRAINING)] = 16,
-    seed: Annotated[int, typer.Option(help=_rl_help("seed"))] = 0,
-    force: Annotated[bool, typer.Option("--force", help=_rl_help("force"))] = False,
+    code_timeout: Annotated[float, typer.Option(help=help_of(RLConfig, "code_timeout"), rich_help_panel=_RL_REWARDS)]
+    = RLConfig.code_timeout,
+    code_memory_mb: Annotated[int, typer.Option(help=help_of(RLConfig, "code_memory_mb"),
+                                                rich_help_panel=_RL_REWARDS)]
+    = RLConfig.code_memory_mb,
+    judge: Annotated[str | None, typer.Option(help=help_of(RLConfig, "judge"), rich_help_panel=_RL_REWARDS)] = None,
+    constitution: Annotated[str, typer.Option(help=help_of(RLConfig, "constitution"), rich_help_panel=_RL_REWARDS)]
+    = RLConfig.constitution,
+    judge_every: Annotated[int, typer.Option(help=help_of(RLConfig, "judge_every"), rich_help_panel=_RL_REWARDS)]
+    = RLConfig.judge_every,
+    checkpoint_every: Annotated[int, typer.Option(help=help_of(RLConfig, "checkpoint_every"),
+                                                  rich_help_panel=_RL_TRAINING)] = RLConfig.checkpoint_every,
+    pm_batch_size: Annotated[int, typer.Option(help=help_of(RLConfig, "pm_batch_size"), rich_help_panel=_RL_TRAINING)]
+    = RLConfig.pm_batch_size,
+    seed: Annotated[int, typer.Option(help=help_of(RLConfig, "seed"))] = RLConfig.seed,
+    force: Annotated[bool, typer.Option("--force", help=help_of(RLConfig, "force"))] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Optimise a policy against the preference model (GRPO or RLOO) with a KL penalty and optional verifiable rewards.
@@ -664,7 +711,6 @@ def rl_command(
 
 # ----------------------------------------------------------------------------- offline path: dpo (issue 8)
 
-from cai.stages.dpo import DPOConfig  # noqa: E402  (config only: no torch)
 
 _DPO_DATA, _DPO_MODEL, _DPO_TRAINING = "Preference data", "Model and output", "Training"
 
@@ -727,33 +773,33 @@ def dpo(
 # ----------------------------------------------------------------------------- pipeline: run, eval (issue 7)
 
 
-def _eval_help(name: str) -> str:
-    from cai.stages.base import help_of
-    from cai.stages.evaluate import EvalConfig
-
-    return help_of(EvalConfig, name)
-
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[list[str], typer.Option("--model", "-m", help=_eval_help("models"))],
-    harmful: Annotated[str, typer.Option(help=_eval_help("harmful"))],
-    benign: Annotated[str, typer.Option(help=_eval_help("benign"))],
-    out: Annotated[str, typer.Option(help=_eval_help("out"))],
-    judge: Annotated[str, typer.Option(help=_eval_help("judge"), rich_help_panel="Judge")]
-    = "embedded:smollm2-135m-instruct",
-    judge_method: Annotated[str, typer.Option(help=_eval_help("judge_method"), rich_help_panel="Judge")] = "auto",
-    constitution: Annotated[str, typer.Option(help=_eval_help("constitution"), rich_help_panel="Judge")] = "default",
-    principles: Annotated[int, typer.Option(help=_eval_help("principles"), rich_help_panel="Judge")] = 1,
-    head_to_head: Annotated[bool, typer.Option("--head-to-head/--no-head-to-head", help=_eval_help("head_to_head"),
-                                               rich_help_panel="Judge")] = True,
-    pm: Annotated[str | None, typer.Option(help=_eval_help("pm"))] = None,
-    limit: Annotated[int | None, typer.Option(help=_eval_help("limit"))] = None,
-    max_new_tokens: Annotated[int, typer.Option(help=_eval_help("max_new_tokens"))] = 128,
-    quantize: Annotated[str | None, typer.Option(help=_eval_help("quantize"))] = None,
-    seed: Annotated[int, typer.Option(help=_eval_help("seed"))] = 0,
-    batch_size: Annotated[int, typer.Option(help=_eval_help("batch_size"), rich_help_panel="Speed")] = 16,
-    examples: Annotated[int, typer.Option(help=_eval_help("examples"))] = 6,
+    model: Annotated[list[str], typer.Option("--model", "-m", help=help_of(EvalConfig, "models"))],
+    harmful: Annotated[str, typer.Option(help=help_of(EvalConfig, "harmful"))],
+    benign: Annotated[str, typer.Option(help=help_of(EvalConfig, "benign"))],
+    out: Annotated[str, typer.Option(help=help_of(EvalConfig, "out"))],
+    judge: Annotated[str, typer.Option(help=help_of(EvalConfig, "judge"), rich_help_panel="Judge")]
+    = EvalConfig.judge,
+    judge_method: Annotated[str, typer.Option(help=help_of(EvalConfig, "judge_method"), rich_help_panel="Judge")]
+    = EvalConfig.judge_method,
+    constitution: Annotated[str, typer.Option(help=help_of(EvalConfig, "constitution"), rich_help_panel="Judge")]
+    = EvalConfig.constitution,
+    principles: Annotated[int, typer.Option(help=help_of(EvalConfig, "principles"), rich_help_panel="Judge")]
+    = EvalConfig.principles,
+    head_to_head: Annotated[bool, typer.Option("--head-to-head/--no-head-to-head",
+                                               help=help_of(EvalConfig, "head_to_head"),
+                                               rich_help_panel="Judge")] = EvalConfig.head_to_head,
+    pm: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "pm"))] = None,
+    limit: Annotated[int | None, typer.Option(help=help_of(EvalConfig, "limit"))] = None,
+    max_new_tokens: Annotated[int, typer.Option(help=help_of(EvalConfig, "max_new_tokens"))]
+    = EvalConfig.max_new_tokens,
+    quantize: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "quantize"))] = None,
+    seed: Annotated[int, typer.Option(help=help_of(EvalConfig, "seed"))] = EvalConfig.seed,
+    batch_size: Annotated[int, typer.Option(help=help_of(EvalConfig, "batch_size"), rich_help_panel="Speed")]
+    = EvalConfig.batch_size,
+    examples: Annotated[int, typer.Option(help=help_of(EvalConfig, "examples"))] = EvalConfig.examples,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
     """Measure harmlessness, over-refusal, PM score and head-to-head Elo of one or more models.

@@ -50,3 +50,50 @@ def test_importing_the_cli_does_not_load_torch():
     code = "import sys, cai.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_every_option_default_is_its_config_default():
+    """A default typed twice drifts: each command option must show the default its stage really uses."""
+    import typer.main
+
+    from cai.stages.critique import CritiqueConfig
+    from cai.stages.dpo import DPOConfig
+    from cai.stages.evaluate import EvalConfig
+    from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
+    from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
+    from cai.stages.rl import RLConfig
+    from cai.stages.sft import SFTConfig
+
+    configs = {("critique",): CritiqueConfig, ("sft",): SFTConfig, ("feedback",): FeedbackConfig,
+               ("feedback", "eval"): FeedbackEvalConfig, ("pm", "train"): PMTrainConfig,
+               ("pm", "score"): PMScoreConfig, ("pm", "eval"): PMEvalConfig, ("rl",): RLConfig,
+               ("dpo",): DPOConfig, ("eval",): EvalConfig}
+    renamed = {"input_path": "input", "model": "models"}
+    unset_means_default = {(("rl",), "reward")}  # a repeatable option: nothing given -> the config's list
+    root = typer.main.get_command(app)
+    checked, mismatches = 0, []
+    for path, config in configs.items():
+        command = root
+        for part in path:
+            command = command.commands[part]
+        defaults = {}
+        for f in dataclasses.fields(config):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+        for param in command.params:
+            name = param.name if param.name in defaults or param.name not in renamed else renamed[param.name]
+            if param.required or name not in defaults or (path, name) in unset_means_default:
+                continue
+            if param.default is None and defaults[name] == "":  # required, checked by the command itself
+                continue
+            expected = defaults[name]
+            if isinstance(expected, tuple):
+                expected = ",".join(map(str, expected))  # typed as LO,HI on the command line
+            if param.default != expected:
+                mismatches.append(f"`cai {' '.join(path)} --{param.name}` defaults to {param.default!r}, "
+                                  f"{config.__name__}.{name} to {defaults[name]!r}")
+            checked += 1
+    assert not mismatches, "\n".join(mismatches)
+    assert checked > 100

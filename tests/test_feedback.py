@@ -264,7 +264,8 @@ def test_cli_without_prompts_names_the_missing_options(tmp_path):
 
     result = subprocess.run([sys.executable, "-m", "cai", "feedback", "--out", str(tmp_path / "x.jsonl")],
                             capture_output=True, text=True)
-    assert result.returncode != 0 and "--prompts" in result.stderr and "--policy" in result.stderr
+    assert result.returncode != 0 and "--prompts" in result.stderr
+    assert "--policy" not in result.stderr  # it defaults to the embedded model, like every stage's model option
 
 
 def test_cli_labels_pairs_with_the_tiny_model(tmp_path, prompts_file):
