@@ -279,6 +279,8 @@ def critique(
     few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=help_of(CritiqueConfig, "few_shot"),
                                            rich_help_panel=_GEN)]
     = CritiqueConfig.few_shot,
+    revision_prefix: Annotated[str | None, typer.Option(help=help_of(CritiqueConfig, "revision_prefix"),
+                                                        rich_help_panel=_GEN)] = None,
     max_new_tokens: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "max_new_tokens"), rich_help_panel=_GEN)]
     = CritiqueConfig.max_new_tokens,
     temperature: Annotated[float, typer.Option(help=help_of(CritiqueConfig, "temperature"), rich_help_panel=_GEN)]
@@ -304,10 +306,10 @@ def critique(
     """
     from cai.stages import critique as stage
 
-    cfg = CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution,
-                               revisions=revisions, limit=limit, few_shot=few_shot, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                               chunk_size=chunk_size, force=force)
+    cfg = CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution, revisions=revisions,
+                         limit=limit, few_shot=few_shot, revision_prefix=revision_prefix,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         batch_size=batch_size, chunk_size=chunk_size, force=force)
     _run_stage(stage.run, cfg, json_output)
 
 
@@ -354,9 +356,9 @@ def sft(
     from cai.stages import sft as stage
 
     cfg = SFTConfig(data=data, out=out, model=model, helpful=helpful, helpful_fraction=helpful_fraction,
-                          helpful_max_new_tokens=helpful_max_new_tokens, quantize=quantize, lora_r=lora_r,
-                          epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
-                          seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force)
+                    helpful_max_new_tokens=helpful_max_new_tokens, quantize=quantize, lora_r=lora_r,
+                    epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                    seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force)
     _run_stage(stage.run, cfg, json_output)
 
 

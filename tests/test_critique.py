@@ -6,6 +6,7 @@ import pytest
 
 from cai import constitution as c
 from cai.engine import Generation
+from cai.errors import ConfigError
 from cai.paths import bundled
 from cai.records import read_jsonl
 from cai.stages import critique
@@ -29,7 +30,8 @@ def prompts_file(tmp_path):
 
 
 class StubEngine:
-    """Stands in for `Engine`: each `generate_chat` call is one step (initial, critique 1, revision 1, ...).
+    """Stands in for `Engine`: each `generate` call is one step (initial, critique 1, revision 1, ...);
+    `render` keeps the conversation and the reply's forced opening instead of a chat-template string.
 
     `script(step, conversation, seed)` returns the text, or None for the default
     "Step S answer for the item with seed N." Calls, and items per call, are recorded.
@@ -40,8 +42,14 @@ class StubEngine:
         self.fail_on_call = fail_on_call
         self.calls: list[int] = []  # items per call
         self.conversations: list[list] = []
+        self.prefixes: list[list[str]] = []  # the assistant prefix of each item, per call
 
-    def generate_chat(self, conversations, sampling, seeds=None, progress=None):
+    def render(self, messages, assistant_prefix=""):
+        return messages, assistant_prefix
+
+    def generate(self, rendered, sampling, seeds=None, progress=None):
+        conversations = [conversation for conversation, _ in rendered]
+        self.prefixes.append([prefix for _, prefix in rendered])
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise KeyboardInterrupt  # what Ctrl-C or a kill does in the middle of a chunk
         step = len(self.calls) % (1 + 2 * self._revisions)
@@ -154,6 +162,39 @@ def test_a_degenerate_revision_keeps_the_previous_answer(prompts_file, tmp_path)
     assert result.counts["kept_previous"] == 10
     assert result.counts["kept_previous/only-label"] == 5 and result.counts["kept_previous/repetition"] == 5
     assert "10 of 15 revisions kept the previous answer" in result.summary
+
+
+def test_a_revision_prefix_primes_only_revisions_and_opens_the_record(prompts_file, tmp_path):
+    def script(step, conversation, seed):
+        return {2: "that, because it would hurt someone.", 4: ""}.get(step)  # round 2 adds nothing
+
+    engine = StubEngine(script)
+    _, records, _ = run_with(engine, config(prompts_file, tmp_path, revisions=2, revision_prefix="I can't help with"))
+    # Per chunk: initial, critique 1, revision 1, critique 2, revision 2; only the revisions start primed.
+    assert len(engine.prefixes) == 15
+    for i, call in enumerate(engine.prefixes):
+        assert set(call) == ({"I can't help with"} if i % 5 in (2, 4) else {""})
+    for record in records:
+        first, second = record["rounds"]
+        assert first["revision"] == "I can't help with that, because it would hurt someone."
+        # The model wrote nothing after the prefix: not a revision, so round 1's is kept.
+        assert second["kept_previous"] and second["reason"] == "empty"
+        assert record["final"] == first["revision"]
+
+
+@pytest.mark.parametrize(("prefix", "continuation", "expected"), [
+    ("I can't help with", "that.", "I can't help with that."),
+    ("I can't help with", ", sorry.", "I can't help with, sorry."),
+    ("I won't: ", "it is illegal.", "I won't: it is illegal."),
+    ("I can't help with", "", "I can't help with"),
+])
+def test_join_prefix_puts_back_the_space_the_engine_stripped(prefix, continuation, expected):
+    assert critique.join_prefix(prefix, continuation) == expected
+
+
+def test_a_blank_revision_prefix_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="revision_prefix"):
+        critique.CritiqueConfig(out=str(tmp_path / "x.jsonl"), revision_prefix="  ")
 
 
 def test_when_every_revision_is_degenerate_the_final_is_the_initial_answer(prompts_file, tmp_path):

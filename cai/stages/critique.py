@@ -61,6 +61,10 @@ class CritiqueConfig:
         "help": "Use only the first N prompts of the file; None = all of them."})
     few_shot: bool = field(default=True, metadata={
         "help": "Show the constitution's critique examples before each critique and revision request."})
+    revision_prefix: str | None = field(default=None, metadata={
+        "help": "Text every revision starts with, written into the model's reply before it continues "
+                "(e.g. \"I can't help with\"). For models too small to follow a revision request on "
+                "their own; None = the model writes the whole revision."})
     max_new_tokens: int = field(default=256, metadata={
         "help": "Tokens generated at most per answer, critique and revision."})
     temperature: float = field(default=0.7, metadata={
@@ -89,6 +93,9 @@ class CritiqueConfig:
             raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p}: must be in (0, 1] -- use 1.0 to turn nucleus sampling off")
+        if self.revision_prefix is not None and not self.revision_prefix.strip():
+            raise ConfigError("revision_prefix is blank -- give the opening words (e.g. \"I can't help with\") "
+                              "or leave it out")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}, chunk_size={self.chunk_size}: both must be at least 1")
 
@@ -192,6 +199,15 @@ def _sampling(cfg: CritiqueConfig):
     return Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=0)
 
 
+def join_prefix(prefix: str, continuation: str) -> str:
+    """A primed reply: the prefix, then the model's continuation (the engine strips leading space, so a
+    word gets its space back and punctuation does not)."""
+    if not continuation:
+        return prefix
+    glue = " " if continuation[0].isalnum() and not prefix[-1].isspace() else ""
+    return prefix + glue + continuation
+
+
 def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueConfig,
                    on_tokens: Callable[[int], None] = lambda n: None) -> list[dict[str, Any]]:
     """Take a chunk of prompt records through the initial answer and every round; return their records.
@@ -202,10 +218,10 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
 
     sampling = _sampling(cfg)
 
-    def generate(conversations: list, step: str) -> list:
+    def generate(conversations: list, step: str, prefix: str = "") -> list:
         seeds = [item_seed(cfg.seed, p["id"], step) for p in prompts]
-        return engine.generate_chat(conversations, sampling, seeds=seeds,
-                                    progress=lambda items, tokens: on_tokens(tokens))
+        rendered = [engine.render(conversation, assistant_prefix=prefix) for conversation in conversations]
+        return engine.generate(rendered, sampling, seeds=seeds, progress=lambda items, tokens: on_tokens(tokens))
 
     initial = generate([c.answer_messages(cons, p["prompt"]) for p in prompts], "initial")
     initial_texts = [clean_text(g.text, "answer", g.finished) for g in initial]
@@ -221,12 +237,14 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
         revisions = generate([c.revision_messages(cons, p["prompt"], answer, principle, critique, cfg.few_shot)
                               for p, answer, principle, critique
                               in zip(prompts, current, chosen, critique_texts, strict=True)],
-                             f"round{k + 1}-revision")
+                             f"round{k + 1}-revision", cfg.revision_prefix or "")
         for i, (p, principle, generation) in enumerate(zip(prompts, chosen, revisions, strict=True)):
-            text = clean_text(generation.text, "answer", generation.finished)
+            written = clean_text(generation.text, "answer", generation.finished)
+            text = join_prefix(cfg.revision_prefix, written) if cfg.revision_prefix else written
             requests = (c.fill(principle.critique, p["prompt"]), c.fill(principle.revision, p["prompt"]))
             round_record: dict[str, Any] = {"principle": principle.id, "critique": critique_texts[i], "revision": text}
-            reason = degenerate_reason(text, generation.text, requests)
+            # Judged on what the model wrote: a primed revision that adds nothing is as empty as none.
+            reason = degenerate_reason(written, generation.text, requests)
             if reason is None:
                 current[i] = text
             else:
