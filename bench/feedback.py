@@ -8,7 +8,10 @@ judge (two questions per comparison). Timed, in comparisons per second:
              and " (B)"; the few-shot block all questions share is computed once per call;
 - ours, no prefix sharing: the same with the shared-prefix reuse turned off (what it contributes);
 - generate : the same prompts, the judge's reply begun as "The answer is:", greedy generation of 4
-             tokens through the same batched engine, the letter parsed from the text (a hard label);
+             tokens through the same batched engine, the letter parsed from the text (a hard label):
+             what reading log-probabilities instead of generating saves, everything else equal;
+- generate, one at a time: the same, written the way people first write it, one `model.generate`
+             call per question (on --naive-pairs pairs: its cost per comparison is flat);
 - cot      : `Judge(method="mc", cot=True)`: reasoning generated first (--cot-max-new-tokens), on
              --cot-pairs pairs (it is slow; the rate is per comparison, so it compares);
 - contrast : `Judge(method="contrast")`: four scored continuations per comparison, no swap.
@@ -18,7 +21,7 @@ whose two orders pick the same winner. Without the swap a label's winner is what
 says, so it flips with the presentation order on the inconsistent pairs; with the swap the label
 averages both orders and does not depend on the order at all.
 
-    python bench/feedback.py [--pairs 32] [--cot-pairs 8] [--batch-size 16] [--repeats 1] [--json]
+    python bench/feedback.py [--pairs 32] [--cot-pairs 8] [--naive-pairs 8] [--batch-size 16] [--repeats 1] [--json]
 """
 
 import argparse
@@ -54,6 +57,27 @@ def generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: 
     return [[picks[2 * i], 1.0 - picks[2 * i + 1]] for i in range(len(comparisons))]
 
 
+def naive_generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: int = 4) -> list[list[float]]:
+    """The generating judge as usually written: one `model.generate` per question, no batching, no
+    shared prefix. Same prompts, same parsing as `generating_judge`."""
+    import torch
+
+    picks = []
+    for comparison in comparisons:
+        [principle] = comparison.principles
+        for first, second in ((comparison.response_a, comparison.response_b),
+                              (comparison.response_b, comparison.response_a)):
+            text = engine.render(c.judge_messages(constitution, comparison.prompt, first, second, principle),
+                                 assistant_prefix=c.JUDGE_ANSWER_PREFIX)
+            ids = engine.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+            with torch.inference_mode():
+                out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                            do_sample=False, pad_token_id=engine.tokenizer.eos_token_id)
+            match = LETTER.search(engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            picks.append(0.5 if match is None else 1.0 if match.group(1) == "A" else 0.0)
+    return [[picks[2 * i], 1.0 - picks[2 * i + 1]] for i in range(len(comparisons))]
+
+
 def timed(fn):
     start = time.perf_counter()
     value = fn()
@@ -64,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--cot-pairs", type=int, default=8)
+    parser.add_argument("--naive-pairs", type=int, default=8, help="pairs the one-at-a-time generating judge runs on")
     parser.add_argument("--cot-max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all judges; the best time of each counts")
@@ -75,6 +100,7 @@ def main() -> None:
     comparisons, targets = judged_pairs(records, constitution, principles=1, seed=0)
     engine = Engine.from_reference("embedded:smollm2-135m-instruct", batch_size=args.batch_size, device="cpu")
     n, n_cot = len(comparisons), min(args.cot_pairs, len(comparisons))
+    n_naive = min(args.naive_pairs, n)
 
     def unshared():
         engine.backend.MIN_SHARED_PREFIX = 10**9
@@ -87,6 +113,7 @@ def main() -> None:
         "ours": lambda: Judge(engine, constitution, method="mc").compare(comparisons),
         "ours_no_prefix_sharing": unshared,
         "generate": lambda: generating_judge(engine, constitution, comparisons),
+        "generate_one_at_a_time": lambda: naive_generating_judge(engine, constitution, comparisons[:n_naive]),
         "cot": lambda: Judge(engine, constitution, method="mc", cot=True,
                              cot_max_new_tokens=args.cot_max_new_tokens).compare(comparisons[:n_cot]),
         "contrast": lambda: Judge(engine, constitution, method="contrast").compare(comparisons),
@@ -108,11 +135,13 @@ def main() -> None:
 
     ours_metrics = agreement_metrics(ours, targets)
     rates = {"ours": n / ours_s, "ours_no_prefix_sharing": n / unshared_s, "generate": n / generate_s,
+             "generate_one_at_a_time": n_naive / seconds["generate_one_at_a_time"],
              "cot": n_cot / cot_s, "contrast": n / contrast_s}
     result = {
-        "pairs": n, "cot_pairs": n_cot, "batch_size": args.batch_size, "repeats": args.repeats,
+        "pairs": n, "cot_pairs": n_cot, "naive_pairs": n_naive, "batch_size": args.batch_size, "repeats": args.repeats,
         "comparisons_per_s": rates,
         "ratio_vs_generate": rates["ours"] / rates["generate"],
+        "ratio_vs_generate_one_at_a_time": rates["ours"] / rates["generate_one_at_a_time"],
         "ratio_no_sharing_vs_generate": rates["ours_no_prefix_sharing"] / rates["generate"],
         "ratio_vs_cot": rates["ours"] / rates["cot"], "ratio_vs_contrast": rates["ours"] / rates["contrast"],
         "position_consistency": {
@@ -130,11 +159,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{n} pairs (CoT: {n_cot}), embedded SmolLM2-135M-Instruct, CPU, batch {args.batch_size}, swap on for mc, "
+    print(f"{n} pairs (CoT: {n_cot}, one at a time: {n_naive}), embedded SmolLM2-135M-Instruct, CPU, batch {args.batch_size}, swap on for mc, "
           f"best of {args.repeats}")
     for name, rate in rates.items():
         print(f"{name:<24}: {rate:7.3f} comparisons/s")
-    print(f"ratio ours / generate   : {result['ratio_vs_generate']:.1f}x "
+    print(f"ratio ours / generate, one at a time: {result['ratio_vs_generate_one_at_a_time']:.1f}x")
+    print(f"ratio ours / generate, same batching: {result['ratio_vs_generate']:.1f}x "
           f"(without prefix sharing: {result['ratio_no_sharing_vs_generate']:.1f}x)")
     print(f"ratio ours / cot        : {result['ratio_vs_cot']:.1f}x")
     print(f"ratio ours / contrast   : {result['ratio_vs_contrast']:.1f}x")

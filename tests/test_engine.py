@@ -49,6 +49,48 @@ def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine):
     assert torch.allclose(shared.logits[:, -1], plain.logits[:, -1], atol=1e-4)
 
 
+def test_growing_cache_holds_what_a_dynamic_cache_holds_through_growth_and_batch_changes():
+    """Spare room, regrowth, rows dropped and rows repeated: the visible keys/values never differ."""
+    from transformers import DynamicCache
+
+    from cai.engine import growing_cache
+
+    torch.manual_seed(0)
+    ours, reference = growing_cache(spare=3), DynamicCache()
+
+    def step(batch: int, length: int):
+        k, v = torch.randn(batch, 2, length, 4), torch.randn(batch, 2, length, 4)
+        got, want = ours.update(k, v, layer_idx=0), reference.update(k, v, layer_idx=0)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+    step(1, 5)                      # a shared prefix at batch size 1 ...
+    for cache in (ours, reference):
+        cache.batch_repeat_interleave(3)  # ... repeated to the batch
+    step(3, 4)                      # the rows' suffixes
+    for _ in range(6):              # decode steps, past the spare room: the buffer regrows
+        step(3, 1)
+    for cache in (ours, reference):
+        cache.batch_select_indices(torch.tensor([0, 2]))  # a row finished
+    for _ in range(4):
+        step(2, 1)
+    assert ours.get_seq_length() == reference.get_seq_length() == 19
+
+
+def test_generation_with_the_growing_cache_equals_plain_dynamic_cache(tiny_engine, monkeypatch):
+    """Long enough to regrow the buffer, with rows finishing early (compaction) and sampling on."""
+    from transformers import DynamicCache
+
+    import cai.engine
+
+    sampling = Sampling(max_new_tokens=40, temperature=1.0, seed=3)
+    ours = tiny_engine.generate_chat(CONVERSATIONS, sampling)
+    monkeypatch.setattr(cai.engine, "growing_cache", lambda spare: DynamicCache())
+    plain = tiny_engine.generate_chat(CONVERSATIONS, sampling)
+    assert [o.text for o in ours] == [o.text for o in plain]
+    assert [o.num_tokens for o in ours] == [o.num_tokens for o in plain]
+
+
 def test_max_new_tokens_truncates_and_is_reported(tiny_engine):
     outputs = tiny_engine.generate_chat(CONVERSATIONS, Sampling(max_new_tokens=3))
     for output in outputs:
