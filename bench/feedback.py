@@ -39,9 +39,8 @@ from cai.stages.feedback import agreement_metrics, judged_pairs
 LETTER = re.compile(r"\(?\b([AB])\b\)?")
 
 
-def generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: int = 4) -> list[list[float]]:
-    """The baseline: ask in both orders, generate the reply after "The answer is:", parse the letter.
-    Returns [P(original A) shown first, P(original A) shown second] per comparison as 1/0 (0.5 unparsed)."""
+def judge_prompts(engine: Engine, constitution, comparisons) -> list[str]:
+    """Each comparison's question in both orders (A first, then swapped), the reply begun "The answer is:"."""
     contexts = []
     for comparison in comparisons:
         [principle] = comparison.principles
@@ -49,12 +48,23 @@ def generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: 
                               (comparison.response_b, comparison.response_a)):
             contexts.append(engine.render(c.judge_messages(constitution, comparison.prompt, first, second, principle),
                                           assistant_prefix=c.JUDGE_ANSWER_PREFIX))
-    outputs = engine.generate(contexts, Sampling(max_new_tokens=max_new_tokens))
+    return contexts
+
+
+def hard_labels(replies: list[str]) -> list[list[float]]:
+    """Generated replies of `judge_prompts` order -> [P(original A) shown first, shown second] per
+    comparison as 1/0 (0.5 when no letter can be parsed)."""
     picks = []
-    for output in outputs:
-        match = LETTER.search(output.text)
+    for reply in replies:
+        match = LETTER.search(reply)
         picks.append(0.5 if match is None else 1.0 if match.group(1) == "A" else 0.0)
-    return [[picks[2 * i], 1.0 - picks[2 * i + 1]] for i in range(len(comparisons))]
+    return [[picks[2 * i], 1.0 - picks[2 * i + 1]] for i in range(len(replies) // 2)]
+
+
+def generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: int = 4) -> list[list[float]]:
+    """The baseline: ask in both orders, generate the reply after "The answer is:", parse the letter."""
+    outputs = engine.generate(judge_prompts(engine, constitution, comparisons), Sampling(max_new_tokens=max_new_tokens))
+    return hard_labels([output.text for output in outputs])
 
 
 def naive_generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: int = 4) -> list[list[float]]:
@@ -62,20 +72,14 @@ def naive_generating_judge(engine: Engine, constitution, comparisons, max_new_to
     shared prefix. Same prompts, same parsing as `generating_judge`."""
     import torch
 
-    picks = []
-    for comparison in comparisons:
-        [principle] = comparison.principles
-        for first, second in ((comparison.response_a, comparison.response_b),
-                              (comparison.response_b, comparison.response_a)):
-            text = engine.render(c.judge_messages(constitution, comparison.prompt, first, second, principle),
-                                 assistant_prefix=c.JUDGE_ANSWER_PREFIX)
-            ids = engine.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-            with torch.inference_mode():
-                out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                            do_sample=False, pad_token_id=engine.tokenizer.eos_token_id)
-            match = LETTER.search(engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-            picks.append(0.5 if match is None else 1.0 if match.group(1) == "A" else 0.0)
-    return [[picks[2 * i], 1.0 - picks[2 * i + 1]] for i in range(len(comparisons))]
+    replies = []
+    for text in judge_prompts(engine, constitution, comparisons):
+        ids = engine.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.inference_mode():
+            out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                        do_sample=False, pad_token_id=engine.tokenizer.eos_token_id)
+        replies.append(engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return hard_labels(replies)
 
 
 def timed(fn):
