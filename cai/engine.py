@@ -22,7 +22,7 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
 """
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -246,10 +246,20 @@ class HFBackend:
     COMPACT_FRACTION = 0.25
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32):
+        from cai.cascade import supports_cascade
+
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(tokenizer, model)
+        # Shared prompt prefixes are attended once for the whole batch (cai.cascade) where the model's
+        # attention allows it; otherwise their keys and values are repeated to every row.
+        self.cascade = supports_cascade(model)
+
+    def _attention(self):
+        from cai.cascade import cascade_attention
+
+        return cascade_attention(self.model) if self.cascade else nullcontext()
 
     @property
     def device(self):
@@ -266,7 +276,7 @@ class HFBackend:
         encoded = self._encode(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
         results: list[Generation | None] = [None] * len(prompts)
-        with _eval_mode(self.model), torch.inference_mode():
+        with _eval_mode(self.model), torch.inference_mode(), self._attention():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch])
@@ -284,7 +294,8 @@ class HFBackend:
         if sampling.temperature > 0:
             generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         cache = growing_cache(sampling.max_new_tokens)
-        out, attention, positions = self._prefill(sequences, cache, logits_to_keep=1)
+        out, attention, positions, prefix_kv = self._prefill(sequences, cache, logits_to_keep=1)
+        shared = {"cai_shared_prefix": prefix_kv} if prefix_kv is not None else {}
         logits = out.logits[:, -1, :].float()  # (B, V)
         active = list(range(len(sequences)))  # original row of each row still in the batch
         next_position = positions[:, -1] + 1  # (B,)
@@ -309,7 +320,7 @@ class HFBackend:
                 active = [active[i] for i in keep]
             attention = torch.cat([attention, torch.ones((len(active), 1), dtype=attention.dtype, device=device)], 1)
             out = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                             past_key_values=cache, use_cache=True)
+                             past_key_values=cache, use_cache=True, **shared)
             logits = out.logits[:, -1, :].float()
             next_position = next_position + 1
 
@@ -325,22 +336,25 @@ class HFBackend:
     MIN_SHARED_PREFIX = 8
 
     def _prefill(self, sequences: list[list[int]], cache, logits_to_keep: int, max_shared: int | None = None,
-                 cached_prefix: int = 0):
+                 prefix_kv: list[tuple] | None = None):
         """Run the prompts through the model into `cache`, computing their common prefix only once.
 
         Every prompt of a stage starts with the same chat-template header, and critique and judge
         prompts with the same few-shot examples: hundreds of tokens that would otherwise be computed
-        once per row. The shared prefix is prefilled at batch size 1 and its cache repeated to the
-        batch; each row's own suffix follows, left-padded *after* the prefix:
+        once per row. The shared prefix is prefilled at batch size 1; each row's own suffix follows,
+        left-padded *after* the prefix:
 
             [ shared prefix (P) ][ pad ... ][ suffix of row i ]      attention 1...1 0...0 1...1
 
-        Positions stay those of the unpadded sequence (prefix 0..P-1, suffix P..), so the result equals
-        a row run alone. `max_shared` caps the prefix (scoring needs the logits of positions that
-        would otherwise fall inside it). `cached_prefix` > 0: `cache` already holds the keys and values
-        of the first `cached_prefix` tokens, which every row shares, at batch size len(sequences) (see
-        `_shared_prefix_cache`), so a prefix common to several batches is computed once per call.
-        Returns (model output, attention mask, position ids).
+        With cascade attention (`self.cascade`) the prefix's keys and values stay out of `cache`, one copy
+        for all rows, passed to every forward as `cai_shared_prefix`; the attention mask then covers the
+        suffix block only. Otherwise they are repeated into `cache`, one copy per row. Positions stay
+        those of the unpadded sequence (prefix 0..P-1, suffix P..), so the result equals a row run alone.
+        `max_shared` caps the prefix (scoring needs the logits of positions that would otherwise fall
+        inside it). `prefix_kv`: keys and values of a prefix every row shares, already computed
+        (`_shared_prefix_cache`), so a prefix common to several batches is computed once per call
+        (without cascade, the caller has also put them into `cache`, one copy per row).
+        Returns (model output, attention mask, position ids, prefix keys and values or None).
         """
         import torch
 
@@ -352,26 +366,30 @@ class HFBackend:
             shared = min(shared, max_shared)
         if len(sequences) < 2 or shared < self.MIN_SHARED_PREFIX:
             shared = 0
-        if cached_prefix:
-            shared = cached_prefix
+        if prefix_kv is not None:
+            shared = prefix_kv[0][0].shape[-2]  # without cascade, the caller has put it into `cache` already
+        elif shared and self.cascade:
+            prefix_kv = self._shared_prefix_cache(sequences[0][:shared])
         elif shared:
             prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=device)
             self.model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(len(sequences))
+        in_cache = 0 if self.cascade else shared  # prefix positions the attention mask must cover
         suffixes = [seq[shared:] for seq in sequences]
         width = max(len(s) for s in suffixes)
         input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(sequences), shared + width), dtype=torch.long)
-        attention[:, :shared] = 1
+        attention = torch.zeros((len(sequences), in_cache + width), dtype=torch.long)
+        attention[:, :in_cache] = 1
         positions = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, suffix in enumerate(suffixes):  # left padding within the suffix block
             input_ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-            attention[row, shared + width - len(suffix):] = 1
+            attention[row, in_cache + width - len(suffix):] = 1
             positions[row, width - len(suffix):] = torch.arange(shared, shared + len(suffix))
         input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        extra = {"cai_shared_prefix": prefix_kv} if self.cascade and prefix_kv is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-        return out, attention, positions
+                         past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra)
+        return out, attention, positions, (prefix_kv if extra else None)
 
     @staticmethod
     def _pick(logits, sampling: Sampling, generators, active: list[int]):
@@ -405,7 +423,7 @@ class HFBackend:
         results: list[ContinuationScore | None] = [None] * len(contexts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = self.device
-        with _eval_mode(self.model), torch.inference_mode():
+        with _eval_mode(self.model), torch.inference_mode(), self._attention():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 keep = max(len(continuation_ids[i]) for i in batch)
@@ -414,7 +432,8 @@ class HFBackend:
                 # so the shared prefix must end before that.
                 max_shared = min(len(context_ids[i]) for i in batch) - 1
                 # Logits for the last keep+1 positions only; the final one predicts past the end.
-                out, _, _ = self._prefill(sequences, DynamicCache(), logits_to_keep=keep + 1, max_shared=max_shared)
+                out, _, _, _ = self._prefill(sequences, DynamicCache(), logits_to_keep=keep + 1,
+                                             max_shared=max_shared)
                 width = max(len(seq) for seq in sequences)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 for row, seq in enumerate(sequences):  # the same right-aligned layout, for the targets
@@ -448,19 +467,18 @@ class HFBackend:
         # batch, compute it once here rather than once per batch in _prefill.
         shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
         reuse = len(sequences) > self.batch_size and shared >= self.MIN_SHARED_PREFIX
-        with _eval_mode(self.model), torch.inference_mode():
+        with _eval_mode(self.model), torch.inference_mode(), self._attention():
             prefix_kv = self._shared_prefix_cache(sequences[0][:shared]) if reuse else None
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 rows = [sequences[i] for i in batch]
-                if prefix_kv is None:
-                    out, _, _ = self._prefill(rows, DynamicCache(), logits_to_keep=1)
-                else:
+                cache = DynamicCache()
+                if prefix_kv is not None and not self.cascade:
                     # Expanded views of the prefix: not copied until the forward appends the rows to them.
                     cache = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1),
                                                           v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv],
                                          config=self.model.config)
-                    out, _, _ = self._prefill(rows, cache, logits_to_keep=1, cached_prefix=shared)
+                out, _, _, _ = self._prefill(rows, cache, logits_to_keep=1, prefix_kv=prefix_kv)
                 picked = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, candidates]  # (B, C)
                 for row, i in enumerate(batch):
                     results[i] = picked[row].tolist()

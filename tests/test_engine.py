@@ -31,22 +31,49 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_engine):
     assert [o.text for o in other] != [o.text for o in together]
 
 
-def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine):
-    """The shared-prefix cache must not change what the model computes for any row."""
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "repeated"])
+def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine, cascade):
+    """Neither way of sharing the prefix (one copy for all rows, or one per row) may change any row's logits."""
     from transformers import DynamicCache
 
     backend = tiny_engine.backend
     header = [{"role": "system", "content": "A long shared system prompt that every row starts with, " * 3}]
     texts = [tiny_engine.render(header + c) for c in CONVERSATIONS]
     sequences = backend._encode(texts)
-    shared, _, _ = backend._prefill(sequences, DynamicCache(), logits_to_keep=1)
-    original = backend.MIN_SHARED_PREFIX
+    original_cascade, original_minimum = backend.cascade, backend.MIN_SHARED_PREFIX
     try:
-        backend.MIN_SHARED_PREFIX = 10**9  # sharing off
-        plain, _, _ = backend._prefill(sequences, DynamicCache(), logits_to_keep=1)
+        backend.cascade = cascade
+        with torch.inference_mode(), backend._attention():
+            shared, _, _, prefix_kv = backend._prefill(sequences, DynamicCache(), logits_to_keep=3)
+            backend.MIN_SHARED_PREFIX = 10**9  # sharing off
+            plain, _, _, _ = backend._prefill(sequences, DynamicCache(), logits_to_keep=3)
     finally:
-        backend.MIN_SHARED_PREFIX = original
-    assert torch.allclose(shared.logits[:, -1], plain.logits[:, -1], atol=1e-4)
+        backend.cascade, backend.MIN_SHARED_PREFIX = original_cascade, original_minimum
+    assert (prefix_kv is not None) == cascade
+    assert torch.allclose(shared.logits, plain.logits, atol=1e-4)
+
+
+def test_cascade_attention_generates_and_scores_what_repeated_prefixes_do(tiny_engine):
+    """Decode steps (rows finishing and compacted, cache growing) and scoring through the one-copy prefix."""
+    backend = tiny_engine.backend
+    assert backend.cascade, "the tiny Llama routes attention through AttentionInterface"
+    header = [{"role": "system", "content": "Shared few-shot block for every row of the batch. " * 4}]
+    conversations = [header + c for c in CONVERSATIONS]
+    sampling = Sampling(max_new_tokens=16, temperature=1.0, seed=3)
+    contexts = [tiny_engine.render(c) for c in conversations]
+    continuations = ["yes", "no thank you", "A", "it depends on the file", "ok", "Paris"]
+    results = {}
+    for cascade in (True, False):
+        backend.cascade = cascade
+        try:
+            results[cascade] = (tiny_engine.generate_chat(conversations, sampling, seeds=list(range(6))),
+                                tiny_engine.score(contexts, continuations))
+        finally:
+            backend.cascade = True
+    assert [g.text for g in results[True][0]] == [g.text for g in results[False][0]]
+    assert [g.num_tokens for g in results[True][0]] == [g.num_tokens for g in results[False][0]]
+    for ours, reference in zip(results[True][1], results[False][1], strict=True):
+        assert ours.logprob == pytest.approx(reference.logprob, abs=1e-4)
 
 
 def test_growing_cache_holds_what_a_dynamic_cache_holds_through_growth_and_batch_changes():

@@ -1,0 +1,120 @@
+"""Attention that reads a prefix shared by every row of a batch once, not once per row.
+
+Every critique prompt starts with the same ~1000 tokens of few-shot examples, and so does every judge
+question. Repeating that prefix's keys and values to each row of the batch (`DynamicCache`'s
+`batch_repeat_interleave`) makes every decode step read one copy per row — and, on CPU, where sdpa
+repeats grouped key/value heads whenever there is a mask, write three more. Cascade attention splits
+each row's attention in two:
+
+    softmax over [prefix ; own suffix]  =  merge( attention over the prefix, attention over the suffix )
+
+The prefix part runs all rows' queries against the single (1, kv_heads, P, head_dim) copy as one
+batched product; the suffix part is ordinary masked attention over the row's own cache. The two are
+merged exactly by their log-sum-exps. Positions and masks are those of the row run alone, so the
+result equals the plain path (tests compare them).
+
+Usage: the engine keeps the prefix's keys and values out of the cache and passes them to the forward as
+`cai_shared_prefix=[(keys, values) per layer]` inside `cascade_attention(model)`; the model's attention
+modules hand that keyword on to the registered attention function (transformers' AttentionInterface).
+Without the keyword the function is plain sdpa, so the switch is harmless for other calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+NAME = "cai_cascade"
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, cascade_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def supports_cascade(model) -> bool:
+    """Whether `model` routes attention through transformers' AttentionInterface (Llama, Qwen, Mistral, ...)."""
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    try:
+        return bool(can_set and can_set()) and getattr(model.config, "_attn_implementation", None) in ("sdpa", NAME)
+    except Exception:  # the check inspects source code; any failure means "not sure", so no
+        return False
+
+
+@contextmanager
+def cascade_attention(model):
+    """Route `model`'s attention through `cascade_attention_forward` for the duration of the block."""
+    _register()
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _flash_with_lse(query, key, value, mask, scale):
+    """(output, log-sum-exp) of softmax attention; `mask` is additive (0 / -inf) or None."""
+    import torch
+
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask, scale=scale)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).to(value.dtype)
+    return torch.matmul(probs, value), lse
+
+
+def cascade_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                              scaling: float | None = None, **kwargs):
+    """AttentionInterface function. Shapes: query (B, H, L, D); key/value (B, H_kv, S, D), the rows' own
+    cache; `attention_mask` (B, 1, L, S) boolean (True = attend) or None (causal over the suffix);
+    `cai_shared_prefix[layer]` = keys, values (1, H_kv, P, D), attended by every query. Returns (B, L, H, D)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    shared = kwargs.pop("cai_shared_prefix", None)
+    if shared is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    prefix_keys, prefix_values = shared[module.layer_idx]
+    batch, heads, length, dim = query.shape
+    kv_heads, suffix = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+
+    # Prefix: every row's queries against the one shared copy, as batch 1 with B*group*L query rows per head.
+    shared_query = (query.reshape(batch, kv_heads, group * length, dim).transpose(0, 1)
+                    .reshape(1, kv_heads, batch * group * length, dim))
+    prefix_out, prefix_lse = _flash_with_lse(shared_query, prefix_keys, prefix_values, None, scale)
+    prefix_out = prefix_out.reshape(kv_heads, batch, group * length, dim).transpose(0, 1)
+    prefix_lse = prefix_lse.reshape(kv_heads, batch, group * length).transpose(0, 1)
+
+    # Suffix: the rows' own keys, grouped heads folded into the query length so no key is repeated.
+    if attention_mask is None:  # sdpa_mask leaves it out when plain causal attention is meant
+        attention_mask = torch.ones(length, suffix, dtype=torch.bool, device=query.device).tril(suffix - length)
+        attention_mask = attention_mask[None, None].expand(batch, 1, length, suffix)
+    allowed = attention_mask.expand(batch, 1, length, suffix)
+    allowed = allowed[:, :, None].expand(batch, 1, group, length, suffix).reshape(batch, 1, group * length, suffix)
+    additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, float("-inf"))
+    suffix_out, suffix_lse = _flash_with_lse(query.reshape(batch, kv_heads, group * length, dim), key, value,
+                                             additive, scale)
+    # A query that may see none of the suffix (padding) gets lse 0 from the kernel; it must weigh nothing.
+    suffix_lse = suffix_lse.masked_fill(~allowed.any(-1), float("-inf"))
+
+    total = torch.logaddexp(prefix_lse, suffix_lse)
+    out = (prefix_out * torch.exp(prefix_lse - total)[..., None].to(prefix_out.dtype)
+           + suffix_out * torch.exp(suffix_lse - total)[..., None].to(suffix_out.dtype))
+    out = out.reshape(batch, heads, length, dim)
+    return out.transpose(1, 2).contiguous(), None
