@@ -4,17 +4,20 @@ Same model (embedded SmolLM2-135M-Instruct, loaded once and shared), same red-te
 constitution and principles, same conversations, same max new tokens, greedy decoding (so both
 write the same text, up to float noise), same run. The naive loop is what people write first: for
 each prompt, one `model.generate` call for the answer, then one per critique and per revision.
-Prints prompts/s and tokens/s for both and the ratios (target: >= 8x prompts/s).
+Prints prompts/s and tokens/s for both and the ratios (target: >= 8x prompts/s). The naive loop runs in
+fp32 (what `from_pretrained` gives on CPU); `cai critique` runs in fp32 too (the batching alone) and then
+in the precision the stage picks (`--precision auto`: bf16 on CPUs that multiply bf16 natively).
 
 The naive loop runs on the first `--naive-prompts` (default 8) of the same prompts: each of its calls
 pays the full few-shot prefill, so its cost per prompt is flat and 8 prompts measure its rate in a
 quarter of the time (pass `--naive-prompts 32` to run it on all of them).
 
     python bench/critique.py [--prompts 32] [--naive-prompts 8] [--revisions 1] [--max-new-tokens 64]
-                             [--batch-size 32] [--json]
+                             [--batch-size 32] [--precision auto] [--json]
 """
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -24,7 +27,7 @@ import torch
 
 from cai import constitution as c
 from cai.engine import Engine, stop_token_ids
-from cai.models import load_causal_lm
+from cai.models import PRECISION_CHOICES, inference_dtype, load_causal_lm
 from cai.paths import bundled
 from cai.records import read_prompts
 from cai.stages import critique
@@ -76,12 +79,14 @@ def main() -> None:
     parser.add_argument("--revisions", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="of `cai critique`'s second run (default: auto)")
     parser.add_argument("--prompts-file", help="JSONL/CSV prompt set (default: data/red_team_prompts.jsonl)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
 
     prompts_file = args.prompts_file or str(bundled("data/red_team_prompts.jsonl"))
-    model, tokenizer = load_causal_lm("embedded:smollm2-135m-instruct", device="cpu")
+    model, tokenizer = load_causal_lm("embedded:smollm2-135m-instruct", device="cpu", dtype=torch.float32)
     model.eval()
     engine = Engine(model, tokenizer, batch_size=args.batch_size)
     cons = c.load("default")
@@ -96,30 +101,40 @@ def main() -> None:
             naive_records, naive_tokens = naive(model, tokenizer, cons, prompts[:args.naive_prompts], cfg)
         naive_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        ours_records, ours_tokens = ours(engine, cfg)
-        ours_s = time.perf_counter() - start
+        runs = {}
+        dtype = inference_dtype("cpu", args.precision)
+        for name, run_dtype in (("fp32", torch.float32), (args.precision, dtype)):
+            if name != "fp32" and run_dtype == torch.float32:
+                break
+            model.to(run_dtype)
+            start = time.perf_counter()
+            records, tokens = ours(engine, dataclasses.replace(cfg, out=str(Path(tmp) / f"critique-{name}.jsonl")))
+            runs[name] = (records, tokens, time.perf_counter() - start)
 
+    naive_rate = naive_records / naive_s
     result = {
-        "prompts": len(prompts), "naive_prompts": naive_records, "revisions": args.revisions, "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "generations_per_prompt": 1 + 2 * args.revisions,
-        "naive_s": naive_s, "ours_s": ours_s,
-        "naive_prompts_per_s": naive_records / naive_s, "ours_prompts_per_s": ours_records / ours_s,
-        "naive_tokens_per_s": naive_tokens / naive_s, "ours_tokens_per_s": ours_tokens / ours_s,
-        "naive_tokens": naive_tokens, "ours_tokens": ours_tokens,
+        "prompts": len(prompts), "naive_prompts": naive_records, "revisions": args.revisions,
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "generations_per_prompt": 1 + 2 * args.revisions, "naive_s": naive_s, "naive_prompts_per_s": naive_rate,
+        "naive_tokens_per_s": naive_tokens / naive_s, "naive_tokens": naive_tokens,
+        "ours": {name: {"seconds": seconds, "records": records, "tokens": tokens,
+                        "prompts_per_s": records / seconds, "tokens_per_s": tokens / seconds,
+                        "ratio_prompts_per_s": records / seconds / naive_rate,
+                        "ratio_tokens_per_s": tokens / seconds / (naive_tokens / naive_s)}
+                 for name, (records, tokens, seconds) in runs.items()},
     }
-    result["ratio_prompts_per_s"] = result["ours_prompts_per_s"] / result["naive_prompts_per_s"]
-    result["ratio_tokens_per_s"] = result["ours_tokens_per_s"] / result["naive_tokens_per_s"]
     if args.json:
         print(json.dumps(result))
         return
     print(f"{len(prompts)} red-team prompts, {args.revisions} revision round(s) = {1 + 2 * args.revisions} "
           f"generations each, <= {args.max_new_tokens} new tokens, greedy, few-shot default constitution")
-    print(f"naive loop   : {naive_s:7.1f} s  {result['naive_prompts_per_s']:.3f} prompts/s  "
+    print(f"{'naive loop, fp32':30s}: {naive_s:7.1f} s  {naive_rate:.3f} prompts/s  "
           f"{result['naive_tokens_per_s']:.1f} tok/s ({naive_records} prompts, {naive_tokens} tokens)")
-    print(f"cai critique : {ours_s:7.1f} s  {result['ours_prompts_per_s']:.3f} prompts/s  "
-          f"{result['ours_tokens_per_s']:.1f} tok/s ({ours_records} prompts, {ours_tokens} tokens)")
-    print(f"ratio        : {result['ratio_prompts_per_s']:.1f}x prompts/s, {result['ratio_tokens_per_s']:.1f}x tok/s")
+    for name, row in result["ours"].items():
+        label = f"cai critique, {name}" + (f" ({str(dtype).removeprefix('torch.')})" if name == args.precision else "")
+        print(f"{label:30s}: {row['seconds']:7.1f} s  {row['prompts_per_s']:.3f} prompts/s  "
+              f"{row['tokens_per_s']:.1f} tok/s ({row['records']} prompts, {row['tokens']} tokens)  "
+              f"= {row['ratio_prompts_per_s']:.1f}x prompts/s, {row['ratio_tokens_per_s']:.1f}x tok/s")
 
 
 if __name__ == "__main__":

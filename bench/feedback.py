@@ -16,12 +16,18 @@ judge (two questions per comparison). Timed, in comparisons per second:
              --cot-pairs pairs (it is slow; the rate is per comparison, so it compares);
 - contrast : `Judge(method="contrast")`: four scored continuations per comparison, no swap.
 
+Precision: the one-at-a-time generating judge runs in fp32 (what `from_pretrained` gives on CPU), and so
+does "ours, fp32" (the same judge as "ours", to separate what batching and log-probabilities give from
+what bf16 gives). Every other judge runs in the precision the stage picks (`--precision auto`: bf16 on
+CPUs that multiply bf16 natively).
+
 Also prints each judge's agreement with the labels and the position consistency: the share of pairs
 whose two orders pick the same winner. Without the swap a label's winner is whatever the one order
 says, so it flips with the presentation order on the inconsistent pairs; with the swap the label
 averages both orders and does not depend on the order at all.
 
-    python bench/feedback.py [--pairs 32] [--cot-pairs 8] [--naive-pairs 8] [--batch-size 16] [--repeats 1] [--json]
+    python bench/feedback.py [--pairs 32] [--cot-pairs 8] [--naive-pairs 8] [--batch-size 16] [--repeats 1]
+                             [--precision auto] [--json]
 """
 
 import argparse
@@ -29,9 +35,12 @@ import json
 import re
 import time
 
+import torch
+
 from cai import constitution as c
 from cai.engine import Engine, Sampling
 from cai.judge import Judge, winner
+from cai.models import PRECISION_CHOICES, inference_dtype
 from cai.paths import bundled
 from cai.records import read_preferences
 from cai.stages.feedback import agreement_metrics, judged_pairs
@@ -70,8 +79,6 @@ def generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: 
 def naive_generating_judge(engine: Engine, constitution, comparisons, max_new_tokens: int = 4) -> list[list[float]]:
     """The generating judge as usually written: one `model.generate` per question, no batching, no
     shared prefix. Same prompts, same parsing as `generating_judge`."""
-    import torch
-
     replies = []
     for text in judge_prompts(engine, constitution, comparisons):
         ids = engine.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
@@ -96,13 +103,17 @@ def main() -> None:
     parser.add_argument("--cot-max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all judges; the best time of each counts")
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="of every judge but the fp32 pair (default: auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
 
     constitution = c.load("default")
     records = read_preferences(bundled("data/judge_sanity_pairs.jsonl"), default_source="sanity")[:args.pairs]
     comparisons, targets = judged_pairs(records, constitution, principles=1, seed=0)
-    engine = Engine.from_reference("embedded:smollm2-135m-instruct", batch_size=args.batch_size, device="cpu")
+    engine = Engine.from_reference("embedded:smollm2-135m-instruct", batch_size=args.batch_size, device="cpu",
+                                   precision="fp32")
+    dtype = inference_dtype("cpu", args.precision)
     n, n_cot = len(comparisons), min(args.cot_pairs, len(comparisons))
     n_naive = min(args.naive_pairs, n)
 
@@ -113,22 +124,27 @@ def main() -> None:
         finally:
             engine.backend.MIN_SHARED_PREFIX = type(engine.backend).MIN_SHARED_PREFIX
 
+    fp32_runs = {
+        "ours_fp32": lambda: Judge(engine, constitution, method="mc").compare(comparisons),
+        "generate_one_at_a_time": lambda: naive_generating_judge(engine, constitution, comparisons[:n_naive]),
+    }
     runs = {
         "ours": lambda: Judge(engine, constitution, method="mc").compare(comparisons),
         "ours_no_prefix_sharing": unshared,
         "generate": lambda: generating_judge(engine, constitution, comparisons),
-        "generate_one_at_a_time": lambda: naive_generating_judge(engine, constitution, comparisons[:n_naive]),
         "cot": lambda: Judge(engine, constitution, method="mc", cot=True,
                              cot_max_new_tokens=args.cot_max_new_tokens).compare(comparisons[:n_cot]),
         "contrast": lambda: Judge(engine, constitution, method="contrast").compare(comparisons),
     }
     # Round-robin over the judges, best time of each: this machine's load changes within a run.
-    seconds = {name: float("inf") for name in runs}
+    seconds = {name: float("inf") for name in (*fp32_runs, *runs)}
     values = {}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            values[name], elapsed = timed(fn)
-            seconds[name] = min(seconds[name], elapsed)
+    for group, group_dtype in ((fp32_runs, torch.float32), (runs, dtype)):
+        engine.model.to(group_dtype)
+        for _ in range(args.repeats):
+            for name, fn in group.items():
+                values[name], elapsed = timed(fn)
+                seconds[name] = min(seconds[name], elapsed)
     ours, generated, cot, contrast = values["ours"], values["generate"], values["cot"], values["contrast"]
     ours_s, unshared_s, generate_s = seconds["ours"], seconds["ours_no_prefix_sharing"], seconds["generate"]
     cot_s, contrast_s = seconds["cot"], seconds["contrast"]
@@ -138,14 +154,15 @@ def main() -> None:
                                                                                     strict=True)) / len(wanted)
 
     ours_metrics = agreement_metrics(ours, targets)
-    rates = {"ours": n / ours_s, "ours_no_prefix_sharing": n / unshared_s, "generate": n / generate_s,
+    rates = {"ours_fp32": n / seconds["ours_fp32"], "ours": n / ours_s, "ours_no_prefix_sharing": n / unshared_s, "generate": n / generate_s,
              "generate_one_at_a_time": n_naive / seconds["generate_one_at_a_time"],
              "cot": n_cot / cot_s, "contrast": n / contrast_s}
     result = {
-        "pairs": n, "cot_pairs": n_cot, "naive_pairs": n_naive, "batch_size": args.batch_size, "repeats": args.repeats,
+        "precision": str(dtype).removeprefix("torch."), "pairs": n, "cot_pairs": n_cot, "naive_pairs": n_naive, "batch_size": args.batch_size, "repeats": args.repeats,
         "comparisons_per_s": rates,
         "ratio_vs_generate": rates["ours"] / rates["generate"],
         "ratio_vs_generate_one_at_a_time": rates["ours"] / rates["generate_one_at_a_time"],
+        "ratio_fp32_vs_generate_one_at_a_time": rates["ours_fp32"] / rates["generate_one_at_a_time"],
         "ratio_no_sharing_vs_generate": rates["ours_no_prefix_sharing"] / rates["generate"],
         "ratio_vs_cot": rates["ours"] / rates["cot"], "ratio_vs_contrast": rates["ours"] / rates["contrast"],
         "position_consistency": {
@@ -163,11 +180,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{n} pairs (CoT: {n_cot}, one at a time: {n_naive}), embedded SmolLM2-135M-Instruct, CPU, batch {args.batch_size}, swap on for mc, "
-          f"best of {args.repeats}")
+    print(f"{n} pairs (CoT: {n_cot}, one at a time: {n_naive}), embedded SmolLM2-135M-Instruct, CPU, batch "
+          f"{args.batch_size}, swap on for mc, best of {args.repeats}; fp32 where named, else {result['precision']}")
     for name, rate in rates.items():
         print(f"{name:<24}: {rate:7.3f} comparisons/s")
-    print(f"ratio ours / generate, one at a time: {result['ratio_vs_generate_one_at_a_time']:.1f}x")
+    print(f"ratio ours / generate, one at a time: {result['ratio_vs_generate_one_at_a_time']:.1f}x "
+          f"(both fp32: {result['ratio_fp32_vs_generate_one_at_a_time']:.1f}x)")
     print(f"ratio ours / generate, same batching: {result['ratio_vs_generate']:.1f}x "
           f"(without prefix sharing: {result['ratio_no_sharing_vs_generate']:.1f}x)")
     print(f"ratio ours / cot        : {result['ratio_vs_cot']:.1f}x")

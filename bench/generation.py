@@ -1,10 +1,15 @@
 """Generation throughput: cai's engine against a naive loop of one `model.generate` per prompt.
 
 Same model (embedded SmolLM2-135M-Instruct), same 64 prompts, same max new tokens, greedy, same run.
-Prints tokens/s for both, the ratio, and the share of this machine's limit the engine reaches:
-2 x parameters x tokens/s (forward FLOP/s actually spent) over the fp32 matmul FLOP/s measured first.
+Prints tokens/s for each, the ratios, and the share of this machine's limit reached: 2 x parameters x
+tokens/s (forward FLOP/s actually spent) over the matmul FLOP/s measured first, in fp32 and in bf16.
 
-    python bench/generation.py [--prompts 64] [--max-new-tokens 64] [--batch-size 64]
+The naive loop runs in fp32, the dtype `from_pretrained` gives on CPU. The engine runs twice: in fp32 (the
+batching alone) and in the precision `cai` picks (`--precision auto`: bf16 on CPUs that multiply bf16
+natively). Each engine row shows its share of both limits: the fp32 one the issue set as the yardstick,
+and the one of the precision it ran in.
+
+    python bench/generation.py [--prompts 64] [--max-new-tokens 64] [--batch-size 64] [--precision auto]
 """
 
 import argparse
@@ -14,14 +19,14 @@ import time
 import torch
 
 from cai.engine import Engine, Sampling
-from cai.models import load_causal_lm, parameter_count
+from cai.models import PRECISION_CHOICES, inference_dtype, load_causal_lm, parameter_count
 from cai.paths import bundled
 from cai.records import read_prompts
 
 
-def matmul_flops(size: int = 1024, repeats: int = 20) -> float:
-    """Peak-ish fp32 FLOP/s of this CPU on square matmuls (the ceiling a transformer can approach)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops(dtype=torch.float32, size: int = 1024, repeats: int = 20) -> float:
+    """Peak-ish FLOP/s of this CPU on square matmuls in `dtype` (the ceiling a transformer can approach)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     for _ in range(3):
         a @ b
     start = time.perf_counter()
@@ -47,17 +52,26 @@ def naive(model, tokenizer, conversations, max_new_tokens) -> int:
     return tokens
 
 
+def engine_run(model, tokenizer, conversations, args) -> tuple[int, float]:
+    """(tokens, seconds) of the engine on every conversation."""
+    engine = Engine(model, tokenizer, batch_size=args.batch_size)
+    start = time.perf_counter()
+    outputs = engine.generate_chat(conversations, Sampling(max_new_tokens=args.max_new_tokens))
+    return sum(o.num_tokens for o in outputs), time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="the engine's (default: auto)")
     parser.add_argument("--prompts-file", help="JSONL/CSV prompt set (default: data/helpful_prompts.jsonl)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
 
-    flops = matmul_flops()
-    model, tokenizer = load_causal_lm("embedded:smollm2-135m-instruct", device="cpu")
+    limits = {torch.float32: matmul_flops(torch.float32), torch.bfloat16: matmul_flops(torch.bfloat16)}
+    model, tokenizer = load_causal_lm("embedded:smollm2-135m-instruct", device="cpu", dtype=torch.float32)
     model.eval()
     conversations = [[{"role": "user", "content": p}] for p in prompts_for(args.prompts, args.prompts_file)]
     params = parameter_count(model)
@@ -65,31 +79,33 @@ def main() -> None:
     start = time.perf_counter()
     with torch.inference_mode():
         naive_tokens = naive(model, tokenizer, conversations, args.max_new_tokens)
-    naive_s = time.perf_counter() - start
+    runs = {"naive fp32": (naive_tokens, time.perf_counter() - start, torch.float32)}
+    runs["cai engine fp32"] = (*engine_run(model, tokenizer, conversations, args), torch.float32)
+    dtype = inference_dtype("cpu", args.precision)
+    if dtype != torch.float32:
+        model.to(dtype)
+        runs[f"cai engine {args.precision} ({str(dtype).removeprefix('torch.')})"] = (
+            *engine_run(model, tokenizer, conversations, args), dtype)
 
-    engine = Engine(model, tokenizer, batch_size=args.batch_size)
-    start = time.perf_counter()
-    outputs = engine.generate_chat(conversations, Sampling(max_new_tokens=args.max_new_tokens))
-    engine_s = time.perf_counter() - start
-    engine_tokens = sum(o.num_tokens for o in outputs)
-
-    naive_tps, engine_tps = naive_tokens / naive_s, engine_tokens / engine_s
-    result = {
-        "prompts": len(conversations), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-        "matmul_gflops": flops / 1e9, "params_m": params / 1e6,
-        "naive_tokens_per_s": naive_tps, "engine_tokens_per_s": engine_tps, "ratio": engine_tps / naive_tps,
-        "naive_share_of_limit": 2 * params * naive_tps / flops, "engine_share_of_limit": 2 * params * engine_tps / flops,
-        "naive_s": naive_s, "engine_s": engine_s,
-    }
+    naive_tps = naive_tokens / runs["naive fp32"][1]
+    rows = {}
+    for name, (tokens, seconds, run_dtype) in runs.items():
+        tps = tokens / seconds
+        rows[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tps, "ratio": tps / naive_tps,
+                      "share_of_fp32_limit": 2 * params * tps / limits[torch.float32],
+                      "share_of_own_limit": 2 * params * tps / limits[run_dtype]}
+    result = {"prompts": len(conversations), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+              "fp32_matmul_gflops": limits[torch.float32] / 1e9, "bf16_matmul_gflops": limits[torch.bfloat16] / 1e9,
+              "params_m": params / 1e6, "runs": rows}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"CPU fp32 matmul: {flops / 1e9:.1f} GFLOP/s; model {params / 1e6:.0f}M parameters")
-    print(f"naive loop : {naive_tokens} tokens in {naive_s:.1f} s = {naive_tps:.1f} tok/s "
-          f"({result['naive_share_of_limit']:.0%} of limit)")
-    print(f"cai engine : {engine_tokens} tokens in {engine_s:.1f} s = {engine_tps:.1f} tok/s "
-          f"({result['engine_share_of_limit']:.0%} of limit)")
-    print(f"ratio      : {result['ratio']:.1f}x")
+    print(f"CPU matmul at 1024^2: fp32 {limits[torch.float32] / 1e9:.1f} GFLOP/s, bf16 "
+          f"{limits[torch.bfloat16] / 1e9:.1f} GFLOP/s; model {params / 1e6:.0f}M parameters")
+    for name, row in rows.items():
+        own = "" if name.endswith("fp32") else f", {row['share_of_own_limit']:.0%} of the bf16 limit"
+        print(f"{name:28s}: {row['tokens']} tokens in {row['seconds']:6.1f} s = {row['tokens_per_s']:6.1f} tok/s "
+              f"= {row['ratio']:4.1f}x naive ({row['share_of_fp32_limit']:.0%} of the fp32 limit{own})")
 
 
 if __name__ == "__main__":

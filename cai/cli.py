@@ -289,6 +289,8 @@ def critique(
     = CritiqueConfig.top_p,
     seed: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "seed"), rich_help_panel=_GEN)]
     = CritiqueConfig.seed,
+    precision: Annotated[str, typer.Option(help=help_of(CritiqueConfig, "precision"), rich_help_panel=_RUN)]
+    = CritiqueConfig.precision,
     batch_size: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "batch_size"), rich_help_panel=_RUN)]
     = CritiqueConfig.batch_size,
     chunk_size: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "chunk_size"), rich_help_panel=_RUN)]
@@ -309,7 +311,7 @@ def critique(
     cfg = CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution, revisions=revisions,
                          limit=limit, few_shot=few_shot, revision_prefix=revision_prefix,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         batch_size=batch_size, chunk_size=chunk_size, force=force)
+                         precision=precision, batch_size=batch_size, chunk_size=chunk_size, force=force)
     _run_stage(stage.run, cfg, json_output)
 
 
@@ -412,6 +414,8 @@ def feedback(
     = FeedbackConfig.max_new_tokens,
     quantize: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "quantize"),
                                                  rich_help_panel=_RUN)] = None,
+    precision: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "precision"), rich_help_panel=_RUN)]
+    = FeedbackConfig.precision,
     batch_size: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "batch_size"), rich_help_panel=_RUN)]
     = FeedbackConfig.batch_size,
     limit: Annotated[int | None, typer.Option(help=help_of(FeedbackConfig, "limit"), rich_help_panel=_RUN)] = None,
@@ -440,7 +444,7 @@ def feedback(
                          method=method, principles=principles, cot=cot, cot_max_new_tokens=cot_max_new_tokens,
                          swap=swap, clamp=clamp, few_shot=few_shot, judge_temperature=judge_temperature,
                          samples_temperature=samples_temperature, samples_top_p=samples_top_p,
-                         max_new_tokens=max_new_tokens, quantize=quantize,
+                         max_new_tokens=max_new_tokens, quantize=quantize, precision=precision,
                          batch_size=batch_size, limit=limit, seed=seed, force=force)
     _run_stage(stage.run, cfg, json_output)
 
@@ -482,6 +486,8 @@ def feedback_eval(
     out: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "out"), rich_help_panel=_IO)] = None,
     quantize: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "quantize"),
                                                  rich_help_panel=_RUN)] = None,
+    precision: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "precision"), rich_help_panel=_RUN)]
+    = FeedbackEvalConfig.precision,
     batch_size: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "batch_size"), rich_help_panel=_RUN)]
     = FeedbackEvalConfig.batch_size,
     seed: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "seed"), rich_help_panel=_RUN)]
@@ -500,7 +506,8 @@ def feedback_eval(
     cfg = FeedbackEvalConfig(pairs=pairs, judge=judge, method=method, constitution=constitution, principles=principles,
                              swap=swap, cot=cot, cot_max_new_tokens=cot_max_new_tokens, clamp=clamp,
                              few_shot=few_shot, judge_temperature=judge_temperature, sanity=sanity, limit=limit,
-                             bins=bins, out=out, quantize=quantize, batch_size=batch_size, seed=seed)
+                             bins=bins, out=out, quantize=quantize, precision=precision, batch_size=batch_size,
+                             seed=seed)
     started = time.time()
     with RichReporter() as reporter:
         result = stage.run_eval(cfg, _context(reporter=reporter))
@@ -798,6 +805,8 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help=help_of(EvalConfig, "max_new_tokens"))]
     = EvalConfig.max_new_tokens,
     quantize: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "quantize"))] = None,
+    precision: Annotated[str, typer.Option(help=help_of(EvalConfig, "precision"), rich_help_panel="Speed")]
+    = EvalConfig.precision,
     seed: Annotated[int, typer.Option(help=help_of(EvalConfig, "seed"))] = EvalConfig.seed,
     batch_size: Annotated[int, typer.Option(help=help_of(EvalConfig, "batch_size"), rich_help_panel="Speed")]
     = EvalConfig.batch_size,
@@ -813,7 +822,7 @@ def eval_command(
 
     cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
                      constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
-                     limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, seed=seed,
+                     limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, precision=precision, seed=seed,
                      batch_size=batch_size, examples=examples)
     _run_stage(run, cfg, json_output)
 

@@ -83,10 +83,12 @@ class Engine:
 
     @classmethod
     def from_reference(cls, reference: str | None = None, *, batch_size: int = 32, quantize: str | None = None,
-                       device: str | None = None) -> "Engine":
-        from cai.models import load_causal_lm
+                       device: str | None = None, precision: str = "auto") -> "Engine":
+        """Load `reference` for inference, in `models.inference_dtype(device, precision)` (4-bit: as loaded)."""
+        from cai.models import inference_dtype, load_causal_lm
 
-        model, tokenizer = load_causal_lm(reference, quantize=quantize, device=device)
+        dtype = None if quantize not in (None, "none") else inference_dtype(device, precision)
+        model, tokenizer = load_causal_lm(reference, quantize=quantize, device=device, dtype=dtype)
         model.eval()
         return cls(model, tokenizer, batch_size=batch_size)
 

@@ -24,7 +24,8 @@ def tiny_model_dir() -> str:
 def tiny_engine(tiny_model_dir):
     from cai.engine import Engine
 
-    return Engine.from_reference(tiny_model_dir, batch_size=4, device="cpu")
+    # fp32: tests compare its scores with slow references to 1e-4, which bf16 cannot hold
+    return Engine.from_reference(tiny_model_dir, batch_size=4, device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,24 @@ def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine, cascade):
     assert torch.allclose(shared.logits, plain.logits, atol=1e-4)
 
 
+def test_cascade_attention_in_bf16_matches_the_repeated_prefix(tiny_model_dir):
+    """bf16 (the default on CPUs with native bf16): the one-copy prefix agrees with per-row copies to bf16's precision."""
+    from transformers import DynamicCache
+
+    engine = Engine.from_reference(tiny_model_dir, batch_size=8, device="cpu", precision="bf16")
+    backend = engine.backend
+    header = [{"role": "system", "content": "A long shared system prompt that every row starts with, " * 3}]
+    sequences = backend._encode([engine.render(header + c) for c in CONVERSATIONS])
+    logits = {}
+    for cascade in (True, False):
+        backend.cascade = cascade
+        with torch.inference_mode(), backend._attention():
+            out, _, _, _ = backend._prefill(sequences, DynamicCache(), logits_to_keep=3)
+        logits[cascade] = out.logits.float()
+    scale = logits[False].abs().max()
+    assert (logits[True] - logits[False]).abs().max() <= 0.02 * scale
+
+
 def test_cascade_attention_generates_and_scores_what_repeated_prefixes_do(tiny_engine):
     """Decode steps (rows finishing and compacted, cache growing) and scoring through the one-copy prefix."""
     backend = tiny_engine.backend

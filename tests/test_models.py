@@ -2,8 +2,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cai import models
 from cai.errors import ConfigError, ModelError
 from cai.models import (
+    inference_dtype,
     load_causal_lm,
     lora_config,
     precision_for,
@@ -37,6 +39,25 @@ def test_precision_on_cpu_is_fp32_without_checkpointing():
     assert precision.torch_dtype == torch.float32
     assert precision.trainer_kwargs() == {"bf16": False, "fp16": False, "gradient_checkpointing": False}
     assert precision_for("cpu", gradient_checkpointing=True).gradient_checkpointing
+
+
+def test_inference_runs_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert inference_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert inference_dtype("cpu") == torch.float32  # emulated bf16 would be slower than fp32
+    assert inference_dtype("cpu", "bf16") == torch.bfloat16  # asked for explicitly
+    assert inference_dtype("cpu", "fp32") == torch.float32
+    with pytest.raises(ConfigError, match="use one of auto, fp32, bf16"):
+        inference_dtype("cpu", "fp16")
+
+
+def test_engine_loads_in_the_precision_asked_for(tiny_model_dir):
+    from cai.engine import Engine
+
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        engine = Engine.from_reference(tiny_model_dir, device="cpu", precision=precision)
+        assert next(engine.model.parameters()).dtype == dtype
 
 
 def test_lora_zero_rank_is_a_config_error():

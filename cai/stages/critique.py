@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
-from cai.models import DEFAULT_MODEL
+from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import StageContext, StageResult, StageRun, item_seed
 
 
@@ -73,6 +73,7 @@ class CritiqueConfig:
         "help": "Nucleus sampling mass in (0, 1]; unused when temperature is 0."})
     seed: int = field(default=0, metadata={
         "help": "Seed for principle draws and sampling (each prompt and step derives its own from it)."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     # How to run it (does not change the records)
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences generated together per engine batch (lower it if memory runs out)."})
@@ -83,6 +84,7 @@ class CritiqueConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        check_precision(self.precision)
         if self.revisions < 1:
             raise ConfigError(f"revisions={self.revisions}: critique needs at least one round -- use --revisions 1 or more")
         if self.limit is not None and self.limit < 1:
@@ -190,7 +192,7 @@ def build_engine(cfg: CritiqueConfig, device: str | None):
     """The engine the stage generates with (tests replace this function with a stub)."""
     from cai.engine import Engine
 
-    return Engine.from_reference(cfg.model, batch_size=cfg.batch_size, device=device)
+    return Engine.from_reference(cfg.model, batch_size=cfg.batch_size, device=device, precision=cfg.precision)
 
 
 def _sampling(cfg: CritiqueConfig):

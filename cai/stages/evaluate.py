@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
-from cai.models import DEFAULT_MODEL
+from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.paths import bundled
 from cai.stages.base import StageContext, StageResult, StageRun, engine_progress
 
@@ -63,12 +63,14 @@ class EvalConfig:
     head_to_head: bool = field(default=True, metadata={
         "help": "Compare every pair of models with the judge and compute Elo ratings."})
     quantize: str | None = field(default=None, metadata={"help": "4bit to load the models in 4 bits; none = full."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     seed: int = field(default=0, metadata={"help": "Seed for drawing judge principles."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation/scoring batch.", "hash": False})
     examples: int = field(default=6, metadata={
         "help": "Example prompts (of each kind) shown side by side in the report.", "hash": False})
 
     def __post_init__(self):
+        check_precision(self.precision)
         if not self.models:
             raise ConfigError("eval needs at least one --model")
         labels = [parse_model(m)[0] for m in self.models]
@@ -269,7 +271,8 @@ def make_judge(cfg: EvalConfig, ctx: StageContext) -> JudgeFn:
     from cai.judge import Comparison, Judge
 
     loaded = constitution_module.load(cfg.constitution)
-    engine = Engine.from_reference(cfg.judge, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device)
+    engine = Engine.from_reference(cfg.judge, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device,
+                                   precision=cfg.precision)
     judge = Judge(engine, loaded, method=cfg.judge_method, swap=True)
 
     def compare(items: list[tuple[Any, str, str, str]]) -> list[float]:
@@ -327,7 +330,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
 
             ctx.reporter.log(f"eval: answering {len(todo)} prompts with {label} ({reference})")
             engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
-                                           device=ctx.device)
+                                           device=ctx.device, precision=cfg.precision)
             task = ctx.reporter.task(f"eval: answers of {label}", total=len(todo))
             sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
             for chunk in _chunks(todo, cfg.batch_size):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
-from cai.models import DEFAULT_MODEL
+from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import StageContext, StageResult, StageRun, engine_progress, item_seed
 
 METHOD_CHOICES = ("auto", "mc", "contrast")
@@ -86,6 +86,7 @@ class FeedbackConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
     quantize: str | None = field(default=None, metadata={
         "help": "Load policy and judge in 4-bit (\"4bit\", CUDA only) or None for full precision."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     batch_size: int = field(default=16, metadata={
         "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts; None: all."})
@@ -94,6 +95,7 @@ class FeedbackConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        check_precision(self.precision)
         if not self.prompts:
             raise ConfigError("feedback needs prompts -- pass --prompts FILE (e.g. data/red_team_prompts.jsonl)")
         if not self.out:
@@ -145,11 +147,13 @@ class FeedbackEvalConfig:
     out: str | None = field(default=None, metadata={
         "hash": False, "help": "Directory for metrics.json and verdicts.jsonl; None: print the table only."})
     quantize: str | None = field(default=None, metadata={"help": "Load the judge in 4-bit (\"4bit\", CUDA only) or None."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     batch_size: int = field(default=16, metadata={"hash": False, "help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={
         "help": "Seed for the principles drawn and for which answer is shown as (A)."})
 
     def __post_init__(self):
+        check_precision(self.precision)
         if not self.pairs:
             raise ConfigError("feedback eval needs labelled pairs -- pass --pairs FILE")
         if self.method is not None and self.method not in METHOD_CHOICES:
@@ -227,7 +231,8 @@ def _load_engine(reference: str, cfg, ctx: StageContext):
     """The engine for a model reference (tests replace this to count model loads and calls)."""
     from cai.engine import Engine
 
-    return Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device)
+    return Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device,
+                                 precision=cfg.precision)
 
 
 def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task) -> list[tuple[str, str] | str]:
