@@ -16,10 +16,10 @@ judge (two questions per comparison). Timed, in comparisons per second:
              --cot-pairs pairs (it is slow; the rate is per comparison, so it compares);
 - contrast : `Judge(method="contrast")`: four scored continuations per comparison, no swap.
 
-Precision: the one-at-a-time generating judge runs in fp32 (what `from_pretrained` gives on CPU), and so
-does "ours, fp32" (the same judge as "ours", to separate what batching and log-probabilities give from
-what bf16 gives). Every other judge runs in the precision the stage picks (`--precision auto`: bf16 on
-CPUs that multiply bf16 natively).
+Precision: every judge runs in the precision the stage picks (`--precision auto`: bf16 on CPUs that
+multiply bf16 natively); "ours" and the one-at-a-time generating judge also run in fp32 (what
+`from_pretrained` gives on CPU), so like-against-like ratios show what batching and log-probabilities
+give apart from what bf16 gives.
 
 Also prints each judge's agreement with the labels and the position consistency: the share of pairs
 whose two orders pick the same winner. Without the swap a label's winner is whatever the one order
@@ -126,12 +126,13 @@ def main() -> None:
 
     fp32_runs = {
         "ours_fp32": lambda: Judge(engine, constitution, method="mc").compare(comparisons),
-        "generate_one_at_a_time": lambda: naive_generating_judge(engine, constitution, comparisons[:n_naive]),
+        "generate_one_at_a_time_fp32": lambda: naive_generating_judge(engine, constitution, comparisons[:n_naive]),
     }
     runs = {
         "ours": lambda: Judge(engine, constitution, method="mc").compare(comparisons),
         "ours_no_prefix_sharing": unshared,
         "generate": lambda: generating_judge(engine, constitution, comparisons),
+        "generate_one_at_a_time": lambda: naive_generating_judge(engine, constitution, comparisons[:n_naive]),
         "cot": lambda: Judge(engine, constitution, method="mc", cot=True,
                              cot_max_new_tokens=args.cot_max_new_tokens).compare(comparisons[:n_cot]),
         "contrast": lambda: Judge(engine, constitution, method="contrast").compare(comparisons),
@@ -156,13 +157,15 @@ def main() -> None:
     ours_metrics = agreement_metrics(ours, targets)
     rates = {"ours_fp32": n / seconds["ours_fp32"], "ours": n / ours_s, "ours_no_prefix_sharing": n / unshared_s, "generate": n / generate_s,
              "generate_one_at_a_time": n_naive / seconds["generate_one_at_a_time"],
+             "generate_one_at_a_time_fp32": n_naive / seconds["generate_one_at_a_time_fp32"],
              "cot": n_cot / cot_s, "contrast": n / contrast_s}
     result = {
         "precision": str(dtype).removeprefix("torch."), "pairs": n, "cot_pairs": n_cot, "naive_pairs": n_naive, "batch_size": args.batch_size, "repeats": args.repeats,
         "comparisons_per_s": rates,
         "ratio_vs_generate": rates["ours"] / rates["generate"],
         "ratio_vs_generate_one_at_a_time": rates["ours"] / rates["generate_one_at_a_time"],
-        "ratio_fp32_vs_generate_one_at_a_time": rates["ours_fp32"] / rates["generate_one_at_a_time"],
+        "ratio_fp32_vs_generate_one_at_a_time_fp32": rates["ours_fp32"] / rates["generate_one_at_a_time_fp32"],
+        "ratio_vs_generate_one_at_a_time_fp32": rates["ours"] / rates["generate_one_at_a_time_fp32"],
         "ratio_no_sharing_vs_generate": rates["ours_no_prefix_sharing"] / rates["generate"],
         "ratio_vs_cot": rates["ours"] / rates["cot"], "ratio_vs_contrast": rates["ours"] / rates["contrast"],
         "position_consistency": {
@@ -183,9 +186,10 @@ def main() -> None:
     print(f"{n} pairs (CoT: {n_cot}, one at a time: {n_naive}), embedded SmolLM2-135M-Instruct, CPU, batch "
           f"{args.batch_size}, swap on for mc, best of {args.repeats}; fp32 where named, else {result['precision']}")
     for name, rate in rates.items():
-        print(f"{name:<24}: {rate:7.3f} comparisons/s")
+        print(f"{name:<28}: {rate:7.3f} comparisons/s")
     print(f"ratio ours / generate, one at a time: {result['ratio_vs_generate_one_at_a_time']:.1f}x "
-          f"(both fp32: {result['ratio_fp32_vs_generate_one_at_a_time']:.1f}x)")
+          f"(both fp32: {result['ratio_fp32_vs_generate_one_at_a_time_fp32']:.1f}x; ours against the fp32 "
+          f"one: {result['ratio_vs_generate_one_at_a_time_fp32']:.1f}x)")
     print(f"ratio ours / generate, same batching: {result['ratio_vs_generate']:.1f}x "
           f"(without prefix sharing: {result['ratio_no_sharing_vs_generate']:.1f}x)")
     print(f"ratio ours / cot        : {result['ratio_vs_cot']:.1f}x")
