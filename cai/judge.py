@@ -103,6 +103,23 @@ def contrast_probability(score_a: float, score_b: float, temperature: float = 1.
     return sigmoid((score_a - score_b) / temperature)
 
 
+def contrast_scores(engine, items: Sequence[tuple[JudgePrinciple, list[Message], str]]) -> list[float]:
+    """The contrast score of each (principle, conversation, answer): the answer's mean per-token
+    log-probability under the system prompt that follows the principle minus under the one that ignores
+    it (`constitution.contrast_messages`). Higher = the judge finds the answer more in keeping with it."""
+    contexts, continuations = [], []
+    framings: dict[tuple[str, str], tuple[str, str]] = {}  # rendered once per principle and conversation
+    for principle, prompt, answer in items:
+        key = (principle.id, repr(prompt))
+        if key not in framings:
+            framings[key] = tuple(engine.render(cons.contrast_messages(principle, prompt, follow))
+                                  for follow in (True, False))
+        contexts += framings[key]
+        continuations += [answer, answer]
+    means = [score.mean_logprob for score in engine.score(contexts, continuations)]
+    return [means[2 * i] - means[2 * i + 1] for i in range(len(items))]
+
+
 def clamp_probability(p: float, clamp: tuple[float, float] | None) -> float:
     """`p` limited to [lo, hi]; None leaves it as it is."""
     if clamp is None:
@@ -287,26 +304,22 @@ class Judge:
     # -- contrast --------------------------------------------------------------------------------
 
     def _compare_contrast(self, chunk: list[Comparison]) -> list[Verdict]:
-        contexts, continuations = [], []
+        items = []
         for index, comparison in enumerate(chunk):
             if not comparison.response_a.strip() or not comparison.response_b.strip():
                 raise ValueError(f"comparison {index} has an empty response: the contrast judge scores the "
                                  "answer's tokens, so there must be some")
             for principle in comparison.principles:
-                follow = self.engine.render(cons.contrast_messages(principle, comparison.prompt, True))
-                ignore = self.engine.render(cons.contrast_messages(principle, comparison.prompt, False))
-                for context in (follow, ignore):
-                    contexts += [context, context]
-                    continuations += [comparison.response_a, comparison.response_b]
-        scores = [s.mean_logprob for s in self.engine.score(contexts, continuations)]
+                items += [(principle, comparison.prompt, comparison.response_a),
+                          (principle, comparison.prompt, comparison.response_b)]
+        scores = contrast_scores(self.engine, items)
         verdicts, row = [], 0
         for comparison in chunk:
             probabilities = []
             for _principle in comparison.principles:
-                follow_a, follow_b, ignore_a, ignore_b = scores[row:row + 4]
-                row += 4
-                probabilities.append(contrast_probability(follow_a - ignore_a, follow_b - ignore_b,
-                                                          self.temperature))
+                score_a, score_b = scores[row:row + 2]
+                row += 2
+                probabilities.append(contrast_probability(score_a, score_b, self.temperature))
             p_a = _mean(probabilities)
             verdicts.append(Verdict(p_a=p_a, p_a_by_order=[p_a], agree=None,
                                     principle_ids=[p.id for p in comparison.principles]))

@@ -624,7 +624,7 @@ HeldBackScorer = Callable[[Sequence[list[Message]], Sequence[str]], list[float |
 class ContrastJudgeScore:
     """A held-back judge (never used as a reward): how much more likely an answer is under a system
     prompt that follows a constitution principle than under one that ignores it, in mean log-probability
-    per token (`engine.score` + `constitution.contrast_messages`, the contrast judge of DESIGN.md).
+    per token (`judge.contrast_scores`, the contrast judge of DESIGN.md).
 
     `scorer(prompts, completions) -> [float | None]`, one per completion; higher = the judge prefers it.
     The principle for each prompt is drawn from the constitution, seeded by the prompt's text, so the
@@ -635,22 +635,19 @@ class ContrastJudgeScore:
         self.engine, self.constitution, self.seed = engine, constitution, seed
 
     def __call__(self, prompts: Sequence[list[Message]], completions: Sequence[str]) -> list[float | None]:
-        from cai.constitution import contrast_messages
+        from cai.judge import contrast_scores
 
-        contexts, continuations, rows = [], [], []
+        items, rows = [], []
         for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             if not completion.strip():
                 continue
             key = hashlib.sha1(repr(prompt).encode()).hexdigest()[:12]
             principle = self.constitution.sample_judge_principles(key, 1, self.seed)[0]
-            for follow in (True, False):
-                contexts.append(self.engine.render(contrast_messages(principle, prompt, follow)))
-                continuations.append(completion)
+            items.append((principle, prompt, completion))
             rows.append(i)
         scores: list[float | None] = [None] * len(completions)
-        results = self.engine.score(contexts, continuations)
-        for k, i in enumerate(rows):
-            scores[i] = results[2 * k].mean_logprob - results[2 * k + 1].mean_logprob
+        for i, score in zip(rows, contrast_scores(self.engine, items), strict=True):
+            scores[i] = score
         return scores
 
 
