@@ -252,8 +252,12 @@ class Precision:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
     def trainer_kwargs(self) -> dict[str, Any]:
-        """Keys for any trl/transformers TrainingArguments: overrides their bf16/checkpointing defaults."""
-        return {"bf16": self.bf16, "fp16": self.fp16, "gradient_checkpointing": self.gradient_checkpointing}
+        """Keys for any trl/transformers TrainingArguments: overrides their bf16/checkpointing defaults.
+
+        Checkpointing goes under both names: transformers 5 calls it `activation_checkpointing` and warns
+        when only the old `gradient_checkpointing` is set, which trl's configs set (default True)."""
+        return {"bf16": self.bf16, "fp16": self.fp16, "gradient_checkpointing": self.gradient_checkpointing,
+                "activation_checkpointing": self.gradient_checkpointing}
 
 
 def precision_for(device: str | None = None, gradient_checkpointing: bool | None = None) -> Precision:
