@@ -25,6 +25,9 @@ from contextlib import contextmanager
 
 NAME = "cai_cascade"
 _registered = False
+# The last mask converted, with its conversion: transformers builds one mask per forward and hands the
+# same tensor to every layer, so each forward converts it once, not once per layer.
+_last_mask: tuple = (None, None, None)
 
 
 def _register() -> None:
@@ -76,6 +79,26 @@ def _flash_with_lse(query, key, value, mask, scale):
     return torch.matmul(probs, value), lse
 
 
+def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device):
+    """(additive mask (B, 1, group*L, S) of 0 / -inf, boolean (B, 1, group*L): query rows that see no key)."""
+    global _last_mask
+    import torch
+
+    key = (batch, group, length, suffix, dtype, device)
+    if attention_mask is not None and _last_mask[0] is attention_mask and _last_mask[1] == key:
+        return _last_mask[2]
+    allowed = attention_mask
+    if allowed is None:  # sdpa_mask leaves it out when plain causal attention is meant
+        allowed = torch.ones(length, suffix, dtype=torch.bool, device=device).tril(suffix - length)[None, None]
+    allowed = allowed.expand(batch, 1, length, suffix)
+    allowed = allowed[:, :, None].expand(batch, 1, group, length, suffix).reshape(batch, 1, group * length, suffix)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    converted = (additive, ~allowed.any(-1))
+    if attention_mask is not None:
+        _last_mask = (attention_mask, key, converted)
+    return converted
+
+
 def cascade_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                               scaling: float | None = None, **kwargs):
     """AttentionInterface function. Shapes: query (B, H, L, D); key/value (B, H_kv, S, D), the rows' own
@@ -102,16 +125,11 @@ def cascade_attention_forward(module, query, key, value, attention_mask, dropout
     prefix_lse = prefix_lse.reshape(kv_heads, batch, group * length).transpose(0, 1)
 
     # Suffix: the rows' own keys, grouped heads folded into the query length so no key is repeated.
-    if attention_mask is None:  # sdpa_mask leaves it out when plain causal attention is meant
-        attention_mask = torch.ones(length, suffix, dtype=torch.bool, device=query.device).tril(suffix - length)
-        attention_mask = attention_mask[None, None].expand(batch, 1, length, suffix)
-    allowed = attention_mask.expand(batch, 1, length, suffix)
-    allowed = allowed[:, :, None].expand(batch, 1, group, length, suffix).reshape(batch, 1, group * length, suffix)
-    additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, float("-inf"))
+    additive, blind = _suffix_mask(attention_mask, batch, group, length, suffix, query.dtype, query.device)
     suffix_out, suffix_lse = _flash_with_lse(query.reshape(batch, kv_heads, group * length, dim), key, value,
                                              additive, scale)
     # A query that may see none of the suffix (padding) gets lse 0 from the kernel; it must weigh nothing.
-    suffix_lse = suffix_lse.masked_fill(~allowed.any(-1), float("-inf"))
+    suffix_lse = suffix_lse.masked_fill(blind, float("-inf"))
 
     total = torch.logaddexp(prefix_lse, suffix_lse)
     out = (prefix_out * torch.exp(prefix_lse - total)[..., None].to(prefix_out.dtype)
