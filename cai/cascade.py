@@ -43,10 +43,13 @@ def _register() -> None:
 
 
 def supports_cascade(model) -> bool:
-    """Whether `model` routes attention through transformers' AttentionInterface (Llama, Qwen, Mistral, ...)."""
+    """Whether cascade attention can run for `model`: on CPU (the only device it has been measured and
+    tested on; it relies on PyTorch's CPU flash kernel returning log-sum-exps), for a model that routes
+    attention through transformers' AttentionInterface (Llama, Qwen, Mistral, ...) with sdpa."""
     can_set = getattr(model, "_can_set_attn_implementation", None)
     try:
-        return bool(can_set and can_set()) and getattr(model.config, "_attn_implementation", None) in ("sdpa", NAME)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return on_cpu and bool(can_set and can_set()) and model.config._attn_implementation in ("sdpa", NAME)
     except Exception:  # the check inspects source code; any failure means "not sure", so no
         return False
 
@@ -65,18 +68,11 @@ def cascade_attention(model):
 
 
 def _flash_with_lse(query, key, value, mask, scale):
-    """(output, log-sum-exp) of softmax attention; `mask` is additive (0 / -inf) or None."""
+    """(output, log-sum-exp) of softmax attention on CPU; `mask` is additive (0 / -inf) or None."""
     import torch
 
-    if query.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=mask, scale=scale)
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
-    if mask is not None:
-        scores = scores + mask
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).to(value.dtype)
-    return torch.matmul(probs, value), lse
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=mask, scale=scale)
 
 
 def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device):

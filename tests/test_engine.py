@@ -199,3 +199,18 @@ def test_embedded_model_knows_the_capital_of_france(smol_engine):
     answer = smol_engine.generate_chat([[{"role": "user", "content": "What is the capital of France?"}]],
                                        Sampling(max_new_tokens=24))[0]
     assert "Paris" in answer.text
+
+
+def test_cascade_runs_only_where_it_was_built_for(tiny_model_dir):
+    """CPU + sdpa through AttentionInterface: yes. Eager attention, or weights on another device: the
+    per-row prefix copy instead (the CPU kernel that returns log-sum-exps is all cascade runs on)."""
+    from cai.cascade import supports_cascade
+    from cai.models import load_causal_lm
+
+    model, _ = load_causal_lm(tiny_model_dir, device="cpu")
+    assert supports_cascade(model)
+    model.config._attn_implementation = "eager"
+    assert not supports_cascade(model)
+    model.config._attn_implementation = "sdpa"
+    model.to("meta")
+    assert not supports_cascade(model)
