@@ -11,6 +11,27 @@ os.environ["CAI_HOME"] = tempfile.mkdtemp(prefix="cai-test-home-")
 
 import pytest  # noqa: E402
 
+from cai import models as _models  # noqa: E402
+
+# Whether this machine's CPU multiplies bf16 natively (read before the patch below).
+CPU_NATIVE_BF16 = _models.cpu_has_native_bf16()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fp32_unless_a_test_asks_for_bf16():
+    """cai picks bf16 (inference; training under autocast) on CPUs with native bf16. Many tests compare
+    with fp32 references to 1e-4, and CI machines may or may not have native bf16: every test runs as on
+    a CPU without it, unless it takes the `native_bf16` fixture."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_models, "cpu_has_native_bf16", lambda: False)
+        yield
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """This test runs as on a CPU with native bf16 (bf16 inference, bf16 autocast training)."""
+    monkeypatch.setattr(_models, "cpu_has_native_bf16", lambda: True)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
@@ -30,7 +51,8 @@ def tiny_engine(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def smol_engine():
-    """The real embedded SmolLM2-135M-Instruct (slow tests only)."""
+    """The real embedded SmolLM2-135M-Instruct (slow tests only), in the precision cai would pick here."""
     from cai.engine import Engine
 
-    return Engine.from_reference("embedded:smollm2-135m-instruct", batch_size=16, device="cpu")
+    return Engine.from_reference("embedded:smollm2-135m-instruct", batch_size=16, device="cpu",
+                                 precision="bf16" if CPU_NATIVE_BF16 else "fp32")

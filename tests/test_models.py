@@ -35,7 +35,7 @@ def test_directory_without_config_is_refused(tmp_path):
 
 
 def test_precision_on_cpu_is_fp32_without_checkpointing():
-    precision = precision_for("cpu")
+    precision = precision_for("cpu")  # as on a CPU without native bf16 (conftest)
     assert precision.torch_dtype == torch.float32
     assert precision.trainer_kwargs() == {"bf16": False, "fp16": False, "gradient_checkpointing": False,
                                           "activation_checkpointing": False}

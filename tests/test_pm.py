@@ -263,6 +263,18 @@ def test_saved_lora_pm_reloads_with_its_head_and_gives_the_same_scores(tmp_path,
     assert (model_dir / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize("quantize", [None, "4bit"], ids=["lora", "qlora"])
+def test_bf16_autocast_training_learns_and_saves_an_fp32_model(tmp_path, tiny_model_dir, native_bf16, quantize):
+    """On a CPU with native bf16 the PM trains under bf16 autocast; weights, adapters and the head stay fp32."""
+    cfg = train_config(tmp_path, lora_r=8, lr=5e-3, epochs=2, quantize=quantize)
+    result = pm.run_train(cfg, context())
+    assert result.metrics["heldout_accuracy_ai"] > 0.8
+    scorer = pm.RewardScorer.from_directory(cfg.out)
+    assert {p.dtype for p in scorer.model.parameters()} == {torch.float32}
+    rewards = scorer.rewards(["the cat"] * 2, ["sat on a mat please", "sat on a mat sorry"])
+    assert rewards[0] > rewards[1]
+
+
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     trainer_class = pm.trainer_classes()[1]
     original_step = trainer_class.training_step

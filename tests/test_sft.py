@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from cai.engine import Engine, Generation
@@ -112,6 +113,19 @@ def test_sft_lowers_the_loss_and_writes_a_standalone_model(critique_file, tmp_pa
     monkeypatch.setattr(cai.models, "load_causal_lm", refuse)
     again = sft.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
     assert again.skipped
+
+
+def test_bf16_autocast_training_on_a_cpu_with_native_bf16_keeps_fp32_weights(critique_file, tmp_path,
+                                                                             tiny_model_dir, tiny_engine, native_bf16):
+    from cai.models import precision_for
+
+    precision = precision_for("cpu")
+    assert precision.bf16 and precision.fp32_weights and not precision.gradient_checkpointing
+    before = completion_logprob(tiny_engine, FINALS)
+    sft.run(cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=8), StageContext(device="cpu"))
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    assert completion_logprob(Engine(trained, tiny_engine.tokenizer), FINALS) > before + 0.1
 
 
 def test_full_fine_tuning_with_lora_r_0(critique_file, tmp_path, tiny_model_dir, tiny_engine):
