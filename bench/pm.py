@@ -5,10 +5,13 @@ same tokenized pairs (data/helpful_prefs_example.jsonl, chat template applied, l
 --max-length), same batches (same seed), same run:
 
 1. training tokens/s of cai's SoftRewardTrainer (soft-label loss) against trl's RewardTrainer, both
-   with the precision cai picks for the device (`precision_for`: fp32 and no gradient checkpointing
-   on CPU). Target: at least 1x (the soft label must cost nothing);
+   with the precision cai picks for the device (`precision_for`; on CPU: fp32 weights, bf16 autocast
+   where the CPU has native bf16, no gradient checkpointing). Target: at least 1x (the soft label must
+   cost nothing);
 2. the gain of that per-device choice over trl's default config (bf16 + gradient checkpointing),
    on a shorter run (--default-steps), since those defaults are slow on a CPU without fast bf16;
+   When the device's choice is bf16 autocast (a CPU with native bf16), cai's trainer also runs in plain
+   fp32, and the gain of autocast is printed;
 3. scoring pairs/s of `RewardScorer` (length-sorted batches, no gradients) against one forward pass
    per response.
 
@@ -116,6 +119,11 @@ def main() -> None:
                             precision_kwargs=device_kwargs, **common)
     trl_proper = train_throughput(RewardTrainer, None, trl_rows, args.model, steps=args.steps,
                                   precision_kwargs=device_kwargs, **common)
+    ours_fp32 = None
+    if device_kwargs["bf16"]:
+        fp32_kwargs = dict(device_kwargs, bf16=False)
+        ours_fp32 = train_throughput(soft_trainer, collator, rows, args.model, steps=args.steps,
+                                     precision_kwargs=fp32_kwargs, **common)
     trl_default = None
     if args.default_steps:
         trl_default = train_throughput(RewardTrainer, None, trl_rows, args.model, steps=args.default_steps,
@@ -124,7 +132,8 @@ def main() -> None:
 
     result = {"model": args.model, "pairs": len(records), "batch_size": args.batch_size,
               "max_length": args.max_length, "truncated_sequences": truncated, "lora_r": args.lora_r,
-              "cai_trainer": ours, "trl_reward_trainer": trl_proper, "trl_default_config": trl_default,
+              "cai_trainer": ours, "cai_trainer_fp32": ours_fp32, "trl_reward_trainer": trl_proper,
+              "gain_vs_fp32": ours["tokens_per_s"] / ours_fp32["tokens_per_s"] if ours_fp32 else None, "trl_default_config": trl_default,
               "ratio_vs_trl": ours["tokens_per_s"] / trl_proper["tokens_per_s"],
               "gain_vs_trl_defaults": ours["tokens_per_s"] / trl_default["tokens_per_s"] if trl_default else None,
               "scoring": scoring}
@@ -140,9 +149,13 @@ def main() -> None:
           f"max length {args.max_length} ({truncated} sequences truncated)")
     print(line("cai SoftRewardTrainer (per-device precision)", ours))
     print(line("trl RewardTrainer (same precision)", trl_proper))
+    if ours_fp32:
+        print(line("cai SoftRewardTrainer, plain fp32", ours_fp32))
     if trl_default:
         print(line("trl RewardTrainer (trl's default config)", trl_default))
     print(f"ratio vs trl RewardTrainer                  : {result['ratio_vs_trl']:.2f}x")
+    if ours_fp32:
+        print(f"gain of bf16 autocast over plain fp32       : {result['gain_vs_fp32']:.2f}x")
     if trl_default:
         print(f"gain vs trl's defaults (bf16 + checkpointing): {result['gain_vs_trl_defaults']:.1f}x")
     print(f"scoring: batched {scoring['batched_pairs_per_s']:.1f} pairs/s vs one forward per response "

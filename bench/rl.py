@@ -3,7 +3,8 @@
 Same model (embedded SmolLM2-135M-Instruct as policy, and as the base of a preference model with an
 untrained, seeded score head), same prompts (red-team + helpful), same step shape, same run:
 
-- ours: `cai rl` as it runs (precision chosen for the device: fp32, no gradient checkpointing on CPU);
+- ours: `cai rl` as it runs (precision chosen for the device; on CPU: fp32 weights, bf16 autocast where
+  the CPU has native bf16, no gradient checkpointing);
 - baseline: the same run with trl's own precision defaults (bf16 + gradient checkpointing), which is
   what a GRPOConfig gets when nobody overrides them.
 
@@ -95,7 +96,9 @@ def main() -> None:
         return
     print(f"GRPO on {MODEL}, CPU ({result['torch_threads']} threads), {ours['answers_per_step']} answers a step, "
           f"up to {args.max_new_tokens} new tokens each")
-    rows = [("cai (fp32, no checkpointing)", ours)] + ([("trl defaults (bf16 + checkpointing)", baseline)]
+    precision = cai.models.precision_for("cpu")
+    ours_name = f"cai ({'bf16 autocast' if precision.bf16 else 'fp32'}, no checkpointing)"
+    rows = [(ours_name, ours)] + ([("trl defaults (bf16 + checkpointing)", baseline)]
                                                        if baseline else [])
     for name, r in rows:
         print(f"  {name:38s} {r['seconds_per_step']:7.1f} s/step  {r['steps_per_s']:.3f} steps/s  "

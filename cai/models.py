@@ -238,8 +238,8 @@ class Precision:
 
     CUDA: bf16 (fp16 on older GPUs) weights and compute, gradient checkpointing on. CPU: weights stay
     fp32 (`fp32_weights`) and bf16 is autocast only, used where the CPU multiplies bf16 natively
-    (AVX512-BF16/AMX; measured here, `cai pm train`'s trainer ran 1.8x faster than fp32: 383 against
-    214 tok/s), never where PyTorch would emulate it; no checkpointing on CPU, which recomputes
+    (AVX512-BF16/AMX; measured here by bench/pm.py, `cai pm train`'s trainer ran 2.0x faster than
+    fp32: 438 against 220 tok/s), never where PyTorch would emulate it; no checkpointing on CPU, which recomputes
     activations for no memory need (DESIGN.md measured trl's defaults, bf16 *with* checkpointing, 22x
     slower than fp32 on a RewardTrainer run).
     """
