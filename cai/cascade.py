@@ -23,6 +23,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+# Imported by the engine only, once torch and transformers are loaded: the module-level imports cost
+# nothing then and keep them off the per-layer path of every forward.
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
 NAME = "cai_cascade"
 _registered = False
 # The last mask converted, with its conversion: transformers builds one mask per forward and hands the
@@ -69,8 +74,6 @@ def cascade_attention(model):
 
 def _flash_with_lse(query, key, value, mask, scale):
     """(output, log-sum-exp) of softmax attention on CPU; `mask` is additive (0 / -inf) or None."""
-    import torch
-
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, 0.0, False, attn_mask=mask, scale=scale)
 
@@ -78,8 +81,6 @@ def _flash_with_lse(query, key, value, mask, scale):
 def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device):
     """(additive mask (B, 1, group*L, S) of 0 / -inf, boolean (B, 1, group*L): query rows that see no key)."""
     global _last_mask
-    import torch
-
     key = (batch, group, length, suffix, dtype, device)
     if attention_mask is not None and _last_mask[0] is attention_mask and _last_mask[1] == key:
         return _last_mask[2]
@@ -100,9 +101,6 @@ def cascade_attention_forward(module, query, key, value, attention_mask, dropout
     """AttentionInterface function. Shapes: query (B, H, L, D); key/value (B, H_kv, S, D), the rows' own
     cache; `attention_mask` (B, 1, L, S) boolean (True = attend) or None (causal over the suffix);
     `cai_shared_prefix[layer]` = keys, values (1, H_kv, P, D), attended by every query. Returns (B, L, H, D)."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     shared = kwargs.pop("cai_shared_prefix", None)
     if shared is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
