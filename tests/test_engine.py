@@ -31,8 +31,18 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_engine):
     assert [o.text for o in other] != [o.text for o in together]
 
 
+@pytest.fixture(params=["flash", "joint"])
+def cascade_kernel(request, monkeypatch):
+    """Each cascade test runs through both ways `cai.cascade` computes attention: the flash kernel with
+    merged log-sum-exps (large calls) and one softmax over explicit scores (small calls, decode)."""
+    from cai import cascade
+
+    monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 0 if request.param == "flash" else 1 << 40)
+    return request.param
+
+
 @pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "repeated"])
-def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine, cascade):
+def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine, cascade, cascade_kernel):
     """Neither way of sharing the prefix (one copy for all rows, or one per row) may change any row's logits."""
     from transformers import DynamicCache
 
@@ -53,7 +63,7 @@ def test_shared_prefix_prefill_equals_plain_prefill(tiny_engine, cascade):
     assert torch.allclose(shared.logits, plain.logits, atol=1e-4)
 
 
-def test_cascade_attention_in_bf16_matches_the_repeated_prefix(tiny_model_dir):
+def test_cascade_attention_in_bf16_matches_the_repeated_prefix(tiny_model_dir, cascade_kernel):
     """bf16 (the default on CPUs with native bf16): the one-copy prefix agrees with per-row copies to bf16's precision."""
     from transformers import DynamicCache
 
@@ -71,7 +81,7 @@ def test_cascade_attention_in_bf16_matches_the_repeated_prefix(tiny_model_dir):
     assert (logits[True] - logits[False]).abs().max() <= 0.02 * scale
 
 
-def test_cascade_attention_generates_and_scores_what_repeated_prefixes_do(tiny_engine):
+def test_cascade_attention_generates_and_scores_what_repeated_prefixes_do(tiny_engine, cascade_kernel):
     """Decode steps (rows finishing and compacted, cache growing) and scoring through the one-copy prefix."""
     backend = tiny_engine.backend
     assert backend.cascade, "the tiny Llama routes attention through AttentionInterface"
