@@ -303,17 +303,17 @@ class HFBackend:
         next_position = positions[:, -1] + 1  # (B,)
         generated: list[list[int]] = [[] for _ in sequences]
         finished = [False] * len(sequences)
-        for _step in range(sampling.max_new_tokens):
+        for step in range(sampling.max_new_tokens):
             tokens = self._pick(logits, sampling, generators, active)  # (B_active,)
             token_list = tokens.tolist()
             for row, token in zip(active, token_list, strict=True):
+                if finished[row]:  # ended earlier, still in the batch until enough rows end to compact it
+                    continue
                 generated[row].append(token)
                 if token in self.stop_ids:
                     finished[row] = True
             keep = [i for i, row in enumerate(active) if not finished[row]]
-            if not keep:
-                break
-            if len(generated[active[0]]) == sampling.max_new_tokens:
+            if not keep or step + 1 == sampling.max_new_tokens:
                 break
             if len(keep) < len(active) and (len(active) - len(keep)) >= self.COMPACT_FRACTION * len(active):
                 index = torch.tensor(keep, device=device)

@@ -20,6 +20,36 @@ def test_outputs_come_back_in_input_order_whatever_the_batching(tiny_engine):
         assert [o.text for o in outputs] == [r.text for r in reference]
 
 
+def test_a_row_that_ends_early_gets_no_tokens_after_its_end_while_batch_mates_go_on(tiny_engine, monkeypatch):
+    """A finished row stays in the batch until enough rows finish to compact it; nothing it is fed
+    meanwhile may reach its text (a batch once returned "Yes.\nsystem\n\nuser" where alone gave "Yes.")."""
+    backend = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=16).backend
+    [stop] = sorted(backend.stop_ids)[:1]
+    words = [t for t in tiny_engine.tokenizer("the cat sat on a mat by the door", add_special_tokens=False)["input_ids"]
+             if t not in backend.stop_ids]
+    # What each row "samples" at each of its steps: row 0 ends at its 2nd token, row 1 at its 5th, the rest
+    # never (1 finished row of 6 is under the compaction threshold, so row 0 is fed for a few more steps).
+    script = [[words[0], stop] + words, words[:4] + [stop] + words, *[words * 3 for _ in range(4)]]
+    steps = [0] * len(script)
+
+    def scripted_pick(logits, sampling, generators, active):
+        picks = []
+        for row in active:
+            picks.append(script[row][steps[row]])
+            steps[row] += 1
+        return torch.tensor(picks)
+
+    monkeypatch.setattr(backend, "_pick", scripted_pick)
+    prompts = [tiny_engine.render(c) for c in CONVERSATIONS]
+    order = sorted(range(6), key=lambda i: len(backend._encode([prompts[i]])[0]), reverse=True)
+    outputs = backend.generate([prompts[i] for i in order], Sampling(max_new_tokens=8), [0] * 6, None)
+    decode = tiny_engine.tokenizer.decode
+    assert [(g.num_tokens, g.finished) for g in outputs] == [(2, True), (5, True)] + [(8, False)] * 4
+    assert outputs[0].text == decode([words[0]]).strip()
+    assert outputs[1].text == decode(words[:4]).strip()
+    assert steps[0] > 2, "row 0 was fed after its end (the case under test)"
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_engine):
     sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=7)
     seeds = [11, 22, 33, 44, 55, 66]
