@@ -15,7 +15,9 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
   continuations (a judge's option letters, an answer under two system prompts);
 - `next_token_logprobs` reads only the next-token distribution at the end of each context (a judge's
   "(A)" versus "(B)"), and computes a token prefix that all contexts of a call share (a judge's
-  few-shot block) once, reusing its KV cache for every row.
+  few-shot block) once, reusing its KV cache for every row;
+- `generate(..., keep_cache=True)` keeps each row's KV cache for the next call, which prefills only
+  what its prompts add to those conversations (a revision after the critique the model just wrote).
 
 `Engine` is the interface stages use; `HFBackend` is the transformers implementation. Another backend
 (vLLM) implements `Backend` and plugs in without touching the stages.
@@ -63,7 +65,7 @@ class Backend(Protocol):
     """What an inference backend provides. Prompts are already rendered text (chat template applied)."""
 
     def generate(self, prompts: Sequence[str], sampling: Sampling, seeds: Sequence[int],
-                 progress: ProgressFn | None) -> list[Generation]: ...
+                 progress: ProgressFn | None, keep_cache: bool = False) -> list[Generation]: ...
 
     def score(self, contexts: Sequence[str], continuations: Sequence[str],
               progress: ProgressFn | None) -> list[ContinuationScore]: ...
@@ -106,16 +108,22 @@ class Engine:
         return self.generate([self.render(c) for c in conversations], sampling, seeds, progress)
 
     def generate(self, prompts: Sequence[str], sampling: Sampling, seeds: Sequence[int] | None = None,
-                 progress: ProgressFn | None = None) -> list[Generation]:
+                 progress: ProgressFn | None = None, keep_cache: bool = False) -> list[Generation]:
         """One continuation per rendered prompt, in input order. Item i samples with seed
         `sampling.seed + seeds[i]` (default `seeds[i] = i`): pass stable per-item seeds (for example a
-        hash of the record id) to make text independent of batching and resumption."""
+        hash of the record id) to make text independent of batching and resumption.
+
+        `keep_cache=True` keeps every row's keys and values (prompt and generated text) after the call,
+        for the next call only: a prompt of that call which starts with a kept row's tokens (the same
+        conversation, continued) prefills only what comes after them. Same results, less computing; the
+        memory is held until the next call (capped at `HFBackend.KEEP_BYTES`)."""
         if not prompts:
             return []
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        return self.backend.generate(prompts, sampling, [sampling.seed + s for s in seeds], progress)
+        extra = {"keep_cache": True} if keep_cache else {}  # a hint: a backend without the option ignores it
+        return self.backend.generate(prompts, sampling, [sampling.seed + s for s in seeds], progress, **extra)
 
     def score(self, contexts: Sequence[str], continuations: Sequence[str],
               progress: ProgressFn | None = None) -> list[ContinuationScore]:
@@ -241,11 +249,81 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+@dataclass
+class _KeptRow:
+    tokens: list[int]  # the tokens whose keys and values the cache held: prompt, then generated but the last
+    start: int  # tokens[:start] were the batch's shared prefix, held apart (cascade); `kv` begins after it
+    prefix_kv: list[tuple] | None  # that prefix's keys and values per layer, (1, H_kv, start, D); None if start is 0
+    kv: list[tuple]  # per layer (keys, values), each (H_kv, len(tokens) - start, D)
+
+
+class _KeptRows:
+    """Rows of one generate call, kept (`keep_cache=True`) so that the next call can start from them.
+
+    A critique stage asks for a critique, then for a revision in the same conversation: the revision
+    prompt is the critique prompt plus the critique the model just wrote plus a request, so most of its
+    prefill was already computed once. The next call looks each of its prompts up here (`match`) and
+    prefills only what follows the longest token prefix it shares with a kept row."""
+
+    KEY_TOKENS = 8  # rows are indexed by this many tokens after their shared prefix
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.index: dict[tuple, list[_KeptRow]] = {}  # (prefix tokens, next KEY_TOKENS) -> rows
+        self.prefixes: dict[int, set[tuple]] = {}  # start -> the distinct prefixes of that length
+
+    def __bool__(self) -> bool:
+        return bool(self.index)
+
+    def add(self, tokens: list[int], start: int, prefix_kv, cache, mask, row: int) -> None:
+        """Keep row `row` of `cache`: its positions are where `mask` (the row's attention mask over the
+        cache) is 1, the first len(tokens) - start of them (a row fed past its end holds more)."""
+        own = len(tokens) - start
+        if own <= 0:
+            return
+        positions = mask.nonzero().squeeze(-1)[:own]
+        kv = [(layer.keys[row].index_select(1, positions), layer.values[row].index_select(1, positions))
+              for layer in cache.layers]
+        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+        if self.bytes + size > self.max_bytes:
+            return
+        self.bytes += size
+        prefix = tuple(tokens[:start])
+        self.prefixes.setdefault(start, set()).add(prefix)
+        key = (prefix, tuple(tokens[start:start + self.KEY_TOKENS]))
+        self.index.setdefault(key, []).append(_KeptRow(tokens, start, prefix_kv, kv))
+
+    def match(self, sequences: list[list[int]]):
+        """How a batch of prompts can start from kept rows: (prefix keys and values, prefix length,
+        [(kept row or None, tokens of it to reuse after the prefix)] per prompt), or None when nothing is
+        reused. Every prompt must start with the same kept prefix, the one whose keys and values the
+        batch then shares; a prompt keeps at least its last token to prefill (its logits are needed)."""
+        for start, prefixes in sorted(self.prefixes.items(), reverse=True):
+            head = tuple(sequences[0][:start])
+            if head not in prefixes or any(tuple(seq[:start]) != head for seq in sequences[1:]):
+                continue
+            reused, prefix_kv = [], None
+            for seq in sequences:
+                best, best_n = None, 0
+                for row in self.index.get((head, tuple(seq[start:start + self.KEY_TOKENS])), ()):
+                    n = common_prefix_length([seq[:len(seq) - 1], row.tokens]) - start
+                    if n > best_n:
+                        best, best_n = row, n
+                reused.append((best, best_n))
+                if best is not None:
+                    prefix_kv = best.prefix_kv
+            if any(n for _, n in reused):
+                return prefix_kv, start, reused
+        return None
+
+
 class HFBackend:
     """transformers implementation of `Backend`: a hand-written decode loop over the KV cache."""
 
     # Compact the batch (drop finished rows from the cache) once this share of rows has finished.
     COMPACT_FRACTION = 0.25
+    # generate(keep_cache=True) keeps rows' keys and values up to this many bytes; later rows are not kept.
+    KEEP_BYTES = 2 << 30
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32):
         from cai.cascade import supports_cascade
@@ -254,6 +332,7 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(tokenizer, model)
+        self._kept: _KeptRows | None = None  # rows the last generate call kept (keep_cache=True)
         # Shared prompt prefixes are attended once for the whole batch (cai.cascade) where the model's
         # attention allows it; otherwise their keys and values are repeated to every row.
         self.cascade = supports_cascade(model)
@@ -272,23 +351,31 @@ class HFBackend:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, prompts, sampling, seeds, progress):
+    def generate(self, prompts, sampling, seeds, progress, keep_cache: bool = False):
         import torch
 
         encoded = self._encode(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
         results: list[Generation | None] = [None] * len(prompts)
+        kept = _KeptRows(self.KEEP_BYTES) if keep_cache else None
+        # What the previous call kept is offered to this call only: a conversation continues at the next step.
+        previous, self._kept = self._kept, None
         with _eval_mode(self.model), torch.inference_mode(), self._attention():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
-                outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch])
+                outputs = self._generate_batch([encoded[i] for i in batch], sampling, [seeds[i] for i in batch],
+                                               previous, kept)
                 for index, generation in zip(batch, outputs, strict=True):
                     results[index] = generation
                 if progress:
                     progress(len(batch), sum(g.num_tokens for g in outputs))
+        self._kept = kept
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, sequences: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[Generation]:
+    def _generate_batch(self, sequences: list[list[int]], sampling: Sampling, seeds: list[int],
+                        previous: "_KeptRows | None" = None, kept: "_KeptRows | None" = None) -> list[Generation]:
+        """Generate for one batch. `previous`: rows kept by the last call, whose keys and values this batch
+        reuses where its prompts start with their tokens; `kept`: where to keep this batch's rows."""
         import torch
 
         device = self.device
@@ -296,7 +383,19 @@ class HFBackend:
         if sampling.temperature > 0:
             generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         cache = growing_cache(sampling.max_new_tokens)
-        out, attention, positions, prefix_kv = self._prefill(sequences, cache, logits_to_keep=1)
+        reuse = previous.match(sequences) if previous else None
+        if reuse is not None:
+            out, attention, positions, prefix_kv = self._prefill_reusing(sequences, cache, *reuse)
+        else:
+            out, attention, positions, prefix_kv = self._prefill(sequences, cache, logits_to_keep=1)
+        # Where each row's own keys and values begin: after the shared prefix when it is held apart (cascade).
+        own_start = prefix_kv[0][0].shape[-2] if prefix_kv is not None else 0
+
+        def keep_rows(indices: list[int]) -> None:
+            for i in indices:
+                row = active[i]
+                kept.add(sequences[row] + generated[row][:-1], own_start, prefix_kv, cache, attention[i], i)
+
         shared = {"cai_shared_prefix": prefix_kv} if prefix_kv is not None else {}
         logits = out.logits[:, -1, :].float()  # (B, V)
         active = list(range(len(sequences)))  # original row of each row still in the batch
@@ -316,6 +415,8 @@ class HFBackend:
             if not keep or step + 1 == sampling.max_new_tokens:
                 break
             if len(keep) < len(active) and (len(active) - len(keep)) >= self.COMPACT_FRACTION * len(active):
+                if kept is not None:
+                    keep_rows([i for i in range(len(active)) if finished[active[i]]])
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 attention, next_position, tokens = attention[index], next_position[index], tokens[index]
@@ -325,6 +426,8 @@ class HFBackend:
                              past_key_values=cache, use_cache=True, **shared)
             logits = out.logits[:, -1, :].float()
             next_position = next_position + 1
+        if kept is not None:  # the last tokens picked were never fed: what the cache holds ends before them
+            keep_rows(list(range(len(active))))
 
         results = []
         for row, tokens_out in enumerate(generated):
@@ -392,6 +495,47 @@ class HFBackend:
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra)
         return out, attention, positions, (prefix_kv if extra else None)
+
+    def _prefill_reusing(self, sequences: list[list[int]], cache, prefix_kv, start: int, reused: list):
+        """`_prefill` for rows that continue rows the previous call kept: row i's first `start` tokens are
+        the shared prefix (`prefix_kv`: its keys and values, held apart under cascade; None when `start`
+        is 0) and its next `n_i` tokens are already computed (`reused[i]` = (kept row, n_i), or (None, 0)).
+        Only the rest is run through the model. Layout of each row (cache, then this forward's block):
+
+            [ pad ][ reused n_i ] [ pad ][ new tokens ]      attention 0..0 1..1 0..0 1..1
+
+        Positions are those of the row run alone, so the result equals a plain prefill (a test compares).
+        Returns what `_prefill` returns."""
+        import torch
+
+        device = self.device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        counts = [n for _, n in reused]
+        held = max(counts)
+        some_row = next(row for row, n in reused if n)
+        for layer, (some_keys, _) in enumerate(some_row.kv):
+            keys = some_keys.new_zeros((len(sequences), some_keys.shape[0], held, some_keys.shape[-1]))
+            values = torch.zeros_like(keys)
+            for i, (row, n) in enumerate(reused):
+                if n:
+                    keys[i, :, held - n:] = row.kv[layer][0][:, :n]
+                    values[i, :, held - n:] = row.kv[layer][1][:, :n]
+            cache.update(keys, values, layer)
+        fresh = [seq[start + n:] for seq, n in zip(sequences, counts, strict=True)]
+        width = max(len(f) for f in fresh)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), held + width), dtype=torch.long)
+        positions = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, (tokens, n) in enumerate(zip(fresh, counts, strict=True)):
+            input_ids[i, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+            attention[i, held - n:held] = 1
+            attention[i, held + width - len(tokens):] = 1
+            positions[i, width - len(tokens):] = torch.arange(start + n, start + n + len(tokens))
+        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        extra = {"cai_shared_prefix": prefix_kv} if prefix_kv is not None else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        return out, attention, positions, prefix_kv
 
     @staticmethod
     def _pick(logits, sampling: Sampling, generators, active: list[int]):

@@ -43,12 +43,14 @@ class StubEngine:
         self.calls: list[int] = []  # items per call
         self.conversations: list[list] = []
         self.prefixes: list[list[str]] = []  # the assistant prefix of each item, per call
+        self.keep_cache: list[bool] = []  # whether each call asked the engine to keep its rows' caches
 
     def render(self, messages, assistant_prefix=""):
         return messages, assistant_prefix
 
-    def generate(self, rendered, sampling, seeds=None, progress=None):
+    def generate(self, rendered, sampling, seeds=None, progress=None, keep_cache=False):
         conversations = [conversation for conversation, _ in rendered]
+        self.keep_cache.append(keep_cache)
         self.prefixes.append([prefix for _, prefix in rendered])
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise KeyboardInterrupt  # what Ctrl-C or a kill does in the middle of a chunk
@@ -143,6 +145,9 @@ def test_each_round_critiques_the_previous_revision(prompts_file, tmp_path):
     assert answer_shown == {"role": "assistant", "content": record["rounds"][0]["revision"]}
     round1_revision = engine.conversations[2][0]
     assert round1_revision[-2] == {"role": "assistant", "content": record["rounds"][0]["critique"]}
+    # The revision continues the critique's conversation, so the critique call keeps its caches for it;
+    # nothing else continues the call before it.
+    assert engine.keep_cache[:5] == [False, True, False, True, False]
 
 
 def test_a_degenerate_revision_keeps_the_previous_answer(prompts_file, tmp_path):
@@ -257,15 +262,17 @@ def test_a_different_configuration_needs_force(prompts_file, tmp_path):
     assert not result.skipped and all(len(r["rounds"]) == 2 for r in records) and len(records) == 5
 
 
-def test_chunking_does_not_change_the_records_with_a_real_engine(prompts_file, tmp_path, tiny_engine):
-    """Per-item seeds: the same text whatever the chunk or batch an item lands in (tiny random model)."""
+def test_chunking_does_not_change_the_records_with_a_real_engine(prompts_file, tmp_path, tiny_engine, monkeypatch):
+    """Per-item seeds: the same text whatever the chunk or batch an item lands in (tiny random model), and
+    whether or not revisions start from the caches their critiques kept."""
     outputs = []
-    for chunk_size, batch_size in ((1, 1), (5, 4)):
-        cfg = config(prompts_file, tmp_path / f"c{chunk_size}", revisions=1, chunk_size=chunk_size,
+    for chunk_size, batch_size, keep_bytes in ((1, 1, 0), (5, 4, 0), (5, 4, 1 << 30)):
+        monkeypatch.setattr(tiny_engine.backend, "KEEP_BYTES", keep_bytes)
+        cfg = config(prompts_file, tmp_path / f"c{chunk_size}-{keep_bytes}", revisions=2, chunk_size=chunk_size,
                      batch_size=batch_size, max_new_tokens=6, temperature=1.0, model="tiny", few_shot=False)
         _, records, _ = run_with(_Real(tiny_engine), cfg)
         outputs.append(records)
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]
     assert len({r["initial"] for r in outputs[0]}) > 1  # really sampled, per item
 
 

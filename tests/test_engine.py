@@ -134,6 +134,64 @@ def test_cascade_attention_generates_and_scores_what_repeated_prefixes_do(tiny_e
         assert ours.logprob == pytest.approx(reference.logprob, abs=1e-4)
 
 
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "repeated"])
+def test_a_call_continuing_kept_conversations_generates_what_a_fresh_call_does(tiny_engine, cascade, monkeypatch):
+    """keep_cache=True, then prompts that continue those conversations: the second call prefills only what
+    follows the kept tokens (prompt and generated text, rows kept as they finished and at the end) and
+    samples exactly what a call without kept rows samples."""
+    backend = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=4).backend
+    monkeypatch.setattr(backend, "cascade", cascade)
+    header = [{"role": "system", "content": "Shared few-shot block for every row of the batch. " * 4}]
+    conversations = [header + c for c in CONVERSATIONS]
+    words = [t for t in tiny_engine.tokenizer("the cat sat on a mat by the door", add_special_tokens=False)[
+        "input_ids"] if t not in backend.stop_ids]
+    [stop] = sorted(backend.stop_ids)[:1]
+    # First call, scripted: in each batch of four, rows end after 3, 5, never, never tokens (compaction).
+    script = [words[:3] + [stop] + words * 2, words[:5] + [stop] + words * 2] + [words * 2] * 2
+    steps: dict[int, int] = {}
+
+    def scripted_pick(logits, sampling, generators, active):
+        picks = []
+        for row in active:
+            picks.append(script[row % 4][steps.get(row, 0)])
+            steps[row] = steps.get(row, 0) + 1
+        return torch.tensor(picks)
+
+    monkeypatch.setattr(backend, "_pick", scripted_pick)
+    first = backend.generate([tiny_engine.render(c) for c in conversations], Sampling(max_new_tokens=8),
+                             [0] * 6, None, keep_cache=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(backend, "cascade", cascade)
+    assert {g.finished for g in first} == {True, False}
+    follow_up = [tiny_engine.render(c + [{"role": "assistant", "content": g.text},
+                                         {"role": "user", "content": "Now say it again, shorter."}])
+                 for c, g in zip(conversations, first, strict=True)]
+    reused = {}  # prompt tokens -> how many of them came from the kept rows
+    original = type(backend)._prefill_reusing
+
+    def spy(sequences, cache, prefix_kv, start, rows):
+        from transformers import DynamicCache
+
+        reused.update({tuple(seq): start + n for seq, (_, n) in zip(sequences, rows, strict=True)})
+        result = original(backend, sequences, cache, prefix_kv, start, rows)
+        plain = backend._prefill(sequences, DynamicCache(), logits_to_keep=1)[0].logits
+        assert torch.allclose(result[0].logits, plain, atol=1e-4)  # the next-token logits of a plain prefill
+        return result
+
+    monkeypatch.setattr(backend, "_prefill_reusing", spy)
+    sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=4)
+    continued = backend.generate(follow_up, sampling, list(range(6)), None)
+    fresh = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=4).backend
+    fresh.cascade = cascade
+    reference = fresh.generate(follow_up, sampling, list(range(6)), None)
+    assert [(g.text, g.num_tokens) for g in continued] == [(g.text, g.num_tokens) for g in reference]
+    # Every row reused its kept conversation: past the prompt, into the text the first call generated.
+    prompts = backend._encode([tiny_engine.render(c) for c in conversations])
+    assert all(reused[tuple(seq)] > len(prompt) for seq, prompt in zip(backend._encode(follow_up), prompts,
+                                                                      strict=True))
+    assert backend._kept is None  # kept for one call only
+
+
 def test_growing_cache_holds_what_a_dynamic_cache_holds_through_growth_and_batch_changes():
     """Spare room, regrowth, rows dropped and rows repeated: the visible keys/values never differ."""
     from transformers import DynamicCache

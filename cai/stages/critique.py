@@ -220,10 +220,11 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
 
     sampling = _sampling(cfg)
 
-    def generate(conversations: list, step: str, prefix: str = "") -> list:
+    def generate(conversations: list, step: str, prefix: str = "", keep_cache: bool = False) -> list:
         seeds = [item_seed(cfg.seed, p["id"], step) for p in prompts]
         rendered = [engine.render(conversation, assistant_prefix=prefix) for conversation in conversations]
-        return engine.generate(rendered, sampling, seeds=seeds, progress=lambda items, tokens: on_tokens(tokens))
+        return engine.generate(rendered, sampling, seeds=seeds, progress=lambda items, tokens: on_tokens(tokens),
+                               keep_cache=keep_cache)
 
     initial = generate([c.answer_messages(cons, p["prompt"]) for p in prompts], "initial")
     initial_texts = [clean_text(g.text, "answer", g.finished) for g in initial]
@@ -234,7 +235,7 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
         chosen = [drawn[k] for drawn in principles]
         critiques = generate([c.critique_messages(cons, p["prompt"], answer, principle, cfg.few_shot)
                               for p, answer, principle in zip(prompts, current, chosen, strict=True)],
-                             f"round{k + 1}-critique")
+                             f"round{k + 1}-critique", keep_cache=True)  # the revision continues each conversation
         critique_texts = [clean_text(g.text, "critique", g.finished) for g in critiques]
         revisions = generate([c.revision_messages(cons, p["prompt"], answer, principle, critique, cfg.few_shot)
                               for p, answer, principle, critique
