@@ -61,13 +61,22 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_engine):
     assert [o.text for o in other] != [o.text for o in together]
 
 
-@pytest.fixture(params=["flash", "joint"])
+@pytest.fixture(params=["flash", "joint", "chunked"])
 def cascade_kernel(request, monkeypatch):
-    """Each cascade test runs through both ways `cai.cascade` computes attention: the flash kernel with
-    merged log-sum-exps (large calls) and one softmax over explicit scores (small calls, decode)."""
+    """Each cascade test runs through every way `cai.cascade` computes attention: the flash kernel with
+    merged log-sum-exps (large fp32 calls), one softmax over explicit scores for the whole batch (small
+    calls, decode), and the same row by row in chunks (large bf16 calls; here a few query rows a chunk)."""
     from cai import cascade
 
-    monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 0 if request.param == "flash" else 1 << 40)
+    if request.param == "flash":
+        monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 0)
+        monkeypatch.setattr(cascade, "CHUNKED_DTYPES", ())
+    elif request.param == "joint":
+        monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 1 << 40)
+    else:
+        monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 0)
+        monkeypatch.setattr(cascade, "CHUNKED_DTYPES", (torch.float32, torch.bfloat16))
+        monkeypatch.setattr(cascade, "CHUNK_SCORES", 2000)
     return request.param
 
 
