@@ -281,13 +281,13 @@ class _KeptRows:
         own = len(tokens) - start
         if own <= 0:
             return
-        positions = mask.nonzero().squeeze(-1)[:own]
-        kv = [(layer.keys[row].index_select(1, positions), layer.values[row].index_select(1, positions))
-              for layer in cache.layers]
-        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+        size = sum(2 * layer.keys[row, :, :own].numel() * layer.keys.element_size() for layer in cache.layers)
         if self.bytes + size > self.max_bytes:
             return
         self.bytes += size
+        positions = mask.nonzero().squeeze(-1)[:own]
+        kv = [(layer.keys[row].index_select(1, positions), layer.values[row].index_select(1, positions))
+              for layer in cache.layers]
         prefix = tuple(tokens[:start])
         self.prefixes.setdefault(start, set()).add(prefix)
         key = (prefix, tuple(tokens[start:start + self.KEY_TOKENS]))
@@ -300,7 +300,7 @@ class _KeptRows:
         batch then shares; a prompt keeps at least its last token to prefill (its logits are needed)."""
         for start, prefixes in sorted(self.prefixes.items(), reverse=True):
             head = tuple(sequences[0][:start])
-            if head not in prefixes or any(tuple(seq[:start]) != head for seq in sequences[1:]):
+            if head not in prefixes or any(len(seq) <= start or tuple(seq[:start]) != head for seq in sequences):
                 continue
             reused, prefix_kv = [], None
             for seq in sequences:
