@@ -236,8 +236,8 @@ def default_device() -> str:
 class Precision:
     """Training precision and memory settings chosen for a device (never inherited from trl's defaults).
 
-    CUDA: bf16 (fp16 on older GPUs) weights and compute, gradient checkpointing on. CPU: weights stay
-    fp32 (`fp32_weights`) and bf16 is autocast only, used where the CPU multiplies bf16 natively
+    CUDA: bf16 (fp16 on older GPUs) weights and compute, gradient checkpointing on. CPU: trained weights
+    stay fp32 (`fp32_weights`; frozen ones under RL's LoRA load in bf16, see `frozen_dtype`) and bf16 is autocast only, used where the CPU multiplies bf16 natively
     (AVX512-BF16/AMX; measured here by bench/pm.py, `cai pm train`'s trainer ran 2.0x faster than
     fp32: 438 against 220 tok/s), never where PyTorch would emulate it; no checkpointing on CPU, which recomputes
     activations for no memory need (DESIGN.md measured trl's defaults, bf16 *with* checkpointing, 22x
@@ -257,6 +257,17 @@ class Precision:
         if self.fp32_weights:
             return torch.float32
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+    @property
+    def frozen_dtype(self):
+        """The dtype to load weights in when LoRA trains adapters over them and leaves them frozen. Under
+        CPU autocast that is bf16: autocast casts a weight to bf16 at every op that uses it and caches
+        the cast only for weights that require grad, so fp32 frozen weights were re-cast at every forward,
+        each decode step of RL's generation included (measured in the demo: 105 -> 88 tok/s). The
+        adapters stay fp32 (peft upcasts them)."""
+        import torch
+
+        return torch.bfloat16 if self.fp32_weights and self.bf16 else self.torch_dtype
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Keys for any trl/transformers TrainingArguments: overrides their bf16/checkpointing defaults.

@@ -95,6 +95,40 @@ def test_grpo_steps_raise_the_mean_reward(tiny_model_dir, prompt_files, tmp_path
     assert result.metrics["reward_last"] == pytest.approx(history[-1]["reward"], abs=1e-4)
 
 
+def test_lora_rl_on_a_cpu_with_native_bf16_trains_fp32_adapters_over_a_bf16_base(
+        tiny_model_dir, prompt_files, tmp_path, monkeypatch, native_bf16):
+    """Under CPU bf16 autocast the frozen base is loaded in bf16 (autocast would re-cast fp32 frozen
+    weights at every forward, each decode step included); the adapters it trains stay fp32 and move."""
+    import torch
+
+    monkeypatch.setattr(rl, "build_reward", lambda cfg, tokenizer, device, observers=():
+                        (CombinedReward([("target", target_share, 1.0)], observers), {}))
+    seen = {}
+    trainer_class = rl._trainer_class("grpo")
+
+    class Spy(trainer_class):
+        def train(self, *args, **kwargs):
+            lora = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            result = super().train(*args, **kwargs)
+            seen["lora"] = {n: (p.dtype, not torch.equal(p.detach(), lora[n]))
+                            for n, p in self.model.named_parameters() if n in lora}
+            seen["frozen"] = {p.dtype for p in self.model.parameters() if not p.requires_grad}
+            return result
+
+    monkeypatch.setattr(rl, "_trainer_class", lambda algo: Spy)
+    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
+                   reward=["format:1"], max_steps=2, lr=1e-2, lora_r=4, num_generations=4, max_new_tokens=6,
+                   judge="none", checkpoint_every=100)
+    result = rl.run(cfg, StageContext(device="cpu"))
+    assert seen["frozen"] == {torch.bfloat16}
+    assert seen["lora"] and {dtype for dtype, _ in seen["lora"].values()} == {torch.float32}
+    assert any(moved for _, moved in seen["lora"].values())
+    assert all(r["reward"] == r["reward"] for r in metrics_of(tmp_path / "rl"))  # no NaN
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result.outputs["model"])
+
+
 class Killed(Exception):
     """Stands for the process being killed mid-run."""
 

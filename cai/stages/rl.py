@@ -434,11 +434,13 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
         task.advance(checkpoint_step(checkpoint))
         ctx.reporter.log(f"resuming from {checkpoint}")
 
-    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device)
+    precision = precision_for(device)
+    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device,
+                                      dtype=precision.frozen_dtype if cfg.lora_r > 0 else None)
     reward, parts = build_reward(cfg, tokenizer, device, observers=[monitor.observe])
     trainer_class = _trainer_class(cfg.algo)
     trainer = trainer_class(
-        model=model, reward_funcs=[reward], args=trainer_args(cfg, out, device, precision_for(device)),
+        model=model, reward_funcs=[reward], args=trainer_args(cfg, out, device, precision),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=lora_config(cfg.lora_r) if cfg.lora_r > 0 else None,
         callbacks=[_monitor_callback(monitor)])
