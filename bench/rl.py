@@ -3,8 +3,8 @@
 Same model (embedded SmolLM2-135M-Instruct as policy, and as the base of a preference model with an
 untrained, seeded score head), same prompts (red-team + helpful), same step shape, same run:
 
-- ours: `cai rl` as it runs (precision chosen for the device; on CPU: fp32 weights, bf16 autocast where
-  the CPU has native bf16, no gradient checkpointing);
+- ours: `cai rl` as it runs (precision chosen for the device; on CPU: bf16 autocast where the CPU has
+  native bf16, LoRA adapters in fp32 over a frozen base loaded in bf16, no gradient checkpointing);
 - baseline: the same run with trl's own precision defaults (bf16 + gradient checkpointing), which is
   what a GRPOConfig gets when nobody overrides them.
 
