@@ -895,7 +895,10 @@ def main() -> None:
     """Console entry point: run the app, turning `CaiError` into one line on stderr and exit code 1."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode click returns a command's `typer.Exit` code instead of exiting with it.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CaiError as exc:
         if debug:
             raise

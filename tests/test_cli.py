@@ -33,6 +33,19 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_invalid_constitution_exits_non_zero_from_the_console_command(tmp_path):
+    """Through `cai` itself, not the test runner: a script or CI step must see the failure in the exit code."""
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\ncritique_principles:\n  - id: a\n    critique: hi\n")
+    result = subprocess.run([sys.executable, "-m", "cai", "constitution", "validate", str(broken)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{broken}:3: critique_principles[1] is missing `revision`" in result.stderr
+
+
 def test_every_stage_config_field_has_help():
     """Field help is the only documentation of an option (STYLE.md 2): none may be missing."""
     for module_info in pkgutil.iter_modules(cai.stages.__path__):
