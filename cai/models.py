@@ -237,11 +237,12 @@ class Precision:
     """Training precision and memory settings chosen for a device (never inherited from trl's defaults).
 
     CUDA: bf16 (fp16 on older GPUs) weights and compute, gradient checkpointing on. CPU: trained weights
-    stay fp32 (`fp32_weights`; frozen ones under RL's LoRA load in bf16, see `frozen_dtype`) and bf16 is autocast only, used where the CPU multiplies bf16 natively
-    (AVX512-BF16/AMX; measured here by bench/pm.py, `cai pm train`'s trainer ran 2.0x faster than
-    fp32: 438 against 220 tok/s), never where PyTorch would emulate it; no checkpointing on CPU, which recomputes
-    activations for no memory need (DESIGN.md measured trl's defaults, bf16 *with* checkpointing, 22x
-    slower than fp32 on a RewardTrainer run).
+    stay fp32 (`fp32_weights`; RL loads the frozen base under LoRA in bf16, see `frozen_dtype`) and bf16
+    is autocast only, used where the CPU multiplies bf16 natively (AVX512-BF16/AMX; measured here by
+    bench/pm.py, `cai pm train`'s trainer ran 2.0x faster than fp32: 438 against 220 tok/s), never where
+    PyTorch would emulate it; no checkpointing on CPU, which recomputes activations for no memory need
+    (DESIGN.md measured trl's defaults, bf16 *with* checkpointing, 22x slower than fp32 on a
+    RewardTrainer run).
     """
 
     bf16: bool

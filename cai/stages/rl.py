@@ -435,8 +435,9 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
         ctx.reporter.log(f"resuming from {checkpoint}")
 
     precision = precision_for(device)
+    frozen = cfg.lora_r > 0 and cfg.quantize is None  # a 4-bit base keeps its own compute dtype
     model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device,
-                                      dtype=precision.frozen_dtype if cfg.lora_r > 0 else None)
+                                      dtype=precision.frozen_dtype if frozen else None)
     reward, parts = build_reward(cfg, tokenizer, device, observers=[monitor.observe])
     trainer_class = _trainer_class(cfg.algo)
     trainer = trainer_class(
