@@ -122,7 +122,7 @@ class Engine:
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        extra = {"keep_cache": True} if keep_cache else {}  # a hint: a backend without the option ignores it
+        extra = {"keep_cache": True} if keep_cache else {}  # passed only when asked: older backends still fit
         return self.backend.generate(prompts, sampling, [sampling.seed + s for s in seeds], progress, **extra)
 
     def score(self, contexts: Sequence[str], continuations: Sequence[str],
