@@ -102,10 +102,12 @@ def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device):
 # per layer through the flash kernel, 0.8 ms this way. Larger calls (prefill) in bf16/fp16 the same way,
 # row by row in chunks of CHUNK_SCORES scores that stay in cache: 1.7-2x faster than the flash kernel on
 # judge and critique prefills there (its inner products run at fp32 speed). Larger fp32 calls keep the
-# flash kernel, which is faster than fp32 matmuls on these shapes.
+# flash kernel, which is faster than fp32 matmuls on these shapes. fp16 always does: its matmul scores
+# could overflow where the kernel accumulates in fp32 (and CPU inference runs in bf16 or fp32 anyway).
 JOINT_MAX_SCORES = 1 << 21
 CHUNK_SCORES = 1 << 20
-CHUNKED_DTYPES = (torch.bfloat16, torch.float16)
+JOINT_DTYPES = (torch.float32, torch.bfloat16)
+CHUNKED_DTYPES = (torch.bfloat16,)
 
 
 def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, scale):
@@ -156,8 +158,8 @@ def cascade_attention_forward(module, query, key, value, attention_mask, dropout
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
     additive, blind = _suffix_mask(attention_mask, batch, group, length, suffix, query.dtype, query.device)
-    if (batch * heads * length * (prefix_keys.shape[-2] + suffix) <= JOINT_MAX_SCORES
-            or query.dtype in CHUNKED_DTYPES):
+    small = batch * heads * length * (prefix_keys.shape[-2] + suffix) <= JOINT_MAX_SCORES
+    if (small and query.dtype in JOINT_DTYPES) or query.dtype in CHUNKED_DTYPES:
         return _joint_attention(query, prefix_keys, prefix_values, key, value, additive, scale)
 
     # Prefix: every row's queries against the one shared copy, as batch 1 with B*group*L query rows per head.
