@@ -50,11 +50,16 @@ def _register() -> None:
 def supports_cascade(model) -> bool:
     """Whether cascade attention can run for `model`: on CPU (the only device it has been measured and
     tested on; it relies on PyTorch's CPU flash kernel returning log-sum-exps), for a model that routes
-    attention through transformers' AttentionInterface (Llama, Qwen, Mistral, ...) with sdpa."""
+    attention through transformers' AttentionInterface (Llama, Qwen, Mistral, ...) with sdpa, without a
+    sliding window."""
     can_set = getattr(model, "_can_set_attn_implementation", None)
+    config = model.config
+    # A sliding window limits how far back a query sees; the shared prefix is attended in full.
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False
     try:
         on_cpu = next(model.parameters()).device.type == "cpu"
-        return on_cpu and bool(can_set and can_set()) and model.config._attn_implementation in ("sdpa", NAME)
+        return (on_cpu and not windowed and bool(can_set and can_set())
+                and config._attn_implementation in ("sdpa", NAME))
     except Exception:  # the check inspects source code; any failure means "not sure", so no
         return False
 

@@ -319,5 +319,8 @@ def test_cascade_runs_only_where_it_was_built_for(tiny_model_dir):
     model.config._attn_implementation = "eager"
     assert not supports_cascade(model)
     model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 64  # queries see 64 tokens back: the prefix is not seen in full
+    assert not supports_cascade(model)
+    model.config.sliding_window = None
     model.to("meta")
     assert not supports_cascade(model)
