@@ -53,10 +53,10 @@ def supports_cascade(model) -> bool:
     attention through transformers' AttentionInterface (Llama, Qwen, Mistral, ...) with sdpa, without a
     sliding window."""
     can_set = getattr(model, "_can_set_attn_implementation", None)
-    config = model.config
-    # A sliding window limits how far back a query sees; the shared prefix is attended in full.
-    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False
     try:
+        config = model.config
+        # A sliding window limits how far back a query sees; the shared prefix is attended in full.
+        windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False
         on_cpu = next(model.parameters()).device.type == "cpu"
         return (on_cpu and not windowed and bool(can_set and can_set())
                 and config._attn_implementation in ("sdpa", NAME))
