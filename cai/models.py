@@ -319,6 +319,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def check_precision(precision: str) -> None:
+    """A stage config's `precision` field: one of PRECISION_CHOICES, or a ConfigError saying which are."""
     if precision not in PRECISION_CHOICES:
         raise ConfigError(f"precision {precision!r} is not known -- use one of {', '.join(PRECISION_CHOICES)}")
 
@@ -341,7 +342,6 @@ def inference_dtype(device: str | None = None, precision: str = "auto"):
     if device.startswith("cuda"):
         return precision_for(device).torch_dtype
     return torch.bfloat16 if device == "cpu" and cpu_has_native_bf16() else torch.float32
-
 
 
 QUANTIZE_CHOICES = ("none", "4bit")
