@@ -14,8 +14,11 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
 - scoring never generates: one forward pass per batch reads the log-probabilities of given
   continuations (a judge's option letters, an answer under two system prompts);
 - `next_token_logprobs` reads only the next-token distribution at the end of each context (a judge's
-  "(A)" versus "(B)"), and computes a token prefix that all contexts of a call share (a judge's
-  few-shot block) once, reusing its KV cache for every row;
+  "(A)" versus "(B)");
+- scoring calls compute a token prefix that all their sequences share (a judge's few-shot block) once,
+  reusing its KV cache for every row, and pack two sequences that share what follows (a judge question
+  in its two orders, a contrast judge's two answers after one framing) into one row, their common
+  tokens computed once and a mask keeping each rest from seeing the other;
 - `generate(..., keep_cache=True)` keeps each row's KV cache for the next call, which prefills only
   what its prompts add to those conversations (a revision after the critique the model just wrote).
 
@@ -171,6 +174,37 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
             n += 1
         length = n
     return length
+
+
+def branch_rows(sequences: Sequence[Sequence[int]], start: int, limits: Sequence[int], *, min_shared: int,
+                branches: int) -> list[tuple[int, list[int]]]:
+    """Sequences grouped into rows that share tokens past `start`: [(shared, [i, j, ...])], every index once.
+
+    The members of a row agree on tokens start .. start+shared-1, with `min_shared` <= shared <=
+    limits[i] - start for each member i (a caller keeps the tokens it reads out of the shared part);
+    at most `branches` per row; a sequence that shares too little with its neighbours is a row alone,
+    with shared 0. Neighbours are found by sorting the tokens, so the two orders of a judge question
+    (same conversation and question, then the answers swapped) land in one row.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: list(sequences[i][start:]))
+    rows: list[tuple[int, list[int]]] = []
+    at = 0
+    while at < len(order):
+        members, shared = [order[at]], limits[order[at]] - start
+        first = sequences[order[at]]
+        at += 1
+        while at < len(order) and len(members) < branches:
+            other = sequences[order[at]]
+            n, most = start, min(start + shared, limits[order[at]])
+            while n < most and other[n] == first[n]:
+                n += 1
+            if n - start < min_shared:
+                break
+            members.append(order[at])
+            shared = n - start
+            at += 1
+        rows.append((shared if len(members) > 1 else 0, members))
+    return rows
 
 
 def growing_cache(spare: int):
@@ -440,8 +474,7 @@ class HFBackend:
     # Share the KV of a common prefix across the batch when it is at least this many tokens.
     MIN_SHARED_PREFIX = 8
 
-    def _prefill(self, sequences: list[list[int]], cache, logits_to_keep: int, max_shared: int | None = None,
-                 prefix_kv: list[tuple] | None = None):
+    def _prefill(self, sequences: list[list[int]], cache, logits_to_keep: int):
         """Run the prompts through the model into `cache`, computing their common prefix only once.
 
         Every prompt of a stage starts with the same chat-template header, and critique and judge
@@ -455,10 +488,6 @@ class HFBackend:
         for all rows, passed to every forward as `cai_shared_prefix`; the attention mask then covers the
         suffix block only. Otherwise they are repeated into `cache`, one copy per row. Positions stay
         those of the unpadded sequence (prefix 0..P-1, suffix P..), so the result equals a row run alone.
-        `max_shared` caps the prefix (scoring needs the logits of positions that would otherwise fall
-        inside it). `prefix_kv`: keys and values of a prefix every row shares, already computed
-        (`_shared_prefix_cache`), so a prefix common to several batches is computed once per call
-        (without cascade, the caller has also put them into `cache`, one copy per row).
         Returns (model output, attention mask, position ids, prefix keys and values or None).
         """
         import torch
@@ -467,13 +496,10 @@ class HFBackend:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         shared = common_prefix_length(sequences)
         shared = min(shared, min(len(s) for s in sequences) - 1)  # every row keeps >= 1 token to prefill
-        if max_shared is not None:
-            shared = min(shared, max_shared)
         if len(sequences) < 2 or shared < self.MIN_SHARED_PREFIX:
             shared = 0
-        if prefix_kv is not None:
-            shared = prefix_kv[0][0].shape[-2]  # without cascade, the caller has put it into `cache` already
-        elif shared and self.cascade:
+        prefix_kv = None
+        if shared and self.cascade:
             prefix_kv = self._shared_prefix_cache(sequences[0][:shared])
         elif shared:
             prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=device)
@@ -555,82 +581,158 @@ class HFBackend:
 
     # -- scoring ---------------------------------------------------------------------------------
 
+    # Scoring calls pack sequences that share at least this many tokens past the call's common prefix into
+    # one row, at most this many per row (`branch_rows`, `_forward_packed`).
+    MIN_BRANCH_SHARED = 8
+    BRANCHES_PER_ROW = 2
+
     def score(self, contexts, continuations, progress):
         import torch
-        from transformers import DynamicCache
 
         context_ids = self._encode(contexts)
         continuation_ids = self._encode(continuations)
         for i, ids in enumerate(continuation_ids):
             if not ids:
                 raise ValueError(f"continuation {i} is empty: nothing to score")
-        total = [len(c) + len(k) for c, k in zip(context_ids, continuation_ids, strict=True)]
-        order = sorted(range(len(contexts)), key=lambda i: total[i], reverse=True)
+        sequences = [c + k for c, k in zip(context_ids, continuation_ids, strict=True)]
+        # The logit predicting a continuation's first token sits at its context's last position: shared
+        # parts (the call's prefix, a row's common tokens) end before it.
+        limits = [len(c) - 1 for c in context_ids]
         results: list[ContinuationScore | None] = [None] * len(contexts)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = self.device
         with _eval_mode(self.model), torch.inference_mode(), self._attention():
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                keep = max(len(continuation_ids[i]) for i in batch)
-                sequences = [context_ids[i] + continuation_ids[i] for i in batch]
-                # The logit predicting a continuation's first token sits at the context's last position,
-                # so the shared prefix must end before that.
-                max_shared = min(len(context_ids[i]) for i in batch) - 1
-                # Logits for the last keep+1 positions only; the final one predicts past the end.
-                out, _, _, _ = self._prefill(sequences, DynamicCache(), logits_to_keep=keep + 1,
-                                             max_shared=max_shared)
-                width = max(len(seq) for seq in sequences)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                for row, seq in enumerate(sequences):  # the same right-aligned layout, for the targets
-                    input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                input_ids = input_ids.to(device)
-                logprobs = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # (B, keep, V)
-                targets = input_ids[:, -keep:]  # (B, keep): the tokens those positions predict
-                picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)  # (B, keep)
-                for row, i in enumerate(batch):
-                    n = len(continuation_ids[i])
-                    values = picked[row, keep - n:].tolist()
-                    results[i] = ContinuationScore(logprob=float(sum(values)), token_logprobs=values)
+            for rows, start, prefix_kv in self._scoring_batches(sequences, limits):
+                keep = max(len(continuation_ids[i]) for _, members in rows for i in members)
+                # Per branch, the logits at the `keep` positions before its last token: the last `keep` tokens'
+                # predictions (a shorter continuation reads the last few of them).
+                logits, targets = self._forward_packed(sequences, rows, start, prefix_kv, reads=keep)
+                logprobs = torch.log_softmax(logits[:, :, :-1].float(), dim=-1)  # (B, G, keep, V)
+                picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)  # (B, G, keep)
+                for row, (_, members) in enumerate(rows):
+                    for branch, i in enumerate(members):
+                        values = picked[row, branch, keep - len(continuation_ids[i]):].tolist()
+                        results[i] = ContinuationScore(logprob=float(sum(values)), token_logprobs=values)
                 if progress:
-                    progress(len(batch), sum(total[i] for i in batch))
+                    done = [i for _, members in rows for i in members]
+                    progress(len(done), sum(len(sequences[i]) for i in done))
         return results  # type: ignore[return-value]
 
     # -- next-token log-probabilities ----------------------------------------------------------------
 
     def next_token_logprobs(self, contexts, candidate_ids, lead_ids, progress):
         import torch
-        from transformers import DynamicCache
 
         sequences = [ids + lead_ids for ids in self._encode(contexts)]
         for i, seq in enumerate(sequences):
             if not seq:
                 raise ValueError(f"context {i} is empty: nothing to condition on")
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         results: list[list[float] | None] = [None] * len(sequences)
         candidates = torch.tensor(candidate_ids, dtype=torch.long, device=self.device)
-        # The judge's few-shot block is shared by every context of the call: with more contexts than one
-        # batch, compute it once here rather than once per batch in _prefill.
-        shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
-        reuse = len(sequences) > self.batch_size and shared >= self.MIN_SHARED_PREFIX
         with _eval_mode(self.model), torch.inference_mode(), self._attention():
-            prefix_kv = self._shared_prefix_cache(sequences[0][:shared]) if reuse else None
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                rows = [sequences[i] for i in batch]
-                cache = DynamicCache()
-                if prefix_kv is not None and not self.cascade:
-                    # Expanded views of the prefix: not copied until the forward appends the rows to them.
-                    cache = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1),
-                                                          v.expand(len(batch), -1, -1, -1)) for k, v in prefix_kv],
-                                         config=self.model.config)
-                out, _, _, _ = self._prefill(rows, cache, logits_to_keep=1, prefix_kv=prefix_kv)
-                picked = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, candidates]  # (B, C)
-                for row, i in enumerate(batch):
-                    results[i] = picked[row].tolist()
+            for rows, start, prefix_kv in self._scoring_batches(sequences, [len(s) - 1 for s in sequences]):
+                logits, _ = self._forward_packed(sequences, rows, start, prefix_kv, reads=0)  # (B, G, 1, V)
+                picked = torch.log_softmax(logits[:, :, -1].float(), dim=-1)[..., candidates]  # (B, G, C)
+                for row, (_, members) in enumerate(rows):
+                    for branch, i in enumerate(members):
+                        results[i] = picked[row, branch].tolist()
                 if progress:
-                    progress(len(batch), sum(len(sequences[i]) for i in batch))
+                    done = [i for _, members in rows for i in members]
+                    progress(len(done), sum(len(sequences[i]) for i in done))
         return results  # type: ignore[return-value]
+
+    # -- packed scoring rows ---------------------------------------------------------------------------
+
+    def _scoring_batches(self, sequences: list[list[int]], limits: list[int]):
+        """Yield (rows, start, prefix_kv) per forward pass of a scoring call, longest rows first.
+
+        The tokens every sequence shares (a judge's few-shot block, up to each sequence's limit) are
+        computed once for the whole call: `start` of them, their keys and values `prefix_kv` (None when
+        too few are shared). Past them, sequences that share at least MIN_BRANCH_SHARED more tokens (the
+        two orders of a judge question; a contrast judge's two answers after one framing) are packed
+        into one row (`branch_rows`). A batch holds up to `batch_size` sequences."""
+        start = min(common_prefix_length(sequences), min(limits))
+        prefix_kv = None
+        if len(sequences) > 1 and start >= self.MIN_SHARED_PREFIX:
+            prefix_kv = self._shared_prefix_cache(sequences[0][:start])
+        else:
+            start = 0
+        rows = branch_rows(sequences, start, limits, min_shared=self.MIN_BRANCH_SHARED,
+                           branches=self.BRANCHES_PER_ROW)
+        rows.sort(key=lambda row: len(sequences[row[1][0]]) - start - row[0]
+                  + sum(len(sequences[i]) - start - row[0] for i in row[1]), reverse=True)
+        batch: list[tuple[int, list[int]]] = []
+        for row in rows:
+            if batch and sum(len(m) for _, m in batch) + len(row[1]) > self.batch_size:
+                yield batch, start, prefix_kv
+                batch = []
+            batch.append(row)
+        if batch:
+            yield batch, start, prefix_kv
+
+    def _forward_packed(self, sequences: list[list[int]], rows: list[tuple[int, list[int]]], start: int,
+                        prefix_kv: list[tuple] | None, reads: int):
+        """One forward pass over packed rows; returns (logits (B, G, reads+1, V), targets (B, G, reads)).
+
+        Every sequence's first `start` tokens are `prefix_kv` (held apart under cascade attention, else
+        repeated into the cache as views); a row is its members' `shared` common tokens, then each member's
+        own rest, one after the other, left-padded:
+
+            [ pad ][ common ][ rest of member 1 ][ rest of member 2 ]
+
+        The mask lets a rest see the prefix, the common tokens and itself (causally), never the other
+        rest, and positions continue the common tokens in each rest, so each member computes what it
+        would alone (tests compare). G is the most members in a row; for member g of row b, logits[b, g]
+        holds the logits at its last reads+1 tokens (the last of them predicts past its end) and
+        targets[b, g] its last `reads` tokens (what the logits before them predict). A row with fewer
+        members repeats its last one."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(shared + sum(len(sequences[i]) - start - shared for i in members) for shared, members in rows)
+        branches = max(len(members) for _, members in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 pad, 0 common, g+1 member g's rest
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        ends = torch.zeros((len(rows), branches), dtype=torch.long)  # each member's last column + 1
+        for row, (shared, members) in enumerate(rows):
+            column = width - shared - sum(len(sequences[i]) - start - shared for i in members)
+            common = sequences[members[0]][start:start + shared]
+            input_ids[row, column:column + shared] = torch.tensor(common, dtype=torch.long)
+            segment[row, column:column + shared] = 0
+            positions[row, column:column + shared] = torch.arange(start, start + shared)
+            column += shared
+            for g, i in enumerate(members):
+                rest = sequences[i][start + shared:]
+                input_ids[row, column:column + len(rest)] = torch.tensor(rest, dtype=torch.long)
+                segment[row, column:column + len(rest)] = g + 1
+                positions[row, column:column + len(rest)] = torch.arange(start + shared, start + shared + len(rest))
+                column += len(rest)
+                ends[row, g:] = column
+        # query q sees key k: k no later than q, not padding, and k common or in q's own rest; padding sees itself
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        own = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        allowed = (causal & own & (segment[:, None, :] >= 0)) | torch.eye(width, dtype=torch.bool)
+        in_cache = 0
+        cache = DynamicCache()
+        extra = {}
+        if prefix_kv is not None and self.cascade:
+            extra = {"cai_shared_prefix": prefix_kv}
+        elif prefix_kv is not None:  # expanded views: copied only when the forward appends the rows to them
+            in_cache = start
+            cache = DynamicCache(ddp_cache_data=[(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
+                                                 for k, v in prefix_kv], config=self.model.config)
+        mask = torch.ones((len(rows), 1, width, in_cache + width), dtype=torch.bool)
+        mask[:, 0, :, in_cache:] = allowed
+        offsets = torch.arange(-reads - 1, 0)
+        read = (ends[:, :, None] + offsets).clamp(min=0)  # (B, G, reads+1): columns to read
+        targets = (ends[:, :, None] + offsets[1:]).clamp(min=0)
+        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=read.view(len(rows), -1).to(device), **extra)
+        logits = out.logits.view(len(rows), branches, reads + 1, -1)
+        targets = input_ids.gather(1, targets.view(len(rows), -1)).view(len(rows), branches, reads).to(device)
+        return logits, targets
 
     def _shared_prefix_cache(self, prefix: list[int]) -> list[tuple]:
         """Keys and values of every layer for one token prefix, each (1, kv_heads, len(prefix), head_dim)."""

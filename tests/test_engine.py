@@ -324,3 +324,73 @@ def test_cascade_runs_only_where_it_was_built_for(tiny_model_dir):
     model.config.sliding_window = None
     model.to("meta")
     assert not supports_cascade(model)
+
+
+def test_branch_rows_pair_sequences_that_share_tokens_within_their_limits():
+    from cai.engine import branch_rows
+
+    prefix = [1, 2, 3]
+    sequences = [
+        prefix + [7, 7, 7, 7, 5, 6],  # 0 \ share 4 tokens past the prefix
+        prefix + [9, 9, 9, 9, 9, 1],  # 1 \ share 5 ...
+        prefix + [7, 7, 7, 7, 8],     # 2 /
+        prefix + [9, 9, 9, 9, 9, 2],  # 3 /           ... but 3 may share only 2 of them (its limit)
+        prefix + [4, 4],              # 4   alone
+        prefix + [9, 9, 9, 9, 9, 3],  # 5   a third with 1 and 3: over `branches`
+    ]
+    limits = [len(s) - 1 for s in sequences]
+    limits[3] = len(prefix) + 2
+    rows = branch_rows(sequences, len(prefix), limits, min_shared=2, branches=2)
+    assert sorted(i for _, members in rows for i in members) == list(range(6))  # every sequence once
+    as_sets = {frozenset(members): shared for shared, members in rows}
+    assert as_sets[frozenset({0, 2})] == 4
+    assert as_sets[frozenset({4})] == 0
+    assert all(len(members) <= 2 for _, members in rows)
+    nines = [(shared, set(members)) for shared, members in rows if set(members) & {1, 3, 5}]
+    # 1, 3, 5 sort together; the pair holding 3 shares at most its limit, 2 tokens
+    assert sorted(len(m) for _, m in nines) == [1, 2]
+    for shared, members in nines:
+        if 3 in members:
+            assert shared == 2
+    # A limit below `min_shared` keeps a sequence alone.
+    alone = branch_rows(sequences, len(prefix), [len(prefix) + 1] * 6, min_shared=2, branches=2)
+    assert all(len(members) == 1 and shared == 0 for shared, members in alone)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["prefix-once", "no-prefix"])
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "repeated"])
+def test_sequences_sharing_a_context_are_packed_into_one_row_and_score_what_they_score_alone(
+        tiny_engine, cascade, share_prefix, monkeypatch):
+    """A contrast judge scores two answers after one context; a judge asks one question in two orders.
+    Such sequences share a row (common tokens once, each rest masked from the other): every score and
+    next-token log-probability still equals the one-sequence reference, with and without the call's
+    shared prefix and cascade attention, across batches and padding."""
+    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=3)
+    monkeypatch.setattr(engine.backend, "cascade", cascade)
+    if not share_prefix:
+        monkeypatch.setattr(engine.backend, "MIN_SHARED_PREFIX", 10**9)
+    header = [{"role": "system", "content": "Shared few-shot block for every row of the call. " * 3}]
+    contexts = [engine.render(header + c) for c in CONVERSATIONS[:3] for _ in (0, 1)] + [engine.render(CONVERSATIONS[5])]
+    continuations = [" yes", " no thank you, not today", " A", " it depends on the file", " ok", " Paris", " x y"]
+    rows_run = []
+    handle = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_run.append(kwargs["input_ids"].shape[0]) if "attention_mask" in kwargs
+        and kwargs["attention_mask"] is not None else None, with_kwargs=True)
+    try:
+        scores = engine.score(contexts, continuations)
+        asked = [engine.render(header + [{"role": "user", "content": f"Which? (A) {x} (B) {y}"}])
+                 for first, second in (("tea", "coffee"), ("a long walk by the sea", "no"))
+                 for x, y in ((first, second), (second, first))]
+        candidates = engine.tokenizer(" A B", add_special_tokens=False)["input_ids"]
+        next_token = engine.next_token_logprobs(asked, candidates)
+    finally:
+        handle.remove()
+    assert sum(rows_run) < len(contexts) + len(asked)  # some sequences shared a row
+    for context, continuation, score in zip(contexts, continuations, scores, strict=True):
+        expected = slow_logprob(engine.model, engine.tokenizer, context, continuation)
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+    for context, values in zip(asked, next_token, strict=True):
+        ids = torch.tensor([engine.tokenizer(context, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            reference = torch.log_softmax(engine.model(ids).logits[0, -1].float(), -1)[candidates]
+        assert values == pytest.approx(reference.tolist(), abs=1e-4)
