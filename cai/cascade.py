@@ -118,19 +118,21 @@ CHUNKED_DTYPES = (torch.bfloat16,)
 def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, scale):
     """Attention over [shared prefix ; own suffix] as one softmax over explicitly computed scores.
     Shapes as in `cascade_attention_forward`; `additive` (B, 1, group*L, S) masks the suffix only (the
-    prefix is visible to every query). Scores are the matmul's (the query's dtype), softmax in fp32."""
+    prefix is visible to every query). Scores and probabilities in the query's dtype (the softmax
+    accumulates in fp32)."""
     batch, heads, length, dim = query.shape
     kv_heads, prefix, suffix = prefix_keys.shape[1], prefix_keys.shape[2], key.shape[2]
     rows = heads // kv_heads * length  # query rows per key/value head and batch row
-    grouped = query.reshape(batch, kv_heads, rows, dim)
+    # Scaled queries rather than scores: fewer numbers to multiply, and the scores go to the softmax as
+    # they come out of the matmul (CPU softmax computes in fp32 whatever its input; no fp32 copy of them).
+    grouped = (query * scale).reshape(batch, kv_heads, rows, dim)
     if batch * kv_heads * rows * (prefix + suffix) <= JOINT_MAX_SCORES:
         # (kv_heads, B*rows, D) @ (kv_heads, D, P): the one prefix copy against every row's queries.
         prefix_scores = torch.matmul(grouped.transpose(0, 1).reshape(kv_heads, batch * rows, dim),
                                      prefix_keys[0].transpose(-1, -2))
         prefix_scores = prefix_scores.view(kv_heads, batch, rows, prefix).transpose(0, 1)  # (B, H_kv, rows, P)
         suffix_scores = torch.matmul(grouped, key.transpose(-1, -2)) + additive  # (B, H_kv, rows, S)
-        scores = torch.cat([prefix_scores, suffix_scores], dim=-1).float().mul_(scale)
-        probs = torch.softmax(scores, dim=-1).to(query.dtype)
+        probs = torch.softmax(torch.cat([prefix_scores, suffix_scores], dim=-1), dim=-1)
         prefix_probs = probs[..., :prefix].transpose(0, 1).reshape(kv_heads, batch * rows, prefix)
         out = torch.matmul(prefix_probs, prefix_values[0]).view(kv_heads, batch, rows, dim).transpose(0, 1)
         out = out + torch.matmul(probs[..., prefix:], value)
@@ -143,7 +145,7 @@ def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, sc
             for r in range(0, rows, step):
                 chunk = grouped[b, :, r:r + step]  # (H_kv, step, D)
                 scores = torch.cat([chunk @ prefix_keys_t, chunk @ keys_t + additive[b, :, r:r + step]], dim=-1)
-                probs = torch.softmax(scores.float().mul_(scale), dim=-1).to(query.dtype)
+                probs = torch.softmax(scores, dim=-1)
                 out[b, :, r:r + step] = probs[..., :prefix] @ prefix_values[0] + probs[..., prefix:] @ value[b]
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
