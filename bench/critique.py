@@ -28,7 +28,7 @@ import torch
 
 from cai import constitution as c
 from cai.engine import Engine, stop_token_ids
-from cai.models import PRECISION_CHOICES, inference_dtype, load_causal_lm
+from cai.models import PRECISION_CHOICES, cast_weights, inference_dtype, load_causal_lm
 from cai.paths import bundled
 from cai.records import read_prompts
 from cai.stages import critique
@@ -100,7 +100,7 @@ def main() -> None:
         dtype = inference_dtype("cpu", args.precision)
         runs = {}
         for run_dtype in dict.fromkeys((torch.float32, dtype)):
-            model.to(run_dtype)
+            cast_weights(model, run_dtype)
             name = str(run_dtype).removeprefix("torch.")
             start = time.perf_counter()
             with torch.inference_mode():

@@ -40,7 +40,7 @@ import torch
 from cai import constitution as c
 from cai.engine import Engine, Sampling
 from cai.judge import Judge, winner
-from cai.models import PRECISION_CHOICES, inference_dtype
+from cai.models import PRECISION_CHOICES, cast_weights, inference_dtype
 from cai.paths import bundled
 from cai.records import read_preferences
 from cai.stages.feedback import agreement_metrics, judged_pairs
@@ -141,7 +141,7 @@ def main() -> None:
     seconds = {name: float("inf") for name in (*fp32_runs, *runs)}
     values = {}
     for group, group_dtype in ((fp32_runs, torch.float32), (runs, dtype)):
-        engine.model.to(group_dtype)
+        cast_weights(engine.model, group_dtype)
         for _ in range(args.repeats):
             for name, fn in group.items():
                 values[name], elapsed = timed(fn)

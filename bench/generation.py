@@ -20,7 +20,7 @@ import time
 import torch
 
 from cai.engine import Engine, Sampling
-from cai.models import PRECISION_CHOICES, inference_dtype, load_causal_lm, parameter_count
+from cai.models import PRECISION_CHOICES, cast_weights, inference_dtype, load_causal_lm, parameter_count
 from cai.paths import bundled
 from cai.records import read_prompts
 
@@ -80,7 +80,7 @@ def main() -> None:
     runs = {}
     dtype = inference_dtype("cpu", args.precision)
     for run_dtype in dict.fromkeys((torch.float32, dtype)):
-        model.to(run_dtype)
+        cast_weights(model, run_dtype)
         name = str(run_dtype).removeprefix("torch.")
         start = time.perf_counter()
         with torch.inference_mode():

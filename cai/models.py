@@ -344,6 +344,19 @@ def inference_dtype(device: str | None = None, precision: str = "auto"):
     return torch.bfloat16 if device == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
+def cast_weights(model, dtype) -> None:
+    """Convert `model`'s parameters to `dtype` in place, as loading it with `dtype` would have.
+
+    `model.to(dtype)` also converts every floating-point buffer, the rotary embedding's fp32 frequencies
+    included: positions then lose precision (bf16 keeps 8 bits) and the model no longer computes what cai
+    computes when it loads in that dtype. Benchmarks that switch one loaded model between precisions use
+    this instead. Tied weights stay tied (one Parameter, converted once).
+    """
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+
+
 QUANTIZE_CHOICES = ("none", "4bit")
 
 

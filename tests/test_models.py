@@ -61,6 +61,26 @@ def test_engine_loads_in_the_precision_asked_for(tiny_model_dir):
         assert next(engine.model.parameters()).dtype == dtype
 
 
+def test_cast_weights_gives_the_model_loading_in_that_dtype_gives_where_to_dtype_does_not(tiny_model_dir):
+    """`model.to(bf16)` also rounds the rotary frequencies (fp32 buffers) to bf16; benchmarks switching a
+    model's precision must compute what cai computes when it loads in bf16."""
+    from cai.models import cast_weights
+
+    loaded, _ = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    cast, _ = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float32)
+    converted, _ = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float32)
+    cast_weights(cast, torch.bfloat16)
+    converted.to(torch.bfloat16)
+    ids = torch.tensor([list(range(3, 203))])  # long enough for positions to matter
+    with torch.no_grad():
+        logits = {name: m(ids).logits.float() for name, m in (("loaded", loaded), ("cast", cast),
+                                                               ("converted", converted))}
+    assert torch.equal(logits["cast"], logits["loaded"])
+    assert not torch.equal(logits["converted"], logits["loaded"])
+    if loaded.config.tie_word_embeddings:  # still one tensor
+        assert cast.get_output_embeddings().weight is cast.get_input_embeddings().weight
+
+
 def test_lora_zero_rank_is_a_config_error():
     with pytest.raises(ConfigError, match="--lora-r 0"):
         lora_config(0)
