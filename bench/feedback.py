@@ -4,9 +4,10 @@ Same model (embedded SmolLM2-135M-Instruct), same pairs (the first 32 built-in s
 labelled winner shown as (A) or (B) by a seeded coin), same run, order swap on for every multiple-choice
 judge (two questions per comparison). Timed, in comparisons per second:
 
-- ours     : `Judge(method="mc")`: one forward pass per ordering reads the log-probabilities of " (A)"
-             and " (B)"; the few-shot block all questions share is computed once per call;
-- ours, no prefix sharing: the same with the shared-prefix reuse turned off (what it contributes);
+- ours     : `Judge(method="mc")`: one forward pass reads the log-probabilities of " (A)" and " (B)"
+             after each ordering; the few-shot block all questions share is computed once per call, and
+             the two orderings of a question share a row (their conversation and question computed once);
+- ours, no prefix sharing: the same with the few-shot block's reuse turned off (what it contributes);
 - generate : the same prompts, the judge's reply begun as "The answer is:", greedy generation of 4
              tokens through the same batched engine, the letter parsed from the text (a hard label):
              what reading log-probabilities instead of generating saves, everything else equal;
