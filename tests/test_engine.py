@@ -352,9 +352,24 @@ def test_branch_rows_pair_sequences_that_share_tokens_within_their_limits():
     for shared, members in nines:
         if 3 in members:
             assert shared == 2
-    # A limit below `min_shared` keeps a sequence alone.
+    # A limit below `min_shared` keeps a sequence alone, and so does packing that would not pay.
     alone = branch_rows(sequences, len(prefix), [len(prefix) + 1] * 6, min_shared=2, branches=2)
     assert all(len(members) == 1 and shared == 0 for shared, members in alone)
+    asked = []
+    unpaid = branch_rows(sequences, len(prefix), limits, min_shared=2, branches=2,
+                         pays=lambda shared, rests: asked.append((shared, rests)) or False)
+    assert all(len(members) == 1 for _, members in unpaid)
+    assert (4, [2, 1]) in asked or (4, [1, 2]) in asked  # 0 and 2: 4 shared, then 2 and 1 tokens of their own
+
+
+def test_packing_is_chosen_where_it_saves_more_than_the_masked_scores_cost(tiny_engine):
+    """One row for two sequences skips the common tokens' linear layers but scores each rest against the
+    other rest's keys: a judge question's two orders (long common part, short answers) pack; two long
+    answers after a short common part do not."""
+    backend = tiny_engine.backend
+    assert backend._packing_pays(start=470, shared=44, rests=[84, 84])
+    assert not backend._packing_pays(start=470, shared=30, rests=[540, 540])
+    assert not backend._packing_pays(start=0, shared=8, rests=[300, 300])
 
 
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["prefix-once", "no-prefix"])
