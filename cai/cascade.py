@@ -115,18 +115,21 @@ JOINT_DTYPES = (torch.float32, torch.bfloat16)
 CHUNKED_DTYPES = (torch.bfloat16,)
 
 
-def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, scale):
+def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, scale, blind=None):
     """Attention over [shared prefix ; own suffix] as one softmax over explicitly computed scores.
     Shapes as in `cascade_attention_forward`; `additive` (B, 1, group*L, S) masks the suffix only (the
     prefix is visible to every query). Scores and probabilities in the query's dtype (the softmax
-    accumulates in fp32)."""
+    accumulates in fp32). Without a prefix (`prefix_keys` None: large calls only), `blind` (B, 1,
+    group*L) marks the queries that see no key (padding): they get zeros, not the NaN of an empty
+    softmax, which would reach every query through the values."""
     batch, heads, length, dim = query.shape
-    kv_heads, prefix, suffix = prefix_keys.shape[1], prefix_keys.shape[2], key.shape[2]
+    kv_heads, suffix = key.shape[1], key.shape[2]
+    prefix = 0 if prefix_keys is None else prefix_keys.shape[2]
     rows = heads // kv_heads * length  # query rows per key/value head and batch row
     # Scaled queries rather than scores: fewer numbers to multiply, and the scores go to the softmax as
     # they come out of the matmul (CPU softmax computes in fp32 whatever its input; no fp32 copy of them).
     grouped = (query * scale).reshape(batch, kv_heads, rows, dim)
-    if batch * kv_heads * rows * (prefix + suffix) <= JOINT_MAX_SCORES:
+    if prefix and batch * kv_heads * rows * (prefix + suffix) <= JOINT_MAX_SCORES:
         # (kv_heads, B*rows, D) @ (kv_heads, D, P): the one prefix copy against every row's queries.
         prefix_scores = torch.matmul(grouped.transpose(0, 1).reshape(kv_heads, batch * rows, dim),
                                      prefix_keys[0].transpose(-1, -2))
@@ -139,14 +142,20 @@ def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, sc
     else:
         out = torch.empty_like(grouped)
         step = max(1, CHUNK_SCORES // (kv_heads * (prefix + suffix)))  # query rows per chunk
-        prefix_keys_t = prefix_keys[0].transpose(-1, -2)
+        prefix_keys_t = prefix_keys[0].transpose(-1, -2) if prefix else None
+        has_blind = [False] * batch if prefix or blind is None else blind.any(-1).flatten().tolist()
         for b in range(batch):
             keys_t = key[b].transpose(-1, -2)
             for r in range(0, rows, step):
                 chunk = grouped[b, :, r:r + step]  # (H_kv, step, D)
-                scores = torch.cat([chunk @ prefix_keys_t, chunk @ keys_t + additive[b, :, r:r + step]], dim=-1)
+                scores = chunk @ keys_t + additive[b, :, r:r + step]
+                if prefix:
+                    scores = torch.cat([chunk @ prefix_keys_t, scores], dim=-1)
                 probs = torch.softmax(scores, dim=-1)
-                out[b, :, r:r + step] = probs[..., :prefix] @ prefix_values[0] + probs[..., prefix:] @ value[b]
+                if has_blind[b]:
+                    probs = probs.nan_to_num(0.0)
+                own = probs[..., prefix:] @ value[b]
+                out[b, :, r:r + step] = own + probs[..., :prefix] @ prefix_values[0] if prefix else own
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
@@ -157,6 +166,15 @@ def cascade_attention_forward(module, query, key, value, attention_mask, dropout
     `cai_shared_prefix[layer]` = keys, values (1, H_kv, P, D), attended by every query. Returns (B, L, H, D)."""
     shared = kwargs.pop("cai_shared_prefix", None)
     if shared is None:
+        batch, heads, length, dim = query.shape
+        if query.dtype in CHUNKED_DTYPES and batch * heads * length * key.shape[2] > JOINT_MAX_SCORES:
+            # A large bf16 call without a shared prefix (a contrast judge's prompts share none): the
+            # chunked products beat the flash kernel here too (2.0 -> 0.9 ns a score, see below).
+            group = heads // key.shape[1]
+            additive, blind = _suffix_mask(attention_mask, batch, group, length, key.shape[2], query.dtype,
+                                           query.device)
+            scale = scaling if scaling is not None else dim ** -0.5
+            return _joint_attention(query, None, None, key, value, additive, scale, blind)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     prefix_keys, prefix_values = shared[module.layer_idx]

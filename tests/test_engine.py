@@ -409,3 +409,55 @@ def test_sequences_sharing_a_context_are_packed_into_one_row_and_score_what_they
         with torch.no_grad():
             reference = torch.log_softmax(engine.model(ids).logits[0, -1].float(), -1)[candidates]
         assert values == pytest.approx(reference.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_logprobs_equal_a_full_log_softmax_in_chunks(dtype, monkeypatch):
+    from cai import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LOGPROB_CHUNK_BYTES", 3 * 4 * 101)  # 3 positions a chunk: 30 -> 10 chunks
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 3, 5, 101, generator=generator) * 8).to(dtype)
+    targets = torch.randint(0, 101, (2, 3, 5), generator=generator)
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    got = engine_module.target_logprobs(logits, targets)
+    assert got.dtype == torch.float32 and got.shape == targets.shape
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_large_calls_without_a_shared_prefix_use_chunked_products_and_match_the_reference(tiny_engine, monkeypatch):
+    """A contrast judge's prompts share no prefix; large bf16 calls then skip the flash kernel too (here
+    forced, in fp32, a few query rows a chunk). Padding queries see no key on that path: they must come
+    out finite, or their NaN values would reach every query."""
+    from cai import cascade
+
+    monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 0)
+    monkeypatch.setattr(cascade, "CHUNKED_DTYPES", (torch.float32, torch.bfloat16))
+    monkeypatch.setattr(cascade, "CHUNK_SCORES", 2000)
+    monkeypatch.setattr(tiny_engine.backend, "MIN_SHARED_PREFIX", 10**9)  # no shared prefix anywhere
+    without_prefix = []
+    original = cascade._joint_attention
+
+    def spy(query, prefix_keys, *args, **kwargs):
+        without_prefix.append(prefix_keys is None)
+        return original(query, prefix_keys, *args, **kwargs)
+
+    monkeypatch.setattr(cascade, "_joint_attention", spy)
+    contexts = [tiny_engine.render(c) for c in CONVERSATIONS]  # different lengths: padded rows
+    continuations = [" yes", " no thank you", " A", " it depends on the file", " ok", " Paris"]
+    scores = tiny_engine.score(contexts, continuations)
+    assert without_prefix and all(without_prefix)
+    for context, continuation, score in zip(contexts, continuations, scores, strict=True):
+        expected = slow_logprob(tiny_engine.model, tiny_engine.tokenizer, context, continuation)
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+    # Generation's prefill: left-padded rows under a 2D padding mask, where padding queries see no key.
+    from transformers import DynamicCache
+
+    backend = tiny_engine.backend
+    sequences = backend._encode(contexts)
+    with torch.inference_mode(), backend._attention():
+        out, _, _, _ = backend._prefill(sequences, DynamicCache(), logits_to_keep=3)
+    for row, ids in enumerate(sequences):
+        with torch.no_grad():
+            alone = tiny_engine.model(torch.tensor([ids])).logits[0, -3:]
+        assert torch.allclose(out.logits[row], alone, atol=1e-4)
