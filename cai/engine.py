@@ -596,15 +596,21 @@ class HFBackend:
 
         if sampling.temperature <= 0:
             return logits.argmax(dim=-1)
-        probs = torch.softmax(logits / sampling.temperature, dim=-1)  # (B, V)
+        probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # (B, V)
         if sampling.top_p < 1.0:
             sorted_probs, sorted_index = probs.sort(dim=-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the top token always
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, sorted_index, sorted_probs)
-        # One generator per original row: the draw for an item does not depend on its batch-mates.
-        picks = [torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(active)]
-        return torch.cat(picks)
+        # Inverse-CDF sampling: one uniform draw per row, from that row's generator (the draw for an item
+        # does not depend on its batch-mates). torch.multinomial draws an exponential variate for every
+        # vocabulary entry, 49k per row and step: 21% of a sampled generation's time went there.
+        uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[row]) for row in active])
+        cdf = probs.double().cumsum(dim=-1)  # (B, V); float64: no mass lost to rounding over 49k terms
+        total = cdf[:, -1:]
+        # Strictly inside [0, total): the first index whose cdf exceeds it has positive probability.
+        target = torch.minimum(uniform[:, None].to(cdf.device) * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
     # -- scoring ---------------------------------------------------------------------------------
 

@@ -461,3 +461,24 @@ def test_large_calls_without_a_shared_prefix_use_chunked_products_and_match_the_
         with torch.no_grad():
             alone = tiny_engine.model(torch.tensor([ids])).logits[0, -3:]
         assert torch.allclose(out.logits[row], alone, atol=1e-4)
+
+
+def test_sampling_draws_tokens_with_their_probabilities_and_never_a_cut_one():
+    """Inverse-CDF sampling, one uniform draw per row from the row's own generator: frequencies follow
+    the softmax (and top-p's renormalised head of it), a token of probability zero never comes up."""
+    from cai.engine import HFBackend
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(1000, -1).to(torch.bfloat16)  # -inf for the last token
+    generators = [torch.Generator().manual_seed(i) for i in range(1000)]
+    rows = list(range(1000))
+    for top_p, expected in ((1.0, probs), (0.7, torch.tensor([0.625, 0.375, 0.0, 0.0, 0.0]))):
+        picks = torch.cat([HFBackend._pick(logits, Sampling(temperature=1.0, top_p=top_p), generators, rows)
+                           for _ in range(20)])
+        frequencies = torch.bincount(picks, minlength=5).float() / len(picks)
+        assert torch.allclose(frequencies, expected, atol=0.015), (top_p, frequencies)
+        assert frequencies[expected == 0].sum() == 0
+    # The same generators, reseeded, draw the same tokens: an item's text depends on its seed alone.
+    again = [torch.Generator().manual_seed(i) for i in range(1000)]
+    first = HFBackend._pick(logits, Sampling(temperature=1.0), [torch.Generator().manual_seed(i) for i in range(1000)], rows)
+    assert torch.equal(first, HFBackend._pick(logits, Sampling(temperature=1.0), again, rows))
