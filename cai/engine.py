@@ -233,6 +233,13 @@ def branch_rows(sequences: Sequence[Sequence[int]], start: int, limits: Sequence
     return rows
 
 
+def _row_width(sequences: Sequence[Sequence[int]], start: int, row: tuple[int, list[int]]) -> int:
+    """Tokens of a packed row (`branch_rows`) past the call's shared `start`: the common ones once, then
+    each member's rest."""
+    shared, members = row
+    return shared + sum(len(sequences[i]) - start - shared for i in members)
+
+
 def growing_cache(spare: int):
     """A `DynamicCache` whose layers keep `spare` free positions (at least) after their keys and values.
 
@@ -605,7 +612,8 @@ class HFBackend:
         # Inverse-CDF sampling: one uniform draw per row, from that row's generator (the draw for an item
         # does not depend on its batch-mates). torch.multinomial draws an exponential variate for every
         # vocabulary entry, 49k per row and step: 21% of a sampled generation's time went there.
-        uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[row]) for row in active])
+        uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[row],
+                                        device=generators[row].device) for row in active])
         cdf = probs.double().cumsum(dim=-1)  # (B, V); float64: no mass lost to rounding over 49k terms
         total = cdf[:, -1:]
         # Strictly inside [0, total): the first index whose cdf exceeds it has positive probability.
@@ -688,7 +696,8 @@ class HFBackend:
         computed once for the whole call: `start` of them, their keys and values `prefix_kv` (None when
         too few are shared). Past them, sequences that share at least MIN_BRANCH_SHARED more tokens (the
         two orders of a judge question; a contrast judge's two answers after one framing) are packed
-        into one row (`branch_rows`). A batch holds up to `batch_size` sequences."""
+        into one row (`branch_rows`) where that saves work (`_packing_pays`). A batch holds up to
+        `batch_size` sequences."""
         start = min(common_prefix_length(sequences), min(limits))
         prefix_kv = None
         if len(sequences) > 1 and start >= self.MIN_SHARED_PREFIX:
@@ -698,8 +707,7 @@ class HFBackend:
         rows = branch_rows(sequences, start, limits, min_shared=self.MIN_BRANCH_SHARED,
                            branches=self.BRANCHES_PER_ROW, pays=lambda shared, rests: self._packing_pays(
                                start, shared, rests))
-        rows.sort(key=lambda row: len(sequences[row[1][0]]) - start - row[0]
-                  + sum(len(sequences[i]) - start - row[0] for i in row[1]), reverse=True)
+        rows.sort(key=lambda row: _row_width(sequences, start, row), reverse=True)
         batch: list[tuple[int, list[int]]] = []
         for row in rows:
             if batch and sum(len(m) for _, m in batch) + len(row[1]) > self.batch_size:
@@ -725,11 +733,14 @@ class HFBackend:
             from cai.models import parameter_count
 
             config = self.model.config
-            heads = config.num_attention_heads
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-            linear = max(parameter_count(self.model) - config.vocab_size * config.hidden_size, 1)
-            pair = self.ATTENTION_COST_FACTOR * 4 * heads * head_dim * config.num_hidden_layers
-            self._token_cost = 2 * linear / pair
+            try:
+                heads = config.num_attention_heads
+                head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+                linear = max(parameter_count(self.model) - config.vocab_size * config.hidden_size, 1)
+                pair = self.ATTENTION_COST_FACTOR * 4 * heads * head_dim * config.num_hidden_layers
+                self._token_cost = 2 * linear / pair
+            except (AttributeError, TypeError):  # a config without these fields: pack only when it cannot cost
+                self._token_cost = 0.0
         return self._token_cost
 
     def _forward_packed(self, sequences: list[list[int]], rows: list[tuple[int, list[int]]], start: int,
@@ -753,14 +764,14 @@ class HFBackend:
 
         device = self.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(shared + sum(len(sequences[i]) - start - shared for i in members) for shared, members in rows)
+        width = max(_row_width(sequences, start, row) for row in rows)
         branches = max(len(members) for _, members in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 pad, 0 common, g+1 member g's rest
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         ends = torch.zeros((len(rows), branches), dtype=torch.long)  # each member's last column + 1
         for row, (shared, members) in enumerate(rows):
-            column = width - shared - sum(len(sequences[i]) - start - shared for i in members)
+            column = width - _row_width(sequences, start, (shared, members))
             common = sequences[members[0]][start:start + shared]
             input_ids[row, column:column + shared] = torch.tensor(common, dtype=torch.long)
             segment[row, column:column + shared] = 0
