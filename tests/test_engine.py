@@ -482,3 +482,18 @@ def test_sampling_draws_tokens_with_their_probabilities_and_never_a_cut_one():
     again = [torch.Generator().manual_seed(i) for i in range(1000)]
     first = HFBackend._pick(logits, Sampling(temperature=1.0), [torch.Generator().manual_seed(i) for i in range(1000)], rows)
     assert torch.equal(first, HFBackend._pick(logits, Sampling(temperature=1.0), again, rows))
+
+
+def test_scoring_batches_on_cpu_hold_at_most_the_token_budget_and_every_sequence_once(tiny_engine, monkeypatch):
+    backend = Engine(tiny_engine.model, tiny_engine.tokenizer, batch_size=64).backend
+    monkeypatch.setattr(backend, "CPU_SCORING_TOKENS", 100)
+    monkeypatch.setattr(backend, "MIN_SHARED_PREFIX", 10**9)
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(5, 500, (n,), generator=generator).tolist() for n in (70, 12, 30, 30, 45, 8, 120, 20)]
+    batches = list(backend._scoring_batches(sequences, [len(s) - 1 for s in sequences]))
+    seen = sorted(i for rows, _, _ in batches for _, members in rows for i in members)
+    assert seen == list(range(len(sequences)))
+    for rows, start, _ in batches:
+        widths = [shared + sum(len(sequences[i]) - start - shared for i in members) for shared, members in rows]
+        assert len(rows) == 1 or len(rows) * max(widths) <= 100  # a row wider than the budget goes alone
+    assert len(batches) > 1

@@ -65,7 +65,7 @@ class EvalConfig:
     quantize: str | None = field(default=None, metadata={"help": "4bit to load the models in 4 bits; none = full."})
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     seed: int = field(default=0, metadata={"help": "Seed for drawing judge principles."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per generation/scoring batch.", "hash": False})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per generation/scoring batch.", "hash": False})
     examples: int = field(default=6, metadata={
         "help": "Example prompts (of each kind) shown side by side in the report.", "hash": False})
 

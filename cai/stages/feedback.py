@@ -87,7 +87,7 @@ class FeedbackConfig:
     quantize: str | None = field(default=None, metadata={
         "help": "Load policy and judge in 4-bit (\"4bit\", CUDA only) or None for full precision."})
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
-    batch_size: int = field(default=16, metadata={
+    batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts; None: all."})
     seed: int = field(default=0, metadata={"help": "Seed for the answers' sampling and the principles drawn per pair."})
