@@ -653,20 +653,20 @@ class HFBackend:
         results: list[ContinuationScore | None] = [None] * len(contexts)
         with _eval_mode(self.model), torch.inference_mode(), self._attention():
             for rows, start, prefix_kv in self._scoring_batches(sequences, limits):
-                keep = max(len(continuation_ids[i]) for _, members in rows for i in members)
-                # Per branch, the logits at the `keep` positions before its last token: the last `keep` tokens'
-                # predictions (a shorter continuation reads the last few of them).
-                logits, targets = self._forward_packed(sequences, rows, start, prefix_kv, reads=keep)
-                # The last logit of each branch predicts past its end: given a dummy target, then dropped.
-                padded = torch.cat([targets, targets.new_zeros(targets.shape[:-1] + (1,))], dim=-1)
-                picked = target_logprobs(logits, padded)[..., :-1]  # (B, G, keep)
-                for row, (_, members) in enumerate(rows):
-                    for branch, i in enumerate(members):
-                        values = picked[row, branch, keep - len(continuation_ids[i]):].tolist()
-                        results[i] = ContinuationScore(logprob=float(sum(values)), token_logprobs=values)
+                members = [i for _, row_members in rows for i in row_members]
+                # Each continuation's tokens are predicted by the logits at its context's last token and
+                # at all its own tokens but the last: read n+1 positions, the last predicting past the end.
+                logits, where = self._forward_packed(sequences, rows, start, prefix_kv,
+                                                     {i: len(continuation_ids[i]) + 1 for i in members})
+                targets = torch.zeros(logits.shape[0], dtype=torch.long)  # 0: the past-the-end dummies
+                for i in members:
+                    targets[where[i]:where[i] + len(continuation_ids[i])] = torch.tensor(continuation_ids[i])
+                picked = target_logprobs(logits, targets.to(logits.device)).tolist()
+                for i in members:
+                    values = picked[where[i]:where[i] + len(continuation_ids[i])]
+                    results[i] = ContinuationScore(logprob=float(sum(values)), token_logprobs=values)
                 if progress:
-                    done = [i for _, members in rows for i in members]
-                    progress(len(done), sum(len(sequences[i]) for i in done))
+                    progress(len(members), sum(len(sequences[i]) for i in members))
         return results  # type: ignore[return-value]
 
     # -- next-token log-probabilities ----------------------------------------------------------------
@@ -682,14 +682,13 @@ class HFBackend:
         candidates = torch.tensor(candidate_ids, dtype=torch.long, device=self.device)
         with _eval_mode(self.model), torch.inference_mode(), self._attention():
             for rows, start, prefix_kv in self._scoring_batches(sequences, [len(s) - 1 for s in sequences]):
-                logits, _ = self._forward_packed(sequences, rows, start, prefix_kv, reads=0)  # (B, G, 1, V)
-                picked = torch.log_softmax(logits[:, :, -1].float(), dim=-1)[..., candidates]  # (B, G, C)
-                for row, (_, members) in enumerate(rows):
-                    for branch, i in enumerate(members):
-                        results[i] = picked[row, branch].tolist()
+                members = [i for _, row_members in rows for i in row_members]
+                logits, where = self._forward_packed(sequences, rows, start, prefix_kv, dict.fromkeys(members, 1))
+                picked = torch.log_softmax(logits.float(), dim=-1)[:, candidates].tolist()  # (N, C)
+                for i in members:
+                    results[i] = picked[where[i]]
                 if progress:
-                    done = [i for _, members in rows for i in members]
-                    progress(len(done), sum(len(sequences[i]) for i in done))
+                    progress(len(members), sum(len(sequences[i]) for i in members))
         return results  # type: ignore[return-value]
 
     # -- packed scoring rows ---------------------------------------------------------------------------
@@ -752,8 +751,10 @@ class HFBackend:
         return self._token_cost
 
     def _forward_packed(self, sequences: list[list[int]], rows: list[tuple[int, list[int]]], start: int,
-                        prefix_kv: list[tuple] | None, reads: int):
-        """One forward pass over packed rows; returns (logits (B, G, reads+1, V), targets (B, G, reads)).
+                        prefix_kv: list[tuple] | None, reads: dict[int, int]):
+        """One forward pass over packed rows; returns (logits (N, V), where): for each member i, the logits
+        at its last reads[i] tokens (the last of them predicts past its end) are logits[where[i]:
+        where[i] + reads[i]]. N is the sum of reads: the vocabulary head runs on those positions only.
 
         Every sequence's first `start` tokens are `prefix_kv` (held apart under cascade attention, else
         repeated into the cache as views); a row is its members' `shared` common tokens, then each member's
@@ -763,21 +764,18 @@ class HFBackend:
 
         The mask lets a rest see the prefix, the common tokens and itself (causally), never the other
         rest, and positions continue the common tokens in each rest, so each member computes what it
-        would alone (tests compare). G is the most members in a row; for member g of row b, logits[b, g]
-        holds the logits at its last reads+1 tokens (the last of them predicts past its end) and
-        targets[b, g] its last `reads` tokens (what the logits before them predict). A row with fewer
-        members repeats its last one."""
+        would alone (tests compare). reads[i] may not exceed the member's own rest."""
         import torch
         from transformers import DynamicCache
 
         device = self.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         width = max(_row_width(sequences, start, row) for row in rows)
-        branches = max(len(members) for _, members in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 pad, 0 common, g+1 member g's rest
         positions = torch.zeros((len(rows), width), dtype=torch.long)
-        ends = torch.zeros((len(rows), branches), dtype=torch.long)  # each member's last column + 1
+        keep = torch.zeros((len(rows), width), dtype=torch.bool)  # the positions whose logits are read
+        where, read = {}, 0
         for row, (shared, members) in enumerate(rows):
             column = width - _row_width(sequences, start, (shared, members))
             common = sequences[members[0]][start:start + shared]
@@ -791,7 +789,8 @@ class HFBackend:
                 segment[row, column:column + len(rest)] = g + 1
                 positions[row, column:column + len(rest)] = torch.arange(start + shared, start + shared + len(rest))
                 column += len(rest)
-                ends[row, g:] = column
+                keep[row, column - reads[i]:column] = True
+                where[i], read = read, read + reads[i]  # the head's output is row-major: columns in order
         # query q sees key k: k no later than q, not padding, and k common or in q's own rest; padding sees itself
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         own = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
@@ -807,15 +806,10 @@ class HFBackend:
                                                  for k, v in prefix_kv], config=self.model.config)
         mask = torch.ones((len(rows), 1, width, in_cache + width), dtype=torch.bool)
         mask[:, 0, :, in_cache:] = allowed
-        offsets = torch.arange(-reads - 1, 0)
-        read = (ends[:, :, None] + offsets).clamp(min=0)  # (B, G, reads+1): columns to read
-        targets = (ends[:, :, None] + offsets[1:]).clamp(min=0)
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                          position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                         logits_to_keep=read.view(len(rows), -1).to(device), **extra)
-        logits = out.logits.view(len(rows), branches, reads + 1, -1)
-        targets = input_ids.gather(1, targets.view(len(rows), -1)).view(len(rows), branches, reads).to(device)
-        return logits, targets
+                         logits_to_keep=keep.to(device), **extra)
+        return out.logits.reshape(read, -1), where
 
     def _shared_prefix_cache(self, prefix: list[int]) -> list[tuple]:
         """Keys and values of every layer for one token prefix, each (1, kv_heads, len(prefix), head_dim)."""
