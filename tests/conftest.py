@@ -1,6 +1,8 @@
 """Shared fixtures. Nothing here downloads: the hub is forced offline and CAI_HOME is a temp dir."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -8,6 +10,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One CAI_HOME for the whole session, so the embedded model is converted once, not per test.
 os.environ["CAI_HOME"] = tempfile.mkdtemp(prefix="cai-test-home-")
+# The converted embedded model is ~500 MB: left behind by every run, it fills a shared /tmp.
+atexit.register(shutil.rmtree, os.environ["CAI_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
