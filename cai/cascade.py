@@ -83,10 +83,12 @@ def _flash_with_lse(query, key, value, mask, scale):
         query, key, value, 0.0, False, attn_mask=mask, scale=scale)
 
 
-def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device):
-    """(additive mask (B, 1, group*L, S) of 0 / -inf, boolean (B, 1, group*L): query rows that see no key)."""
+def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device, prefix: int = 0):
+    """(additive mask (B, 1, group*L, prefix+S) of 0 / -inf, boolean (B, 1, group*L): query rows that see no
+    suffix key). With `prefix`, the mask starts with that many zero columns: the shared prefix, which every
+    query sees, so one fused multiply-add scores prefix and suffix keys together."""
     global _last_mask
-    key = (batch, group, length, suffix, dtype, device)
+    key = (batch, group, length, suffix, dtype, device, prefix)
     if attention_mask is not None and _last_mask[0] is attention_mask and _last_mask[1] == key:
         return _last_mask[2]
     allowed = attention_mask
@@ -94,7 +96,8 @@ def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device):
         allowed = torch.ones(length, suffix, dtype=torch.bool, device=device).tril(suffix - length)[None, None]
     allowed = allowed.expand(batch, 1, length, suffix)
     allowed = allowed[:, :, None].expand(batch, 1, group, length, suffix).reshape(batch, 1, group * length, suffix)
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    additive = torch.zeros((batch, 1, group * length, prefix + suffix), dtype=dtype, device=device)
+    additive[..., prefix:].masked_fill_(~allowed, float("-inf"))
     converted = (additive, ~allowed.any(-1))
     if attention_mask is not None:
         _last_mask = (attention_mask, key, converted)
@@ -117,8 +120,9 @@ CHUNKED_DTYPES = (torch.bfloat16,)
 
 def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, scale, blind=None):
     """Attention over [shared prefix ; own suffix] as one softmax over explicitly computed scores.
-    Shapes as in `cascade_attention_forward`; `additive` (B, 1, group*L, S) masks the suffix only (the
-    prefix is visible to every query). Scores and probabilities in the query's dtype (the softmax
+    Shapes as in `cascade_attention_forward`; `additive` (B, 1, group*L, S) masks the suffix (the prefix is
+    visible to every query), and for calls over JOINT_MAX_SCORES (chunked) it is (B, 1, group*L, P+S), with
+    P zero columns first (`_suffix_mask(..., prefix=P)`). Scores and probabilities in the query's dtype (the softmax
     accumulates in fp32). Without a prefix (`prefix_keys` None: large calls only), `blind` (B, 1,
     group*L) marks the queries that see no key (padding): they get zeros, not the NaN of an empty
     softmax, which would reach every query through the values."""
@@ -140,22 +144,24 @@ def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, sc
         out = torch.matmul(prefix_probs, prefix_values[0]).view(kv_heads, batch, rows, dim).transpose(0, 1)
         out = out + torch.matmul(probs[..., prefix:], value)
     else:
+        # Row by row: the row's keys after the prefix's, so each chunk is one fused multiply-add with the
+        # mask (which then covers prefix and suffix: `additive` has `prefix` leading zero columns here), one
+        # softmax and one product with the values. Copying the keys once per row and layer costs less than
+        # concatenating every chunk's scores (judge prefill: 16.8 -> 14.5 ms a layer).
         out = torch.empty_like(grouped)
         step = max(1, CHUNK_SCORES // (kv_heads * (prefix + suffix)))  # query rows per chunk
-        prefix_keys_t = prefix_keys[0].transpose(-1, -2) if prefix else None
         has_blind = [False] * batch if prefix or blind is None else blind.any(-1).flatten().tolist()
         for b in range(batch):
-            keys_t = key[b].transpose(-1, -2)
+            keys, values = key[b], value[b]
+            if prefix:
+                keys, values = torch.cat([prefix_keys[0], keys], dim=1), torch.cat([prefix_values[0], values], dim=1)
+            keys_t = keys.transpose(-1, -2)
             for r in range(0, rows, step):
-                chunk = grouped[b, :, r:r + step]  # (H_kv, step, D)
-                scores = chunk @ keys_t + additive[b, :, r:r + step]
-                if prefix:
-                    scores = torch.cat([chunk @ prefix_keys_t, scores], dim=-1)
-                probs = torch.softmax(scores, dim=-1)
+                probs = torch.softmax(torch.baddbmm(additive[b, :, r:r + step], grouped[b, :, r:r + step], keys_t),
+                                      dim=-1)
                 if has_blind[b]:
                     probs = probs.nan_to_num(0.0)
-                own = probs[..., prefix:] @ value[b]
-                out[b, :, r:r + step] = own + probs[..., :prefix] @ prefix_values[0] if prefix else own
+                torch.matmul(probs, values, out=out[b, :, r:r + step])
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
@@ -182,10 +188,14 @@ def cascade_attention_forward(module, query, key, value, attention_mask, dropout
     kv_heads, suffix = key.shape[1], key.shape[2]
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
-    additive, blind = _suffix_mask(attention_mask, batch, group, length, suffix, query.dtype, query.device)
-    small = batch * heads * length * (prefix_keys.shape[-2] + suffix) <= JOINT_MAX_SCORES
+    prefix = prefix_keys.shape[-2]
+    small = batch * heads * length * (prefix + suffix) <= JOINT_MAX_SCORES
     if (small and query.dtype in JOINT_DTYPES) or query.dtype in CHUNKED_DTYPES:
+        # The chunked path (large calls) scores prefix and suffix keys together: its mask covers both.
+        additive, _ = _suffix_mask(attention_mask, batch, group, length, suffix, query.dtype, query.device,
+                                   prefix=0 if small else prefix)
         return _joint_attention(query, prefix_keys, prefix_values, key, value, additive, scale)
+    additive, blind = _suffix_mask(attention_mask, batch, group, length, suffix, query.dtype, query.device)
 
     # Prefix: every row's queries against the one shared copy, as batch 1 with B*group*L query rows per head.
     shared_query = (query.reshape(batch, kv_heads, group * length, dim).transpose(0, 1)
