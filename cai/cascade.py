@@ -122,8 +122,8 @@ def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, sc
     """Attention over [shared prefix ; own suffix] as one softmax over explicitly computed scores.
     Shapes as in `cascade_attention_forward`; `additive` (B, 1, group*L, S) masks the suffix (the prefix is
     visible to every query), and for calls over JOINT_MAX_SCORES (chunked) it is (B, 1, group*L, P+S), with
-    P zero columns first (`_suffix_mask(..., prefix=P)`). Scores and probabilities in the query's dtype (the softmax
-    accumulates in fp32). Without a prefix (`prefix_keys` None: large calls only), `blind` (B, 1,
+    P zero columns first (`_suffix_mask(..., prefix=P)`). Scores and probabilities in the query's dtype
+    (the softmax accumulates in fp32). Without a prefix (`prefix_keys` None: large calls only), `blind` (B, 1,
     group*L) marks the queries that see no key (padding): they get zeros, not the NaN of an empty
     softmax, which would reach every query through the values."""
     batch, heads, length, dim = query.shape
@@ -154,11 +154,12 @@ def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, sc
         for b in range(batch):
             keys, values = key[b], value[b]
             if prefix:
-                keys, values = torch.cat([prefix_keys[0], keys], dim=1), torch.cat([prefix_values[0], values], dim=1)
+                keys = torch.cat([prefix_keys[0], keys], dim=1)
+                values = torch.cat([prefix_values[0], values], dim=1)
             keys_t = keys.transpose(-1, -2)
             for r in range(0, rows, step):
-                probs = torch.softmax(torch.baddbmm(additive[b, :, r:r + step], grouped[b, :, r:r + step], keys_t),
-                                      dim=-1)
+                scores = torch.baddbmm(additive[b, :, r:r + step], grouped[b, :, r:r + step], keys_t)
+                probs = torch.softmax(scores, dim=-1)
                 if has_blind[b]:
                     probs = probs.nan_to_num(0.0)
                 torch.matmul(probs, values, out=out[b, :, r:r + step])
