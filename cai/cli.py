@@ -891,12 +891,38 @@ def run_command(
 # ----------------------------------------------------------------------------- entry point
 
 
+def _usage_error_types() -> tuple[type, ...]:
+    """click's ClickException and typer's own copy of it: typer 0.2x ships click inside itself, and those
+    exceptions (unknown option, missing argument, `cai` alone) do not subclass the click package's."""
+    types = []
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        types.append(TyperClickException)
+    except ImportError:  # typer versions that use the click package
+        pass
+    try:
+        import click
+
+        types.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+INTERRUPTED = "interrupted; finished records are kept -- run the same command again to resume"
+
+
 def main() -> None:
-    """Console entry point: run the app, turning `CaiError` into one line on stderr and exit code 1."""
+    """Console entry point: run the app, turning `CaiError` into one line on stderr and exit code 1, and
+    usage errors into click's short message (exit code 2) rather than a traceback."""
     debug = "--debug" in sys.argv[1:]
     try:
-        # Outside standalone mode click returns a command's `typer.Exit` code instead of exiting with it.
+        # Outside standalone mode click returns a command's `typer.Exit` code instead of exiting with it
+        # (typer turns Ctrl-C into exit code 130 that way).
         code = app(standalone_mode=False)
+        if code == 130:
+            stderr.print(INTERRUPTED, highlight=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except CaiError as exc:
@@ -910,12 +936,8 @@ def main() -> None:
         stderr.print("aborted; finished records are kept -- run the same command again to resume")
         sys.exit(130)
     except KeyboardInterrupt:
-        stderr.print("interrupted; finished records are kept -- run the same command again to resume")
+        stderr.print(INTERRUPTED, highlight=False)
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except _usage_error_types() as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -33,6 +33,38 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_usage_errors_print_clicks_message_without_traceback():
+    """typer 0.2x raises its own copy of click's exceptions, which are not click.ClickException: a
+    misspelled option must still come out as click's two-line message, exit code 2."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "cai", "critique", "--prompts", "p.jsonl", "--revisons", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "No such option: --revisons" in result.stderr and "--revisions" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_says_finished_records_are_kept(monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    import cai.cli
+    import cai.models
+
+    def interrupted(reference):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cai.models, "resolve", interrupted)
+    monkeypatch.setattr(sys, "argv", ["cai", "models", "prepare", "embedded:tiny-random"])
+    with pytest.raises(SystemExit) as exited:
+        cai.cli.main()
+    assert exited.value.code == 130
+    assert "finished records are kept" in capsys.readouterr().err
+
+
 def test_an_invalid_constitution_exits_non_zero_from_the_console_command(tmp_path):
     """Through `cai` itself, not the test runner: a script or CI step must see the failure in the exit code."""
     import subprocess
