@@ -811,6 +811,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help=help_of(EvalConfig, "batch_size"), rich_help_panel="Speed")]
     = EvalConfig.batch_size,
     examples: Annotated[int, typer.Option(help=help_of(EvalConfig, "examples"))] = EvalConfig.examples,
+    force: Annotated[bool, typer.Option("--force", help=help_of(EvalConfig, "force"))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
     """Measure harmlessness, over-refusal, PM score and head-to-head Elo of one or more models.
@@ -823,7 +824,7 @@ def eval_command(
     cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
                      constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
                      limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, precision=precision, seed=seed,
-                     batch_size=batch_size, examples=examples)
+                     batch_size=batch_size, examples=examples, force=force)
     _run_stage(run, cfg, json_output)
 
 

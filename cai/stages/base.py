@@ -220,8 +220,13 @@ class StageRun:
         | no manifest, no output             | start             | start               |
         | no manifest, output exists         | ResumeMismatch    | discard, start      |
         | partial, same config and inputs    | resume            | resume              |
+        | partial, different, nothing written| discard, start    | discard, start      |
         | complete, same config and inputs   | (previous() skips)| discard, start      |
         | different config or inputs         | ResumeMismatch    | discard, start      |
+
+        "Nothing written": a run that failed before finishing any record (a mistyped model, a missing
+        file) loses nothing when the corrected command replaces it; refusing would only make the user
+        find --force for an empty output.
         """
         manifest = self._read()
         resuming = False
@@ -233,16 +238,42 @@ class StageRun:
                 discard_outputs(*self.outputs)
         elif self.matches(manifest) and manifest.get("status") == "partial":
             resuming = True
-        elif self.force:
+        elif self.force or (manifest.get("status") == "partial" and not self._holds_work()):
             discard_outputs(*self.outputs)
         elif not self.matches(manifest):
-            changed = [name for name, same in (("config", manifest.get("config_hash") == self.config_hash),
-                                               ("inputs", manifest.get("inputs") == self.inputs)) if not same]
+            where = self.outputs[0] if self.outputs else self.path.parent
             raise ResumeMismatch(
-                f"{self.path.parent}: holds {self.stage} output made with different {' and '.join(changed)} "
-                "-- pass --force to discard it and start over, or choose another --out")
+                f"{where}: holds {self.stage} output made with different options or inputs "
+                f"({'; '.join(self._differences(manifest))}) -- pass --force to discard it and start over, "
+                "or choose another --out")
         self._write("partial", outputs={}, counts={}, summary="")
         return resuming
+
+    def _holds_work(self) -> bool:
+        """Whether any output holds something: a non-empty file, or a directory with a file besides this
+        manifest."""
+        own = {self.path.resolve(), self.path.with_name(self.path.name + ".tmp").resolve()}
+        for path in self.outputs:
+            if path.is_file() and path.stat().st_size > 0:
+                return True
+            if path.is_dir() and any(p.is_file() and p.resolve() not in own for p in path.rglob("*")):
+                return True
+        return False
+
+    def _differences(self, manifest: dict[str, Any]) -> list[str]:
+        """What differs from the run that wrote `manifest`: "NAME: OLD -> NEW" per option that counts
+        (`config_hash`), "INPUT changed" per input whose content differs."""
+        before = manifest.get("config", {})
+        changes = []
+        for f in dataclasses.fields(self.cfg):
+            if f.metadata.get("hash", True) and f.name in before:
+                now = json.loads(json.dumps(getattr(self.cfg, f.name), default=str))
+                if before[f.name] != now:
+                    changes.append(f"{f.name}: {before[f.name]!r} -> {now!r}")
+        previous_inputs = manifest.get("inputs") or {}
+        changes += [f"{name} changed" for name in sorted(set(previous_inputs) | set(self.inputs))
+                    if previous_inputs.get(name) != self.inputs.get(name)]
+        return changes or ["written by another cai version"]
 
     def complete(self, outputs: dict[str, str | Path], counts: dict[str, int], summary: str,
                  metrics: dict[str, Any] | None = None) -> StageResult:

@@ -68,6 +68,8 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata={"help": "Prompts per generation/scoring batch.", "hash": False})
     examples: int = field(default=6, metadata={
         "help": "Example prompts (of each kind) shown side by side in the report.", "hash": False})
+    force: bool = field(default=False, metadata={
+        "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
         check_precision(self.precision)
@@ -313,7 +315,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     inputs.update({f"model:{label}": reference for label, reference in models})
     paths = {name: out / f"{name}.jsonl" for name in ("answers", "judgments", "pm_scores")}
     stage = StageRun("eval", cfg, ctx.manifest_for(out), inputs=inputs,
-                     outputs=[*paths.values(), out / "metrics.json"])
+                     outputs=[*paths.values(), out / "metrics.json"], force=cfg.force)
     if (done := stage.previous()) is not None:
         return done
     stage.start()

@@ -1,0 +1,52 @@
+"""StageRun manifests: when a new run may replace an earlier one, and what the refusal says."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from cai.errors import ResumeMismatch
+from cai.stages.base import StageRun, default_manifest_path
+
+
+@dataclass
+class Config:
+    revisions: int = 1
+    temperature: float = 0.7
+    batch_size: int = field(default=8, metadata={"hash": False})
+
+
+def stage_run(out, cfg, force=False):
+    return StageRun("critique", cfg, default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
+                    force=force)
+
+
+def test_a_run_that_failed_before_writing_anything_is_replaced_without_force(tmp_path):
+    out = tmp_path / "critique.jsonl"
+    stage_run(out, Config(revisions=1)).start()  # then failed: a mistyped model, say
+    assert stage_run(out, Config(revisions=2)).start() is False  # the corrected command starts fresh
+    out.write_text("")  # an output file opened but empty holds nothing either
+    assert stage_run(out, Config(revisions=3)).start() is False
+
+
+def test_a_directory_holding_only_its_manifest_holds_nothing(tmp_path):
+    out = tmp_path / "model"
+    stage_run(out, Config(revisions=1)).start()
+    assert (out / "manifest.json").exists()
+    stage_run(out, Config(revisions=2)).start()
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ResumeMismatch):
+        stage_run(out, Config(revisions=3)).start()
+
+
+def test_the_refusal_names_the_output_and_what_changed(tmp_path):
+    out = tmp_path / "critique.jsonl"
+    stage_run(out, Config(revisions=1)).start()
+    out.write_text('{"id": "a"}\n')
+    with pytest.raises(ResumeMismatch) as refused:
+        stage_run(out, Config(revisions=2, batch_size=4)).start()
+    message = str(refused.value)
+    assert message.startswith(f"{out}: ") and "revisions: 1 -> 2" in message and "--force" in message
+    assert "temperature" not in message and "batch_size" not in message  # unchanged / not counted
+    stage_run(out, Config(revisions=2), force=True).start()
+    assert not out.exists()  # discarded
