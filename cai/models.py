@@ -67,29 +67,43 @@ def is_embedded(reference: str) -> bool:
     return reference.startswith(EMBEDDED_PREFIX)
 
 
+def check_reference(reference: str | Path | None = None) -> Path | None:
+    """Refuse a reference `resolve` would refuse, without converting or loading anything: an unknown
+    embedded name, a directory without a model, a path that does not exist. Returns the model directory
+    for a local reference, None for an embedded model or a hub id (hub ids are checked when resolved)."""
+    reference = str(reference or DEFAULT_MODEL)
+    if is_embedded(reference):
+        if reference[len(EMBEDDED_PREFIX):] not in embedded_names():
+            raise ModelError(f"unknown embedded model {reference!r} -- use one of: "
+                             + ", ".join(EMBEDDED_PREFIX + n for n in embedded_names()))
+        return None
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        if (path / "model" / "config.json").exists():  # a stage's output directory (`cai rl --out DIR`)
+            return path / "model"
+        raise ModelError(f"{path} is a directory but holds no config.json -- point at a directory written "
+                         "by save_pretrained (a cai stage's model/ directory, for example)")
+    if reference.startswith((".", "/", "~")) or path.suffix or os.sep + os.sep in reference:
+        raise ModelError(f"model {reference!r}: no such directory -- check the path, or run `cai models prepare` "
+                         "for the embedded default")
+    return None
+
+
 def resolve(reference: str | Path | None = None, *, trust_remote_code: bool = False) -> str:
     """A reference -> something `from_pretrained` loads offline (a local directory, or a cached hub id).
 
     Embedded models are converted/built into `$CAI_HOME/models/NAME` on first use.
     """
     reference = str(reference or DEFAULT_MODEL)
-    if is_embedded(reference):
-        name = reference[len(EMBEDDED_PREFIX):]
-        if name == "smollm2-135m-instruct":
-            return str(_prepare_smollm())
-        if name == "tiny-random":
-            return str(build_tiny_random(cai_home() / "models" / "tiny-random"))
-        raise ModelError(f"unknown embedded model {reference!r} -- use one of: "
-                         + ", ".join(EMBEDDED_PREFIX + n for n in embedded_names()))
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelError(f"{path} is a directory but holds no config.json -- point at a directory written "
-                             "by save_pretrained (a cai stage's model/ directory, for example)")
-        return str(path)
-    if reference.startswith((".", "/", "~")) or path.suffix or os.sep + os.sep in reference:
-        raise ModelError(f"model {reference!r}: no such directory -- check the path, or run `cai models prepare` "
-                         "for the embedded default")
+    local = check_reference(reference)
+    if local is not None:
+        return str(local)
+    if reference == EMBEDDED_PREFIX + "smollm2-135m-instruct":
+        return str(_prepare_smollm())
+    if reference == EMBEDDED_PREFIX + "tiny-random":
+        return str(build_tiny_random(cai_home() / "models" / "tiny-random"))
     return _resolve_hub(reference)
 
 

@@ -236,6 +236,18 @@ def test_eval_run_writes_answers_metrics_and_report(tmp_path, tiny_pm, stub_judg
     assert again.skipped and stub_judge.calls == calls
 
 
+def test_a_mistyped_last_model_fails_before_the_others_answer(tmp_path, stub_judge, monkeypatch):
+    import cai.engine
+    from cai.errors import ModelError
+
+    monkeypatch.setattr(cai.engine, "Engine", FakeEngine)
+    FakeEngine.asked = 0
+    cfg = eval_config(tmp_path, ["base=refuser", f"rl={tmp_path / 'rl-typo'}"])
+    with pytest.raises(ModelError, match="rl-typo"):
+        evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
+    assert FakeEngine.asked == 0
+
+
 def test_empty_answers_are_not_judged(tmp_path, stub_judge, monkeypatch):
     import cai.engine
 

@@ -34,6 +34,15 @@ def test_directory_without_config_is_refused(tmp_path):
         resolve(str(tmp_path))
 
 
+def test_a_stage_output_directory_resolves_to_its_model(tmp_path):
+    """`cai rl --out rl` writes rl/model/: `--model rl` means that model."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert resolve(str(tmp_path)) == str(tmp_path / "model")
+    (tmp_path / "config.json").write_text("{}")  # a model directory itself wins
+    assert resolve(str(tmp_path)) == str(tmp_path)
+
+
 def test_precision_on_cpu_is_fp32_without_checkpointing():
     precision = precision_for("cpu")  # as on a CPU without native bf16 (conftest)
     assert precision.torch_dtype == torch.float32

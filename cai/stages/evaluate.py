@@ -304,10 +304,13 @@ def _chunks(items: list, size: int):
 
 def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
+    from cai.models import check_reference
     from cai.records import RecordWriter, as_messages, read_jsonl, read_prompts
 
     out = Path(cfg.out)
     models = [parse_model(m) for m in cfg.models]
+    for _, reference in models:  # a mistyped last --model fails now, not after the others have answered
+        check_reference(reference)
     labels = [label for label, _ in models]
     prompts = {"harmful": read_prompts(cfg.harmful, cfg.limit), "benign": read_prompts(cfg.benign, cfg.limit)}
     inputs: dict[str, Any] = {"harmful": cfg.harmful, "benign": cfg.benign, "pm": cfg.pm, "judge": cfg.judge,
