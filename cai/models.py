@@ -67,6 +67,13 @@ def is_embedded(reference: str) -> bool:
     return reference.startswith(EMBEDDED_PREFIX)
 
 
+def _names_a_path(reference: str) -> bool:
+    """Whether a reference that is no existing directory was meant as a path rather than a hub id. Hub ids
+    are NAME or ORG/NAME, dots allowed (Qwen/Qwen2.5-7B-Instruct, so a suffix says nothing)."""
+    return (reference.startswith((".", "/", "~")) or reference.count("/") > 1 or "\\" in reference
+            or reference.endswith((".json", ".jsonl", ".yaml", ".gguf", ".bin", ".safetensors")))
+
+
 def check_reference(reference: str | Path | None = None) -> Path | None:
     """Refuse a reference `resolve` would refuse, without converting or loading anything: an unknown
     embedded name, a directory without a model, a path that does not exist. Returns the model directory
@@ -85,7 +92,7 @@ def check_reference(reference: str | Path | None = None) -> Path | None:
             return path / "model"
         raise ModelError(f"{path} is a directory but holds no config.json -- point at a directory written "
                          "by save_pretrained (a cai stage's model/ directory, for example)")
-    if reference.startswith((".", "/", "~")) or path.suffix or os.sep + os.sep in reference:
+    if _names_a_path(reference):
         raise ModelError(f"model {reference!r}: no such directory -- check the path, or run `cai models prepare` "
                          "for the embedded default")
     return None

@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from cai.errors import RecipeError, ResumeMismatch
+from cai.errors import ModelError, RecipeError, ResumeMismatch
 from cai.paths import bundled
 
 # ----------------------------------------------------------------------------- the stage registry
@@ -339,10 +339,6 @@ def _existing_path(value: str) -> Path | None:
     return candidate.resolve() if candidate.exists() else None
 
 
-def _looks_like_path(reference: str) -> bool:
-    return reference.startswith((".", "/", "~")) or Path(reference).suffix in (".jsonl", ".json", ".csv", ".yaml")
-
-
 def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None,
          runs_dir: str | Path = "runs", registry: tuple[StageSpec, ...] = STAGES) -> Recipe:
     """Read and check a recipe; build every stage's config. Loads no model; raises `RecipeError` with
@@ -490,7 +486,7 @@ class _Reader:
                 found = _existing_path(str(value))
                 if found is None and key in needed:
                     message = (f"data.{key}: no such file {value!r} -- check the path (relative paths are read "
-                               "from the current directory)")
+                               "from the current directory, then from cai's bundled files)")
                     if key in self.cli_data:
                         self.problems.cli(f"data.{key}", message)
                     else:
@@ -509,12 +505,18 @@ class _Reader:
             self.problems.at(self.node("constitution"), f"constitution {reference!r}: {problems[0]}")
         elif Path(reference).exists():
             top["constitution"] = str(Path(reference).resolve())
+        from cai.models import check_reference
+
         for key in ("model", "judge"):
             reference = top[key]
-            if reference and _looks_like_path(reference) and not Path(reference).expanduser().exists():
-                self.problems.at(self.node(key), f"`{key}`: no such model directory {reference!r} -- give a "
-                                                 "directory, a hub id, or embedded:smollm2-135m-instruct")
-            elif reference and Path(reference).expanduser().is_dir():
+            if not reference:
+                continue
+            try:
+                local = check_reference(reference)
+            except ModelError as exc:
+                self.problems.at(self.node(key), f"`{key}`: {exc}")
+                continue
+            if local is not None:
                 top[key] = str(Path(reference).expanduser().resolve())
 
     def stage(self, stage: str, top: dict[str, Any], order: list[str], run_dir: Path) -> PlannedStage | None:

@@ -25,6 +25,11 @@ def test_missing_directory_and_offline_hub_id_fail_with_one_line():
         resolve("./does-not-exist")
     with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
         resolve("nobody/no-such-model")
+    # A dot in a hub id is no file suffix: the GPU recipes' model must reach the hub cache lookup.
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        resolve("Qwen/Qwen2.5-7B-Instruct")
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve("runs/no-such-run/2-sft/model")
     with pytest.raises(ModelError, match="unknown embedded model"):
         resolve("embedded:gpt-17")
 

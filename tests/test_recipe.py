@@ -249,7 +249,10 @@ def test_missing_files_fail_before_anything_runs(tmp_path, prompts):
         load(path)
     assert not (tmp_path / "runs").exists()
     path = write_recipe(tmp_path, "model: ./no/such/model\n", prompts)
-    with pytest.raises(RecipeError, match="no such model directory"):
+    with pytest.raises(RecipeError, match="no such directory"):
+        load(path)
+    path = write_recipe(tmp_path, "judge: embedded:smollm3\n", prompts)
+    with pytest.raises(RecipeError, match="unknown embedded model 'embedded:smollm3'"):
         load(path)
 
 
