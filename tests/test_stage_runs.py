@@ -50,3 +50,29 @@ def test_the_refusal_names_the_output_and_what_changed(tmp_path):
     assert "temperature" not in message and "batch_size" not in message  # unchanged / not counted
     stage_run(out, Config(revisions=2), force=True).start()
     assert not out.exists()  # discarded
+
+
+# Each stage with a --limit: its config class and the fewest other fields it needs.
+LIMITED_CONFIGS = {
+    "critique": ("cai.stages.critique", "CritiqueConfig", {"prompts": "p.jsonl"}),
+    "feedback": ("cai.stages.feedback", "FeedbackConfig", {"prompts": "p.jsonl", "policy": "m", "out": "f.jsonl"}),
+    "feedback-eval": ("cai.stages.feedback", "FeedbackEvalConfig", {"pairs": "p.jsonl"}),
+    "eval": ("cai.stages.evaluate", "EvalConfig", {}),
+    "rl": ("cai.stages.rl", "RLConfig", {"policy": "m", "prompts": ["p.jsonl"], "reward": ["length:1"]}),
+    "pm-eval": ("cai.stages.pm", "PMEvalConfig", {"model": "pm", "pairs": "p.jsonl"}),
+}
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+@pytest.mark.parametrize("stage", LIMITED_CONFIGS)
+def test_a_limit_below_one_is_refused_by_every_stage(stage, limit):
+    """`records.read_prompts` stops once it has `limit` records, so -1 used to mean one record."""
+    import importlib
+
+    from cai.errors import ConfigError
+
+    module, name, fields = LIMITED_CONFIGS[stage]
+    config_class = getattr(importlib.import_module(module), name)
+    config_class(**fields)  # valid without the limit
+    with pytest.raises(ConfigError, match=f"limit={limit}: must be at least 1"):
+        config_class(**fields, limit=limit)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cai import __version__
-from cai.errors import ResumeMismatch
+from cai.errors import ConfigError, ResumeMismatch
 
 # ----------------------------------------------------------------------------- reporting
 
@@ -98,6 +98,12 @@ class StageResult:
     summary: str  # one line for a person
     skipped: bool = False  # True when a complete manifest matched and nothing ran
     metrics: dict[str, Any] = field(default_factory=dict)  # numbers worth keeping (accuracy, loss...)
+
+
+def check_limit(limit: int | None) -> None:
+    """`--limit N` reads the first N records: N < 1 is a mistake, not "one record" nor "none"."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit={limit}: must be at least 1 -- leave --limit out to use every record")
 
 
 def default_manifest_path(out: str | Path) -> Path:

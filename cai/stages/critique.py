@@ -34,7 +34,7 @@ from typing import Any
 
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
-from cai.stages.base import StageContext, StageResult, StageRun, item_seed
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit, item_seed
 
 
 @dataclass
@@ -87,8 +87,7 @@ class CritiqueConfig:
         check_precision(self.precision)
         if self.revisions < 1:
             raise ConfigError(f"revisions={self.revisions}: critique needs at least one round -- use --revisions 1 or more")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit={self.limit}: must be at least 1 -- leave --limit out to use every prompt")
+        check_limit(self.limit)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
         if self.temperature < 0:

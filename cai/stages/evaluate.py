@@ -30,7 +30,7 @@ from typing import Any
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.paths import bundled
-from cai.stages.base import StageContext, StageResult, StageRun, engine_progress
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit, engine_progress
 
 JUDGE_METHODS = ("auto", "mc", "contrast")
 
@@ -73,6 +73,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check_precision(self.precision)
+        check_limit(self.limit)
         if not self.models:
             raise ConfigError("eval needs at least one --model")
         labels = [parse_model(m)[0] for m in self.models]

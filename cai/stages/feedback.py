@@ -23,7 +23,7 @@ from typing import Any
 
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
-from cai.stages.base import StageContext, StageResult, StageRun, engine_progress, item_seed
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit, engine_progress, item_seed
 
 METHOD_CHOICES = ("auto", "mc", "contrast")
 METHOD_HELP = ("Judging method: mc (multiple choice: log-probabilities of ' (A)' / ' (B)', as in the paper), "
@@ -96,6 +96,7 @@ class FeedbackConfig:
 
     def __post_init__(self):
         check_precision(self.precision)
+        check_limit(self.limit)
         if not self.prompts:
             raise ConfigError("feedback needs prompts -- pass --prompts FILE (e.g. data/red_team_prompts.jsonl)")
         if not self.out:
@@ -154,6 +155,7 @@ class FeedbackEvalConfig:
 
     def __post_init__(self):
         check_precision(self.precision)
+        check_limit(self.limit)
         if not self.pairs:
             raise ConfigError("feedback eval needs labelled pairs -- pass --pairs FILE")
         if self.method is not None and self.method not in METHOD_CHOICES:

@@ -39,7 +39,7 @@ from cai.errors import ConfigError, ModelError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.records import as_messages, mix_preferences, read_jsonl, read_preferences, write_jsonl
 from cai.rewards import pm_directory
-from cai.stages.base import StageContext, StageResult, StageRun, item_seed
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit, item_seed
 
 # The CAI paper's PM mix: 135,296 human helpfulness comparisons + 182,831 AI harmlessness comparisons.
 PAPER_HUMAN_COMPARISONS = 135_296
@@ -173,8 +173,7 @@ class PMEvalConfig:
     def __post_init__(self):
         if not self.model or not self.pairs:
             raise ConfigError("pm eval needs --model (a `cai pm train` output) and --pairs (a preference file)")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit {self.limit} must be >= 1")
+        check_limit(self.limit)
         if self.bins < 2:
             raise ConfigError(f"--bins {self.bins} must be >= 2")
 

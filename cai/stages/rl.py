@@ -26,7 +26,7 @@ from typing import Any
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.rewards import REWARD_NAMES, Thresholds, hacking_warnings, parse_reward_spec, slope
-from cai.stages.base import StageContext, StageResult, StageRun
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit
 
 ALGOS = ("grpo", "rloo")
 
@@ -84,6 +84,7 @@ class RLConfig:
         "help": "Discard an earlier run in OUT made with other options and start over.", "hash": False})
 
     def __post_init__(self):
+        check_limit(self.limit)
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
         if isinstance(self.reward, str):
@@ -416,6 +417,10 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
 
     device = ctx.device or default_device()
     rows = load_prompt_rows(cfg.prompts, cfg.limit)
+    if len(rows) < cfg.prompts_per_step:  # trl would draw no full batch: 0 steps, reported as success
+        raise ConfigError(f"rl: {len(rows)} prompt(s) read, but a step takes prompts_per_step="
+                          f"{cfg.prompts_per_step} -- give more prompts (or a larger --limit), or lower "
+                          "--prompts-per-step")
     weights = cfg.weights
     if not ({"pm", "format", "length"} & set(weights)):
         unscored = sum(1 for r in rows if not (("math" in weights and r["answer"]) or ("code" in weights and r["tests"])))
