@@ -350,12 +350,14 @@ def _parse(path: Path) -> tuple[Constitution | None, list[str]]:
             sections[section].append(entry)
     # Cross references: examples name principles that exist; answers are A or B.
     for section, target in (("critique_examples", "critique_principles"), ("judge_examples", "judge_principles")):
-        known = {e.get("id") for e in sections[target]}
+        known = {e.get("id") for e in sections[target]} - {None}
+        if not known:  # the missing or misspelled section is reported already; "use one of: " helps nobody
+            continue
         for index, entry in enumerate(sections[section], start=1):
             principle = entry.get("principle")
             if principle and principle not in known:
                 problem(entry["_node"]["principle"], f"{section}[{index}].principle {principle!r} is not an id in "
-                                                    f"{target} -- use one of: {', '.join(sorted(k for k in known if k))}")
+                                                    f"{target} -- use one of: {', '.join(sorted(known))}")
     for index, entry in enumerate(sections["judge_examples"], start=1):
         answer = entry.get("answer")
         if answer is not None and answer not in ("A", "B"):

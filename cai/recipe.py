@@ -468,6 +468,8 @@ class _Reader:
                 if key not in DATA_KEYS:
                     self.problems.at(key_node, f"unknown data key `{key}` -- {_closest(key, DATA_KEYS)}")
                     continue
+                if key in data_nodes:
+                    self.problems.at(key_node, f"key `data.{key}` appears twice -- keep one")
                 value = _value(value_node)
                 if not check_type(value, str | list[str] | None)[0] or value == []:
                     self.problems.at(value_node, f"`data.{key}` must be a file path (or a list of them), got {value!r}")
@@ -549,6 +551,8 @@ class _Reader:
                 self.problems.at(mapping, f"`{stage}` must be a mapping of its options, e.g. {stage}: {{seed: 1}}")
             else:
                 for key_node, value_node in mapping.value:
+                    if key_node.value in given:  # YAML keeps the last one: say so rather than guess
+                        self.problems.at(key_node, f"key `{stage}.{key_node.value}` appears twice -- keep one")
                     given[key_node.value] = (_value(value_node), lambda m, n=key_node: self.problems.at(n, m))
         for key, (option, value) in self.cli_stage.get(stage, {}).items():
             given[key] = (value, lambda m, o=option: self.problems.cli(o, m))

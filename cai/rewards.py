@@ -180,7 +180,7 @@ def pm_directory(path: str | Path) -> Path:
         return path
     if (path / "model" / "config.json").exists():
         return path / "model"
-    raise ModelError(f"--pm {path}: no preference model there (no config.json in it or in {path / 'model'}) -- "
+    raise ModelError(f"{path}: no preference model there (no config.json in it or in {path / 'model'}) -- "
                      "pass the directory `cai pm train --out` wrote")
 
 

@@ -95,6 +95,15 @@ def test_missing_required_section_and_bad_yaml(tmp_path):
     assert c.validate(bad)[0].startswith(f"{bad}:")
 
 
+def test_an_example_naming_a_principle_of_a_misspelled_section_adds_no_empty_suggestion(tmp_path):
+    text = VALID + "    critique_examples:\n      - principle: harm\n        prompt: p\n        answer: a\n" \
+        "        critique: c\n        revision: r\n"
+    path = write(tmp_path, text.replace("critique_principles:", "critique_principle:"))
+    problems = c.validate(path)
+    assert any("missing `critique_principles`" in p for p in problems)
+    assert not any(p.rstrip().endswith("use one of:") for p in problems), problems
+
+
 def test_literal_braces_are_allowed_and_rendered(tmp_path):
     path = write(tmp_path, VALID.replace("Rewrite it politely.", "Rewrite it politely, {{like this}}."))
     loaded = c.load(path)

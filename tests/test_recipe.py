@@ -217,6 +217,17 @@ def test_unknown_key_names_file_line_and_closest_key(tmp_path, prompts):
         load(path)
 
 
+def test_a_key_written_twice_is_a_problem_not_the_last_one_winning(tmp_path, prompts):
+    path = write_recipe(tmp_path, "critique:\n  revisions: 2\n  revisions: 3\n", prompts)
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    line = len(path.read_text().splitlines())  # the second one
+    assert f"r.yaml:{line}: key `critique.revisions` appears twice" in str(error.value)
+    path.write_text(path.read_text().replace("data:\n", f"data:\n  helpful: {prompts}\n"))
+    with pytest.raises(RecipeError, match="key `data.helpful` appears twice"):
+        load(path)
+
+
 def test_wrong_type_and_all_problems_at_once(tmp_path, prompts):
     path = write_recipe(tmp_path, "sft:\n  epochs: two\nrl:\n  beta: yes\n  rewards: format\n", prompts)
     with pytest.raises(RecipeError) as error:

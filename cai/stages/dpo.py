@@ -99,7 +99,7 @@ class DPOConfig:
         "help": "Optimizer steps to train; None trains for `epochs` passes."})
     max_length: int = field(default=512, metadata={
         "help": "Tokens per sequence (prompt + answer, chat template included). Longer answers are cut at the "
-                "end; pairs whose prompt alone fills it are dropped to DIR/rejected.jsonl."})
+                "end; pairs whose prompt alone fills it are dropped to DIR/dropped.jsonl."})
     batch_size: int = field(default=4, metadata={
         "help": "Preference pairs per optimizer step (each pair is two sequences). Changes training, so it is "
                 "part of the config hash."})
