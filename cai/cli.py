@@ -83,14 +83,16 @@ class RichReporter:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), _Throughput(), console=stderr, transient=False)
 
+    # The bars start with the first task: a stage that fails before one leaves no empty live area behind.
     def __enter__(self) -> "RichReporter":
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:  # Progress.stop prints a blank line off a terminal even unstarted
+            self.progress.stop()
 
     def task(self, description: str, total: int | None, unit: str = "items") -> _RichTask:
+        self.progress.start()  # does nothing once started
         return _RichTask(self.progress, self.progress.add_task(description, total=total, unit=unit, tokens=0))
 
     def log(self, message: str) -> None:

@@ -33,6 +33,19 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_stage_that_fails_before_its_first_bar_prints_just_the_error(tmp_path):
+    """No blank line from a progress display that never drew (rich prints one off a terminal)."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "x"}\n{broken\n')
+    result = subprocess.run([sys.executable, "-m", "cai", "feedback", "--prompts", str(prompts), "--policy",
+                             "embedded:tiny-random", "--out", str(tmp_path / "f.jsonl")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {prompts}:2: not valid JSON"), result.stderr
+
+
 def test_usage_errors_print_clicks_message_without_traceback():
     """typer 0.2x raises its own copy of click's exceptions, which are not click.ClickException: a
     misspelled option must still come out as click's two-line message, exit code 2."""
