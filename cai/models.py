@@ -16,6 +16,7 @@ Nothing here downloads when given a local reference. `trust_remote_code` is off 
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,11 @@ from typing import Any
 
 from cai.errors import ConfigError, MissingDependency, ModelError
 from cai.paths import cai_home
+
+# On CPUs with AVX512-BF16, importing bitsandbytes (peft does) tries to fetch a 4-bit kernel from the
+# hub and, offline, warns "please `pip install kernels`": installing it would not help without network,
+# and bitsandbytes falls back to its own kernel, which the 4-bit tests run on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
