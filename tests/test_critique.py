@@ -252,6 +252,21 @@ def test_running_a_finished_stage_again_does_no_work(prompts_file, tmp_path):
     assert third.skipped and built == []
 
 
+def test_a_larger_limit_adds_to_a_finished_run_without_redoing_it(prompts_file, tmp_path):
+    """The README suggests `cai critique --limit 8` to look first: the full run then adds, not redoes."""
+    first, records, _ = run_with(StubEngine(), config(prompts_file, tmp_path, revisions=1, limit=2))
+    assert len(records) == 2
+    extended, records, _ = run_with(StubEngine(), config(prompts_file, tmp_path, revisions=1, limit=4))
+    assert not extended.skipped and (extended.counts["written"], extended.counts["resumed"]) == (2, 2)
+    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS[:4]]
+    again, _, built = run_with(StubEngine(), config(prompts_file, tmp_path, revisions=1, limit=4))
+    assert again.skipped and built == []
+    full, records, _ = run_with(StubEngine(), config(prompts_file, tmp_path, revisions=1))
+    assert full.counts["written"] == len(PROMPTS) - 4 and len(records) == len(PROMPTS)
+    with pytest.raises(Exception, match="revisions: 1 -> 2"):  # other options still refuse
+        run_with(StubEngine(), config(prompts_file, tmp_path, revisions=2, limit=4))
+
+
 def test_a_different_configuration_needs_force(prompts_file, tmp_path):
     from cai.errors import ResumeMismatch
 

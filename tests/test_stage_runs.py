@@ -52,6 +52,35 @@ def test_the_refusal_names_the_output_and_what_changed(tmp_path):
     assert not out.exists()  # discarded
 
 
+@dataclass
+class ScopedConfig:
+    revisions: int = 1
+    limit: int | None = field(default=None, metadata={"hash": False, "scope": True})
+
+
+def test_a_finished_run_with_another_scope_is_resumed_not_skipped_nor_refused(tmp_path):
+    out = tmp_path / "critique.jsonl"
+    finished = stage_run(out, ScopedConfig(limit=2))
+    finished.start()
+    out.write_text('{"id": "a"}\n{"id": "b"}\n')
+    finished.complete(outputs={"records": out}, counts={}, summary="2 records")
+    assert stage_run(out, ScopedConfig(limit=2)).previous() is not None  # same scope: skipped
+    wider = stage_run(out, ScopedConfig(limit=4))
+    assert wider.previous() is None and wider.start() is True and out.read_text().count("\n") == 2
+    with pytest.raises(ResumeMismatch, match="revisions: 1 -> 2"):
+        stage_run(out, ScopedConfig(revisions=2, limit=4)).start()
+
+
+@pytest.mark.parametrize("stage", ["critique", "feedback"])
+def test_limit_is_a_scope_where_records_depend_on_their_prompt_only(stage):
+    import dataclasses
+    import importlib
+
+    module, name, _ = LIMITED_CONFIGS[stage]
+    [limit] = [f for f in dataclasses.fields(getattr(importlib.import_module(module), name)) if f.name == "limit"]
+    assert limit.metadata.get("scope") and limit.metadata.get("hash") is False
+
+
 # Each stage with a --limit: its config class and the fewest other fields it needs.
 LIMITED_CONFIGS = {
     "critique": ("cai.stages.critique", "CritiqueConfig", {"prompts": "p.jsonl"}),

@@ -119,7 +119,9 @@ def default_manifest_path(out: str | Path) -> Path:
 
 def config_hash(cfg: Any) -> str:
     """Hash of the fields that change a stage's output. Fields with `metadata={"hash": False}` (batch
-    size, output paths, force) do not count: changing them must not invalidate finished work."""
+    size, output paths, force) do not count: changing them must not invalidate finished work. Nor do
+    scope fields (`metadata={"hash": False, "scope": True}`: `--limit` of a stage whose records do not
+    depend on it): a finished run with another scope is extended or cut short, not redone."""
     values = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("hash", True):
@@ -210,10 +212,16 @@ class StageRun:
     def matches(self, manifest: dict[str, Any]) -> bool:
         return manifest.get("config_hash") == self.config_hash and manifest.get("inputs") == self.inputs
 
+    def same_scope(self, manifest: dict[str, Any]) -> bool:
+        before = manifest.get("config", {})
+        return all(before.get(f.name) == json.loads(json.dumps(getattr(self.cfg, f.name), default=str))
+                   for f in dataclasses.fields(self.cfg) if f.metadata.get("scope"))
+
     def previous(self) -> StageResult | None:
         """The earlier result if a complete manifest matches this config and these inputs, else None."""
         manifest = self._read()
-        if manifest and manifest.get("status") == "complete" and self.matches(manifest) and not self.force:
+        if (manifest and manifest.get("status") == "complete" and self.matches(manifest) and self.same_scope(manifest)
+                and not self.force):
             return StageResult(stage=self.stage, outputs=manifest.get("outputs", {}), counts=manifest.get("counts", {}),
                                summary=manifest.get("summary", "") + " (already complete; skipped)", skipped=True,
                                metrics=manifest.get("metrics", {}))
@@ -228,6 +236,7 @@ class StageRun:
         | partial, same config and inputs    | resume            | resume              |
         | partial, different, nothing written| discard, start    | discard, start      |
         | complete, same config and inputs   | (previous() skips)| discard, start      |
+        | complete, same but another scope   | resume (extend)   | discard, start      |
         | different config or inputs         | ResumeMismatch    | discard, start      |
 
         "Nothing written": a run that failed before finishing any record (a mistyped model, a missing
@@ -252,6 +261,8 @@ class StageRun:
                 f"{where}: holds {self.stage} output made with different options or inputs "
                 f"({'; '.join(self._differences(manifest))}) -- pass --force to discard it and start over, "
                 "or choose another --out")
+        else:  # complete, same options and inputs, another --limit: its records stay valid, add to them
+            resuming = True
         self._write("partial", outputs={}, counts={}, summary="")
         return resuming
 

@@ -58,7 +58,9 @@ class CritiqueConfig:
     revisions: int = field(default=4, metadata={
         "help": "Critique/revision rounds per prompt (the paper used 4); each round draws a fresh principle."})
     limit: int | None = field(default=None, metadata={
-        "help": "Use only the first N prompts of the file; None = all of them."})
+        "hash": False, "scope": True,  # each record depends on its prompt only: a larger limit adds records
+        "help": "Use only the first N prompts of the file; None = all of them. Raising it later adds to "
+                "the records already written."})
     few_shot: bool = field(default=True, metadata={
         "help": "Show the constitution's critique examples before each critique and revision request."})
     revision_prefix: str | None = field(default=None, metadata={

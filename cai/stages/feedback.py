@@ -89,7 +89,9 @@ class FeedbackConfig:
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts; None: all."})
+    limit: int | None = field(default=None, metadata={
+        "hash": False, "scope": True,  # each pair depends on its prompt only: a larger limit adds pairs
+        "help": "Use only the first N prompts; None: all. Raising it later adds to the pairs already labelled."})
     seed: int = field(default=0, metadata={"help": "Seed for the answers' sampling and the principles drawn per pair."})
     force: bool = field(default=False, metadata={
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
