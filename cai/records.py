@@ -36,26 +36,38 @@ Message = dict[str, str]
 # ----------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line_number, object)` for each non-blank line; a line that is not a JSON object fails
-    with `file:line`. A torn last line (no newline at the end, not valid JSON, as a kill leaves it) is
-    skipped rather than failing, because the writer that left it will repair it on resume."""
+def read_jsonl(path: str | Path, *, torn_tail_ok: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line_number, object)` for each non-blank line of a JSONL file (`.jsonl.gz` too); a line
+    that is not a JSON object fails with `file:line`.
+
+    `torn_tail_ok`: a last line without its newline that is not valid JSON, as a kill leaves one, is
+    skipped. Only for cai's own append-only outputs read on resume (their writer repairs it); in a file
+    someone gives cai, a broken last line is a mistake to report, not a record to drop."""
     path = Path(path)
     if not path.exists():
         raise RecordsError(f"{path}: no such file -- check the path")
-    with path.open("rb") as handle:
-        raw = handle.read()
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        import gzip
+
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise RecordsError(f"{path}: not a complete gzip file ({exc}) -- download or compress it again") from None
     lines = raw.split(b"\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         is_last_unterminated = number == len(lines) and not raw.endswith(b"\n")
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, as some editors write
         try:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            if is_last_unterminated:
+            if is_last_unterminated and torn_tail_ok:
                 return
-            raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}) "
+            cut = " (the last line has no newline: was the file cut short?)" if is_last_unterminated else ""
+            raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}){cut} "
                                "-- each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} "
@@ -109,6 +121,9 @@ def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
         if messages[-1]["role"] == "assistant" and len(messages) > 1:
             messages = messages[:-1]
         return messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
+    present = [column for column in PROMPT_COLUMNS if column in row]
+    if present:
+        raise RecordsError(f"{where}: `{present[0]}` is empty -- give the prompt's text, or remove the line")
     raise RecordsError(f"{where}: no prompt found -- give a column named one of {', '.join(PROMPT_COLUMNS)}, "
                        "or chat `messages`")
 
@@ -151,7 +166,9 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.exists():
         raise RecordsError(f"{path}: no such file -- check the path")
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: spreadsheet programs start "CSV UTF-8" files with a byte order mark, which would
+    # otherwise stick to the first column's name.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
             # line_num is the physical line where the row ended (handles quoted newlines).
@@ -260,20 +277,8 @@ def read_preferences(path: str | Path, default_source: str = "human-helpful",
     rows without `p_chosen` are hard labels (1.0).
     """
     path = Path(path)
-    if path.suffix == ".gz":
-        import gzip
-        import tempfile
-
-        if not path.exists():
-            raise RecordsError(f"{path}: no such file -- check the path")
-        with gzip.open(path, "rb") as src, tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as dst:
-            dst.write(src.read())
-        rows = list(read_jsonl(dst.name))
-        os.unlink(dst.name)
-    else:
-        rows = read_jsonl(path)
     records = []
-    for number, row in rows:
+    for number, row in read_jsonl(path):
         records.append(normalize_preference(row, f"{path}:{number}", default_source))
         if limit is not None and len(records) >= limit:
             break

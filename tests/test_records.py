@@ -59,10 +59,45 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_prompts(path)
 
 
-def test_torn_last_line_is_skipped_when_reading(tmp_path):
+def test_a_torn_last_line_is_skipped_only_in_cais_own_outputs(tmp_path):
+    """A kill leaves a torn line in an output, which its writer repairs on resume; the same line in a
+    file a user gives is a mistake, and dropping it silently would lose the record."""
     path = tmp_path / "t.jsonl"
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "pro')
-    assert [n for n, _ in read_jsonl(path)] == [1]
+    assert [n for n, _ in read_jsonl(path, torn_tail_ok=True)] == [1]
+    with pytest.raises(RecordsError, match=r"t.jsonl:2: not valid JSON .*no newline: was the file cut short"):
+        read_prompts(path)
+
+
+def test_gzipped_files_read_like_plain_ones_and_errors_name_them(tmp_path):
+    import gzip
+
+    lines = '{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n'
+    path = tmp_path / "p.jsonl.gz"
+    path.write_bytes(gzip.compress(lines.encode()))
+    assert [r["id"] for r in read_prompts(path)] == ["a", "b"]
+    path.write_bytes(gzip.compress((lines + "{broken\n").encode()))
+    with pytest.raises(RecordsError, match=rf"^{path}:3: not valid JSON"):
+        read_prompts(path)
+    preferences = tmp_path / "prefs.jsonl.gz"
+    preferences.write_bytes(gzip.compress(b'{"prompt": "x", "chosen": "a", "rejected": "b"}\n{broken\n'))
+    with pytest.raises(RecordsError, match=rf"^{preferences}:2: not valid JSON"):  # not a temporary file's name
+        read_preferences(preferences)
+    path.write_bytes(gzip.compress(lines.encode())[:-8])  # a download cut short
+    with pytest.raises(RecordsError, match="not a complete gzip file"):
+        read_prompts(path)
+
+
+def test_byte_order_marks_and_empty_prompts(tmp_path):
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes("\ufeffprompt,category\nHow do I fix a bike?,benign\n".encode())
+    assert read_prompts(csv_path)[0]["prompt"] == "How do I fix a bike?"
+    jsonl_path = tmp_path / "bom.jsonl"
+    jsonl_path.write_bytes('\ufeff{"prompt": "hi"}\n'.encode())
+    assert read_prompts(jsonl_path)[0]["prompt"] == "hi"
+    jsonl_path.write_text('{"prompt": "hi"}\n{"prompt": "  "}\n')
+    with pytest.raises(RecordsError, match=r"bom.jsonl:2: `prompt` is empty"):
+        read_prompts(jsonl_path)
 
 
 def test_hh_transcripts_single_and_multi_turn():
