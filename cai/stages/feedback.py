@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.errors import ConfigError
+from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import StageContext, StageResult, StageRun, check_limit, engine_progress, item_seed
 
@@ -443,6 +443,15 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
 
     constitution = constitution_module.load(cfg.constitution)
     labelled = read_preferences(cfg.pairs, default_source="labelled", limit=cfg.limit)
+    # hh-rlhf has rows whose final answer is empty: neither judge has anything to read in them (the
+    # contrast judge scores the answer's tokens), so they are left out of every method alike.
+    empty = [r["id"] for r in labelled if not r["chosen"].strip() or not r["rejected"].strip()]
+    if empty:
+        labelled = [r for r in labelled if r["chosen"].strip() and r["rejected"].strip()]
+        ctx.reporter.log(f"feedback eval: {len(empty)} pair(s) of {cfg.pairs} have an empty answer and are left "
+                         f"out ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})")
+        if not labelled:
+            raise RecordsError(f"{cfg.pairs}: every pair has an empty answer -- nothing to judge")
     sets: dict[str, list[dict[str, Any]]] = {f"pairs: {Path(cfg.pairs).name}": labelled}
     if cfg.sanity:
         sanity = read_preferences(bundled("data/judge_sanity_pairs.jsonl"), default_source="sanity")
@@ -494,5 +503,6 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
         outputs = {"metrics": str(out / "metrics.json"), "verdicts": str(out / "verdicts.jsonl")}
     summary = "; ".join(f"{method}: agreement {_fmt(metrics[method][first]['agreement'])} on {first}"
                         for method in methods)
-    return StageResult(stage="feedback-eval", outputs=outputs, counts={name: len(r) for name, r in sets.items()},
+    counts = {name: len(r) for name, r in sets.items()} | ({"left_out_empty_answer": len(empty)} if empty else {})
+    return StageResult(stage="feedback-eval", outputs=outputs, counts=counts,
                        summary=summary, metrics={"methods": metrics, "temperature_fit": fits, "tables": tables})
