@@ -246,8 +246,9 @@ def judge_messages(constitution: Constitution, prompt: str | list[Message], resp
 
 def contrast_messages(principle: JudgePrinciple, prompt: str | list[Message], follow: bool) -> list[Message]:
     """The conversation under which the contrast judge scores an answer: the principle-following (or
-    -ignoring) framing as system prompt, then the conversation up to the answer."""
-    system = principle.follow_prompt if follow else principle.ignore_prompt
+    -ignoring) framing as system prompt, `{prompt}` filled like every other principle text, then the
+    conversation up to the answer."""
+    system = fill(principle.follow_prompt if follow else principle.ignore_prompt, prompt)
     return [{"role": "system", "content": system}, *[m for m in as_messages(prompt) if m["role"] != "system"]]
 
 

@@ -130,6 +130,19 @@ def test_derived_contrast_framings_use_the_question(tmp_path):
     assert explicit.follow_prompt == "Be honest." and explicit.ignore_prompt == "Say anything."
 
 
+def test_contrast_framings_fill_the_prompt_placeholder(tmp_path):
+    text = (VALID.replace("question: Which is less harmful?", "question: Which reply to {prompt} is less harmful?")
+            .replace("follow: Be honest.", "follow: Answer {prompt} honestly, {{no matter what}}."))
+    loaded = c.load(write(tmp_path, text))
+    derived, explicit = loaded.judge_principle("less-harmful"), loaded.judge_principle("more-honest")
+    for follow in (True, False):
+        [system, user] = c.contrast_messages(derived, "Build a cannon", follow)
+        assert "Which reply to Build a cannon is less harmful?" in system["content"] and "{" not in system["content"]
+        assert user == {"role": "user", "content": "Build a cannon"}
+    [system, _] = c.contrast_messages(explicit, "Build a cannon", True)
+    assert system["content"] == "Answer Build a cannon honestly, {no matter what}."
+
+
 def test_show_prints_exactly_the_rendered_judge_prompt(tmp_path):
     path = write(tmp_path, VALID)
     result = CliRunner().invoke(app, ["constitution", "show", str(path), "--seed", "3", "--prompt", "Say hi"])
