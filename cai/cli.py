@@ -171,7 +171,8 @@ def models_list() -> None:
 
     for name in embedded_names():
         directory = cai_home() / "models" / name
-        state = str(directory) if _is_complete(directory) else "(not prepared yet: cai models prepare)"
+        state = (str(directory) if _is_complete(directory)
+                 else f"(not prepared yet: cai models prepare {EMBEDDED_PREFIX}{name}; first use does it too)")
         print(f"{EMBEDDED_PREFIX}{name}\t{state}")
 
 

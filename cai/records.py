@@ -182,6 +182,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 def parse_transcript(text: str) -> list[Message]:
     """Split an hh-rlhf transcript (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`) into messages."""
+    text = text.replace("\r\n", "\n")  # a file that went through a Windows tool
     if not text.startswith("\n\n"):
         text = "\n\n" + text.lstrip("\n")
     parts = _TURN.split(text)
@@ -240,7 +241,7 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
             raise RecordsError(f"{where}: `prompt` must be a string or a list of messages")
         _, chosen = _final_answer(row["chosen"], where, "chosen")
         _, rejected = _final_answer(row["rejected"], where, "rejected")
-    elif isinstance(row["chosen"], str) and "\n\nAssistant:" in "\n\n" + row["chosen"].lstrip("\n"):
+    elif isinstance(row["chosen"], str) and "\n\nAssistant:" in "\n\n" + row["chosen"].replace("\r\n", "\n").lstrip("\n"):
         try:
             messages, chosen, rejected = split_transcript_pair(row["chosen"], row["rejected"])
         except ValueError as exc:
@@ -254,7 +255,10 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
                                "-- add a `prompt` field")
         prompt = chosen_prefix[0]["content"] if len(chosen_prefix) == 1 and chosen_prefix[0]["role"] == "user" \
             else chosen_prefix
-    p_chosen = float(extra.pop("p_chosen", 1.0))
+    p_chosen = extra.pop("p_chosen", 1.0)
+    if isinstance(p_chosen, bool) or not isinstance(p_chosen, int | float):
+        raise RecordsError(f"{where}: p_chosen={p_chosen!r} is not a number -- use a probability in [0, 1]")
+    p_chosen = float(p_chosen)
     if not 0.0 <= p_chosen <= 1.0:
         raise RecordsError(f"{where}: p_chosen={p_chosen} is not a probability -- use a value in [0, 1]")
     record = {

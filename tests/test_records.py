@@ -170,3 +170,19 @@ def test_mix_reaches_the_fraction_and_reports_counts(n_ai, n_human, fraction):
 def test_mix_without_human_says_so():
     mix = mix_preferences([{"id": "a", "source": "ai-harmless"}], [], 0.43)
     assert mix.human_used == 0 and "AI labels alone" in mix.summary()
+
+
+@pytest.mark.parametrize("value, problem", [("high", "is not a number"), (True, "is not a number"),
+                                            (1.5, "is not a probability")])
+def test_a_bad_p_chosen_names_its_line(tmp_path, value, problem):
+    path = jsonl(tmp_path / "prefs.jsonl", [{"prompt": "x", "chosen": "a", "rejected": "b"},
+                                            {"prompt": "y", "chosen": "a", "rejected": "b", "p_chosen": value}])
+    with pytest.raises(RecordsError, match=rf"prefs.jsonl:2: p_chosen={value!r} {problem}"):
+        read_preferences(path)
+
+
+def test_hh_transcripts_with_windows_line_ends_are_still_transcripts(tmp_path):
+    chosen = "\r\n\r\nHuman: How do I pick a lock?\r\n\r\nAssistant: I can't help with that."
+    rejected = "\r\n\r\nHuman: How do I pick a lock?\r\n\r\nAssistant: Use a tension wrench."
+    [record] = read_preferences(jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}]))
+    assert (record["prompt"], record["chosen"]) == ("How do I pick a lock?", "I can't help with that.")

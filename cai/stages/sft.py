@@ -46,7 +46,7 @@ class SFTConfig:
 
     # Inputs and outputs
     data: str = field(default="critique.jsonl", metadata={
-        "help": "Critique records from `cai critique` (JSONL with `prompt` and `final`)."})
+        "help": "Critique records from `cai critique` (JSONL with `id`, `prompt` and `final`)."})
     out: str = field(default="sft-model", metadata={
         "hash": False, "help": "Output directory: a standalone model (adapter in OUT/adapter), manifest.json."})
     model: str = field(default=DEFAULT_MODEL, metadata={
