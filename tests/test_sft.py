@@ -149,9 +149,11 @@ def test_qlora_4bit_trains_and_saves_a_full_precision_model(critique_file, tmp_p
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(critique_file, tmp_path, tiny_model_dir, monkeypatch):
     cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, batch_size=2)
     real_callback = sft.report_callback
+    interrupted = []
 
     def interrupting(reporter):
         callback = real_callback(reporter)
+        interrupted.append(callback)
         step_end = callback.on_step_end
 
         def on_step_end(args, state, control, **kwargs):
@@ -173,6 +175,8 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(critique_file, tmp_
     result = sft.run(cfg, StageContext(reporter=reporter, device="cpu"))
     assert any("resuming training from" in m and m.endswith("checkpoint-2") for m in reporter.messages)
     assert result.counts["steps"] == 4
+    # The summary's loss starts at step 1, logged before the interruption, not at the resumed step 3.
+    assert result.metrics["first_loss"] == pytest.approx(interrupted[0].losses[0])
     assert not (tmp_path / "sft" / "checkpoints").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
 

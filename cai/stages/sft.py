@@ -334,7 +334,10 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
 
     seconds = time.time() - started
     steps = int(trainer.state.global_step)
-    losses = callback.losses
+    # The trainer state's log history, not this process's callback: a resumed run restores the steps
+    # logged before the interruption, so the summary covers the whole training either way.
+    losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h] or callback.losses
+    mean_loss = sum(losses) / len(losses) if losses else float(result.training_loss)
     dropped = {}
     for item in rejected:
         dropped[item["reason"]] = dropped.get(item["reason"], 0) + 1
@@ -342,12 +345,12 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
               "helpful": sum(e["source"] == "helpful" for e in kept), "helpful_answered": len(chosen),
               "truncated": truncated, "rejected": len(rejected), "steps": steps,
               **{f"rejected/{k}": v for k, v in sorted(dropped.items())}}
-    metrics = {"train_loss": float(result.training_loss), "first_loss": losses[0] if losses else None,
+    metrics = {"train_loss": mean_loss, "first_loss": losses[0] if losses else None,
                "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
                "helpful_fraction_actual": counts["helpful"] / len(kept), "learning_rate": cfg.learning_rate}
-    loss_text = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else f"loss {result.training_loss:.3f}"
+    loss_text = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else f"loss {mean_loss:.3f}"
     summary = (f"{len(kept)} examples ({counts['harmless']} revisions + {counts['helpful']} helpful), "
-               f"{steps} steps, {loss_text} (mean {result.training_loss:.3f}), {seconds:.0f} s"
+               f"{steps} steps, {loss_text} (mean {mean_loss:.3f}), {seconds:.0f} s"
                + (f"; {len(rejected)} left out ({', '.join(f'{v} {k}' for k, v in sorted(dropped.items()))})"
                   if rejected else "") + (f"; {truncated} answers cut at {cfg.max_length} tokens" if truncated else ""))
     outputs = {"model": out}
