@@ -36,13 +36,11 @@ Message = dict[str, str]
 # ----------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: str | Path, *, torn_tail_ok: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (`.jsonl.gz` too); a line
-    that is not a JSON object fails with `file:line`.
-
-    `torn_tail_ok`: a last line without its newline that is not valid JSON, as a kill leaves one, is
-    skipped. Only for cai's own append-only outputs read on resume (their writer repairs it); in a file
-    someone gives cai, a broken last line is a mistake to report, not a record to drop."""
+    that is not a JSON object fails with `file:line`, the last one included: a file cut short is an error,
+    not a record to drop. (A torn line that a kill leaves in cai's own output is `RecordWriter`'s to
+    repair when the stage resumes; files written whole go through `write_jsonl`, which is atomic.)"""
     path = Path(path)
     if not path.exists():
         raise RecordsError(f"{path}: no such file -- check the path")
@@ -64,8 +62,6 @@ def read_jsonl(path: str | Path, *, torn_tail_ok: bool = False) -> Iterator[tupl
         try:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            if is_last_unterminated and torn_tail_ok:
-                return
             cut = " (the last line has no newline: was the file cut short?)" if is_last_unterminated else ""
             raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}){cut} "
                                "-- each line must be one JSON object") from None

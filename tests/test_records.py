@@ -59,12 +59,13 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_prompts(path)
 
 
-def test_a_torn_last_line_is_skipped_only_in_cais_own_outputs(tmp_path):
-    """A kill leaves a torn line in an output, which its writer repairs on resume; the same line in a
-    file a user gives is a mistake, and dropping it silently would lose the record."""
+def test_a_broken_last_line_is_an_error_not_a_dropped_record(tmp_path):
+    """A torn line in cai's own output is RecordWriter's to repair (tested below); in a file a user gives,
+    dropping it silently would lose the record."""
     path = tmp_path / "t.jsonl"
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "pro')
-    assert [n for n, _ in read_jsonl(path, torn_tail_ok=True)] == [1]
+    with pytest.raises(RecordsError, match=r"t.jsonl:2: not valid JSON"):
+        list(read_jsonl(path))
     with pytest.raises(RecordsError, match=r"t.jsonl:2: not valid JSON .*no newline: was the file cut short"):
         read_prompts(path)
 

@@ -268,7 +268,7 @@ class Monitor:
         self.batch_size = batch_size  # answers per step, to turn trl's mean length into tokens generated
         self.history: list[dict[str, Any]] = []
         if path.exists():
-            self.history = [record for _, record in read_jsonl(path, torn_tail_ok=True)]
+            self.history = [record for _, record in read_jsonl(path)]
         self._write_all = lambda: write_jsonl(self.path, self.history)
         self.pending: dict[str, Any] = {}
         self.times: dict[str, float] = {"generate_s": 0.0, "reward_s": 0.0, "judge_s": 0.0}

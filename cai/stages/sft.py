@@ -294,7 +294,7 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
         task = ctx.reporter.task("helpful answers", total=len(chosen), unit="prompts")
         answer_helpful(Engine(model, tokenizer, batch_size=cfg.generation_batch_size), chosen, cache_path, cfg, task)
         task.close()
-        answers = {row["id"]: row for _, row in read_jsonl(cache_path, torn_tail_ok=True)}
+        answers = {row["id"]: row for _, row in read_jsonl(cache_path)}
         for prompt in chosen:
             answer = answers[prompt["id"]]["answer"]
             if answer.strip():
