@@ -212,9 +212,14 @@ class StageRun:
     def matches(self, manifest: dict[str, Any]) -> bool:
         return manifest.get("config_hash") == self.config_hash and manifest.get("inputs") == self.inputs
 
+    def _as_stored(self, name: str) -> Any:
+        """This run's value of config field `name` as a manifest stores it (JSON: paths as strings,
+        tuples as lists), so it compares with an earlier manifest's."""
+        return json.loads(json.dumps(getattr(self.cfg, name), default=str))
+
     def same_scope(self, manifest: dict[str, Any]) -> bool:
         before = manifest.get("config", {})
-        return all(before.get(f.name) == json.loads(json.dumps(getattr(self.cfg, f.name), default=str))
+        return all(before.get(f.name) == self._as_stored(f.name)
                    for f in dataclasses.fields(self.cfg) if f.metadata.get("scope"))
 
     def previous(self) -> StageResult | None:
@@ -284,7 +289,7 @@ class StageRun:
         changes = []
         for f in dataclasses.fields(self.cfg):
             if f.metadata.get("hash", True) and f.name in before:
-                now = json.loads(json.dumps(getattr(self.cfg, f.name), default=str))
+                now = self._as_stored(f.name)
                 if before[f.name] != now:
                     changes.append(f"{f.name}: {before[f.name]!r} -> {now!r}")
         previous_inputs = manifest.get("inputs") or {}
