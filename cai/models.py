@@ -20,6 +20,8 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,14 @@ from cai.paths import cai_home
 # hub and, offline, warns "please `pip install kernels`": installing it would not help without network,
 # and bitsandbytes falls back to its own kernel, which the 4-bit tests run on.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft and trl read transformers' deprecated `is_gradient_checkpointing` on every training run; the
+# warning is theirs to fix and says nothing to a cai user.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+# transformers draws a bar for every model it loads or saves ("Loading weights", "Writing model shards"):
+# on a small model a line of noise between cai's own bars, on a 7B one the only sign of minutes of work.
+# Models above this many bytes of weights keep them.
+WEIGHT_BARS_FROM_BYTES = 1 << 30
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -192,7 +202,8 @@ def _prepare_smollm() -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=_ensure(target.parent)))
-    rebuilt.save_pretrained(build)
+    with _weight_bars(0):
+        rebuilt.save_pretrained(build)
     tokenizer.save_pretrained(build)
     (build / "cai-conversion.json").write_text(json.dumps({"version": CONVERSION_VERSION, "source": str(gguf)}))
     return _publish(build, target)
@@ -244,7 +255,8 @@ def build_tiny_random(directory: Path, spec: TinyModelSpec = TinyModelSpec()) ->
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=_ensure(directory.parent)))
-    model.save_pretrained(build)
+    with _weight_bars(0):
+        model.save_pretrained(build)
     tokenizer.save_pretrained(build)
     (build / "cai-conversion.json").write_text(json.dumps({"version": CONVERSION_VERSION, "source": "random"}))
     return _publish(build, directory)
@@ -445,7 +457,8 @@ def _load(auto_class, reference, *, quantize, device, dtype, trust_remote_code, 
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
     kwargs["dtype"] = dtype or precision_for(device).torch_dtype
     try:
-        model = auto_class.from_pretrained(path, **kwargs)
+        with _weight_bars(_weight_bytes_on_disk(path)):
+            model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model {reference!r} from {path}: {exc}".split("\n")[0]) from None
     if qconfig is None:
@@ -453,6 +466,32 @@ def _load(auto_class, reference, *, quantize, device, dtype, trust_remote_code, 
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextmanager
+def _weight_bars(weight_bytes: int):
+    """transformers' loading and saving bars, on only for models of WEIGHT_BARS_FROM_BYTES and more."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if weight_bytes < WEIGHT_BARS_FROM_BYTES:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _weight_bytes_on_disk(path: str) -> int:
+    directory = Path(path)
+    if not directory.is_dir():
+        return WEIGHT_BARS_FROM_BYTES  # not a local directory: assume large, keep the bars
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in directory.glob(pattern))
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- LoRA and saving
@@ -494,7 +533,8 @@ def save_standalone(model, tokenizer, out_dir: str | Path, *, base_reference: st
             merged = model.merge_and_unload()
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
-    merged.save_pretrained(out_dir)
+    with _weight_bars(_weight_bytes(merged)):
+        merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

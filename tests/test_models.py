@@ -136,3 +136,16 @@ def test_embedded_model_prepares_a_loadable_directory():
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.num_hidden_layers == 30
     assert resolve("embedded:smollm2-135m-instruct") == path  # cached: no second conversion
+
+
+def test_small_models_load_and_save_without_transformers_bars_large_ones_keep_them(tiny_model_dir, tmp_path,
+                                                                                    capfd, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    save_standalone(model, tokenizer, tmp_path / "small")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on for everything else
+    monkeypatch.setattr(models, "WEIGHT_BARS_FROM_BYTES", 0)  # every model counts as large
+    load_causal_lm(tiny_model_dir, device="cpu")
+    assert "Loading weights" in capfd.readouterr().err
