@@ -20,6 +20,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 from cai import __version__
@@ -50,17 +51,30 @@ _state = {"debug": False}
 # ----------------------------------------------------------------------------- progress
 
 
+def _rate(value: float) -> str:
+    """A rate in at most four figures, so the throughput column keeps its width: 0.48, 8.49, 97.8, 1234,
+    29.3k, 1.25M."""
+    if value >= 1e6:
+        return f"{value / 1e6:.3g}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.3g}k"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 class _Throughput(ProgressColumn):
     """items/s and, when the task reports them, tokens/s."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
 
     def render(self, task) -> Text:
         elapsed = task.elapsed or 0.0
         if elapsed <= 0:
             return Text("")
-        text = f"{task.completed / elapsed:.2f} {task.fields.get('unit', 'items')}/s"
+        text = f"{_rate(task.completed / elapsed)} {task.fields.get('unit', 'items')}/s"
         tokens = task.fields.get("tokens", 0)
         if tokens:
-            text += f"  {tokens / elapsed:.0f} tok/s"
+            text += f"  {_rate(tokens / elapsed)} tok/s"
         return Text(text, style="cyan")
 
 
@@ -80,8 +94,12 @@ class RichReporter:
     """Draws stage progress on stderr; status lines above the bars."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), _Throughput(), console=stderr, transient=False)
+        # On a narrow terminal the description gives way (cut with an ellipsis) and then the bar, so
+        # that the counts and the throughput stay on one line.
+        self.progress = Progress(
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=28)),
+            BarColumn(bar_width=None, table_column=Column(min_width=4)), MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)), _Throughput(), console=stderr, transient=False)
 
     # The bars start with the first task: a stage that fails before one leaves no empty live area behind.
     def __enter__(self) -> "RichReporter":

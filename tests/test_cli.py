@@ -155,3 +155,30 @@ def test_every_option_default_is_its_config_default():
             checked += 1
     assert not mismatches, "\n".join(mismatches)
     assert checked > 100
+
+
+def test_progress_line_keeps_counts_and_throughput_on_one_line_at_80_columns(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from cai import cli
+
+    console = Console(file=io.StringIO(), width=80, soft_wrap=True)
+    monkeypatch.setattr(cli, "stderr", console)
+    now = [0.0]
+    with cli.RichReporter() as reporter:
+        reporter.progress.get_time = lambda: now[0]
+        task = reporter.task("mc: sanity: harmful-request judge_sanity_pairs.jsonl", total=24, unit="comparisons")
+        now[0] = 2.0
+        task.advance(24, tokens=29_341)
+    [line] = [text for text in console.file.getvalue().splitlines() if text.strip()]
+    assert line.startswith("mc: sanity: harmful-request") and "…" in line  # the description gave way
+    assert "24/24" in line and "comparisons/s" in line and "tok/s" in line
+
+
+def test_rates_keep_three_figures():
+    from cai.cli import _rate
+
+    assert [_rate(v) for v in (0.4834, 8.491, 97.83, 1234.4, 29_341, 293_410, 1_254_600)] == \
+        ["0.48", "8.49", "97.8", "1234", "29.3k", "293k", "1.25M"]
