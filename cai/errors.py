@@ -18,7 +18,7 @@ class RecipeError(CaiError):
 
 
 class RecordsError(CaiError):
-    """A JSONL/CSV input that cannot be read; the message names file:line."""
+    """A JSONL/CSV/text input that cannot be read; the message names file:line."""
 
 
 class ConstitutionError(CaiError):

@@ -36,7 +36,8 @@ Message = dict[str, str]
 # ----------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON object"
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (`.jsonl.gz` too); a line
     that is not a JSON object fails with `file:line`, the last one included: a file cut short is an error,
     not a record to drop. (A torn line that a kill leaves in cai's own output is `RecordWriter`'s to
@@ -64,7 +65,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             cut = " (the last line has no newline: was the file cut short?)" if is_last_unterminated else ""
             raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}){cut} "
-                               "-- each line must be one JSON object") from None
+                               f"-- {line_hint}") from None
         if not isinstance(obj, dict):
             raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} "
                                "-- each line must be one JSON object like {\"prompt\": \"...\"}")
@@ -125,17 +126,20 @@ def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read a prompt set (JSONL or CSV) into prompt records `{"id", "prompt", ...}`.
+    """Read a prompt set (JSONL, CSV, or plain text) into prompt records `{"id", "prompt", ...}`.
 
-    The prompt comes from the first of `PROMPT_COLUMNS` present, or from chat `messages`. Other fields
-    (`category`, `answer`, `tests`) are kept. Records without an `id` get one derived from the prompt;
-    a duplicate id fails naming both lines.
+    The prompt comes from the first of `PROMPT_COLUMNS` present, or from chat `messages`; a `.txt` file
+    holds one prompt per line. Other fields (`category`, `answer`, `tests`) are kept. Records without an
+    `id` get one derived from the prompt; a duplicate id fails naming both lines.
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
         rows = _read_csv(path)
+    elif path.suffix.lower() == ".txt":
+        rows = _read_text(path)
     else:
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, line_hint='each line must be one JSON object like {"prompt": "..."} '
+                                          "(for one prompt per line of plain text, name the file .txt)")
     records: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}
     for number, row in rows:
@@ -148,6 +152,9 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
             record_id = stable_id("p", json.dumps(prompt, sort_keys=True))
         record["id"] = str(record_id)
         if record["id"] in first_line:
+            if row.get("id") is None:
+                raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
+                                   "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
             raise RecordsError(f"{where}: duplicate id {record['id']!r} (first seen on line "
                                f"{first_line[record['id']]}) -- ids must be unique")
         first_line[record["id"]] = number
@@ -157,6 +164,16 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     if not records:
         raise RecordsError(f"{path}: no records -- the file is empty")
     return records
+
+
+def _read_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """One prompt per non-blank line."""
+    if not path.exists():
+        raise RecordsError(f"{path}: no such file -- check the path")
+    text = path.read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield number, {"prompt": line}
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

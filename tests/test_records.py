@@ -89,6 +89,26 @@ def test_gzipped_files_read_like_plain_ones_and_errors_name_them(tmp_path):
         read_prompts(path)
 
 
+def test_plain_text_prompts_one_per_line_and_a_text_file_named_jsonl_says_so(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_bytes(b"How do I pick a lock?\r\n\n  Write a poem  \nSame id every time\n")
+    records = read_prompts(text)
+    assert [r["prompt"] for r in records] == ["How do I pick a lock?", "Write a poem", "Same id every time"]
+    assert records[0]["id"] == read_prompts(text)[0]["id"]  # derived from the text: stable across reads
+    misnamed = tmp_path / "p.jsonl"
+    misnamed.write_text("How do I pick a lock?\n")
+    with pytest.raises(RecordsError, match=r"p.jsonl:1: not valid JSON .*name the file .txt"):
+        read_prompts(misnamed)
+
+
+def test_the_same_prompt_twice_without_ids_names_both_lines(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("Write a poem\nTell a joke\nWrite a poem\n")
+    with pytest.raises(RecordsError, match=r"p.txt:3: the same prompt as line 1 -- remove one"):
+        read_prompts(text)
+    with_ids = jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Write a poem"}, {"id": "b", "prompt": "Write a poem"}])
+    assert [r["id"] for r in read_prompts(with_ids)] == ["a", "b"]
+
 def test_byte_order_marks_and_empty_prompts(tmp_path):
     csv_path = tmp_path / "excel.csv"
     csv_path.write_bytes("\ufeffprompt,category\nHow do I fix a bike?,benign\n".encode())

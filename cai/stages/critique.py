@@ -47,7 +47,7 @@ class CritiqueConfig:
 
     # Inputs and outputs
     prompts: str = field(default="data/red_team_prompts.jsonl", metadata={
-        "help": "Prompt set to critique (JSONL or CSV with a prompt-like column, or chat `messages`)."})
+        "help": "Prompt set to critique (JSONL or CSV with a prompt-like column, chat `messages`, or .txt: one a line)."})
     out: str = field(default="critique.jsonl", metadata={
         "hash": False, "help": "Output JSONL of critique records; the manifest goes beside it (NAME.manifest.json)."})
     model: str = field(default=DEFAULT_MODEL, metadata={
@@ -317,7 +317,7 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     counts = {"records": len(records), "written": written, "resumed": resumed, "rounds": total_rounds,
               "kept_previous": sum(kept.values()), **{f"kept_previous/{k}": v for k, v in sorted(kept.items())}}
     kept_text = ", ".join(f"{v} {k}" for k, v in sorted(kept.items()))
-    summary = (f"{len(records)} records ({written} new, {resumed} resumed), {cfg.revisions} rounds each; "
+    summary = (f"{len(records)} records ({written} new, {resumed} resumed), {cfg.revisions} round{'s' if cfg.revisions != 1 else ''} each; "
                f"{sum(kept.values())} of {total_rounds} revisions kept the previous answer"
                + (f" ({kept_text})" if kept_text else "") + f"; {tokens} tokens generated")
     return stage.complete(outputs={"records": out}, counts=counts, summary=summary,

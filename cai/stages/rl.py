@@ -34,7 +34,7 @@ ALGOS = ("grpo", "rloo")
 @dataclass
 class RLConfig:
     prompts: list[str] = field(default_factory=list, metadata={
-        "help": "Prompt files (JSONL or CSV in any format cai reads), mixed into one training set: give "
+        "help": "Prompt files (JSONL, CSV or .txt, in any format cai reads), mixed into one training set: give "
                 "red-team and helpful prompts (the paper trained RL on both). Records with `answer` or `tests` "
                 "feed the math and code rewards."})
     out: str = field(default="", metadata={
