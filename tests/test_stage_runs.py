@@ -71,6 +71,50 @@ def test_a_finished_run_with_another_scope_is_resumed_not_skipped_nor_refused(tm
         stage_run(out, ScopedConfig(revisions=2, limit=4)).start()
 
 
+
+def finished_run(out, cfg):
+    run = stage_run(out, cfg)
+    run.start()
+    out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n{"id": "d"}\n')
+    run.complete(outputs={"records": out}, counts={"records": 4}, summary="4 records")
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (None, 2)])
+def test_a_smaller_limit_than_a_finished_run_is_refused_as_its_records_would_stay(tmp_path, before, after):
+    out = tmp_path / "critique.jsonl"
+    finished_run(out, ScopedConfig(limit=before))
+    smaller = stage_run(out, ScopedConfig(limit=after))
+    assert smaller.previous() is None
+    with pytest.raises(ResumeMismatch, match=f"larger run \\(limit: {before} -> 2\\).*--force"):
+        smaller.start()
+    assert out.read_text().count("\n") == 4  # nothing lost
+    assert stage_run(out, ScopedConfig(limit=after), force=True).start() is False and not out.exists()
+
+
+def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
+    out = tmp_path / "critique.jsonl"
+    finished_run(out, ScopedConfig(limit=4))
+    out.unlink()
+    again = stage_run(out, ScopedConfig(limit=4))
+    assert again.previous() is None  # not "already complete; skipped" with no file behind it
+    assert again.start() is True  # rebuilds what is missing
+
+
+def test_a_model_directory_retrained_in_place_is_a_new_input(tmp_path):
+    import os
+
+    from cai.stages.base import input_hash
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"A" * 64)
+    before = input_hash(model)
+    weights.write_bytes(b"B" * 64)  # same size, as retrained weights of the same shapes are
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert input_hash(model) != before
+
 @pytest.mark.parametrize("stage", ["critique", "feedback"])
 def test_limit_is_a_scope_where_records_depend_on_their_prompt_only(stage):
     import dataclasses

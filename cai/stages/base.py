@@ -121,7 +121,7 @@ def config_hash(cfg: Any) -> str:
     """Hash of the fields that change a stage's output. Fields with `metadata={"hash": False}` (batch
     size, output paths, force) do not count: changing them must not invalidate finished work. Nor do
     scope fields (`metadata={"hash": False, "scope": True}`: `--limit` of a stage whose records do not
-    depend on it): a finished run with another scope is extended or cut short, not redone."""
+    depend on it): a finished run is extended to a larger scope, not redone (`StageRun.start`)."""
     values = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("hash", True):
@@ -132,7 +132,7 @@ def config_hash(cfg: Any) -> str:
 
 
 def input_hash(reference: str | Path | None) -> str | None:
-    """Content hash of an input: a file's bytes; a directory's manifest (or file names and sizes);
+    """Content hash of an input: a file's bytes; a directory's manifest (or file names, sizes and times);
     a model reference that is not a path (embedded:..., hub id) is its own identity."""
     if reference is None:
         return None
@@ -151,7 +151,10 @@ def input_hash(reference: str | Path | None) -> str | None:
             data = json.loads(manifest.read_text())
             return hashlib.sha256(json.dumps([data.get("config_hash"), data.get("inputs"), data.get("counts")],
                                              sort_keys=True).encode()).hexdigest()[:16]
-        entries = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        # Sizes alone would miss weights retrained in place (same shapes, same sizes); the modification
+        # time catches that, at the cost of a rerun after a copy that does not keep times.
+        entries = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in path.rglob("*") if p.is_file())
         return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
     return hashlib.sha256(str(reference).encode()).hexdigest()[:16]
 
@@ -222,11 +225,27 @@ class StageRun:
         return all(before.get(f.name) == self._as_stored(f.name)
                    for f in dataclasses.fields(self.cfg) if f.metadata.get("scope"))
 
+    def narrower_scope(self, manifest: dict[str, Any]) -> list[str]:
+        """Scope fields (`--limit`) that ask for less than the run that wrote `manifest` covered, as
+        "NAME: OLD -> NEW" (None is everything)."""
+        before = manifest.get("config", {})
+        narrower = []
+        for f in dataclasses.fields(self.cfg):
+            if f.metadata.get("scope"):
+                old, new = before.get(f.name), self._as_stored(f.name)
+                if new is not None and (old is None or new < old):
+                    narrower.append(f"{f.name}: {old!r} -> {new!r}")
+        return narrower
+
+    def _outputs_exist(self, manifest: dict[str, Any]) -> bool:
+        return all(Path(path).exists() for path in manifest.get("outputs", {}).values())
+
     def previous(self) -> StageResult | None:
-        """The earlier result if a complete manifest matches this config and these inputs, else None."""
+        """The earlier result if a complete manifest matches this config and these inputs and its outputs
+        are still there, else None."""
         manifest = self._read()
         if (manifest and manifest.get("status") == "complete" and self.matches(manifest) and self.same_scope(manifest)
-                and not self.force):
+                and self._outputs_exist(manifest) and not self.force):
             return StageResult(stage=self.stage, outputs=manifest.get("outputs", {}), counts=manifest.get("counts", {}),
                                summary=manifest.get("summary", "") + " (already complete; skipped)", skipped=True,
                                metrics=manifest.get("metrics", {}))
@@ -239,14 +258,18 @@ class StageRun:
         | no manifest, no output             | start             | start               |
         | no manifest, output exists         | ResumeMismatch    | discard, start      |
         | partial, same config and inputs    | resume            | resume              |
+        |   ... but a smaller scope          | as complete, below| discard, start      |
         | partial, different, nothing written| discard, start    | discard, start      |
         | complete, same config and inputs   | (previous() skips)| discard, start      |
-        | complete, same but another scope   | resume (extend)   | discard, start      |
+        | complete, same, an output deleted  | resume (rebuild)  | discard, start      |
+        | complete, same, a larger scope     | resume (extend)   | discard, start      |
+        | complete, same, a smaller scope    | ResumeMismatch    | discard, start      |
         | different config or inputs         | ResumeMismatch    | discard, start      |
 
         "Nothing written": a run that failed before finishing any record (a mistyped model, a missing
         file) loses nothing when the corrected command replaces it; refusing would only make the user
-        find --force for an empty output.
+        find --force for an empty output. A smaller scope (`--limit 2` after `--limit 8`) is refused:
+        the output would still hold the other records, and dropping them would lose finished work.
         """
         manifest = self._read()
         resuming = False
@@ -256,7 +279,7 @@ class StageRun:
                     raise ResumeMismatch(f"{self.outputs[0]}: exists but has no manifest, so cai cannot tell how "
                                          "it was made -- pass --force to overwrite it, or choose another --out")
                 discard_outputs(*self.outputs)
-        elif self.matches(manifest) and manifest.get("status") == "partial":
+        elif self.matches(manifest) and manifest.get("status") == "partial" and not self.narrower_scope(manifest):
             resuming = True
         elif self.force or (manifest.get("status") == "partial" and not self._holds_work()):
             discard_outputs(*self.outputs)
@@ -266,7 +289,13 @@ class StageRun:
                 f"{where}: holds {self.stage} output made with different options or inputs "
                 f"({'; '.join(self._differences(manifest))}) -- pass --force to discard it and start over, "
                 "or choose another --out")
-        else:  # complete, same options and inputs, another --limit: its records stay valid, add to them
+        elif narrower := self.narrower_scope(manifest):
+            where = self.outputs[0] if self.outputs else self.path.parent
+            raise ResumeMismatch(
+                f"{where}: holds the {self.stage} output of a larger run ({'; '.join(narrower)}); a smaller "
+                "--limit would not remove its records -- leave --limit as it was to keep them, pass --force to "
+                "start over with the smaller one, or choose another --out")
+        else:  # complete, same options and inputs: a larger --limit or a deleted output; add what is missing
             resuming = True
         self._write("partial", outputs={}, counts={}, summary="")
         return resuming
