@@ -136,9 +136,17 @@ def _rng(seed: int, *keys: str) -> random.Random:
 
 
 def _draw(population: list, count: int, rng: random.Random) -> list:
+    """`count` draws in shuffled passes without replacement; a new pass never starts with the principle
+    the last one ended on (a round would otherwise critique under the same principle twice running)."""
     drawn: list = []
     while len(drawn) < count:
-        drawn.extend(rng.sample(population, min(len(population), count - len(drawn))))
+        batch = rng.sample(population, min(len(population), count - len(drawn)))
+        if drawn and len(population) > 1 and batch[0] is drawn[-1]:
+            if len(batch) > 1:
+                batch[0], batch[1] = batch[1], batch[0]
+            else:  # the pass holds one draw: take another principle
+                batch = [rng.choice([p for p in population if p is not drawn[-1]])]
+        drawn.extend(batch)
     return drawn
 
 

@@ -122,6 +122,15 @@ def test_sampling_is_seeded_reproducible_and_varies(tmp_path):
     assert len({p.id for p in judge}) == 2
 
 
+
+@pytest.mark.parametrize("rounds", [5, 8])
+def test_more_rounds_than_principles_never_repeat_one_twice_running(rounds):
+    short = c.load("short")  # 4 critique principles: a second pass starts after round 4
+    for item in range(200):
+        drawn = [p.id for p in short.sample_critique_principles(f"item-{item}", rounds, seed=0)]
+        assert all(a != b for a, b in zip(drawn, drawn[1:])), drawn
+        assert len(set(drawn[:4])) == 4  # each pass still uses every principle once
+
 def test_derived_contrast_framings_use_the_question(tmp_path):
     loaded = c.load(write(tmp_path, VALID))
     derived, explicit = loaded.judge_principle("less-harmful"), loaded.judge_principle("more-honest")
