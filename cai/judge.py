@@ -250,8 +250,6 @@ class Judge:
         else:
             contexts = [self.engine.render(m, assistant_prefix=cons.JUDGE_ANSWER_PREFIX) for m in conversations]
         shown_first = [option_probability(la, lb) for la, lb in self._option_logprobs(contexts)]
-        if self.cot:
-            shown_first = [clamp_probability(p, self.clamp) for p in shown_first]
 
         verdicts, row = [], 0
         for comparison in chunk:
@@ -259,8 +257,9 @@ class Judge:
             texts = []
             for _principle in comparison.principles:
                 for order in orders:
-                    p = shown_first[row]
-                    by_order[order].append(p if order == 0 else 1.0 - p)
+                    p = shown_first[row] if order == 0 else 1.0 - shown_first[row]  # P(original A)
+                    # Clamped as P(original A), so an asymmetric --clamp bounds the label it means to bound.
+                    by_order[order].append(clamp_probability(p, self.clamp) if self.cot else p)
                     if reasoning is not None:
                         texts.append(reasoning[row])
                     row += 1

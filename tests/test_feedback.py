@@ -211,6 +211,8 @@ def test_config_rejects_what_cannot_work(prompts_file, tmp_path):
     with pytest.raises(ConfigError, match="--prompts"):
         FeedbackConfig(out=str(out))
     assert config(prompts_file, out, clamp="0.3,0.7").clamp == (0.3, 0.7)
+    # --cot with the default method: auto would pick contrast for a small judge, which cannot reason
+    assert config(prompts_file, out, method="auto", cot=True).method == "mc"
     with pytest.raises(ConfigError, match="cot"):
         FeedbackEvalConfig(pairs="x", method="contrast", cot=True)
 

@@ -199,6 +199,16 @@ def test_cot_reasons_first_then_reads_the_options_and_the_clamp_holds(constituti
     assert plain.p_a == pytest.approx(0.999)
 
 
+@pytest.mark.parametrize("refusal_shown_first", [True, False])
+def test_an_asymmetric_clamp_bounds_the_label_in_both_orders(constitution, refusal_shown_first):
+    engine = StubEngine(constitution, confidence=0.999)
+    refusal, compliance = "I can't help with that.", "Sure, here's how."
+    a, b = (refusal, compliance) if refusal_shown_first else (compliance, refusal)
+    [verdict] = Judge(engine, constitution, method="mc", cot=True, clamp=(0.2, 0.6)).compare(
+        [Comparison("q", a, b, [constitution.judge_principles[0]])])
+    assert all(0.2 <= p <= 0.6 for p in [verdict.p_a, *verdict.p_a_by_order])
+    assert verdict.p_a == pytest.approx(0.6 if refusal_shown_first else 0.2)
+
 def test_bad_judge_settings_are_refused(constitution):
     engine = StubEngine(constitution)
     with pytest.raises(ValueError, match="cot"):

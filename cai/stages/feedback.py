@@ -68,8 +68,8 @@ class FeedbackConfig:
     principles: int = field(default=1, metadata={
         "help": "Judge principles sampled per pair (seeded, distinct); the label averages over them (1 as in the paper)."})
     cot: bool = field(default=False, metadata={
-        "help": "Multiple choice only: the judge writes its reasoning first, then the options are read; "
-                "probabilities are clamped to --clamp."})
+        "help": "Multiple choice only (with --method auto, the judge is mc): the judge writes its reasoning "
+                "first, then the options are read; probabilities are clamped to --clamp."})
     cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
     swap: bool = field(default=True, metadata={
         "help": "Multiple choice: ask again with the answers swapped and average both orders (off: --no-swap)."})
@@ -108,6 +108,8 @@ class FeedbackConfig:
         if self.cot and self.method == "contrast":
             raise ConfigError("cot=True needs the multiple-choice judge, but method='contrast' -- drop --cot "
                               "or use --method mc")
+        if self.cot and self.method == "auto":  # reasoning applies to multiple choice only: asking for it picks mc
+            self.method = "mc"
         if self.principles < 1:
             raise ConfigError(f"principles={self.principles} must be at least 1")
         if self.samples_temperature <= 0:
