@@ -351,6 +351,9 @@ def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None
     reader.check_references(top)
     run_dir = Path(runs_dir) / top["name"]
     planned = [stage for stage in (reader.stage(name, top, order, run_dir) for name in order) if stage is not None]
+    for spec in registry:  # options of stages this run leaves out: a typo there would surface only later
+        if spec.name not in order and (spec.name in reader.nodes or spec.name in reader.cli_stage):
+            reader.options(spec.name, check_files=False)
     reader.problems.raise_if_any()
     return Recipe(path=path, name=top["name"], run_dir=run_dir, top=top, stages=planned)
 
@@ -521,6 +524,42 @@ class _Reader:
             if local is not None:
                 top[key] = str(Path(reference).expanduser().resolve())
 
+    def options(self, stage: str, check_files: bool = True) -> dict[str, Any]:
+        """`stage`'s options from the recipe's mapping and --set, each checked for its name, its type and
+        (`check_files`) that an input file it names exists."""
+        spec = self.by_name[stage]
+        fields = _fields(spec.load()[0])
+        values: dict[str, Any] = {}
+        given: dict[str, tuple[Any, Callable[[str], None]]] = {}
+        mapping = self.node(stage)
+        if mapping is not None and not (isinstance(mapping, yaml.ScalarNode) and mapping.tag.endswith(":null")):
+            if not isinstance(mapping, yaml.MappingNode):
+                self.problems.at(mapping, f"`{stage}` must be a mapping of its options, e.g. {stage}: {{seed: 1}}")
+            else:
+                for key_node, value_node in mapping.value:
+                    if key_node.value in given:  # YAML keeps the last one: say so rather than guess
+                        self.problems.at(key_node, f"key `{stage}.{key_node.value}` appears twice -- keep one")
+                    given[key_node.value] = (_value(value_node), lambda m, n=key_node: self.problems.at(n, m))
+        for key, (option, value) in self.cli_stage.get(stage, {}).items():
+            given[key] = (value, lambda m, o=option: self.problems.cli(o, m))
+        allowed = [name for name in fields if name not in RUNNER_FIELDS]
+        for key, (value, report) in given.items():
+            if key not in allowed:
+                report(f"unknown key `{key}` in {stage} -- {_closest(key, allowed)}")
+                continue
+            ok, converted = check_type(value, fields[key][1])
+            if not ok:
+                report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
+                continue
+            if check_files and isinstance(converted, str) and spec.wiring.get(key, "").startswith("data."):
+                found = _existing_path(converted)
+                if found is None:
+                    report(f"`{stage}.{key}`: no such file {converted!r} -- check the path")
+                    continue
+                converted = str(found)
+            values[key] = converted
+        return values
+
     def stage(self, stage: str, top: dict[str, Any], order: list[str], run_dir: Path) -> PlannedStage | None:
         """One stage's config: dataclass default < wiring and shared top-level keys < recipe < --set."""
         spec = self.by_name[stage]
@@ -544,34 +583,7 @@ class _Reader:
         for shared in SHARED_FIELDS:
             if shared in fields and top.get(shared) is not None:
                 values[shared] = top[shared]
-        given: dict[str, tuple[Any, Callable[[str], None]]] = {}
-        mapping = self.node(stage)
-        if mapping is not None and not (isinstance(mapping, yaml.ScalarNode) and mapping.tag.endswith(":null")):
-            if not isinstance(mapping, yaml.MappingNode):
-                self.problems.at(mapping, f"`{stage}` must be a mapping of its options, e.g. {stage}: {{seed: 1}}")
-            else:
-                for key_node, value_node in mapping.value:
-                    if key_node.value in given:  # YAML keeps the last one: say so rather than guess
-                        self.problems.at(key_node, f"key `{stage}.{key_node.value}` appears twice -- keep one")
-                    given[key_node.value] = (_value(value_node), lambda m, n=key_node: self.problems.at(n, m))
-        for key, (option, value) in self.cli_stage.get(stage, {}).items():
-            given[key] = (value, lambda m, o=option: self.problems.cli(o, m))
-        allowed = [name for name in fields if name not in RUNNER_FIELDS]
-        for key, (value, report) in given.items():
-            if key not in allowed:
-                report(f"unknown key `{key}` in {stage} -- {_closest(key, allowed)}")
-                continue
-            ok, converted = check_type(value, fields[key][1])
-            if not ok:
-                report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
-                continue
-            if isinstance(converted, str) and spec.wiring.get(key, "").startswith("data."):
-                found = _existing_path(converted)
-                if found is None:
-                    report(f"`{stage}.{key}`: no such file {converted!r} -- check the path")
-                    continue
-                converted = str(found)
-            values[key] = converted
+        values.update(self.options(stage))
         for field_name, source in spec.wiring.items():  # an upstream output this recipe does not produce
             if source.startswith("out.") and field_name not in values:
                 self.problems.at(self.node("stages"), f"{stage} needs {source[4:]}'s output (`{stage}.{field_name}`) "

@@ -287,6 +287,18 @@ def test_stage_selection_and_missing_upstream(tmp_path, prompts):
         load(path)
 
 
+def test_options_of_stages_left_out_of_stages_are_still_checked(tmp_path, prompts):
+    path = write_recipe(tmp_path, "stages: [critique]\nsft:\n  epochz: 2\n  helpful: nowhere.jsonl\n", prompts)
+    with pytest.raises(RecipeError) as error:
+        load(path, ["rl.betaa=1", "pm.human_fraction=x"])
+    text = str(error.value)
+    line = path.read_text().splitlines().index("  epochz: 2") + 1
+    assert text.startswith("3 problems") and f"r.yaml:{line}: unknown key `epochz` in sft" in text
+    assert "--set rl.betaa=1: unknown key `betaa` in rl" in text and "`pm.human_fraction` must be float" in text
+    assert "nowhere.jsonl" not in text  # files of a stage that does not run are not looked for
+    assert [s.spec.name for s in load(write_recipe(tmp_path, "stages: [critique]\nsft:\n  epochs: 2\n",
+                                                   prompts)).stages] == ["critique"]
+
 def test_resolved_recipe_round_trips(tmp_path, prompts):
     path = write_recipe(tmp_path, "sft:\n  epochs: 3\n", prompts)
     recipe = load(path)
