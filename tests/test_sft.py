@@ -215,6 +215,41 @@ def test_helpful_answers_are_mixed_at_the_fraction_and_cached(critique_file, hel
     assert result.metrics["helpful_fraction_actual"] == 0.25
 
 
+def test_the_helpful_share_is_sized_on_the_revisions_that_fit_max_length(critique_file, helpful_file, tmp_path,
+                                                                         tiny_model_dir, monkeypatch):
+    rows = [json.loads(line) for line in critique_file.read_text().splitlines()]
+    rows += [{"id": f"long{i}", "prompt": "please " * 300, "initial": "x", "rounds": [], "final": "No.",
+              "model": "x"} for i in range(3)]
+    critique_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(Engine, "generate_chat", lambda self, conversations, sampling, seeds=None, progress=None:
+                        [Generation("A short explanation.", 4, True) for _ in conversations])
+    trained = []
+
+    def capture(cfg, model, tokenizer, examples, *args):
+        trained.extend(examples)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "build_trainer", capture)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, helpful=str(helpful_file), helpful_fraction=0.25)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(device="cpu"))
+    sources = [e["source"] for e in trained]
+    # 6 revisions fit (3 prompts fill max_length): 2 helpful make 25%, not the 3 that 9 revisions would ask
+    assert sources.count("critique") == 6 and sources.count("helpful") == 2
+    rejected = [json.loads(line) for line in (tmp_path / "sft" / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rejected if r["reason"] == "prompt-too-long") == ["long0", "long1", "long2"]
+
+
+def test_records_whose_every_revision_was_kept_back_do_not_train():
+    def record(rid, kept):
+        return {"id": rid, "prompt": "How do I make a weapon?", "initial": "Sure: first ...", "final": "...",
+                "rounds": [{"principle": "harm", "critique": "c", "revision": "", "kept_previous": k} for k in kept]}
+
+    examples, rejected = sft.critique_examples([record("none", [True, True]), record("one", [True, False]),
+                                                record("unrevised-by-design", [])])
+    assert [e["id"] for e in examples] == ["one", "unrevised-by-design"]
+    assert rejected == [{"id": "none", "source": "critique", "reason": "no-revision"}]
+
 def test_helpful_choice_is_seeded_and_sized_by_the_fraction():
     prompts = [{"id": f"h{i}"} for i in range(10)]
     assert sft.helpful_needed(6, 0.5) == 6 and sft.helpful_needed(6, 0.25) == 2 and sft.helpful_needed(6, 0) == 0

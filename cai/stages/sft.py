@@ -123,11 +123,18 @@ def example(prompt: str | list, answer: str) -> dict[str, Any]:
 
 
 def critique_examples(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(examples, rejected): one example per critique record with a non-empty `final`."""
+    """(examples, rejected): one example per critique record with a non-empty `final` that some round
+    revised. A record whose every round kept the previous answer (empty or degenerate revisions) has
+    the model's first answer as its `final`, often the compliance the critique was about: training on it
+    would teach the opposite of a revision."""
     examples, rejected = [], []
     for record in records:
         if not str(record.get("final", "")).strip():
             rejected.append({"id": record["id"], "source": "critique", "reason": "empty-final"})
+            continue
+        rounds = record.get("rounds") or []
+        if rounds and all(r.get("kept_previous") for r in rounds):
+            rejected.append({"id": record["id"], "source": "critique", "reason": "no-revision"})
             continue
         examples.append({"id": record["id"], "source": "critique", **example(record["prompt"], record["final"])})
     return examples, rejected
@@ -177,6 +184,20 @@ def answer_helpful(engine, prompts: list[dict[str, Any]], cache_path: Path, cfg:
                 cache.append({"id": prompt["id"], "prompt": prompt["prompt"],
                               "answer": clean_text(output.text, "answer", output.finished),
                               "finished": output.finished, "model": cfg.model})
+
+
+def fit_length(examples: list[dict[str, Any]], tokenizer, max_length: int,
+               rejected: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """(examples that train, how many of them are cut at max_length). An example whose prompt alone fills
+    max_length would train on nothing: it goes to `rejected` as prompt-too-long."""
+    kept, truncated = [], 0
+    for item, (prompt_len, full_len) in zip(examples, prompt_lengths(tokenizer, examples), strict=True):
+        if prompt_len >= max_length:
+            rejected.append({"id": item["id"], "source": item["source"], "reason": "prompt-too-long"})
+            continue
+        truncated += full_len > max_length
+        kept.append(item)
+    return kept, truncated
 
 
 def prompt_lengths(tokenizer, examples: list[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -282,38 +303,36 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     device = ctx.device or default_device()
 
     examples, rejected = critique_examples(records)
-    harmless = len(examples)
-    if harmless == 0:
-        raise RecordsError(f"{cfg.data}: every record has an empty `final` -- nothing to train on")
+    if not examples:
+        reasons = sorted({item["reason"] for item in rejected})
+        raise RecordsError(f"{cfg.data}: no record has a revised `final` ({', '.join(reasons)}) -- nothing to "
+                           "train on; rerun `cai critique` with a model that can revise")
     model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
+    # Lengths first: the helpful share is sized on the revisions that will train.
+    kept, truncated = fit_length(examples, tokenizer, cfg.max_length, rejected)
+    if not kept:
+        write_jsonl(out / REJECTED, rejected)
+        raise RecordsError(f"every example was left out (see {out / REJECTED}) -- raise --max-length")
 
     # Helpful answers from the starting model, before any adapter touches it.
-    chosen = choose_helpful(helpful_prompts, helpful_needed(harmless, cfg.helpful_fraction), cfg.seed)
+    chosen = choose_helpful(helpful_prompts, helpful_needed(len(kept), cfg.helpful_fraction), cfg.seed)
     if chosen:
         cache_path = out / HELPFUL_CACHE
         task = ctx.reporter.task("helpful answers", total=len(chosen), unit="prompts")
         answer_helpful(Engine(model, tokenizer, batch_size=cfg.generation_batch_size), chosen, cache_path, cfg, task)
         task.close()
         answers = {row["id"]: row for _, row in read_jsonl(cache_path)}
+        helpful = []
         for prompt in chosen:
             answer = answers[prompt["id"]]["answer"]
             if answer.strip():
-                examples.append({"id": prompt["id"], "source": "helpful", **example(prompt["prompt"], answer)})
+                helpful.append({"id": prompt["id"], "source": "helpful", **example(prompt["prompt"], answer)})
             else:
                 rejected.append({"id": prompt["id"], "source": "helpful", "reason": "empty-helpful-answer"})
-
-    # Examples whose prompt alone fills max_length would train on nothing: leave them out, counted.
-    kept, truncated = [], 0
-    for item, (prompt_len, full_len) in zip(examples, prompt_lengths(tokenizer, examples), strict=True):
-        if prompt_len >= cfg.max_length:
-            rejected.append({"id": item["id"], "source": item["source"], "reason": "prompt-too-long"})
-            continue
-        truncated += full_len > cfg.max_length
-        kept.append(item)
+        helpful, helpful_truncated = fit_length(helpful, tokenizer, cfg.max_length, rejected)
+        kept, truncated = kept + helpful, truncated + helpful_truncated
     if rejected:
         write_jsonl(out / REJECTED, rejected)
-    if not kept:
-        raise RecordsError(f"every example was left out (see {out / REJECTED}) -- raise --max-length")
 
     checkpoints = out / CHECKPOINTS
     trainer = build_trainer(cfg, model, tokenizer, kept, checkpoints, device)
