@@ -34,6 +34,8 @@ def _fmt(value: Any, kind: str) -> str:
         return f"{value * 100:.1f}%"
     if kind == "prob":
         return f"{value:.3f}"
+    if kind == "int":
+        return f"{value:.0f}"
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
@@ -98,7 +100,7 @@ def plot_elo(metrics: dict[str, Any], path: Path) -> Path | None:
     fig, axis = plt.subplots(figsize=(5.5, 3.8))
     width = 0.8 / len(series)
     for index, (key, title) in enumerate(series):
-        values = [metrics[key].get(label, 1000.0) - 1000.0 for label in labels]
+        values = [metrics[key].get(label, math.nan) - 1000.0 for label in labels]  # no rating: no bar
         positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(labels))]
         axis.bar(positions, values, width=width, label=title)
     axis.set_xticks(range(len(labels)), labels)
@@ -169,7 +171,7 @@ def metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
         rows.append([title, *[_fmt(v, kind) for v in values]])
     for key, title in (("elo", "Elo, harmful prompts (judge)"), ("elo_benign", "Elo, benign prompts (judge)")):
         if metrics.get(key):
-            rows.append([title, *[f"{metrics[key].get(label, float('nan')):.0f}" for label in labels]])
+            rows.append([title, *[_fmt(metrics[key].get(label), "int") for label in labels]])
     return rows
 
 

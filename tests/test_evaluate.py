@@ -101,6 +101,16 @@ def test_elo_sweep_is_finite_and_ordered():
     assert all(math.isfinite(r) for r in ratings) and ratings[0] > ratings[1] > ratings[2]
 
 
+def test_a_model_that_met_no_other_has_no_elo_and_does_not_shift_the_rest():
+    # c's every comparison was left unjudged (empty answers): no games, so no rating
+    alone = elo_from_wins([[0, 3], [1, 0]], prior=0.0)
+    with_c = elo_from_wins([[0, 3, 0], [1, 0, 0], [0, 0, 0]], prior=0.0)
+    assert with_c[2] is None and with_c[:2] == pytest.approx(alone, abs=1e-6)
+    from cai.report import metric_rows
+
+    rows = metric_rows({"labels": ["a", "b", "c"], "models": {k: {} for k in "abc"}, "elo": {"a": 1095.4, "b": 904.6}})
+    assert rows == [["Elo, harmful prompts (judge)", "1095", "905", "n/a"]]
+
 def test_summarize_and_win_matrix():
     answers = []
     for label, refuse_harmful, refuse_benign in (("base", [0, 0, 1, 0], [0, 0]), ("rl", [1, 1, 1, 0], [0, 1])):

@@ -150,14 +150,25 @@ def parse_model(spec: str) -> tuple[str, str]:
 
 
 def elo_from_wins(wins: Sequence[Sequence[float]], prior: float = 0.5, iterations: int = 10_000,
-                  tolerance: float = 1e-10) -> list[float]:
+                  tolerance: float = 1e-10) -> list[float | None]:
     """Elo ratings (mean 1000) from a matrix of (soft) wins: `wins[i][j]` = how often i beat j.
 
     Bradley-Terry maximum likelihood, P(i beats j) = s_i / (s_i + s_j), fitted with Hunter's (2004) MM
     update s_i <- W_i / sum_j n_ij / (s_i + s_j); then rating_i = 400 log10 s_i, shifted to mean 1000,
     so a 3:1 head-to-head record is a gap of 400 log10 3 = 191 points. `prior` adds that many virtual
     wins each way to every pair that met, so a model that won every comparison gets a finite rating.
+    A model that met no other (every comparison of it unjudged: empty answers) has no rating, None; it
+    is left out of the fit, where its strength would go to zero and the mean shift would lift the rest.
     """
+    played = [i for i in range(len(wins))
+              if any(wins[i][j] + wins[j][i] > 0 for j in range(len(wins)) if j != i)]
+    if len(played) < len(wins):
+        ratings: list[float | None] = [None] * len(wins)
+        if played:
+            fitted = elo_from_wins([[wins[i][j] for j in played] for i in played], prior, iterations, tolerance)
+            for i, rating in zip(played, fitted, strict=True):
+                ratings[i] = rating
+        return ratings
     n = len(wins)
     w = [[float(wins[i][j]) + (prior if i != j and wins[i][j] + wins[j][i] > 0 else 0.0) for j in range(n)]
          for i in range(n)]  # (n, n)
@@ -231,7 +242,7 @@ def summarize(labels: list[str], answers: list[dict[str, Any]], judgments: list[
         wins = win_matrix(labels, judgments, kind)
         if len(labels) > 1 and any(any(row) for row in wins):
             ratings = elo_from_wins(wins)
-            metrics[key] = {label: round(r, 1) for label, r in zip(labels, ratings, strict=True)}
+            metrics[key] = {label: round(r, 1) for label, r in zip(labels, ratings, strict=True) if r is not None}
             metrics[f"win_rates_{kind}"] = {
                 a: {b: round(wins[i][j] / (wins[i][j] + wins[j][i]), 4) for j, b in enumerate(labels)
                     if i != j and wins[i][j] + wins[j][i] > 0} for i, a in enumerate(labels)}
