@@ -115,11 +115,12 @@ def plot_elo(metrics: dict[str, Any], path: Path) -> Path | None:
 
 
 def curve_series(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
-    """Reward and KL columns of a training log -> {column: (steps, values)}."""
+    """Reward and KL columns of a training log -> {column: (steps, values)}; not their spreads (`_std`)
+    nor the seconds spent computing them (`_s`, as rl's metrics log `reward_s`)."""
     columns = sorted({k for row in rows for k, v in row.items()
                       if isinstance(v, int | float) and not isinstance(v, bool)
                       and ("reward" in k.lower() or "kl" in k.lower().split("/")[-1].split("_"))
-                      and not k.lower().endswith("_std")})
+                      and not k.lower().endswith(("_std", "_s"))})
     series = {}
     for column in columns:
         xs, ys = [], []

@@ -82,6 +82,6 @@ def test_report_without_optional_parts(tmp_path):
 
 def test_curve_series_picks_reward_and_kl_columns():
     rows = [{"step": 2, "reward": 0.5, "rewards/pm/mean": 0.4, "kl": 0.1, "reward_std": 0.2, "loss": 1.0,
-             "completions/mean_length": 30}]
+             "completions/mean_length": 30, "reward_s": 2.5, "step_s": 12.0}]  # *_s: seconds spent, not curves
     series = report.curve_series(rows)
     assert set(series) == {"reward", "rewards/pm/mean", "kl"} and series["kl"] == ([2.0], [0.1])
