@@ -299,8 +299,12 @@ def final_number(text: str) -> Fraction | None:
     return parse_number(numbers[-1].group(1)) if numbers else None
 
 
-def numbers_equal(a: Fraction, b: Fraction, relative: float = 1e-6) -> bool:
-    return abs(a - b) <= relative * max(1, abs(b))
+def numbers_equal(got: Fraction, expected: Fraction, relative: float = 1e-6) -> bool:
+    """Exactly, for a whole-number answer (a tolerance would pass 1000001 for 1000000); else within
+    `relative`, for a fraction the response wrote as a rounded decimal (0.333333 for 1/3)."""
+    if expected.denominator == 1:
+        return got == expected
+    return abs(got - expected) <= relative * max(1, abs(expected))
 
 
 def math_score(response: str, answer: Any) -> float:

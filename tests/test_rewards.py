@@ -106,6 +106,10 @@ def test_math_prefers_a_stated_answer_over_the_last_number():
 
 def test_math_scores_wrong_and_missing_answers_zero_and_skips_records_without_answer():
     assert math_score("The answer is 41.", "42") == 0.0
+    assert math_score("The answer is 1000001", "1000000") == 0.0  # whole numbers compare exactly
+    assert math_score("The answer is 2500000.5", 2500000) == 0.0
+    assert math_score("It is about 0.333333", "1/3") == 1.0  # a rounded decimal for a fraction passes
+    assert math_score("It is about 0.33", "1/3") == 0.0
     assert math_score("I am not sure.", "42") == 0.0
     scores = math_reward([PROMPT] * 3, [answer("42"), answer("42"), answer("7")], answer=["42", None, "8"])
     assert scores == [1.0, None, 0.0]
