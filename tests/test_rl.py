@@ -201,3 +201,21 @@ def test_cli_refuses_a_pm_reward_without_a_pm(tiny_model_dir, prompt_files, tmp_
     result = runner.invoke(app, ["rl", "--policy", tiny_model_dir, "--prompts", str(prompt_files[0]),
                                  "--out", str(tmp_path / "rl")])
     assert isinstance(result.exception, ConfigError) and "--pm" in str(result.exception)
+
+
+def test_a_metrics_record_reaches_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A kill while a step's record is written must not leave a torn line: the resume reads the file strictly."""
+    import cai.records
+
+    path = tmp_path / "metrics.jsonl"
+    monitor = rl.Monitor(path)
+    monitor.log(1, {"reward": 0.5})
+
+    def killed_while_writing(*args):
+        raise Killed
+
+    monkeypatch.setattr(cai.records.os, "replace", killed_while_writing)
+    with pytest.raises(Killed):
+        monitor.log(2, {"reward": 0.7})
+    monkeypatch.undo()
+    assert [r["step"] for r in rl.Monitor(path).history] == [1]

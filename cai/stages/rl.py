@@ -15,7 +15,6 @@ always set from `beta` (default 0.05 for both algorithms): trl's GRPO default is
 this stage never inherits silently. With LoRA the reference is the base with the adapter disabled.
 """
 
-import json
 import math
 import shutil
 import time
@@ -322,8 +321,9 @@ class Monitor:
             "judge_s": round(self.times["judge_s"], 3),  # the held-back judge (runs inside the reward call)
         }
         self.history.append(record)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        # The whole file, atomically, rather than an append that a kill could tear: a torn line would stop
+        # the resume (read_jsonl is strict), and a step takes seconds while this writes a few kB.
+        self._write_all()
         self.pending = {}
         if self.task is not None:
             self.task.advance(1, tokens=record["generated_tokens"] or 0)
