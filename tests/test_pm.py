@@ -351,3 +351,36 @@ def test_cli_train_on_ai_labels_alone(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "pm" / "model") in result.stdout.splitlines()
     assert "AI labels alone" in result.stderr
+
+
+class KeywordScorer:
+    """Stands in for a trained PM: reward 1 for an answer containing "good", else -1."""
+
+    def score_pairs(self, records, progress=None):
+        def score(text):
+            return 1.0 if "good" in text else -1.0
+
+        return [score(r["chosen"]) for r in records], [score(r["rejected"]) for r in records]
+
+    def response_lengths(self, responses):
+        return [len(r.split()) for r in responses]
+
+
+def test_heldout_accuracy_per_file_holds_when_both_files_number_their_pairs_alike(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    # ids 0..19 in both files; the scorer gets every AI pair right and every human pair wrong
+    ai = [{"id": str(i), "prompt": f"ai question {i}", "chosen": "good answer", "rejected": "bad answer",
+           "p_chosen": 0.9} for i in range(20)]
+    human = [{"id": str(i), "prompt": f"human question {i}", "chosen": "bad reply", "rejected": "good reply"}
+             for i in range(20)]
+
+    def no_training(cfg, ctx, rows, out, resuming):
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        return {"train_loss": 0.0, "steps": 0}
+
+    monkeypatch.setattr(pm, "_train", no_training)
+    monkeypatch.setattr(pm.RewardScorer, "from_directory", classmethod(lambda cls, *a, **k: KeywordScorer()))
+    cfg = pm.PMTrainConfig(ai=write_jsonl(tmp_path / "ai.jsonl", ai), human=write_jsonl(tmp_path / "human.jsonl", human),
+                           out=str(tmp_path / "pm"), model=tiny_model_dir, eval_fraction=0.25, max_length=64)
+    result = pm.run_train(cfg, context())
+    assert result.metrics["heldout_accuracy_ai"] == 1.0 and result.metrics["heldout_accuracy_human"] == 0.0

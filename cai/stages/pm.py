@@ -312,10 +312,9 @@ def preference_metrics(rewards_chosen: Sequence[float], rewards_rejected: Sequen
     return metrics
 
 
-def subset_accuracy(scores: list[dict[str, Any]], ids: set[str]) -> float | None:
-    """Accuracy on the scored pairs whose id is in `ids` (None when there are none)."""
-    chosen = [s for s in scores if s["id"] in ids]
-    return pairwise_accuracy([s["margin"] for s in chosen], [s["p_chosen"] for s in chosen])[0] if chosen else None
+def scores_accuracy(scores: list[dict[str, Any]]) -> float | None:
+    """Accuracy on these scored pairs (None when there are none)."""
+    return pairwise_accuracy([s["margin"] for s in scores], [s["p_chosen"] for s in scores])[0] if scores else None
 
 
 def _percent(value: float | None) -> str:
@@ -761,9 +760,10 @@ def run_train(cfg: PMTrainConfig, ctx: StageContext) -> StageResult:
         heldout_metrics, scores = evaluate_pairs(scorer, heldout, progress=task.advance)
         task.close()
         metrics["heldout"] = heldout_metrics
-        # By file, not by `source`: an AI file may carry any source name.
-        metrics["heldout_accuracy_ai"] = subset_accuracy(scores, {r["id"] for r in ai_heldout})
-        metrics["heldout_accuracy_human"] = subset_accuracy(scores, {r["id"] for r in human_heldout})
+        # By file, not by `source` (an AI file may carry any source name), and by position, not by id:
+        # the two files may number their records alike ("0", "1", ...), and scores keep the input order.
+        metrics["heldout_accuracy_ai"] = scores_accuracy(scores[:len(ai_heldout)])
+        metrics["heldout_accuracy_human"] = scores_accuracy(scores[len(ai_heldout):])
         outputs["calibration"] = str(plot_reliability(scores, out / "calibration.png", title="held-out pairs"))
         outputs["length_bias"] = str(plot_length_bias(scores, heldout_metrics, out / "length_bias.png",
                                                       title="held-out pairs"))
