@@ -147,6 +147,13 @@ def test_learning_rate_default_depends_on_lora():
     assert dpo.DPOConfig(lora_r=0, lr=3e-4).learning_rate == 3e-4
 
 
+def test_a_pair_labelled_against_its_chosen_answer_trains_toward_the_other():
+    example = dpo.to_trl_example({"prompt": "q", "chosen": "Sure, here's how.", "rejected": "I can't help.",
+                                  "p_chosen": 0.2})
+    assert example["chosen"][0]["content"] == "I can't help." and example["p_chosen"] == pytest.approx(0.8)
+    assert dpo.to_trl_example({"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 0.7})["chosen"] == \
+        [{"role": "assistant", "content": "a"}]
+
 def test_screen_pairs_drops_prompts_that_fill_max_length_and_counts_cut_answers(tiny_model_dir):
     from cai.models import load_tokenizer
 

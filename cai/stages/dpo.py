@@ -230,12 +230,18 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
 
 
 def to_trl_example(record: dict[str, Any]) -> dict[str, Any]:
-    """A preference record -> trl's conversational preference format, plus the soft label."""
+    """A preference record -> trl's conversational preference format, plus the soft label, oriented so
+    that `chosen` is the answer the label prefers (p_chosen >= 0.5). A record may say p_chosen = 0.2: trl's
+    hard-label losses and its reward accuracy take `chosen` as the winner, and the soft losses give the
+    same value either way round."""
+    chosen, rejected, p_chosen = record["chosen"], record["rejected"], float(record["p_chosen"])
+    if p_chosen < 0.5:
+        chosen, rejected, p_chosen = rejected, chosen, 1.0 - p_chosen
     return {
         "prompt": records.as_messages(record["prompt"]),
-        "chosen": [{"role": "assistant", "content": record["chosen"]}],
-        "rejected": [{"role": "assistant", "content": record["rejected"]}],
-        "p_chosen": float(record["p_chosen"]),
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": p_chosen,
     }
 
 
