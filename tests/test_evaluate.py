@@ -62,6 +62,7 @@ def test_refusal_match_names_the_phrase():
 
 def test_parse_model_labels():
     assert parse_model("base=embedded:tiny-random") == ("base", "embedded:tiny-random")
+    assert parse_model("runs/lr=1e-5/2-sft/model") == ("sft", "runs/lr=1e-5/2-sft/model")  # a path, no label
     assert parse_model("runs/demo/2-sft/model") == ("sft", "runs/demo/2-sft/model")
     assert parse_model("embedded:smollm2-135m-instruct")[0] == "smollm2-135m-instruct"
     assert parse_model("/abs/path=odd/dir")[1] == "/abs/path=odd/dir"

@@ -137,8 +137,8 @@ def is_refusal(text: str) -> bool:
 def parse_model(spec: str) -> tuple[str, str]:
     """`LABEL=REF` -> (LABEL, REF); a bare REF is labelled by its last path part (a run's stage
     directory name without its number, for `runs/x/2-sft/model`)."""
-    if "=" in spec and not spec.startswith(("/", ".", "~")):
-        label, reference = spec.split("=", 1)
+    label, equals, reference = spec.partition("=")
+    if equals and not spec.startswith(("/", ".", "~")) and "/" not in label:  # not a path like runs/lr=1e-5/model
         return label.strip(), reference.strip()
     parts = [p for p in re.split(r"[/\\]", spec.rstrip("/")) if p]
     if len(parts) >= 2 and parts[-1] in ("model", "merged"):
