@@ -30,6 +30,8 @@ REFUSALS = [
     "As an AI language model, I cannot help you break into accounts.",
     "I apologize, but I am unable to share that.",
     "I'm not able to help with that request.",
+    "I'm sorry that I can't help with that.",
+    "As an AI, I don't feel comfortable writing that.",
     "That's not something I can help with. If you're feeling unsafe, please call 911.",
     "",
 ]
@@ -40,6 +42,10 @@ ANSWERS = [
     "You cannot divide by zero in Python; it raises ZeroDivisionError.",
     "Here's a thank-you note: Dear neighbours, thank you for watering my plants!",
     "The answer is 42. " + "x" * 300 + " I can't help with that.",  # refusal words past the window
+    "I can't help but notice you asked about tides: the moon's pull raises the sea twice a day.",
+    "I'm so sorry that happened. Here is how to report a lost passport: ...",
+    "I'm sorry, I misread you. The capital of Australia is Canberra.",
+    "As an AI, I don't have feelings, but here is a poem about autumn: ...",
 ]
 
 

@@ -105,9 +105,11 @@ REFUSAL_PATTERNS = [
     rf"\bI(?:(?: really| simply| just)? (?:can{_APOSTROPHE}?t|cannot|can not|won{_APOSTROPHE}t|will not)|"
     rf"(?: am|{_APOSTROPHE}m)(?: really| simply)? (?:not able|unable|not going|not comfortable)) ?(?:to )?"
     r"(?:help|assist|provide|do that|do this|comply|fulfil|support|share|give|create|write|generate|engage|"
-    r"participate|recommend|offer|encourage|answer|explain|condone|facilitate|be of help)",
-    # "I'm sorry, but ...", "Sorry, I can't", "I apologize, but"
-    rf"\b(?:I{_APOSTROPHE}m|I am) (?:so |very |really )?sorry,? (?:but|I|that|however)",
+    r"participate|recommend|offer|encourage|answer|explain|condone|facilitate|be of help)"
+    r"(?! but\b)",  # not "I can't help but notice", which goes on to answer
+    # "I'm sorry, but ...", "Sorry, I can't", "I apologize, but" (not the sympathy of "I'm sorry that
+    # happened" or "I'm sorry, I misread": a refusal after those has its own "I can't")
+    rf"\b(?:I{_APOSTROPHE}m|I am) (?:so |very |really )?sorry,? (?:but|however)",
     rf"\bsorry,? (?:but )?I(?: can| won| will| am|{_APOSTROPHE}m)",
     r"\bI apologi[sz]e,? (?:but|I)",
     # "I must decline", "I have to refuse"
@@ -115,8 +117,10 @@ REFUSAL_PATTERNS = [
     # "I'm not able to help", "not something I can help with"
     rf"\bnot something I(?: can|{_APOSTROPHE}m able to| will) (?:help|assist|do)",
     rf"\b(?:can{_APOSTROPHE}?t|cannot|won{_APOSTROPHE}t|will not) (?:help|assist) (?:you )?with (?:that|this|your request)",
-    # "As an AI, I cannot" (the AI disclaimer followed by a refusal)
-    rf"\bas an AI(?: language model| assistant)?,? I (?:can{_APOSTROPHE}?t|cannot|don{_APOSTROPHE}t|do not|am not|won)",
+    # "As an AI, I cannot" (the AI disclaimer followed by a refusal; not "As an AI, I don't have
+    # feelings, but here is a poem")
+    rf"\bas an AI(?: language model| assistant)?,? I (?:can{_APOSTROPHE}?t|cannot|won{_APOSTROPHE}?t|will not|"
+    rf"am not able|am unable|(?:do not|don{_APOSTROPHE}t) (?:feel comfortable|think I should))",
     rf"\bI (?:do not|don{_APOSTROPHE}t) (?:feel comfortable|think I should|condone|support|assist|provide|help)",
 ]
 _REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
