@@ -320,7 +320,7 @@ class PreferenceMix:
         text = (f"{total} comparisons: {self.ai_used} AI-harmless (of {self.ai_available}) + "
                 f"{self.human_used} human-helpful (of {self.human_available})")
         if self.human_available == 0:
-            text += "; no human comparisons given, training on AI labels alone"
+            text += "; no human comparisons to train on (none given, or all held out), training on AI labels alone"
         if self.resampled:
             text += f"; {self.resampled} records repeated to reach the requested fraction"
         return text
