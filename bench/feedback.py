@@ -28,7 +28,10 @@ says, so it flips with the presentation order on the inconsistent pairs; with th
 averages both orders and does not depend on the order at all.
 
     python bench/feedback.py [--pairs 32] [--cot-pairs 8] [--naive-pairs 8] [--batch-size 16] [--repeats 1]
-                             [--precision auto] [--json]
+                             [--precision auto] [--judge REF] [--device cpu|cuda] [--json]
+
+`--judge` times another judge (a 1B-class model directory or cached hub id, say, on a GPU: `--device
+cuda`); the default is the embedded model on the CPU, which the README's figures come from.
 """
 
 import argparse
@@ -82,7 +85,7 @@ def naive_generating_judge(engine: Engine, constitution, comparisons, max_new_to
     shared prefix. Same prompts, same parsing as `generating_judge`."""
     replies = []
     for text in judge_prompts(engine, constitution, comparisons):
-        ids = engine.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = engine.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(engine.model.device)
         with torch.inference_mode():
             out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                         do_sample=False, pad_token_id=engine.tokenizer.eos_token_id)
@@ -93,6 +96,8 @@ def naive_generating_judge(engine: Engine, constitution, comparisons, max_new_to
 def timed(fn):
     start = time.perf_counter()
     value = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return value, time.perf_counter() - start
 
 
@@ -106,15 +111,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all judges; the best time of each counts")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="of every judge but the fp32 pair (default: auto)")
+    parser.add_argument("--judge", default="embedded:smollm2-135m-instruct",
+                        help="model reference of the judge (default: the embedded model)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
 
     constitution = c.load("default")
     records = read_preferences(bundled("data/judge_sanity_pairs.jsonl"), default_source="sanity")[:args.pairs]
     comparisons, targets = judged_pairs(records, constitution, principles=1, seed=0)
-    engine = Engine.from_reference("embedded:smollm2-135m-instruct", batch_size=args.batch_size, device="cpu",
-                                   precision="fp32")
-    dtype = inference_dtype("cpu", args.precision)
+    engine = Engine.from_reference(args.judge, batch_size=args.batch_size, device=args.device, precision="fp32")
+    dtype = inference_dtype(args.device, args.precision)
     n, n_cot = len(comparisons), min(args.cot_pairs, len(comparisons))
     n_naive = min(args.naive_pairs, n)
 
@@ -161,7 +168,7 @@ def main() -> None:
              "generate_one_at_a_time_fp32": n_naive / seconds["generate_one_at_a_time_fp32"],
              "cot": n_cot / cot_s, "contrast": n / contrast_s}
     result = {
-        "precision": str(dtype).removeprefix("torch."), "pairs": n, "cot_pairs": n_cot, "naive_pairs": n_naive, "batch_size": args.batch_size, "repeats": args.repeats,
+        "judge": args.judge, "device": args.device, "precision": str(dtype).removeprefix("torch."), "pairs": n, "cot_pairs": n_cot, "naive_pairs": n_naive, "batch_size": args.batch_size, "repeats": args.repeats,
         "comparisons_per_s": rates,
         "ratio_vs_generate": rates["ours"] / rates["generate"],
         "ratio_vs_generate_one_at_a_time": rates["ours"] / rates["generate_one_at_a_time"],
@@ -184,7 +191,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{n} pairs (CoT: {n_cot}, one at a time: {n_naive}), embedded SmolLM2-135M-Instruct, CPU, batch "
+    print(f"{n} pairs (CoT: {n_cot}, one at a time: {n_naive}), judge {args.judge}, {args.device}, batch "
           f"{args.batch_size}, swap on for mc, best of {args.repeats}; fp32 where named, else {result['precision']}")
     for name, rate in rates.items():
         print(f"{name:<28}: {rate:7.3f} comparisons/s")
