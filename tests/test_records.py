@@ -44,6 +44,12 @@ def test_ids_are_stable_and_duplicates_fail_with_both_lines(tmp_path):
     dup = jsonl(tmp_path / "d.jsonl", [{"id": "x", "prompt": "a"}, {"id": "y", "prompt": "b"}, {"id": "x", "prompt": "c"}])
     with pytest.raises(RecordsError, match=r"d.jsonl:3: duplicate id 'x' \(first seen on line 1\)"):
         read_prompts(dup)
+    # Without ids, the derived ones collide on the same prompt: that is what the message says.
+    same = jsonl(tmp_path / "s.jsonl", [{"prompt": "Write a poem"}, {"prompt": "Tell a joke"}, {"prompt": "Write a poem"}])
+    with pytest.raises(RecordsError, match=r"s.jsonl:3: the same prompt as line 1 -- remove one"):
+        read_prompts(same)
+    with_ids = jsonl(tmp_path / "i.jsonl", [{"id": "a", "prompt": "Write a poem"}, {"id": "b", "prompt": "Write a poem"}])
+    assert [r["id"] for r in read_prompts(with_ids)] == ["a", "b"]
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -100,14 +106,6 @@ def test_plain_text_prompts_one_per_line_and_a_text_file_named_jsonl_says_so(tmp
     with pytest.raises(RecordsError, match=r"p.jsonl:1: not valid JSON .*name the file .txt"):
         read_prompts(misnamed)
 
-
-def test_the_same_prompt_twice_without_ids_names_both_lines(tmp_path):
-    text = tmp_path / "p.txt"
-    text.write_text("Write a poem\nTell a joke\nWrite a poem\n")
-    with pytest.raises(RecordsError, match=r"p.txt:3: the same prompt as line 1 -- remove one"):
-        read_prompts(text)
-    with_ids = jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Write a poem"}, {"id": "b", "prompt": "Write a poem"}])
-    assert [r["id"] for r in read_prompts(with_ids)] == ["a", "b"]
 
 def test_byte_order_marks_and_empty_prompts(tmp_path):
     csv_path = tmp_path / "excel.csv"
