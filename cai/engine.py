@@ -10,7 +10,8 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
 - rows that finish are dropped from the batch and the cache as they finish, so a long straggler does
   not keep paying for the short ones;
 - sampling is seeded per item (one `torch.Generator` per row), so an item's text does not depend on
-  which batch it landed in or where a run resumed;
+  which batch it landed in or where a run resumed (exactly so in fp32; in bf16 a row's numbers can
+  round differently beside other rows, which now and then changes a sampled token);
 - scoring never generates: one forward pass per batch reads the log-probabilities of given
   continuations (a judge's option letters, an answer under two system prompts);
 - `next_token_logprobs` reads only the next-token distribution at the end of each context (a judge's
@@ -293,10 +294,12 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
         ids.add(int(tokenizer.eos_token_id))
     # <|endoftext|> too: a chat model sometimes ends its turn with it (SmolLM2 does, when the two are
     # nearly tied), and going on past it invents the next user turn.
+    # Looked up in the vocabulary, not by comparing with the unknown token's id: SmolLM2's unknown
+    # token *is* <|endoftext|>, so that comparison dropped the very token this is for.
+    vocabulary = tokenizer.get_vocab()
     for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
-            ids.add(token_id)
+        if token in vocabulary:
+            ids.add(int(vocabulary[token]))
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(config_eos, int):
         ids.add(config_eos)

@@ -265,13 +265,15 @@ class _PreferToken(torch.nn.Module):
         return out
 
 
-def test_generation_stops_at_end_of_turn_and_hides_it(tiny_engine):
-    end = tiny_engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+@pytest.mark.parametrize("token", ["<|im_end|>", "<|endoftext|>"])
+def test_generation_stops_at_end_of_turn_and_hides_it(tiny_engine, token):
+    # <|endoftext|> is also the tokenizer's unknown token (as in SmolLM2's): it must still stop
+    end = tiny_engine.tokenizer.convert_tokens_to_ids(token)
     model = _PreferToken(tiny_engine.model, end, after=2)  # two free tokens, then end of turn
     outputs = Engine(model, tiny_engine.tokenizer, batch_size=4).generate_chat(CONVERSATIONS, Sampling(max_new_tokens=8))
     for output in outputs:
         assert output.finished and output.num_tokens == 3
-        assert "<|im_end|>" not in output.text
+        assert token not in output.text
 
 
 def slow_logprob(model, tokenizer, context, continuation):
