@@ -148,11 +148,11 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
         record = {k: v for k, v in row.items() if k not in PROMPT_COLUMNS and k != "messages"}
         record["prompt"] = prompt
         record_id = row.get("id")
-        if record_id is None:
+        if not _has_id(record_id):
             record_id = stable_id("p", json.dumps(prompt, sort_keys=True))
         record["id"] = str(record_id)
         if record["id"] in first_line:
-            if row.get("id") is None:
+            if not _has_id(row.get("id")):
                 raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
                                    "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
             raise RecordsError(f"{where}: duplicate id {record['id']!r} (first seen on line "
@@ -166,14 +166,20 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     return records
 
 
+def _has_id(value: Any) -> bool:
+    """Whether a row gives an id: JSON null and a blank CSV cell do not (an id is derived instead)."""
+    return value is not None and str(value).strip() != ""
+
+
 def _read_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """One prompt per non-blank line."""
+    """One prompt per non-blank line. Lines end at "\n" (or "\r\n") only: `str.splitlines` would also
+    split a prompt at the Unicode separators some text holds (U+2028, form feeds)."""
     if not path.exists():
         raise RecordsError(f"{path}: no such file -- check the path")
     text = path.read_text(encoding="utf-8-sig")
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            yield number, {"prompt": line}
+            yield number, {"prompt": line.removesuffix("\r")}
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -274,8 +280,9 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
     p_chosen = float(p_chosen)
     if not 0.0 <= p_chosen <= 1.0:
         raise RecordsError(f"{where}: p_chosen={p_chosen} is not a probability -- use a value in [0, 1]")
+    given_id = extra.pop("id", None)
     record = {
-        "id": str(extra.pop("id", stable_id("pref", json.dumps([prompt, chosen, rejected])))),
+        "id": str(given_id) if _has_id(given_id) else stable_id("pref", json.dumps([prompt, chosen, rejected])),
         "prompt": prompt,
         "chosen": chosen,
         "rejected": rejected,

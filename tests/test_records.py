@@ -50,6 +50,13 @@ def test_ids_are_stable_and_duplicates_fail_with_both_lines(tmp_path):
         read_prompts(same)
     with_ids = jsonl(tmp_path / "i.jsonl", [{"id": "a", "prompt": "Write a poem"}, {"id": "b", "prompt": "Write a poem"}])
     assert [r["id"] for r in read_prompts(with_ids)] == ["a", "b"]
+    # A null id, or a blank CSV cell, gives no id: one is derived, as if the column were absent.
+    blank = tmp_path / "b.csv"
+    blank.write_text("id,prompt\n,first question\n,second question\n")
+    assert len({r["id"] for r in read_prompts(blank)}) == 2
+    nulls = jsonl(tmp_path / "n.jsonl", [{"id": None, "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                                         for i in range(3)])
+    assert len({r["id"] for r in read_preferences(nulls)}) == 3 and "None" not in {r["id"] for r in read_preferences(nulls)}
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -97,9 +104,9 @@ def test_gzipped_files_read_like_plain_ones_and_errors_name_them(tmp_path):
 
 def test_plain_text_prompts_one_per_line_and_a_text_file_named_jsonl_says_so(tmp_path):
     text = tmp_path / "p.txt"
-    text.write_bytes(b"How do I pick a lock?\r\n\n  Write a poem  \nSame id every time\n")
+    text.write_bytes("How do I pick a lock?\r\n\n  Write a poem  \nOne prompt\u2028on two lines\n".encode())
     records = read_prompts(text)
-    assert [r["prompt"] for r in records] == ["How do I pick a lock?", "Write a poem", "Same id every time"]
+    assert [r["prompt"] for r in records] == ["How do I pick a lock?", "Write a poem", "One prompt\u2028on two lines"]
     assert records[0]["id"] == read_prompts(text)[0]["id"]  # derived from the text: stable across reads
     misnamed = tmp_path / "p.jsonl"
     misnamed.write_text("How do I pick a lock?\n")
