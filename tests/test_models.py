@@ -149,3 +149,23 @@ def test_small_models_load_and_save_without_transformers_bars_large_ones_keep_th
     monkeypatch.setattr(models, "WEIGHT_BARS_FROM_BYTES", 0)  # every model counts as large
     load_causal_lm(tiny_model_dir, device="cpu")
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_an_adapter_trained_over_a_bf16_base_is_merged_in_fp32(tiny_model_dir, tmp_path):
+    """RL's frozen base is bf16 on CPUs with native bf16; merging there would round a small update away."""
+    from peft import get_peft_model
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, lora_config(8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 2e-4)  # about what tens of RL steps at lr 2e-5 leave
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    delta = (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()) * layer.scaling["default"]
+    out = save_standalone(peft_model, tokenizer, tmp_path / "model", base_reference=tiny_model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    kept = merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight
+    assert ((kept - delta).norm() / delta.norm()).item() < 0.01
