@@ -46,7 +46,7 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
     if not path.exists():
         raise RecordsError(f"{path}: no such file -- check the path")
     raw = path.read_bytes()
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":
         import gzip
 
         try:

@@ -90,6 +90,9 @@ def test_gzipped_files_read_like_plain_ones_and_errors_name_them(tmp_path):
     path = tmp_path / "p.jsonl.gz"
     path.write_bytes(gzip.compress(lines.encode()))
     assert [r["id"] for r in read_prompts(path)] == ["a", "b"]
+    upper = tmp_path / "P.JSONL.GZ"
+    upper.write_bytes(gzip.compress(lines.encode()))
+    assert [r["id"] for r in read_prompts(upper)] == ["a", "b"]
     path.write_bytes(gzip.compress((lines + "{broken\n").encode()))
     with pytest.raises(RecordsError, match=rf"^{path}:3: not valid JSON"):
         read_prompts(path)
