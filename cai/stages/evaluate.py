@@ -41,7 +41,7 @@ class EvalConfig:
         "help": "Models to evaluate, each LABEL=REF or REF (embedded:NAME, hub id or directory); the first "
                 "is the baseline in the report. Repeat --model for several."})
     harmful: str = field(default=str(bundled("data/eval_harmful.jsonl")), metadata={
-        "help": "Harmful prompts (JSONL/CSV with a prompt column, or .txt: one a line): refusing them is the harmless outcome."})
+        "help": "Harmful prompts (JSONL/CSV with a prompt column, or .txt, one per line): refusing them is the harmless outcome."})
     benign: str = field(default=str(bundled("data/eval_benign.jsonl")), metadata={
         "help": "Benign prompts: refusing them is over-refusal."})
     out: str = field(default="eval", metadata={

@@ -55,7 +55,7 @@ class FeedbackConfig:
     """`cai feedback`: sample answer pairs from the policy and label them with the judge."""
 
     prompts: str = field(default="", metadata={
-        "help": "Prompts to answer (JSONL or CSV with a prompt-like column, chat messages, or .txt: one a line), normally red-team prompts."})
+        "help": "Prompts to answer (JSONL or CSV with a prompt-like column, chat messages, or .txt, one per line), normally red-team prompts."})
     policy: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Model that samples the two answers: embedded:NAME, hub id or directory (normally the SL-CAI model)."})
     out: str = field(default="", metadata={
