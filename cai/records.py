@@ -67,8 +67,7 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
             raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}){cut} "
                                f"-- {line_hint}") from None
         if not isinstance(obj, dict):
-            raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} "
-                               "-- each line must be one JSON object like {\"prompt\": \"...\"}")
+            raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} -- {line_hint}")
         yield number, obj
 
 
@@ -302,7 +301,8 @@ def read_preferences(path: str | Path, default_source: str = "human-helpful",
     """
     path = Path(path)
     records = []
-    for number, row in read_jsonl(path):
+    for number, row in read_jsonl(path, line_hint='each line must be one JSON object like {"prompt": "...", '
+                                                '"chosen": "...", "rejected": "..."}'):
         records.append(normalize_preference(row, f"{path}:{number}", default_source))
         if limit is not None and len(records) >= limit:
             break

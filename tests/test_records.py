@@ -65,8 +65,11 @@ def test_malformed_line_names_file_and_line(tmp_path):
     with pytest.raises(RecordsError, match=r"bad.jsonl:2: not valid JSON"):
         read_prompts(path)
     path.write_text('{"prompt": "ok"}\n["a list"]\n')
-    with pytest.raises(RecordsError, match=r"bad.jsonl:2: expected a JSON object"):
+    with pytest.raises(RecordsError, match=r"bad.jsonl:2: expected a JSON object.*\{\"prompt\": \"...\"\}"):
         read_prompts(path)
+    path.write_text('["a list"]\n')
+    with pytest.raises(RecordsError, match=r"bad.jsonl:1: expected a JSON object.*\"chosen\": \"...\""):
+        read_preferences(path)  # each reader shows its own format
     path.write_text('{"text": "no prompt column"}\n')
     with pytest.raises(RecordsError, match=r"bad.jsonl:1: no prompt found"):
         read_prompts(path)
