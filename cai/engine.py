@@ -20,6 +20,8 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
   reusing its KV cache for every row, and pack two sequences that share what follows (a judge question
   in its two orders, a contrast judge's two answers after one framing) into one row, their common
   tokens computed once and a mask keeping each rest from seeing the other;
+- such shared prefixes (generation's too) are kept across calls until a weight changes: a stage's
+  chunks after the first reuse their few-shot block's keys and values;
 - `generate(..., keep_cache=True)` keeps each row's KV cache for the next call, which prefills only
   what its prompts add to those conversations (a revision after the critique the model just wrote).
 
@@ -327,6 +329,54 @@ class _KeptRow:
     kv: list[tuple]  # per layer (keys, values), each (H_kv, len(tokens) - start, D)
 
 
+def weights_signature(model) -> tuple:
+    """What must not change for keys and values computed earlier to hold: every parameter's storage and
+    in-place version (a training step, a load or a cast changes one), and each adapter layer's state
+    (peft's disable_adapter() or a merge changes what the model computes without either)."""
+    parameters = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    adapters = tuple((bool(getattr(m, "disable_adapters", False)), tuple(getattr(m, "active_adapters", ()) or ()),
+                      tuple(getattr(m, "merged_adapters", ()) or ()))
+                     for m in model.modules() if hasattr(m, "merged_adapters"))
+    return parameters, adapters
+
+
+class _PrefixMemo:
+    """Keys and values of the token prefixes recent calls shared, for the calls after them.
+
+    A stage calls the engine chunk after chunk with prompts that start with the same few-shot block
+    (a judge's ~500 tokens, a critique's ~1000): computed once per call, that block was 7% of a judge
+    call's time on the embedded model. Entries hold for one weights signature (`weights_signature`):
+    any change to the model empties the memo. Least recently used entries go past `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: dict[tuple, list[tuple]] = {}  # prefix tokens -> [(keys, values) per layer], oldest first
+        self.signature: tuple | None = None
+
+    def longest(self, tokens: list[int], signature: tuple) -> tuple[int, list[tuple] | None]:
+        """(n, keys and values of tokens[:n]) for the longest kept prefix of `tokens`; (0, None) if none."""
+        if signature != self.signature:
+            self.entries.clear()
+            self.signature = signature
+        best: tuple | None = None
+        for kept in self.entries:
+            if len(kept) <= len(tokens) and (best is None or len(kept) > len(best)) and tuple(tokens[:len(kept)]) == kept:
+                best = kept
+        if best is None:
+            return 0, None
+        self.entries[best] = self.entries.pop(best)  # most recently used last
+        return len(best), self.entries[best]
+
+    def add(self, tokens: list[int], kv: list[tuple]) -> None:
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if size > self.max_bytes:
+            return
+        self.entries[tuple(tokens)] = kv
+        while sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                  for entry in self.entries.values() for k, v in entry) > self.max_bytes:
+            del self.entries[next(iter(self.entries))]
+
+
 class _KeptRows:
     """Rows of one generate call, kept (`keep_cache=True`) so that the next call can start from them.
 
@@ -394,6 +444,8 @@ class HFBackend:
     COMPACT_FRACTION = 0.25
     # generate(keep_cache=True) keeps rows' keys and values up to this many bytes; later rows are not kept.
     KEEP_BYTES = 2 << 30
+    # Shared-prefix keys and values kept across calls (`_PrefixMemo`), at most this many bytes.
+    PREFIX_MEMO_BYTES = 1 << 30
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32):
         from cai.cascade import supports_cascade
@@ -404,6 +456,7 @@ class HFBackend:
         self.stop_ids = stop_token_ids(tokenizer, model)
         self._kept: _KeptRows | None = None  # rows the last generate call kept (keep_cache=True)
         self._token_cost: float | None = None  # `_token_cost_in_pairs`, computed once
+        self._prefixes = _PrefixMemo(self.PREFIX_MEMO_BYTES)  # `_shared_prefix_cache`'s results
         # Shared prompt prefixes are attended once for the whole batch (cai.cascade) where the model's
         # attention allows it; otherwise their keys and values are repeated to every row.
         self.cascade = supports_cascade(model)
@@ -815,11 +868,19 @@ class HFBackend:
         return out.logits.reshape(read, -1), where
 
     def _shared_prefix_cache(self, prefix: list[int]) -> list[tuple]:
-        """Keys and values of every layer for one token prefix, each (1, kv_heads, len(prefix), head_dim)."""
+        """Keys and values of every layer for one token prefix, each (1, kv_heads, len(prefix), head_dim).
+        Kept for later calls (`_PrefixMemo`): a prefix computed before is looked up, one that extends it
+        computes only the tokens it adds."""
         import torch
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        known, kv = self._prefixes.longest(prefix, weights_signature(self.model))
+        if known == len(prefix):
+            return kv
+        # The cache appends by concatenation: the kept tensors stay as they are.
+        cache = DynamicCache(ddp_cache_data=kv, config=self.model.config) if kv else DynamicCache(config=self.model.config)
+        ids = torch.tensor([prefix[known:]], dtype=torch.long, device=self.device)
         self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._prefixes.add(prefix, kv)
+        return kv

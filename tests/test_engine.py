@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cai.engine import Engine, Sampling
+from cai.engine import Engine, Sampling, common_prefix_length
 
 CONVERSATIONS = [[{"role": "user", "content": text}] for text in (
     "hello", "Please rewrite the response to remove anything harmful or illegal, thank you very much.",
@@ -499,3 +499,104 @@ def test_scoring_batches_on_cpu_hold_at_most_the_token_budget_and_every_sequence
         widths = [shared + sum(len(sequences[i]) - start - shared for i in members) for shared, members in rows]
         assert len(rows) == 1 or len(rows) * max(widths) <= 100  # a row wider than the budget goes alone
     assert len(batches) > 1
+
+
+def _flat(rows: list[list[float]]) -> list[float]:
+    return [value for row in rows for value in row]
+
+
+def _prefix_forwards(monkeypatch, model) -> list[int]:
+    """Token counts of the model's batch-1 forwards from now on (the shared prefix's computations)."""
+    lengths: list[int] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[0] == 1:
+            lengths.append(ids.shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    return lengths
+
+
+def test_a_shared_prefix_is_computed_once_across_calls_extended_and_redone_when_the_weights_change(
+        tiny_model_dir, monkeypatch):
+    engine = Engine.from_reference(tiny_model_dir, batch_size=4, device="cpu", precision="fp32")  # weights change below
+    backend = engine.backend
+    header = [{"role": "system", "content": "Shared few-shot block for every row of the batch. " * 4}]
+    contexts = [engine.render(header + c) for c in CONVERSATIONS]
+    candidates = engine.tokenizer(" yes no", add_special_tokens=False)["input_ids"]
+    fed = _prefix_forwards(monkeypatch, engine.model)
+
+    first = engine.next_token_logprobs(contexts, candidates)
+    assert len(fed) == 1 and fed[0] > 20
+    shared = fed[0]
+    again = engine.next_token_logprobs(list(reversed(contexts)), candidates)
+    assert len(fed) == 1, "the second call reused the first call's prefix"
+    assert again == list(reversed(first))
+
+    with torch.no_grad():  # an in-place change, as a training step makes
+        engine.model.model.layers[0].self_attn.k_proj.weight.mul_(3.0)
+    changed = engine.next_token_logprobs(contexts, candidates)
+    assert fed[1] == shared, "the changed model computed the prefix anew"
+    assert _flat(changed) != pytest.approx(_flat(first), abs=1e-3)
+    backend._prefixes.entries.clear()
+    assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(changed), abs=1e-5)
+
+    # A call whose questions all begin alike shares more: only what it adds to the kept prefix is computed.
+    longer = [{"role": "user", "content": "Answer in one word please: " + c[0]["content"]} for c in CONVERSATIONS]
+    extended_contexts = [engine.render(header + [m]) for m in longer]
+    extended = engine.next_token_logprobs(extended_contexts, candidates)
+    extended_shared = common_prefix_length(backend._encode(extended_contexts))
+    assert len(fed) == 4 and fed[3] == extended_shared - shared > 0
+    backend._prefixes.entries.clear()
+    assert _flat(engine.next_token_logprobs(extended_contexts, candidates)) == pytest.approx(_flat(extended), abs=1e-5)
+    assert fed[4] == extended_shared
+
+
+def test_a_kept_prefix_is_not_reused_across_an_adapter_switched_off(tiny_model_dir):
+    """peft's disable_adapter() changes what the model computes without touching a weight."""
+    from peft import get_peft_model
+
+    from cai.models import load_causal_lm, lora_config
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float32)
+    model = get_peft_model(model, lora_config(4))
+    model.eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    engine = Engine(model, tokenizer, batch_size=4)
+    header = [{"role": "system", "content": "Shared few-shot block for every row of the batch. " * 4}]
+    contexts = [engine.render(header + c) for c in CONVERSATIONS]
+    candidates = tokenizer(" yes no", add_special_tokens=False)["input_ids"]
+    adapted = engine.next_token_logprobs(contexts, candidates)
+    with model.disable_adapter():
+        base = engine.next_token_logprobs(contexts, candidates)
+        engine.backend._prefixes.entries.clear()
+        assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(base), abs=1e-5)
+    assert _flat(base) != pytest.approx(_flat(adapted), abs=1e-3)
+    assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(adapted), abs=1e-5)
+
+
+def test_the_prefix_memo_keeps_the_most_recently_used_prefixes_within_its_bytes():
+    from cai.engine import _PrefixMemo
+
+    def kv(length):  # one layer, 4 fp32 numbers a token for keys and as many for values: 32 bytes a token
+        return [(torch.zeros(1, 1, length, 4), torch.zeros(1, 1, length, 4))]
+
+    memo = _PrefixMemo(max_bytes=32 * 25)
+    assert memo.longest([1, 2, 3], signature="w") == (0, None)
+    memo.add([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], kv(10))
+    memo.add([1, 2, 3, 4, 5], kv(5))
+    memo.add([7, 7, 7, 7, 7, 7, 7, 7], kv(8))
+    n, found = memo.longest([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], signature="w")
+    assert n == 10 and found[0][0].shape[2] == 10  # the longest kept prefix, not merely the first
+    assert memo.longest([1, 2, 3, 4, 5, 9], signature="w")[0] == 5
+    memo.add([8] * 6, kv(6))  # 29 tokens > 25: the least recently used ([7] * 8) goes
+    assert memo.longest([7] * 9, signature="w") == (0, None)
+    assert memo.longest([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], signature="w")[0] == 10
+    assert memo.longest([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], signature="changed weights") == (0, None)
+    assert not memo.entries
