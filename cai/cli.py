@@ -394,14 +394,16 @@ app.add_typer(feedback_app, name="feedback")
 _IO, _JUDGE, _SAMPLING, _RUN = "Inputs and outputs", "Judge", "Answer sampling", "Run"
 
 
-
 @feedback_app.callback(invoke_without_command=True)
 def feedback(
     ctx: typer.Context,
-    prompts: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "prompts"), rich_help_panel=_IO)] = None,
+    # Not required=True: the group's callback also runs before `cai feedback eval`, which has neither.
+    prompts: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "prompts") + " Required.",
+                                                rich_help_panel=_IO)] = None,
     policy: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "policy"), rich_help_panel=_IO)]
     = FeedbackConfig.policy,
-    out: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "out"), rich_help_panel=_IO)] = None,
+    out: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "out") + " Required.",
+                                            rich_help_panel=_IO)] = None,
     judge: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "judge"), rich_help_panel=_JUDGE)] = None,
     constitution: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "constitution"), rich_help_panel=_JUDGE)]
     = FeedbackConfig.constitution,
