@@ -349,62 +349,98 @@ def extract_code(text: str) -> str | None:
 # directory. The hook exits rather than raising, so code that catches exceptions cannot shrug it off.
 # Limits are set here rather than in a `preexec_fn`: that runs between fork and exec, which is unsafe in
 # a parent with threads (a torch trainer has many).
+#
+# A pass is proved by a secret the parent sends, printed only once the tests have run. Code under test
+# shares the interpreter, so the secret is kept where it cannot reach: read before the solution loads,
+# stdin closed after it, held in the main thread's frame only, while the solution and then the tests run
+# in threads of their own (a frame's f_back never leads to another thread's frames; the calls that do,
+# sys._current_frames and gc's object walks, are denied, and so are tracing hooks that could skip an
+# assert). Builtins the runner needs are bound before the solution could replace them. This is a guard
+# against accidents and reward hacks, not a wall against a determined attacker: for untrusted code at
+# scale, run the stage in a container as well.
 _SANDBOX_RUNNER = r'''
-import os, resource, sys
-memory, cpu_seconds, max_file = (int(a) for a in sys.argv[1:4])
-resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-nonce = sys.stdin.readline().strip()
-ROOT = os.path.realpath(os.getcwd())
-with open("solution.py", encoding="utf-8") as f:
-    solution = compile(f.read(), "solution.py", "exec")
-with open("tests.py", encoding="utf-8") as f:
-    tests = compile(f.read(), "tests.py", "exec")
-DENIED = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
-          "os.system", "os.kill", "os.killpg", "ctypes.", "pty.", "signal.pthread_kill", "os.setuid", "os.chroot")
-PATH_EVENTS = {"os.remove": 1, "os.rename": 2, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
-               "os.symlink": 2, "os.link": 2, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1,
-               "shutil.move": 2, "shutil.copyfile": 2, "shutil.copytree": 2, "os.chflags": 1, "os.mkfifo": 1}
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-def inside(path):
-    if isinstance(path, int):
-        return True
+import os, resource, sys, threading
+def main(_exec=exec, _write=os.write, _exit=os._exit, _thread=threading.Thread):
+    memory, cpu_seconds, max_file = (int(a) for a in sys.argv[1:4])
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    nonce = sys.stdin.readline().strip()
+    sys.stdin = None
+    os.close(0)
+    root = os.path.realpath(os.getcwd())
+    with open("solution.py", encoding="utf-8") as f:
+        solution = compile(f.read(), "solution.py", "exec")
+    with open("tests.py", encoding="utf-8") as f:
+        tests = compile(f.read(), "tests.py", "exec")
+    sys.addaudithook(_hook(root))
+    namespace = {"__name__": "solution"}
+    for code in (solution, tests):
+        report = []
+        worker = _thread(target=_run, args=(code, namespace, report, _exec, _write, _exit), daemon=True)
+        worker.start()
+        worker.join()
+        if report != ["ok"]:
+            _exit(99)
+    sys.stdout.flush()
+    _write(1, ("\n" + nonce + "\n").encode())
+    _exit(0)
+def _run(code, namespace, report, _exec, _write, _exit):
     try:
-        real = os.path.realpath(os.fsdecode(path))
-    except Exception:
-        return False
-    return real == ROOT or real.startswith(ROOT + os.sep)
-def deny(event, args):
-    os.write(2, ("cai-sandbox: blocked " + event + " " + repr(args)[:200] + "\n").encode())
-    os._exit(97)
-def hook(event, args):
-    if event.startswith(DENIED):
-        deny(event, args)
-    if event == "open":
-        path, mode, flags = args
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
-        if writing and not inside(path):
+        _exec(code, namespace)
+    except AssertionError as exc:
+        _write(2, ("cai-sandbox: test failed: " + repr(exc)[:300] + "\n").encode())
+        _exit(98)
+    except BaseException as exc:
+        _write(2, ("cai-sandbox: raised " + type(exc).__name__ + " " + str(exc)[:300] + "\n").encode())
+        _exit(99)
+    report.append("ok")
+def _hook(root):
+    denied = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
+              "os.system", "os.kill", "os.killpg", "ctypes.", "pty.", "signal.pthread_kill", "os.setuid",
+              "os.chroot", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+              "sys.settrace", "sys.setprofile", "sys.monitoring", "sys.remote_exec")
+    path_events = {"os.remove": 1, "os.rename": 2, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
+                   "os.symlink": 2, "os.link": 2, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1,
+                   "shutil.move": 2, "shutil.copyfile": 2, "shutil.copytree": 2, "os.chflags": 1, "os.mkfifo": 1}
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    realpath, isdir, fsdecode, sep, write, exit_ = os.path.realpath, os.path.isdir, os.fsdecode, os.sep, os.write, os._exit
+    def inside(path):
+        if isinstance(path, int):
+            return True
+        try:
+            real = realpath(fsdecode(path))
+        except Exception:
+            return False
+        return real == root or real.startswith(root + sep)
+    def deny(event, args):
+        write(2, ("cai-sandbox: blocked " + event + " " + repr(args)[:200] + "\n").encode())
+        exit_(97)
+    def hook(event, args):
+        if event.startswith(denied):
             deny(event, args)
-    elif event in PATH_EVENTS:
-        for path in args[:PATH_EVENTS[event]]:
-            if path is not None and not inside(path):
+        if event == "open":
+            path, mode, flags = args
+            if isinstance(path, int) or path is None:
+                return
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
+            if not inside(path):
+                real = realpath(fsdecode(path))
+                # A directory opened outside is a handle for writing there (dir_fd=); a process's memory
+                # file holds its secrets.
+                if writing or isdir(real) or (real.startswith("/proc/") and real.endswith("/mem")):
+                    deny(event, args)
+        elif event == "sqlite3.connect":
+            database = fsdecode(args[0]) if isinstance(args[0], (str, bytes)) else ""
+            if database != ":memory:" and (database.startswith("file:") or not inside(database)):
                 deny(event, args)
-sys.addaudithook(hook)
-namespace = {"__name__": "solution"}
-try:
-    exec(solution, namespace)
-    exec(tests, namespace)
-except AssertionError as exc:
-    print("cai-sandbox: test failed:", repr(exc)[:300], file=sys.stderr)
-    os._exit(98)
-except BaseException as exc:
-    print("cai-sandbox: raised", type(exc).__name__, str(exc)[:300], file=sys.stderr)
-    os._exit(99)
-sys.stdout.flush()
-os.write(1, ("\n" + nonce + "\n").encode())
-os._exit(0)
+        elif event in path_events:
+            for path in args[:path_events[event]]:
+                if path is not None and not inside(path):
+                    deny(event, args)
+    return hook
+main()
 '''
 
 
@@ -443,7 +479,10 @@ def run_tests(code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int =
     tests and prints the secret it was given counts as passed, so `os._exit(0)` in the solution fails.
     """
     nonce = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="cai-sandbox-") as workdir:
+    # Output goes to files the parent made outside the sandbox's directory, not pipes: a flood then stops
+    # at the file-size limit instead of filling the parent's memory, and the code cannot open them.
+    with tempfile.TemporaryDirectory(prefix="cai-sandbox-") as workdir, \
+            tempfile.TemporaryFile() as stdout_file, tempfile.TemporaryFile() as stderr_file:
         work = Path(workdir)
         (work / "runner.py").write_text(_SANDBOX_RUNNER, encoding="utf-8")
         (work / "solution.py").write_text(code, encoding="utf-8")
@@ -451,17 +490,18 @@ def run_tests(code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int =
         command = [*network_namespace_prefix(), sys.executable, "-I", "-B", "runner.py",
                    str(memory_mb << 20), str(max(1, math.ceil(timeout_s)) + 1), str(max_file_mb << 20)]
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True)
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=stdout_file,
+                                   stderr=stderr_file, start_new_session=True)
         try:
-            stdout, stderr = process.communicate(input=(nonce + "\n").encode(), timeout=timeout_s)
+            process.communicate(input=(nonce + "\n").encode(), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(process)
-            process.communicate()
+            process.wait()
             return SandboxResult("timeout", f"no result after {timeout_s:g} s")
         finally:
             if process.poll() is None:
                 _kill_group(process)
+        stdout, stderr = _tail(stdout_file), _tail(stderr_file)
     detail = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
     code_rc = process.returncode
     if code_rc == 0 and stdout.decode("utf-8", "replace").rstrip().endswith(nonce):
@@ -473,6 +513,13 @@ def run_tests(code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int =
     if code_rc == _ERROR_EXIT:
         return SandboxResult("error", detail[0])
     return SandboxResult("crashed", f"exit status {code_rc}: {detail[0]}")
+
+
+def _tail(file, size: int = 4096) -> bytes:
+    """The last `size` bytes written to `file` (all of a short output)."""
+    file.seek(0, os.SEEK_END)
+    file.seek(max(0, file.tell() - size))
+    return file.read()
 
 
 def _kill_group(process: subprocess.Popen) -> None:

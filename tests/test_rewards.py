@@ -184,6 +184,61 @@ def test_code_that_exits_early_does_not_pass():
     assert run_tests("import sys\ndef add(a, b):\n    return a + b\nsys.exit(0)\n", TESTS).score == 0.0
 
 
+@pytest.mark.parametrize("hack", [
+    # the secret that proves the tests ran, printed without running them
+    "import __main__, os\nos.write(1, ('\\n' + getattr(__main__, 'nonce', '') + '\\n').encode())\nos._exit(0)\n",
+    # the tests swapped for ones that pass
+    "import __main__\n__main__.tests = compile('pass', 'tests.py', 'exec')\n",
+    # the runner's frame reached from the solution's, for its secret
+    "import sys, os\nf = sys._getframe()\nwhile f.f_back: f = f.f_back\n"
+    "os.write(1, ('\\n' + str(f.f_locals.get('nonce')) + '\\n').encode())\nos._exit(0)\n",
+    # every live object searched for it
+    "import gc, os\nfor o in gc.get_objects():\n    pass\nos._exit(0)\n",
+    # a tracer that skips the failing assert
+    "import sys\nsys.settrace(lambda *a: None)\n",
+    # the secret read from standard input before the runner reads it
+    "import sys, os\nos.write(1, ('\\n' + sys.stdin.readline()).encode())\nos._exit(0)\n",
+    # builtins the runner relies on replaced
+    "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
+])
+def test_code_cannot_forge_a_pass(hack):
+    assert run_tests(hack, "assert False").outcome != "passed"
+
+
+@pytest.mark.parametrize("hack", [
+    "import os\nfd = os.open({outside!r}, os.O_RDONLY)\nos.open('escaped', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n",
+    "import sqlite3\nsqlite3.connect({outside!r} + '/escaped').execute('create table t(x)')\n",
+    "import sqlite3\nsqlite3.connect('file:' + {outside!r} + '/escaped?mode=rwc', uri=True).execute('create table t(x)')\n",
+])
+def test_code_cannot_write_outside_through_a_directory_handle_or_sqlite(tmp_path, hack):
+    result = run_tests(hack.format(outside=str(tmp_path)), "pass")
+    assert result.outcome == "blocked" and not (tmp_path / "escaped").exists()
+
+
+def test_code_flooding_its_output_does_not_grow_the_parent():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = run_tests("import sys\nwhile True:\n    sys.stdout.write('x' * 1000000)\n", "pass", timeout_s=2.0)
+    assert result.score == 0.0
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 100 * 1024  # KiB: under 100 MB
+
+
+def test_ordinary_code_still_runs_in_the_sandbox():
+    """What the guards must not stop: namedtuples, dataclasses and enums (they read the caller's frame),
+    tracebacks, threads, sqlite in memory and files in its own directory."""
+    code = ("import collections, dataclasses, enum, threading, traceback, sqlite3\n"
+            "P = collections.namedtuple('P', 'x y')\n"
+            "@dataclasses.dataclass\nclass D:\n    x: int\n"
+            "class E(enum.Enum):\n    A = 1\n"
+            "try:\n    1 / 0\nexcept ZeroDivisionError:\n    text = traceback.format_exc()\n"
+            "out = []\nt = threading.Thread(target=lambda: out.append(1)); t.start(); t.join()\n"
+            "sqlite3.connect(':memory:').execute('select 1')\n"
+            "sqlite3.connect('local.db').execute('create table t(x)')\n"
+            "def add(a, b):\n    return P(a, b).x + D(b).x + E.A.value - 1 + len(out) - 1\n")
+    assert run_tests(code, TESTS).outcome == "passed"
+
+
 def test_code_exceeding_the_memory_limit_scores_zero():
     code = "blob = bytearray(1 << 31)\ndef add(a, b):\n    return a + b\n"
     assert run_tests(code, TESTS, memory_mb=256).score == 0.0
