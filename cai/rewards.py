@@ -253,15 +253,21 @@ class PreferenceModelReward:
 # A number as people write it: -12, 1,234.5, $3, 0.75, 3/4, 25%. Thousands need groups of exactly 3 digits,
 # so "3, 4" is two numbers; a full stop ending a sentence is not a decimal point ("is 42.").
 _NUMBER = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)?%?"
-_NUMBER_RE = re.compile(rf"(?<![\w.])({_NUMBER})")
+# Not after "^": the 2 of "m^2" is an exponent, not an answer.
+_NUMBER_RE = re.compile(rf"(?<![\w.^])({_NUMBER})")
 _BOXED_RE = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
-_FRAC_RE = re.compile(r"\\d?frac\s*\{\s*([-−]?[\d.,]+)\s*\}\s*\{\s*([\d.,]+)\s*\}")
+# A sign may stand before the fraction (-\frac{1}{2}) as well as inside it.
+_FRAC_RE = re.compile(r"([-−]\s*)?\\d?frac\s*\{\s*([-−]?[\d.,]+)\s*\}\s*\{\s*([\d.,]+)\s*\}")
 _ANSWER_RE = re.compile(rf"answer(?:\s+is)?[\s:=*]*({_NUMBER})", re.IGNORECASE)
 
 
 def parse_number(text: str) -> Fraction | None:
-    """`"$1,234.5"` -> 1234.5, `"-3/4"` -> -0.75, `"25%"` -> 25 (the percent sign is dropped). None if not a number."""
-    text = text.strip().replace("−", "-").replace("$", "").replace(",", "").replace(" ", "").rstrip("%")
+    """`"$1,234.5"` -> 1234.5, `"-3/4"` -> -0.75, `"25%"` -> 25 (the percent sign is dropped). None if not
+    one number (`"1, 2"` is two: commas count only between groups of three digits)."""
+    text = text.strip().replace("{,}", ",")
+    if not re.fullmatch(_NUMBER, text.lstrip("+")):
+        return None
+    text = text.replace("−", "-").replace("$", "").replace(",", "").replace(" ", "").rstrip("%")
     if not text:
         return None
     sign = -1 if text.startswith("-") else 1
@@ -280,12 +286,13 @@ def parse_number(text: str) -> Fraction | None:
 def final_number(text: str) -> Fraction | None:
     """The answer a maths response commits to: the last `\\boxed{}`, else the last "the answer is N", else
     the last number in the text. None if there is no number."""
+    text = text.replace("{,}", ",")  # LaTeX's thousands separator: 1{,}234
     boxed = _BOXED_RE.findall(text)
     if boxed:
         inner = boxed[-1]
         frac = _FRAC_RE.search(inner)
         if frac:
-            return parse_number(f"{frac.group(1)}/{frac.group(2)}")
+            return _fraction(frac)
         numbers = _NUMBER_RE.findall(inner)
         if numbers:
             return parse_number(numbers[-1])
@@ -295,8 +302,14 @@ def final_number(text: str) -> Fraction | None:
     frac = list(_FRAC_RE.finditer(text))
     numbers = list(_NUMBER_RE.finditer(text))
     if frac and (not numbers or frac[-1].end() >= numbers[-1].end()):
-        return parse_number(f"{frac[-1].group(1)}/{frac[-1].group(2)}")
+        return _fraction(frac[-1])
     return parse_number(numbers[-1].group(1)) if numbers else None
+
+
+def _fraction(match: re.Match) -> Fraction | None:
+    """The value of a `_FRAC_RE` match, its leading sign included."""
+    value = parse_number(f"{match.group(2)}/{match.group(3)}")
+    return -value if value is not None and match.group(1) else value
 
 
 def numbers_equal(got: Fraction, expected: Fraction, relative: float = 1e-6) -> bool:

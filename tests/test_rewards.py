@@ -23,6 +23,7 @@ from cai.rewards import (
     length_penalty,
     math_reward,
     math_score,
+    parse_number,
     parse_reward_spec,
     run_tests,
     slope,
@@ -92,6 +93,10 @@ def test_combined_reward_weights_each_part_and_reports_it():
     ("**Answer:** 17 apples", "17"),
     ("Total: 25%", "25"),
     ("First 12, then 7 more. The answer is 19. Check: 12 + 7 = 19", "19"),
+    ("x = \\boxed{-\\frac{1}{2}}", "-1/2"),  # the sign before the fraction
+    ("so x = -\\frac{3}{4}", "-3/4"),
+    ("\\boxed{1{,}234}", "1234"),  # LaTeX's thousands separator
+    ("So the area is 90 m^2.", "90"),  # an exponent is not the answer
 ])
 def test_math_reads_the_final_number_in_several_written_forms(text, expected):
     assert final_number(text) == Fraction(expected)
@@ -111,6 +116,9 @@ def test_math_scores_wrong_and_missing_answers_zero_and_skips_records_without_an
     assert math_score("It is about 0.333333", "1/3") == 1.0  # a rounded decimal for a fraction passes
     assert math_score("It is about 0.33", "1/3") == 0.0
     assert math_score("I am not sure.", "42") == 0.0
+    assert math_score("The value is \\boxed{-\\frac{1}{2}}", "1/2") == 0.0  # a wrong sign is wrong
+    assert math_score("The answer is 12", "1/2") == 0.0
+    assert parse_number("1, 2") is None  # two numbers, not 12
     scores = math_reward([PROMPT] * 3, [answer("42"), answer("42"), answer("7")], answer=["42", None, "8"])
     assert scores == [1.0, None, 0.0]
 

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
-from cai.errors import ConfigError
+from cai.errors import ConfigError, RecordsError
 from cai.records import write_jsonl
 from cai.rewards import CombinedReward
 from cai.stages import rl
@@ -75,6 +75,17 @@ def test_prompt_files_are_mixed_into_conversational_rows(prompt_files):
     assert len(rows) == 12
     assert rows[0]["prompt"] == [{"role": "user", "content": "Tell me one fact about the number 0."}]
     assert rows[0]["answer"] is None and rows[6]["answer"] == "0" and rows[6]["tests"] is None
+
+
+def test_prompt_rows_check_answers_when_read_and_join_listed_tests(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"id": "mbpp-1", "prompt": "Write f.", "tests": ["assert f(1) == 2", "assert f(2) == 3"]})
+                    + "\n" + json.dumps({"id": "m-1", "prompt": "What is 2+2?", "answer": "4"}) + "\n")
+    rows = rl.load_prompt_rows([str(path)])
+    assert rows[0]["tests"] == "assert f(1) == 2\nassert f(2) == 3"  # str(list) would assert nothing
+    path.write_text(path.read_text() + json.dumps({"id": "m-2", "prompt": "How far?", "answer": "5 km"}) + "\n")
+    with pytest.raises(RecordsError, match=r"tasks.jsonl: record 'm-2': answer '5 km' is not one number"):
+        rl.load_prompt_rows([str(path)])
 
 
 # ----------------------------------------------------------------------------- training

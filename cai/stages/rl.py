@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.errors import ConfigError
+from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.rewards import REWARD_NAMES, Thresholds, hacking_warnings, parse_reward_spec, slope
 from cai.stages.base import StageContext, StageResult, StageRun, check_limit
@@ -149,6 +149,7 @@ def load_prompt_rows(paths: list[str], limit: int | None = None) -> list[dict[st
     """Prompt records from every file, as trl rows: a conversational `prompt` plus `answer` and `tests`
     (None where a record has none) and the record's `id` (made unique across files)."""
     from cai.records import as_messages, read_prompts
+    from cai.rewards import parse_number
 
     rows, seen = [], set()
     for path in paths:
@@ -156,9 +157,18 @@ def load_prompt_rows(paths: list[str], limit: int | None = None) -> list[dict[st
             row_id = record["id"] if record["id"] not in seen else f"{Path(path).stem}:{record['id']}"
             seen.add(row_id)
             answer, tests = record.get("answer"), record.get("tests")
+            where = f"{path}: record {record['id']!r}"
+            # Checked here, not when the record is first drawn mid-run inside trl's reward call.
+            if answer is not None and str(answer).strip() and parse_number(str(answer)) is None:
+                raise RecordsError(f"{where}: answer {answer!r} is not one number -- the math reward compares "
+                                   "numbers; write it as 42, -3/4, 1,234.5 or 25% (or leave `answer` out)")
+            if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
+                tests = "\n".join(tests)  # MBPP's test_list: one assert a line
+            elif tests is not None and not isinstance(tests, str):
+                raise RecordsError(f"{where}: `tests` must be Python source (a string) or a list of assert "
+                                   f"lines, got {type(tests).__name__}")
             rows.append({"prompt": as_messages(record["prompt"]), "id": row_id,
-                         "answer": None if answer is None else str(answer),
-                         "tests": None if tests is None else str(tests)})
+                         "answer": None if answer is None else str(answer), "tests": tests})
     return rows
 
 
