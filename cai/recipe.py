@@ -40,6 +40,7 @@ import difflib
 import importlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -106,7 +107,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("pm", "4-pm", "cai.stages.pm", "", product="model", config="PMTrainConfig", function="run_train",
               wiring={"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
     StageSpec("rl", "5-rl", "cai.stages.rl", "", product="model",
-              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts"}),
+              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts",
+                      "constitution": "constitution"}),
     StageSpec("dpo", "5-dpo", "cai.stages.dpo", "model",
               {"policy": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
     StageSpec("eval", "6-eval", "cai.stages.evaluate", "",
@@ -161,6 +163,7 @@ class PlannedStage:
     spec: StageSpec
     config: Any  # the stage's config dataclass, fully resolved
     directory: Path
+    explicit: frozenset[str] = frozenset()  # fields the recipe's stage section or --set gave
 
     @property
     def manifest_path(self) -> Path:
@@ -183,8 +186,13 @@ class Recipe:
         out: dict[str, Any] = {k: v for k, v in self.top.items() if v is not None or k in ("judge", "quantize")}
         out["stages"] = [s.spec.name for s in self.stages]
         for planned in self.stages:
+            # Wired and shared values are left to the top level, which gives them again on loading: baked
+            # in, a copy run under another --name would read the first run's outputs, and a top-level
+            # --set (seed=7, model=..., data.*) would not reach the stages.
+            derived = {*planned.spec.wiring, *SHARED_FIELDS} - planned.explicit
             out[planned.spec.name] = {f.name: _plain(getattr(planned.config, f.name))
-                                      for f in dataclasses.fields(planned.config) if f.name not in RUNNER_FIELDS}
+                                      for f in dataclasses.fields(planned.config)
+                                      if f.name not in RUNNER_FIELDS and f.name not in derived}
         return out
 
 
@@ -238,7 +246,21 @@ def _compose(path: Path) -> yaml.MappingNode:
         raise RecipeError(f"{path}:1: the recipe is empty -- see recipes/smoke.yaml for an example")
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{path}:1: a recipe is a YAML mapping (model:, stages:, data:, one mapping per stage)")
+    _check_keys(root, path)
     return root
+
+
+def _check_keys(node: yaml.Node, path: Path) -> None:
+    """Every mapping key in the tree is a plain scalar: `[a, b]: 1` is a YAML mapping key no recipe means."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: a key must be a plain name, not a "
+                                  "list or a mapping -- check the brackets and the indentation")
+            _check_keys(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_keys(item, path)
 
 
 def _value(node: yaml.Node) -> Any:
@@ -276,10 +298,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     """(ok, converted value) for a YAML value against a config field's annotation.
 
-    int is accepted for float (and converted); a path field takes a string; bool is not an int."""
+    int is accepted for float (and converted), and so is a string in exponent notation; a path field takes
+    a string; bool is not an int."""
     if tp is Any or tp is object:
         return True, value
     origin = typing.get_origin(tp)
@@ -313,6 +339,9 @@ def check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
+        # YAML 1.1 reads 5e-5 (no dot) as a string: how people write a learning rate.
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return True, float(value)
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if tp is str:
@@ -480,7 +509,10 @@ class _Reader:
                 data[key], data_nodes[key] = value, value_node
         data.update(self.cli_data)
         if data["rl_prompts"] is None:  # the paper trained RL on red-team and helpful prompts
-            data["rl_prompts"] = [data["red_team"], data["helpful"]]
+            files = []
+            for key in ("red_team", "helpful"):  # each a file, a list of them or null (left out)
+                files += data[key] if isinstance(data[key], list) else [data[key]] if data[key] is not None else []
+            data["rl_prompts"] = files or None
         needed = {source.split(".", 1)[1] for spec in self.registry if spec.name in order
                   for source in spec.wiring.values() if source.startswith("data.")}
         for key in list(data):
@@ -551,12 +583,14 @@ class _Reader:
             if not ok:
                 report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
                 continue
-            if check_files and isinstance(converted, str) and spec.wiring.get(key, "").startswith("data."):
-                found = _existing_path(converted)
-                if found is None:
-                    report(f"`{stage}.{key}`: no such file {converted!r} -- check the path")
+            if check_files and spec.wiring.get(key, "").startswith("data.") and isinstance(converted, str | list):
+                files = converted if isinstance(converted, list) else [converted]
+                found = [_existing_path(str(file)) for file in files]
+                missing = [file for file, path in zip(files, found, strict=True) if path is None]
+                if missing:
+                    report(f"`{stage}.{key}`: no such file {missing[0]!r} -- check the path")
                     continue
-                converted = str(found)
+                converted = [str(p) for p in found] if isinstance(converted, list) else str(found[0])
             values[key] = converted
         return values
 
@@ -579,11 +613,22 @@ class _Reader:
                                    f"(update StageSpec({stage!r}).wiring in cai/recipe.py)")
             wired = _wired_value(source, top, order, output_of)
             if wired is not _MISSING:
-                values[field_name] = _fit(wired, fields[field_name][1])
+                wired = _fit(wired, fields[field_name][1])
+                if not check_type(wired, fields[field_name][1])[0] and field_name not in self.options(stage, False):
+                    message = (f"`{source}` feeds `{stage}.{field_name}`, which takes one file, got {wired!r} -- "
+                               f"give one file (join the files into one), or set {stage}.{field_name}")
+                    data_key = source.split(".", 1)[1]
+                    if data_key in self.cli_data:
+                        self.problems.cli(f"data.{data_key}", message)
+                    else:
+                        self.problems.at(self.node("data"), message)
+                    continue
+                values[field_name] = wired
         for shared in SHARED_FIELDS:
             if shared in fields and top.get(shared) is not None:
                 values[shared] = top[shared]
-        values.update(self.options(stage))
+        explicit = self.options(stage)
+        values.update(explicit)
         for field_name, source in spec.wiring.items():  # an upstream output this recipe does not produce
             if source.startswith("out.") and field_name not in values:
                 self.problems.at(self.node("stages"), f"{stage} needs {source[4:]}'s output (`{stage}.{field_name}`) "
@@ -599,7 +644,7 @@ class _Reader:
         except Exception as exc:  # ConfigError from __post_init__: a combination that cannot work
             self.problems.at(self.node(stage), f"{stage}: {exc}")
             return None
-        return PlannedStage(spec, config, (run_dir / spec.directory).resolve())
+        return PlannedStage(spec, config, (run_dir / spec.directory).resolve(), frozenset(explicit))
 
 
 _MISSING = object()
@@ -679,7 +724,8 @@ def select(recipe: Recipe, from_stage: str | None = None, only: str | None = Non
 def write_resolved(recipe: Recipe) -> Path:
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     target = recipe.run_dir / "recipe.yaml"
-    header = (f"# Resolved from {recipe.path} by `cai run`: every option of every stage, defaults included.\n"
+    header = (f"# Resolved from {recipe.path} by `cai run`: every option of every stage, defaults included;\n"
+              "# inputs wired between stages (and model, constitution, seed) follow from the top-level keys.\n"
               f"# Run it again with: cai run {target}\n")
     target.write_text(header + yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True, width=110))
     return target

@@ -83,6 +83,7 @@ class FakeRlConfig:
     policy: str = _f("")
     pm: str = _f("")
     prompts: list[str] = _f(list)
+    constitution: str = _f("default")
     beta: float = _f(0.05)
     rewards: list[str] = _f(list)
     seed: int = _f(0)
@@ -428,3 +429,48 @@ def test_bundled_recipes_load(name, tmp_path):
     recipe = recipes.load(path, runs_dir=tmp_path)
     assert recipe.name == name and recipe.stages[-1].spec.name == "eval"
     assert [s.spec.name for s in recipe.stages][:3] == ["critique", "sft", "feedback"]
+
+
+SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+
+
+def test_the_recipe_constitution_reaches_rl_and_exponent_floats_are_numbers(tmp_path):
+    recipe = recipes.load(SMOKE, ["constitution=medical", "rl.lr=5e-5"], runs_dir=tmp_path)
+    assert recipe.stage("rl").config.constitution == recipe.stage("critique").config.constitution
+    assert recipe.stage("rl").config.constitution == "medical"
+    assert recipe.stage("rl").config.lr == 5e-5  # YAML 1.1 reads 5e-5 as a string
+
+
+def test_a_resolved_recipe_run_under_another_name_wires_its_own_outputs_and_takes_top_level_sets(tmp_path, prompts):
+    path = write_recipe(tmp_path, "", prompts)
+    run(path)
+    resolved = tmp_path / "runs" / "t" / "recipe.yaml"
+    again = recipes.load(resolved, ["seed=7", "model=other-model"], name="t2", runs_dir=tmp_path / "runs",
+                         registry=REGISTRY)
+    assert "/runs/t2/" in again.stage("sft").config.data  # not the first run's records
+    assert again.stage("critique").config.seed == 7
+    assert again.stage("sft").config.model == "other-model"
+    same = recipes.load(resolved, [], runs_dir=tmp_path / "runs", registry=REGISTRY)
+    assert [s.config for s in same.stages] == [s.config for s in load(path).stages]
+
+
+def test_data_files_given_as_lists_or_null(tmp_path, prompts):
+    path = write_recipe(tmp_path, "", prompts)
+    assert load(path, ["data.helpful=null"]).stage("rl").config.prompts == [str(prompts.resolve())]
+    with pytest.raises(RecipeError, match=r"`data.red_team` feeds `critique.prompts`, which takes one file"):
+        recipes.load(SMOKE, ["data.red_team=[data/red_team_prompts.jsonl, data/helpful_prompts.jsonl]"],
+                     runs_dir=tmp_path)
+    recipe = recipes.load(SMOKE, ["data.red_team=[data/red_team_prompts.jsonl, data/eval_harmful.jsonl]",
+                                  "critique.prompts=data/red_team_prompts.jsonl",
+                                  "feedback.prompts=data/red_team_prompts.jsonl"], runs_dir=tmp_path)
+    assert [Path(p).name for p in recipe.stage("rl").config.prompts] == [
+        "red_team_prompts.jsonl", "eval_harmful.jsonl", "helpful_prompts.jsonl"]  # flattened, not nested
+    with pytest.raises(RecipeError, match="no such file 'nowhere.jsonl'"):  # a list option's files are checked too
+        recipes.load(SMOKE, ["rl.prompts=[data/red_team_prompts.jsonl, nowhere.jsonl]"], runs_dir=tmp_path)
+
+
+def test_a_non_scalar_key_is_a_problem_with_its_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nsft:\n  [a, b]: 1\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:3: a key must be a plain name"):
+        recipes.load(recipe, runs_dir=tmp_path)
