@@ -299,7 +299,12 @@ def validate(reference: str | Path) -> list[str]:
 
 
 def _parse(path: Path) -> tuple[Constitution | None, list[str]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [f"{path}: not UTF-8 text (byte {exc.start}) -- save the file as UTF-8"]
+    except OSError as exc:
+        return None, [f"{path}: cannot read it ({exc.strerror or exc}) -- give a constitution YAML file"]
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -351,7 +356,8 @@ def _parse(path: Path) -> tuple[Constitution | None, list[str]]:
                                           f"{seen_ids[entry['id']]}) -- give each principle its own id")
                 else:
                     seen_ids[entry["id"]] = fields["id"].start_mark.line + 1
-            for key, value in entry.items():
+            # Examples are shown as written, never filled in: braces there (code, JSON) are literal.
+            for key, value in entry.items() if section.endswith("_principles") else ():
                 if isinstance(value, str) and not key.startswith("_"):
                     for bad in _unknown_placeholders(value):
                         problem(fields[key], f"{label}.{key} uses unknown placeholder {{{bad}}} -- the only "
@@ -391,6 +397,9 @@ def _parse(path: Path) -> tuple[Constitution | None, list[str]]:
 def _mapping(node: yaml.MappingNode, label: str, keys: dict[str, str], problem) -> dict[str, yaml.Node]:
     found: dict[str, yaml.Node] = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            problem(key_node, f"a key in {label} must be a plain name, not a list or a mapping -- check the brackets")
+            continue
         key = key_node.value
         if key not in keys:
             close = _closest(key, keys)
@@ -422,11 +431,15 @@ def _text(node: yaml.Node, label: str, problem, optional: bool) -> str | None:
 
 
 def _unknown_placeholders(text: str) -> list[str]:
+    """Placeholders `fill` cannot fill, as written: unknown names, and known ones with a conversion or a
+    format spec ({prompt!r}, {prompt:d}), which fail or misrender at fill time."""
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)
+                  if name is not None]
     except ValueError:
         return ["(unbalanced brace)"]
-    return [name for name in names if name not in KNOWN_PLACEHOLDERS]
+    return [name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            for name, spec, conversion in fields if name not in KNOWN_PLACEHOLDERS or spec or conversion]
 
 
 def _closest(key: str, candidates) -> str | None:

@@ -134,6 +134,17 @@ def curve_series(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], lis
     return series
 
 
+def short_labels(references: list[str]) -> dict[str, str]:
+    """The fewest trailing directories above each model that tell them apart: `5-rl` for one RL run,
+    `beta0.1/5-rl` and `beta0.5/5-rl` for two."""
+    parents = [Path(reference).parent.parts or (reference,) for reference in references]
+    for depth in range(1, max(len(p) for p in parents) + 1):
+        labels = ["/".join(p[-depth:]) for p in parents]
+        if len(set(labels)) == len(labels):
+            return dict(zip(references, labels, strict=True))
+    return {reference: reference for reference in references}
+
+
 def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
     named = {reference: curve_series(rows) for reference, rows in curves.items()}
     named = {reference: series for reference, series in named.items() if series}
@@ -141,8 +152,9 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path | N
         return None
     plt = _figure()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = short_labels(list(named))
     for reference, series in named.items():
-        short = Path(reference).parent.name or reference
+        short = labels[reference]
         for column, (xs, ys) in series.items():
             axis = axes[1] if "kl" in column.lower().split("/")[-1].split("_") else axes[0]
             axis.plot(xs, ys, label=f"{short}: {column}", marker="." if len(xs) < 40 else None)

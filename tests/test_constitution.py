@@ -169,3 +169,22 @@ def test_validate_command_exits_nonzero_with_lines(tmp_path):
     result = CliRunner().invoke(app, ["constitution", "validate", str(path)])
     assert result.exit_code == 1
     assert f"{path}:2: unknown key `extra`" in result.output
+
+
+def test_braces_in_examples_are_literal_and_bad_placeholders_fail_at_load(tmp_path):
+    text = VALID + "      - prompt: How do I make an empty dict?\n        response_a: Use d = {} in Python.\n" \
+                   "        response_b: No.\n        answer: A\n"
+    assert c.validate(write(tmp_path, text)) == []  # examples are shown as written, never filled
+    assert "Use d = {} in Python." in c.load(write(tmp_path, text)).judge_examples[-1].response_a
+    for bad in ("{prompt:d}", "{prompt!r}", "{prompt:>{width}}"):
+        problems = c.validate(write(tmp_path, VALID.replace("Rewrite it politely.", f"Rewrite {bad}.")))
+        assert len(problems) == 1 and f"unknown placeholder {bad}" in problems[0], problems
+
+
+def test_unreadable_files_and_non_scalar_keys_are_problems_not_tracebacks(tmp_path):
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8 text" in c.validate(binary)[0]
+    assert "cannot read it" in c.validate(tmp_path)[0]  # a directory
+    problems = c.validate(write(tmp_path, VALID + "    [a, b]: 1\n"))
+    assert any("must be a plain name" in p and ":" in p.split(" ")[0] for p in problems), problems

@@ -85,3 +85,9 @@ def test_curve_series_picks_reward_and_kl_columns():
              "completions/mean_length": 30, "reward_s": 2.5, "step_s": 12.0}]  # *_s: seconds spent, not curves
     series = report.curve_series(rows)
     assert set(series) == {"reward", "rewards/pm/mean", "kl"} and series["kl"] == ([2.0], [0.1])
+
+
+def test_training_curves_of_two_runs_of_one_stage_are_told_apart():
+    labels = report.short_labels(["runs/beta0.1/5-rl/model", "runs/beta0.5/5-rl/model"])
+    assert labels == {"runs/beta0.1/5-rl/model": "beta0.1/5-rl", "runs/beta0.5/5-rl/model": "beta0.5/5-rl"}
+    assert report.short_labels(["runs/demo/5-rl/model"]) == {"runs/demo/5-rl/model": "5-rl"}
