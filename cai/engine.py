@@ -183,24 +183,47 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 LOGPROB_CHUNK_BYTES = 8 << 20
 
 
-def target_logprobs(logits, targets):
+def target_logprobs(logits, targets, target_logits=None):
     """log softmax(logits)[target] per position, in fp32: logits (..., V) in any dtype, targets (...) of
     token ids -> (...). Equals `log_softmax(logits.float(), -1).gather(-1, targets[..., None])` without
     its two full fp32 copies of the logits: scoring a 256-token answer holds 256 x 49k logits per row,
     and the log-softmax over all of them took a quarter of a contrast judge's time (5.6 of 18.7 s on 16
     long pairs). Here the normaliser is a logsumexp over a few positions at a time, converted to fp32
-    as they go."""
+    as they go. `target_logits` (...), when given, replace the targets' entries (`exact_logits`)."""
     import torch
 
     vocab = logits.shape[-1]
     flat, wanted = logits.reshape(-1, vocab), targets.reshape(-1)
+    exact = None if target_logits is None else target_logits.reshape(-1, 1).float()
     out = torch.empty(wanted.shape, dtype=torch.float32, device=logits.device)
     step = max(1, LOGPROB_CHUNK_BYTES // (4 * vocab))
     for start in range(0, flat.shape[0], step):
         block = flat[start:start + step].float()
-        out[start:start + step] = (block.gather(-1, wanted[start:start + step, None]).squeeze(-1)
-                                   - torch.logsumexp(block, dim=-1))
+        index = wanted[start:start + step, None]
+        if exact is not None:
+            block.scatter_(-1, index, exact[start:start + step])
+        out[start:start + step] = block.gather(-1, index).squeeze(-1) - torch.logsumexp(block, dim=-1)
     return out.view(targets.shape)
+
+
+def exact_logits(head, hidden, token_ids):
+    """The logits of `token_ids` computed in fp32 from the hidden states the head was given: hidden (N, D),
+    token_ids (N, K) -> (N, K), or None when the head's weight is not a plain matrix (4-bit).
+
+    A bf16 head rounds its output: at the magnitudes a small model's logits reach (16-32) bf16 steps
+    by 0.125-0.25, so a judge's log-odds fell on a grid of quarters and different pairs got identical
+    soft labels. The few logits that are read are recomputed here instead (K rows of the head per
+    position: nothing next to the full head)."""
+    import torch
+
+    weight = getattr(head, "weight", None)
+    if (weight is None or weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or weight.shape[1] != hidden.shape[-1]):
+        return None
+    rows = weight[token_ids].float()  # (N, K, D)
+    values = torch.einsum("nd,nkd->nk", hidden.float(), rows)
+    bias = getattr(head, "bias", None)
+    return values + bias[token_ids].float() if bias is not None else values
 
 
 def branch_rows(sequences: Sequence[Sequence[int]], start: int, limits: Sequence[int], *, min_shared: int,
@@ -712,12 +735,16 @@ class HFBackend:
                 members = [i for _, row_members in rows for i in row_members]
                 # Each continuation's tokens are predicted by the logits at its context's last token and
                 # at all its own tokens but the last: read n+1 positions, the last predicting past the end.
-                logits, where = self._forward_packed(sequences, rows, start, prefix_kv,
-                                                     {i: len(continuation_ids[i]) + 1 for i in members})
+                logits, where, hidden = self._forward_packed(sequences, rows, start, prefix_kv,
+                                                             {i: len(continuation_ids[i]) + 1 for i in members})
                 targets = torch.zeros(logits.shape[0], dtype=torch.long)  # 0: the past-the-end dummies
                 for i in members:
                     targets[where[i]:where[i] + len(continuation_ids[i])] = torch.tensor(continuation_ids[i])
-                picked = target_logprobs(logits, targets.to(logits.device)).tolist()
+                targets = targets.to(logits.device)
+                exact = None
+                if logits.dtype != torch.float32:
+                    exact = exact_logits(self.model.get_output_embeddings(), hidden, targets[:, None])
+                picked = target_logprobs(logits, targets, None if exact is None else exact[:, 0]).tolist()
                 for i in members:
                     values = picked[where[i]:where[i] + len(continuation_ids[i])]
                     results[i] = ContinuationScore(logprob=float(sum(values)), token_logprobs=values)
@@ -739,8 +766,15 @@ class HFBackend:
         with _eval_mode(self.model), torch.inference_mode(), self._attention():
             for rows, start, prefix_kv in self._scoring_batches(sequences, [len(s) - 1 for s in sequences]):
                 members = [i for _, row_members in rows for i in row_members]
-                logits, where = self._forward_packed(sequences, rows, start, prefix_kv, dict.fromkeys(members, 1))
-                picked = torch.log_softmax(logits.float(), dim=-1)[:, candidates].tolist()  # (N, C)
+                logits, where, hidden = self._forward_packed(sequences, rows, start, prefix_kv,
+                                                             dict.fromkeys(members, 1))
+                full = logits.float()
+                if logits.dtype != torch.float32:  # the candidates' logits unrounded (`exact_logits`)
+                    exact = exact_logits(self.model.get_output_embeddings(), hidden,
+                                         candidates.expand(full.shape[0], -1))
+                    if exact is not None:
+                        full[:, candidates] = exact
+                picked = torch.log_softmax(full, dim=-1)[:, candidates].tolist()  # (N, C)
                 for i in members:
                     results[i] = picked[where[i]]
                 if progress:
@@ -808,9 +842,10 @@ class HFBackend:
 
     def _forward_packed(self, sequences: list[list[int]], rows: list[tuple[int, list[int]]], start: int,
                         prefix_kv: list[tuple] | None, reads: dict[int, int]):
-        """One forward pass over packed rows; returns (logits (N, V), where): for each member i, the logits
-        at its last reads[i] tokens (the last of them predicts past its end) are logits[where[i]:
-        where[i] + reads[i]]. N is the sum of reads: the vocabulary head runs on those positions only.
+        """One forward pass over packed rows; returns (logits (N, V), where, hidden (N, D)): for each member i,
+        the logits at its last reads[i] tokens (the last of them predicts past its end) are logits[where[i]:
+        where[i] + reads[i]], and `hidden` the head's inputs there. N is the sum of reads: the vocabulary
+        head runs on those positions only.
 
         Every sequence's first `start` tokens are `prefix_kv` (held apart under cascade attention, else
         repeated into the cache as views); a row is its members' `shared` common tokens, then each member's
@@ -862,10 +897,16 @@ class HFBackend:
                                                  for k, v in prefix_kv], config=self.model.config)
         mask = torch.ones((len(rows), 1, width, in_cache + width), dtype=torch.bool)
         mask[:, 0, :, in_cache:] = allowed
-        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                         logits_to_keep=keep.to(device), **extra)
-        return out.logits.reshape(read, -1), where
+        head_inputs = []  # what the vocabulary head was given: the kept positions' hidden states
+        hook = self.model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: head_inputs.append(args[0]))
+        try:
+            out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                             logits_to_keep=keep.to(device), **extra)
+        finally:
+            hook.remove()
+        return out.logits.reshape(read, -1), where, head_inputs[-1].reshape(read, -1)
 
     def _shared_prefix_cache(self, prefix: list[int]) -> list[tuple]:
         """Keys and values of every layer for one token prefix, each (1, kv_heads, len(prefix), head_dim).

@@ -600,3 +600,37 @@ def test_the_prefix_memo_keeps_the_most_recently_used_prefixes_within_its_bytes(
     assert memo.longest([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], signature="w")[0] == 10
     assert memo.longest([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], signature="changed weights") == (0, None)
     assert not memo.entries
+
+
+def test_bf16_log_odds_are_not_rounded_to_the_grid_of_a_bf16_vocabulary_head(tiny_model_dir):
+    """A judge's two option tokens both get large logits (20-30 on a real model), where a bf16 head's
+    outputs step by 0.125: the log-odds between them fell on multiples of 1/8, and different pairs got
+    identical soft labels. The read logits are recomputed in fp32 from the head's input: the log-odds
+    come out continuous and near the fp32 model's, through `score` as through `next_token_logprobs`."""
+    engines = {precision: Engine.from_reference(tiny_model_dir, batch_size=4, device="cpu", precision=precision)
+               for precision in ("bf16", "fp32")}
+    for engine in engines.values():
+        with torch.no_grad():
+            engine.model.get_output_embeddings().weight.mul_(30.0)  # logits of a real model's size
+    engine = engines["bf16"]
+    odds = {"bf16": [], "fp32": [], "score": []}
+    for conversation in CONVERSATIONS:
+        context = engine.render(conversation)
+        with torch.inference_mode():
+            ids = torch.tensor([engine.tokenizer(context, add_special_tokens=False)["input_ids"]])
+            logits = engines["fp32"].model(ids).logits[0, -1]
+        first, second = logits.topk(2).indices.tolist()  # the two likeliest: both large
+        assert logits[second] > 16
+        for name, e in engines.items():
+            [(a, b)] = e.next_token_logprobs([context], [first, second])
+            odds[name].append(a - b)
+        texts = [engine.tokenizer.decode([t]) for t in (first, second)]
+        if all(engine.tokenizer(t, add_special_tokens=False)["input_ids"] == [i]
+               for t, i in zip(texts, (first, second), strict=True)):
+            a, b = engine.score([context, context], texts)
+            odds["score"].append(a.logprob - b.logprob)
+    assert len(odds["score"]) >= 3
+    for name in ("bf16", "score"):
+        on_grid = [value for value in odds[name] if abs(value * 8 - round(value * 8)) < 1e-5]
+        assert len(on_grid) <= 1, (name, odds[name])
+    assert odds["bf16"] == pytest.approx(odds["fp32"], abs=0.5)
