@@ -169,6 +169,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(critique_file, tmp_
         sft.run(cfg, StageContext(device="cpu"))
     assert (tmp_path / "sft" / "checkpoints" / "checkpoint-2").is_dir()
     assert json.loads((tmp_path / "sft" / "manifest.json").read_text())["status"] == "partial"
+    (tmp_path / "sft" / "checkpoints" / "checkpoint-3").mkdir()  # what a kill while saving leaves
 
     monkeypatch.setattr(sft, "report_callback", real_callback)
     reporter = NullReporter()

@@ -349,6 +349,20 @@ class StageRun:
         os.replace(tmp, self.path)  # written last and atomically: a manifest is never half-written
 
 
+def last_checkpoint(directory: Path) -> str | None:
+    """The newest complete trainer checkpoint under `directory` (one whose trainer_state.json, the last
+    file the trainer writes, exists), or None. transformers' get_last_checkpoint takes the highest number
+    whatever it holds: a run killed while saving then failed on every resume."""
+    if not directory.is_dir():
+        return None
+    candidates = []
+    for path in directory.glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and (path / "trainer_state.json").exists():
+            candidates.append((int(suffix), path))
+    return str(max(candidates)[1]) if candidates else None
+
+
 def discard_outputs(*paths: str | Path) -> None:
     """Remove earlier outputs before a forced restart."""
     import shutil

@@ -38,7 +38,7 @@ from typing import Any
 from cai import records
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL
-from cai.stages.base import StageContext, StageResult, StageRun
+from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint
 
 # The PM stage's data preparation, shared so both paths train on the same pairs (pm.py imports no torch).
 from cai.stages.pm import AI_SOURCE, HUMAN_SOURCE, PAPER_HUMAN_FRACTION, partition_trainable, split_heldout
@@ -481,7 +481,6 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     resuming = stage_run.start()
 
     from datasets.utils.logging import disable_progress_bar
-    from transformers.trainer_utils import get_last_checkpoint
 
     from cai.models import default_device, load_causal_lm, save_standalone
 
@@ -512,7 +511,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
         ctx.reporter.log(f"dpo: robust loss with label-noise rate {label_smoothing:.3f} (mean of 1 - p_chosen)")
 
     checkpoints = out / "checkpoints"
-    resume_from = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
+    resume_from = last_checkpoint(checkpoints) if resuming else None
     if resume_from:
         ctx.reporter.log(f"dpo: resuming from {resume_from}")
     progress = _trl_classes()[2](ctx.reporter)

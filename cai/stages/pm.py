@@ -39,7 +39,7 @@ from cai.errors import ConfigError, ModelError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.records import as_messages, mix_preferences, read_jsonl, read_preferences, write_jsonl
 from cai.rewards import pm_directory
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit, item_seed
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit, item_seed, last_checkpoint
 
 # The CAI paper's PM mix: 135,296 human helpfulness comparisons + 182,831 AI harmlessness comparisons.
 PAPER_HUMAN_COMPARISONS = 135_296
@@ -656,7 +656,6 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
     """Fit the PM on tokenized rows with SoftRewardTrainer; save it standalone to OUT/model."""
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardConfig
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -695,7 +694,7 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
         callbacks=[_progress_callback(ctx.reporter, trainer_ref)])
     trainer_ref["trainer"] = trainer
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the reporter shows them
-    last = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
+    last = last_checkpoint(checkpoints) if resuming else None
     if last:
         ctx.reporter.log(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

@@ -25,7 +25,7 @@ from typing import Any
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.rewards import REWARD_NAMES, Thresholds, hacking_warnings, parse_reward_spec, slope
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit, last_checkpoint
 
 ALGOS = ("grpo", "rloo")
 
@@ -204,18 +204,6 @@ def trainer_args(cfg: RLConfig, out: Path, device: str, precision) -> Any:
         remove_unused_columns=False,
         **precision.trainer_kwargs(),
     )
-
-
-def last_checkpoint(directory: Path) -> str | None:
-    """The newest complete checkpoint (one with its trainer_state.json written) under `directory`."""
-    if not directory.is_dir():
-        return None
-    candidates = []
-    for path in directory.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").exists():
-            candidates.append((int(suffix), path))
-    return str(max(candidates)[1]) if candidates else None
 
 
 def checkpoint_step(checkpoint: str | None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
-from cai.stages.base import StageContext, StageResult, StageRun
+from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint
 
 HELPFUL_CACHE = "helpful_answers.jsonl"  # in OUT: the starting model's answers to the helpful prompts
 CHECKPOINTS = "checkpoints"  # in OUT: trainer checkpoints, removed after the final save
@@ -338,11 +338,7 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     trainer = build_trainer(cfg, model, tokenizer, kept, checkpoints, device)
     callback = report_callback(ctx.reporter)
     trainer.add_callback(callback)
-    last = None
-    if checkpoints.is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(checkpoints))
+    last = last_checkpoint(checkpoints)
     if last:
         ctx.reporter.log(f"resuming training from {last}")
     elif resuming:
