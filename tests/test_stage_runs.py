@@ -149,3 +149,41 @@ def test_a_limit_below_one_is_refused_by_every_stage(stage, limit):
     config_class(**fields)  # valid without the limit
     with pytest.raises(ConfigError, match=f"limit={limit}: must be at least 1"):
         config_class(**fields, limit=limit)
+
+
+@dataclass
+class OutConfig:
+    out: str = ""
+
+
+def test_a_stage_refuses_an_input_whose_run_has_not_finished(tmp_path):
+    """`cai sft --data` on a critique run stopped at 10 of 40 records trained on the 10 without a word."""
+    from cai.errors import ConfigError
+
+    records = tmp_path / "critique.jsonl"
+    upstream = StageRun("critique", OutConfig(out=str(records)), default_manifest_path(records), inputs={},
+                        outputs=[records])
+    upstream.start()
+    records.write_text('{"id": "a"}\n')
+
+    def downstream(data):
+        return StageRun("sft", Config(), tmp_path / "sft" / "manifest.json", inputs={"data": data})
+
+    with pytest.raises(ConfigError, match=r"critique.jsonl: the run that writes it has not finished .* then sft"):
+        downstream(str(records))
+    upstream.complete(outputs={"records": records}, counts={}, summary="done")
+    downstream(str(records))  # finished: accepted
+
+    # A recipe's stage keeps its manifest in its directory, naming the file as its `out`.
+    stage_dir = tmp_path / "3-feedback"
+    prefs = stage_dir / "prefs.jsonl"
+    StageRun("feedback", OutConfig(out=str(prefs)), stage_dir / "manifest.json", inputs={}, outputs=[prefs]).start()
+    prefs.write_text("{}\n")
+    with pytest.raises(ConfigError, match="has not finished"):
+        downstream([str(prefs)])
+    # A manifest in the same directory that is about another output does not count.
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "prompts.txt").write_text("hi\n")
+    (other / "manifest.json").write_text('{"status": "partial", "config": {"out": "elsewhere"}}')
+    downstream(str(other / "prompts.txt"))

@@ -159,6 +159,31 @@ def input_hash(reference: str | Path | None) -> str | None:
     return hashlib.sha256(str(reference).encode()).hexdigest()[:16]
 
 
+def unfinished_manifest(reference: Any) -> Path | None:
+    """The manifest of a cai output that says its run stopped partway ("partial"), or None: a stage reading
+    it would quietly work on part of the records (or a model that was never saved). A manifest counts when
+    it sits where the stage writes it for this output (NAME.manifest.json beside a file, DIR/manifest.json),
+    or in the parent directory with this output (or that directory) as its `out` (a recipe's stages)."""
+    if not isinstance(reference, str | Path) or not str(reference):
+        return None
+    path = Path(str(reference)).expanduser()
+    if not path.exists():
+        return None
+    path = path.resolve()
+    own = default_manifest_path(path) if path.is_file() else path / "manifest.json"
+    for manifest in (own, path.parent / "manifest.json"):
+        if not manifest.is_file() or manifest == path:
+            continue
+        try:
+            data = json.loads(manifest.read_text())
+            out = Path(str(data.get("config", {}).get("out", ""))).expanduser().resolve()
+        except (OSError, ValueError, AttributeError):
+            continue
+        if manifest == own or out in (path, path.parent):
+            return manifest if data.get("status") == "partial" else None
+    return None
+
+
 def item_seed(seed: int, item_id: str, *salt: str) -> int:
     """A per-item seed from the run seed and the item's id: the same item samples the same text in any
     batch and after any resume."""
@@ -199,6 +224,12 @@ class StageRun:
         self.outputs = [Path(p) for p in outputs]
         self.cfg = cfg
         self.path = Path(manifest_path)
+        for name, value in inputs.items():
+            for reference in value if isinstance(value, list | tuple) else [value]:
+                if (manifest := unfinished_manifest(reference)) is not None:
+                    raise ConfigError(f"{reference}: the run that writes it has not finished ({manifest} says "
+                                      f"partial), so it holds only part of its output -- run that command again "
+                                      f"to finish it, then {stage}")
         self.inputs = {name: input_hash(value) for name, value in inputs.items()}
         self.config_hash = config_hash(cfg)
         self.force = force
