@@ -35,7 +35,12 @@ class ModelError(CaiError):
 
 
 class ResumeMismatch(CaiError):
-    """Existing output was written with a different configuration than the one asked for now."""
+    """Existing output was written with a different configuration than the one asked for now. `changes`:
+    what differs, one "NAME: OLD -> NEW" (or "INPUT changed") each."""
+
+    def __init__(self, message: str, changes: list[str] | None = None):
+        super().__init__(message)
+        self.changes = list(changes or [])
 
 
 class MissingDependency(CaiError):

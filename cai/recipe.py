@@ -776,10 +776,11 @@ def run(recipe: Recipe, reporter, *, from_stage: str | None = None, only: str | 
         context = StageContext(reporter=reporter, manifest_path=planned.manifest_path, device=recipe.top["device"])
         try:
             result = run_fn(planned.config, context)
-        except ResumeMismatch:
+        except ResumeMismatch as exc:
             # The directory belongs to this run and was made from an older recipe or older upstream
             # outputs: what it holds is stale by definition, so start the stage over.
-            reporter.log(f"{planned.spec.name}: its options or inputs changed since the last run; "
+            changed = "; ".join(exc.changes) or "its options or inputs"
+            reporter.log(f"{planned.spec.name}: changed since the last run ({changed}); "
                          f"discarding {planned.directory.name}/ and running it again")
             discard_outputs(planned.directory)
             result = run_fn(planned.config, context)

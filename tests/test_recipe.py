@@ -326,6 +326,20 @@ def test_second_run_does_no_work(tmp_path, prompts):
     assert [s["name"] for s in json.loads((run_dir / "run.json").read_text())["stages"]][0] == "critique"
 
 
+def test_a_moved_run_directory_keeps_its_finished_stages_and_a_change_is_named(tmp_path, prompts):
+    path = write_recipe(tmp_path, "", prompts)
+    run(path)
+    (tmp_path / "runs").rename(tmp_path / "moved")  # paths inside every config change; contents do not
+    CALLS.clear()
+    moved = recipes.run(recipes.load(path, [], runs_dir=tmp_path / "moved", registry=REGISTRY), NullReporter())
+    assert CALLS == {"eval": 1}  # eval's --model labels hold the paths themselves
+    assert all(o.skipped for o in moved.outcomes if o.name != "eval")
+    reporter = NullReporter()
+    recipes.run(recipes.load(path, ["rl.beta=0.1"], runs_dir=tmp_path / "moved", registry=REGISTRY), reporter)
+    assert any(m.startswith("rl: changed since the last run (beta: 0.05 -> 0.1)") for m in reporter.messages), \
+        reporter.messages
+
+
 def test_changing_one_option_reruns_that_stage_and_later_ones(tmp_path, prompts):
     path = write_recipe(tmp_path, "", prompts)
     run(path)

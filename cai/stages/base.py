@@ -20,7 +20,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,14 +117,15 @@ def default_manifest_path(out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- hashing
 
 
-def config_hash(cfg: Any) -> str:
+def config_hash(cfg: Any, exclude: Collection[str] = ()) -> str:
     """Hash of the fields that change a stage's output. Fields with `metadata={"hash": False}` (batch
     size, output paths, force) do not count: changing them must not invalidate finished work. Nor do
     scope fields (`metadata={"hash": False, "scope": True}`: `--limit` of a stage whose records do not
-    depend on it): a finished run is extended to a larger scope, not redone (`StageRun.start`)."""
+    depend on it): a finished run is extended to a larger scope, not redone (`StageRun.start`). Nor do
+    `exclude`d ones (`StageRun`: fields naming inputs, which count by their content instead)."""
     values = {}
     for f in dataclasses.fields(cfg):
-        if f.metadata.get("hash", True):
+        if f.metadata.get("hash", True) and f.name not in exclude:
             value = getattr(cfg, f.name)
             values[f.name] = str(value) if isinstance(value, Path) else value
     text = json.dumps(values, sort_keys=True, default=str)
@@ -224,14 +225,18 @@ class StageRun:
         self.outputs = [Path(p) for p in outputs]
         self.cfg = cfg
         self.path = Path(manifest_path)
-        for name, value in inputs.items():
+        for value in inputs.values():
             for reference in value if isinstance(value, list | tuple) else [value]:
                 if (manifest := unfinished_manifest(reference)) is not None:
                     raise ConfigError(f"{reference}: the run that writes it has not finished ({manifest} says "
                                       f"partial), so it holds only part of its output -- run that command again "
                                       f"to finish it, then {stage}")
         self.inputs = {name: input_hash(value) for name, value in inputs.items()}
-        self.config_hash = config_hash(cfg)
+        # A field that names an input counts by that input's content, not its path: a run directory moved
+        # elsewhere, or the same data file reached from another working directory, is the same work.
+        named = [value for value in inputs.values() if value not in (None, "", [])]
+        self.by_input = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name, None) in named}
+        self.config_hash = config_hash(cfg, self.by_input)
         self.force = force
         self.started = time.time()
 
@@ -268,8 +273,23 @@ class StageRun:
                     narrower.append(f"{f.name}: {old!r} -> {new!r}")
         return narrower
 
+    def _outputs(self, manifest: dict[str, Any]) -> dict[str, str]:
+        """The outputs `manifest` lists, where they are now: a run directory moved or renamed since (its
+        manifest naming the old place) has them under this run's `out`."""
+        outputs = manifest.get("outputs", {})
+        before, now = manifest.get("config", {}).get("out"), getattr(self.cfg, "out", None)
+        if not before or not now or str(before) == str(now):
+            return outputs
+
+        def base(out: str) -> str:  # the directory a stage writes into: its out, or the folder of a file out
+            return str(Path(out).parent if Path(out).suffix in (".jsonl", ".json", ".csv") else Path(out))
+
+        old, new = base(str(before)), base(str(now))
+        return {name: new + path[len(old):] if path == old or path.startswith(old + os.sep) else path
+                for name, path in outputs.items()}
+
     def _outputs_exist(self, manifest: dict[str, Any]) -> bool:
-        return all(Path(path).exists() for path in manifest.get("outputs", {}).values())
+        return all(Path(path).exists() for path in self._outputs(manifest).values())
 
     def previous(self) -> StageResult | None:
         """The earlier result if a complete manifest matches this config and these inputs and its outputs
@@ -277,7 +297,7 @@ class StageRun:
         manifest = self._read()
         if (manifest and manifest.get("status") == "complete" and self.matches(manifest) and self.same_scope(manifest)
                 and self._outputs_exist(manifest) and not self.force):
-            return StageResult(stage=self.stage, outputs=manifest.get("outputs", {}), counts=manifest.get("counts", {}),
+            return StageResult(stage=self.stage, outputs=self._outputs(manifest), counts=manifest.get("counts", {}),
                                summary=manifest.get("summary", "") + " (already complete; skipped)", skipped=True,
                                metrics=manifest.get("metrics", {}))
         return None
@@ -316,16 +336,17 @@ class StageRun:
             discard_outputs(*self.outputs)
         elif not self.matches(manifest):
             where = self.outputs[0] if self.outputs else self.path.parent
+            changes = self._differences(manifest)
             raise ResumeMismatch(
                 f"{where}: holds {self.stage} output made with different options or inputs "
-                f"({'; '.join(self._differences(manifest))}) -- pass --force to discard it and start over, "
-                "or choose another --out")
+                f"({'; '.join(changes)}) -- pass --force to discard it and start over, "
+                "or choose another --out", changes=changes)
         elif narrower := self.narrower_scope(manifest):
             where = self.outputs[0] if self.outputs else self.path.parent
             raise ResumeMismatch(
                 f"{where}: holds the {self.stage} output of a larger run ({'; '.join(narrower)}); a smaller "
                 "--limit would not remove its records -- leave --limit as it was to keep them, pass --force to "
-                "start over with the smaller one, or choose another --out")
+                "start over with the smaller one, or choose another --out", changes=narrower)
         else:  # complete, same options and inputs: a larger --limit or a deleted output; add what is missing
             resuming = True
         self._write("partial", outputs={}, counts={}, summary="")
@@ -348,7 +369,7 @@ class StageRun:
         before = manifest.get("config", {})
         changes = []
         for f in dataclasses.fields(self.cfg):
-            if f.metadata.get("hash", True) and f.name in before:
+            if f.metadata.get("hash", True) and f.name in before and f.name not in self.by_input:
                 now = self._as_stored(f.name)
                 if before[f.name] != now:
                     changes.append(f"{f.name}: {before[f.name]!r} -> {now!r}")
