@@ -954,6 +954,13 @@ def main() -> None:
             raise
         stderr.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(1)
+    except OSError as exc:
+        if debug or exc.filename is None:  # not about a path the user gave: a bug to see in full
+            raise
+        # A path the user can fix: an --out in a directory they cannot write, a full disk.
+        stderr.print(f"error: {exc.filename}: {exc.strerror or exc} -- check the path, its permissions and "
+                     "the free space (--debug shows where it happened)", highlight=False, markup=False)
+        sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

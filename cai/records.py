@@ -36,6 +36,13 @@ Message = dict[str, str]
 # ----------------------------------------------------------------------------- reading
 
 
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise RecordsError(f"{path}: no such file -- check the path")
+    if path.is_dir():
+        raise RecordsError(f"{path}: is a directory -- give a file in it (JSONL, CSV or .txt)")
+
+
 def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON object"
                ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (`.jsonl.gz` too); a line
@@ -43,8 +50,7 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
     not a record to drop. (A torn line that a kill leaves in cai's own output is `RecordWriter`'s to
     repair when the stage resumes; files written whole go through `write_jsonl`, which is atomic.)"""
     path = Path(path)
-    if not path.exists():
-        raise RecordsError(f"{path}: no such file -- check the path")
+    _check_file(path)
     raw = path.read_bytes()
     if path.suffix.lower() == ".gz":
         import gzip
@@ -173,8 +179,7 @@ def _has_id(value: Any) -> bool:
 def _read_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """One prompt per non-blank line. Lines end at "\n" (or "\r\n") only: `str.splitlines` would also
     split a prompt at the Unicode separators some text holds (U+2028, form feeds)."""
-    if not path.exists():
-        raise RecordsError(f"{path}: no such file -- check the path")
+    _check_file(path)
     text = path.read_text(encoding="utf-8-sig")
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
@@ -182,8 +187,7 @@ def _read_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if not path.exists():
-        raise RecordsError(f"{path}: no such file -- check the path")
+    _check_file(path)
     # utf-8-sig: spreadsheet programs start "CSV UTF-8" files with a byte order mark, which would
     # otherwise stick to the first column's name.
     with path.open(newline="", encoding="utf-8-sig") as handle:

@@ -182,3 +182,30 @@ def test_rates_keep_three_figures():
 
     assert [_rate(v) for v in (0.4834, 8.491, 97.83, 1234.4, 29_341, 293_410, 1_254_600)] == \
         ["0.48", "8.49", "97.8", "1234", "29.3k", "293k", "1.25M"]
+
+
+def test_path_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    """A directory for --prompts, an --out that is not .jsonl (it was made a directory, after generating),
+    and an --out where nothing can be written."""
+    import sys
+
+    import pytest
+
+    import cai.cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "x"}\n')
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, so nothing can be written under it")
+    cases = [(["--prompts", str(tmp_path), "--out", str(tmp_path / "c.jsonl")], "is a directory"),
+             (["--prompts", str(prompts), "--out", str(tmp_path / "c.txt")], "name the output file NAME.jsonl"),
+             (["--prompts", str(prompts), "--out", str(blocked / "c.jsonl")], "check the path, its permissions")]
+    for options, message in cases:
+        monkeypatch.setattr(sys, "argv", ["cai", "critique", "-m", "embedded:tiny-random", "--limit", "1",
+                                          "--max-new-tokens", "2", *options])
+        with pytest.raises(SystemExit) as exited:
+            cai.cli.main()
+        err = capsys.readouterr().err
+        assert exited.value.code == 1 and err.startswith("error: ") and message in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "c.txt").exists()

@@ -106,6 +106,14 @@ def check_limit(limit: int | None) -> None:
         raise ConfigError(f"limit={limit}: must be at least 1 -- leave --limit out to use every record")
 
 
+def check_jsonl_out(out: str, stage: str) -> None:
+    """A stage that writes records needs a `.jsonl` file to write (anything else was taken for a
+    directory, after the generating)."""
+    if out and not str(out).endswith(".jsonl"):
+        raise ConfigError(f"out={str(out)!r}: {stage} writes JSON Lines records -- name the output file "
+                          f"NAME.jsonl (e.g. {Path(str(out)).with_suffix('').name or 'records'}.jsonl)")
+
+
 def default_manifest_path(out: str | Path) -> Path:
     """`DIR/manifest.json` for a directory output, `NAME.manifest.json` beside a file output."""
     out = Path(out)

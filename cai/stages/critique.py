@@ -34,7 +34,7 @@ from typing import Any
 
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit, item_seed
+from cai.stages.base import StageContext, StageResult, StageRun, check_jsonl_out, check_limit, item_seed
 
 
 @dataclass
@@ -87,6 +87,7 @@ class CritiqueConfig:
 
     def __post_init__(self):
         check_precision(self.precision)
+        check_jsonl_out(self.out, "critique")
         if self.revisions < 1:
             raise ConfigError(f"revisions={self.revisions}: critique needs at least one round -- use --revisions 1 or more")
         check_limit(self.limit)

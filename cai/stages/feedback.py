@@ -23,7 +23,15 @@ from typing import Any
 
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit, engine_progress, item_seed
+from cai.stages.base import (
+    StageContext,
+    StageResult,
+    StageRun,
+    check_jsonl_out,
+    check_limit,
+    engine_progress,
+    item_seed,
+)
 
 METHOD_CHOICES = ("auto", "mc", "contrast")
 METHOD_HELP = ("Judging method: mc (multiple choice: log-probabilities of ' (A)' / ' (B)', as in the paper), "
@@ -103,6 +111,7 @@ class FeedbackConfig:
             raise ConfigError("feedback needs prompts -- pass --prompts FILE (e.g. data/red_team_prompts.jsonl)")
         if not self.out:
             raise ConfigError("feedback needs an output file -- pass --out FILE.jsonl")
+        check_jsonl_out(self.out, "feedback")
         if self.method not in METHOD_CHOICES:
             raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)}")
         if self.cot and self.method == "contrast":
