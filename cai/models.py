@@ -87,7 +87,9 @@ def _names_a_path(reference: str) -> bool:
     """Whether a reference that is no existing directory was meant as a path rather than a hub id. Hub ids
     are NAME or ORG/NAME, dots allowed (Qwen/Qwen2.5-7B-Instruct, so a suffix says nothing)."""
     return (reference.startswith((".", "/", "~")) or reference.count("/") > 1 or "\\" in reference
-            or reference.endswith((".json", ".jsonl", ".yaml", ".gguf", ".bin", ".safetensors")))
+            or reference.endswith((".json", ".jsonl", ".yaml", ".gguf", ".bin", ".safetensors"))
+            # ORG/NAME whose ORG is a local directory: `sl/model` before `cai sft --out sl` has run
+            or ("/" in reference and Path(reference.split("/", 1)[0]).expanduser().is_dir()))
 
 
 def check_reference(reference: str | Path | None = None) -> Path | None:

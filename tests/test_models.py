@@ -34,6 +34,16 @@ def test_missing_directory_and_offline_hub_id_fail_with_one_line():
         resolve("embedded:gpt-17")
 
 
+def test_a_model_path_under_an_existing_directory_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    """`--policy sl/model` before `cai sft --out sl` finished: 'no such directory', not 'download it'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sl").mkdir()
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve("sl/model")
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        resolve("nobody/model")  # no local `nobody`: a hub id
+
+
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         resolve(str(tmp_path))

@@ -5,7 +5,7 @@ from fractions import Fraction
 import pytest
 
 from cai import rewards
-from cai.errors import ConfigError
+from cai.errors import ConfigError, ModelError
 from cai.paths import bundled
 from cai.records import read_prompts
 from cai.rewards import (
@@ -402,6 +402,12 @@ def test_pm_directory_accepts_a_pm_train_output_directory(other_pm_dir, tmp_path
     assert rewards.pm_directory(tmp_path) == tmp_path / "model"
     with pytest.raises(Exception, match="no preference model"):
         rewards.pm_directory(tmp_path / "nothing")
+
+
+def test_pm_directory_refuses_a_language_model(tiny_model_dir):
+    """`--pm sl/model` for `--pm pm/model` loaded the policy with a random score head and scored with it."""
+    with pytest.raises(ModelError, match="a language model .*ForCausalLM.*, not a preference model"):
+        rewards.pm_directory(tiny_model_dir)
 
 
 def test_pm_reads_the_max_length_it_was_trained_with(other_pm_dir, tmp_path):
