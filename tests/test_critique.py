@@ -344,6 +344,15 @@ def test_degenerate_reason(text, raw, reason):
     assert degenerate_reason(text, raw, ["Critique the response.", "rewrite the response to be safe"]) == reason
 
 
+def test_a_revision_that_copies_its_critique_is_not_an_answer():
+    critique = "The response is not helpful in assisting with, encourages, or promotes harmful behaviour."
+    assert degenerate_reason(critique, critique, critique=critique) == "copied-critique"
+    assert degenerate_reason("The response is not helpful in assisting with or promotes harmful behaviour.", "x",
+                             critique=critique) == "copied-critique"  # near copies too
+    answer = "I can't help with that, but here is how to report it safely."
+    assert degenerate_reason(answer, answer, critique=critique) is None
+
+
 def test_repetition_share():
     assert repetition_share("one two three four five six") == 0
     assert repetition_share("a b c d " * 10) > 0.8

@@ -25,6 +25,7 @@ the previous answer for that round; the round is marked `"kept_previous": true` 
 and these are counted in the summary and the manifest.
 """
 
+import difflib
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -166,11 +167,13 @@ def repetition_share(text: str, n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def degenerate_reason(text: str, raw: str, requests: Sequence[str] = ()) -> str | None:
+def degenerate_reason(text: str, raw: str, requests: Sequence[str] = (), critique: str = "") -> str | None:
     """Why a cleaned revision cannot replace the answer, or None when it is usable.
 
     `raw` is the text before cleaning (to tell "empty" from "only a label"); `requests` are the
-    critique and revision requests the model was shown (a revision that only echoes one is useless).
+    critique and revision requests the model was shown (a revision that only echoes one is useless);
+    `critique` is the critique the model just wrote (a revision that copies it is a critique, not an
+    answer: "The response is not helpful in assisting with...").
     """
     if not text.strip():
         return "only-label" if raw.strip() else "empty"
@@ -179,6 +182,10 @@ def degenerate_reason(text: str, raw: str, requests: Sequence[str] = ()) -> str 
         return "no-words"
     if any(normalized == _normalized(request) for request in requests if request):
         return "echoed-request"
+    if critique and _normalized(critique):
+        words, critique_words = normalized.split(), _normalized(critique).split()
+        if difflib.SequenceMatcher(None, words, critique_words, autojunk=False).ratio() >= 0.9:
+            return "copied-critique"
     sentences = [_normalized(s) for s in re.split(r"(?<=[.!?])\s+|\n+", text) if _normalized(s)]
     if len(sentences) >= 3 and Counter(sentences).most_common(1)[0][1] >= 3:
         return "repetition"
@@ -249,7 +256,7 @@ def critique_chunk(engine, cons, prompts: list[dict[str, Any]], cfg: CritiqueCon
             requests = (c.fill(principle.critique, p["prompt"]), c.fill(principle.revision, p["prompt"]))
             round_record: dict[str, Any] = {"principle": principle.id, "critique": critique_texts[i], "revision": text}
             # Judged on what the model wrote: a primed revision that adds nothing is as empty as none.
-            reason = degenerate_reason(written, generation.text, requests)
+            reason = degenerate_reason(written, generation.text, requests, critique_texts[i])
             if reason is None:
                 current[i] = text
             else:
