@@ -70,6 +70,14 @@ def test_fewer_prompts_than_a_step_takes_is_an_error_not_zero_steps(tiny_model_d
         rl.run(cfg, StageContext(device="cpu"))
 
 
+def test_verifiable_rewards_on_prompts_none_of_which_can_score_are_an_error(tiny_model_dir, prompt_files, tmp_path):
+    """Every answer would score 0: the run trained on zeros for its steps and reported success."""
+    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
+                   reward=["math:1"], limit=4, prompts_per_step=2, judge="none")
+    with pytest.raises(ConfigError, match="none of the 4 prompts has an `answer` or `tests`"):
+        rl.run(cfg, StageContext(device="cpu"))
+
+
 def test_prompt_files_are_mixed_into_conversational_rows(prompt_files):
     rows = rl.load_prompt_rows([str(p) for p in prompt_files])
     assert len(rows) == 12

@@ -422,6 +422,10 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     weights = cfg.weights
     if not ({"pm", "format", "length"} & set(weights)):
         unscored = sum(1 for r in rows if not (("math" in weights and r["answer"]) or ("code" in weights and r["tests"])))
+        if unscored == len(rows):  # every step would train on zeros and report success
+            raise ConfigError(f"rl: none of the {len(rows)} prompts has an `answer` or `tests` for the rewards "
+                              f"{', '.join(weights)}, so every answer would score 0 -- give prompts with answers "
+                              "(e.g. data/verifiable_prompts.jsonl), or add the PM: --reward pm:1 --pm DIR")
         if unscored:
             ctx.reporter.log(f"{unscored} of {len(rows)} prompts have no `answer`/`tests` for the rewards "
                              f"{', '.join(weights)}: they score 0 and teach nothing")
