@@ -324,6 +324,9 @@ def _parse(path: Path) -> tuple[Constitution | None, list[str]]:
     for key in ("name", "description", "system_prompt"):
         if key in top:
             values[key] = _text(top[key], key, problem, optional=(key == "system_prompt"))
+    if values.get("system_prompt") and "{prompt}" in values["system_prompt"]:
+        problem(top["system_prompt"], "system_prompt is sent as written, so {prompt} would reach the model as "
+                                      "it stands -- only the principles' texts are filled in; leave it out here")
     if "name" in values and values["name"] and not ID_PATTERN.match(values["name"]):
         problem(top["name"], f"name {values['name']!r} must be lowercase letters, digits and dashes -- e.g. my-rules")
     sections: dict[str, list[dict[str, Any]]] = {}
@@ -454,7 +457,8 @@ def _closest(key: str, candidates) -> str | None:
 TEMPLATE = """\
 # A cai constitution: the principles that stand in for human harm labels.
 # Check it with `cai constitution validate PATH`; see the exact prompts with `cai constitution show PATH`.
-# Texts may use one placeholder, {prompt}: the human's request. Write literal braces as {{ and }}.
+# Principle texts may use one placeholder, {prompt}: the human's request (write literal braces there as
+# {{ and }}). The system prompt and the examples are sent as written.
 
 name: my-constitution            # lowercase letters, digits and dashes
 description: >-

@@ -181,6 +181,13 @@ def test_braces_in_examples_are_literal_and_bad_placeholders_fail_at_load(tmp_pa
         assert len(problems) == 1 and f"unknown placeholder {bad}" in problems[0], problems
 
 
+def test_a_placeholder_in_the_system_prompt_is_a_problem_and_braces_there_are_literal(tmp_path):
+    problems = c.validate(write(tmp_path, VALID.replace("name: tiny", "name: tiny\n    system_prompt: Help with {prompt}.")))
+    assert len(problems) == 1 and "system_prompt is sent as written" in problems[0] and ":2:" in problems[0]
+    loaded = c.load(write(tmp_path, VALID.replace("name: tiny", "name: tiny\n    system_prompt: 'Answer in JSON: {}'")))
+    assert loaded.system_prompt == "Answer in JSON: {}"
+
+
 def test_unreadable_files_and_non_scalar_keys_are_problems_not_tracebacks(tmp_path):
     binary = tmp_path / "latin1.yaml"
     binary.write_bytes("name: caf\xe9\n".encode("latin-1"))
