@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cai.errors import ConstitutionError
+from cai.errors import ConfigError, ConstitutionError
 from cai.paths import bundled
 from cai.records import Message, as_messages
 
@@ -126,8 +126,17 @@ class Constitution:
         return _draw(self.critique_principles, rounds, _rng(seed, "critique", item_id))
 
     def sample_judge_principles(self, item_id: str, k: int, seed: int) -> list[JudgePrinciple]:
-        """`k` distinct judge principles for one comparison (distinct while k <= the number available)."""
+        """`k` distinct judge principles for one comparison."""
+        self.check_judge_principles(k)
         return _draw(self.judge_principles, k, _rng(seed, "judge", item_id))
+
+    def check_judge_principles(self, k: int) -> None:
+        """Refuse `k` principles per comparison where the constitution has fewer: an average over the same
+        few principles repeated is no ensemble, only more judging."""
+        if k > len(self.judge_principles):
+            raise ConfigError(f"principles={k}, but constitution {self.name!r} has {len(self.judge_principles)} "
+                              f"judge principles -- use --principles {len(self.judge_principles)} or fewer, or "
+                              "add principles")
 
 
 def _rng(seed: int, *keys: str) -> random.Random:

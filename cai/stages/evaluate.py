@@ -289,6 +289,7 @@ def make_judge(cfg: EvalConfig, ctx: StageContext) -> JudgeFn:
     from cai.judge import Comparison, Judge
 
     loaded = constitution_module.load(cfg.constitution)
+    loaded.check_judge_principles(cfg.principles)
     engine = Engine.from_reference(cfg.judge, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device,
                                    precision=cfg.precision)
     judge = Judge(engine, loaded, method=cfg.judge_method, swap=True)

@@ -291,8 +291,9 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
                      outputs=[out, rejected_out], force=cfg.force)
     if (done := stage.previous()) is not None:
         return done
-    resuming = stage.start()
     constitution = constitution_module.load(constitution_file)
+    constitution.check_judge_principles(cfg.principles)
+    resuming = stage.start()
     items = read_prompts(cfg.prompts, cfg.limit)
 
     method = cfg.method
@@ -453,6 +454,7 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
     from cai.records import read_preferences, write_jsonl
 
     constitution = constitution_module.load(cfg.constitution)
+    constitution.check_judge_principles(cfg.principles)
     labelled = read_preferences(cfg.pairs, default_source="labelled", limit=cfg.limit)
     # hh-rlhf has rows whose final answer is empty: neither judge has anything to read in them (the
     # contrast judge scores the answer's tokens), so they are left out of every method alike.
