@@ -508,7 +508,8 @@ class _Reader:
                     continue
                 data[key], data_nodes[key] = value, value_node
         data.update(self.cli_data)
-        if data["rl_prompts"] is None:  # the paper trained RL on red-team and helpful prompts
+        derived_rl_prompts = data["rl_prompts"] is None  # then its files are checked as red_team's and helpful's
+        if derived_rl_prompts:  # the paper trained RL on red-team and helpful prompts
             files = []
             for key in ("red_team", "helpful"):  # each a file, a list of them or null (left out)
                 files += data[key] if isinstance(data[key], list) else [data[key]] if data[key] is not None else []
@@ -521,7 +522,8 @@ class _Reader:
             resolved = []
             for value in data[key] if isinstance(data[key], list) else [data[key]]:
                 found = _existing_path(str(value))
-                if found is None and key in needed:
+                checked = key in needed and not (key == "rl_prompts" and derived_rl_prompts)
+                if found is None and checked:
                     message = (f"data.{key}: no such file {value!r} -- check the path (relative paths are read "
                                "from the current directory, then from cai's bundled files)")
                     if key in self.cli_data:
@@ -529,8 +531,28 @@ class _Reader:
                     else:
                         self.problems.at(data_nodes.get(key), message)
                 resolved.append(str(found) if found else value)
+                if found is not None and checked:
+                    self._check_format(key, found, data_nodes.get(key))
             data[key] = resolved if isinstance(data[key], list) else resolved[0]
         return data
+
+    def _check_format(self, key: str, path: Path, node: yaml.Node | None) -> None:
+        """Read the first record of a data file the way its stage will, so a preference file given as
+        prompts (or the reverse) fails now, not after the stages before it have run for hours."""
+        from cai.errors import RecordsError
+        from cai.records import read_preferences, read_prompts
+
+        try:
+            if key == "human_prefs":
+                read_preferences(path, limit=1)
+            else:
+                read_prompts(path, 1)
+        except RecordsError as exc:
+            message = f"data.{key}: {exc}"
+            if key in self.cli_data:
+                self.problems.cli(f"data.{key}", message)
+            else:
+                self.problems.at(node, message)
 
     def check_references(self, top: dict[str, Any]) -> None:
         """The constitution validates; model and judge paths exist (hub ids are checked when loaded)."""

@@ -165,8 +165,11 @@ def prompts(tmp_path):
 
 def write_recipe(tmp_path, text: str, prompts_path: Path) -> Path:
     path = tmp_path / "r.yaml"
-    data_block = "\n".join(f"  {key}: {prompts_path}" for key in ("red_team", "helpful", "human_prefs",
-                                                                      "eval_harmful", "eval_benign"))
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "request 0", "chosen": "yes", "rejected": "no"}) + "\n")
+    files = {"red_team": prompts_path, "helpful": prompts_path, "human_prefs": prefs, "eval_harmful": prompts_path,
+             "eval_benign": prompts_path}
+    data_block = "\n".join(f"  {key}: {file}" for key, file in files.items())
     path.write_text(f"name: t\nmodel: base-model\ndata:\n{data_block}\n{text}")
     return path
 
@@ -481,6 +484,14 @@ def test_data_files_given_as_lists_or_null(tmp_path, prompts):
         "red_team_prompts.jsonl", "eval_harmful.jsonl", "helpful_prompts.jsonl"]  # flattened, not nested
     with pytest.raises(RecipeError, match="no such file 'nowhere.jsonl'"):  # a list option's files are checked too
         recipes.load(SMOKE, ["rl.prompts=[data/red_team_prompts.jsonl, nowhere.jsonl]"], runs_dir=tmp_path)
+
+
+def test_a_data_file_in_the_wrong_format_fails_at_load_not_when_its_stage_runs(tmp_path):
+    with pytest.raises(RecipeError, match=r"data.human_prefs: .*red_team_prompts.jsonl:1: a preference needs"):
+        recipes.load(SMOKE, ["data.human_prefs=data/red_team_prompts.jsonl"], runs_dir=tmp_path)
+    with pytest.raises(RecipeError) as error:
+        recipes.load(SMOKE, ["data.red_team=data/helpful_prefs_example.jsonl"], runs_dir=tmp_path)
+    assert "no prompt found" in str(error.value) and "rl_prompts" not in str(error.value)  # named once, as given
 
 
 def test_a_non_scalar_key_is_a_problem_with_its_line(tmp_path):
