@@ -238,3 +238,21 @@ def test_a_metrics_record_reaches_the_file_whole_or_not_at_all(tmp_path, monkeyp
         monitor.log(2, {"reward": 0.7})
     monkeypatch.undo()
     assert [r["step"] for r in rl.Monitor(path).history] == [1]
+
+
+def test_a_resumed_run_draws_each_pass_over_the_prompts_in_the_same_order():
+    """trl's sampler drew pass k's order from where pass k-1 left its generator: a run resumed in its
+    second pass restarted at the seed and trained on other prompts than the run it continued."""
+    from trl.trainer.utils import RepeatSampler
+
+    def orders(sampler, epochs):
+        out = []
+        for epoch in epochs:
+            sampler.set_epoch(epoch)
+            out.append(list(sampler))
+        return out
+
+    uninterrupted = orders(rl.epoch_seeded(RepeatSampler(list(range(12)), mini_repeat_count=2, seed=7)), [0, 1, 2])
+    resumed = orders(rl.epoch_seeded(RepeatSampler(list(range(12)), mini_repeat_count=2, seed=7)), [1, 2])
+    assert resumed == uninterrupted[1:]
+    assert uninterrupted[0] != uninterrupted[1]  # still shuffled afresh each pass

@@ -352,8 +352,23 @@ def _trainer_class(algo: str):
                 if self.cai_monitor is not None:
                     self.cai_monitor.add_time("reward_s", time.perf_counter() - started)
 
+        def _get_train_sampler(self, *args, **kwargs):
+            return epoch_seeded(super()._get_train_sampler(*args, **kwargs))
+
     TimedTrainer.__name__ = f"Cai{base.__name__}"
     return TimedTrainer
+
+
+def epoch_seeded(sampler):
+    """`sampler` (trl's RepeatSampler) with a `set_epoch` that reseeds its shuffle from (seed, epoch).
+
+    It seeds its generator once and draws each pass's order from where the last left it, so a run resumed
+    after its first pass over the prompts drew other prompts than the run it continued (its generator
+    starts again at the seed). The trainer calls `set_epoch` before every pass, resumed ones included."""
+    generator, seed = getattr(sampler, "generator", None), getattr(sampler, "seed", None)
+    if generator is not None and seed is not None and not hasattr(sampler, "set_epoch"):
+        sampler.set_epoch = lambda epoch: generator.manual_seed(seed + epoch)
+    return sampler
 
 
 def _monitor_callback(monitor: Monitor):
