@@ -753,6 +753,14 @@ def write_resolved(recipe: Recipe) -> Path:
     return target
 
 
+def _run_command(recipe: Recipe) -> str:
+    """The `cai run` command line that runs this recipe into this run directory."""
+    command = f"cai run {shlex.quote(str(recipe.path))}"
+    if recipe.run_dir.parent.resolve() != Path("runs").resolve():
+        command += f" --runs-dir {shlex.quote(str(recipe.run_dir.parent))}"
+    return command + f" --name {shlex.quote(recipe.name)}"
+
+
 def run(recipe: Recipe, reporter, *, from_stage: str | None = None, only: str | None = None,
         force: bool = False, on_stage: StageCallback | None = None) -> RunResult:
     """Run the selected stages in order.
@@ -770,14 +778,14 @@ def run(recipe: Recipe, reporter, *, from_stage: str | None = None, only: str | 
             break
         if not _complete(planned.manifest_path):
             raise RecipeError(f"stage {planned.spec.name} has not finished in {recipe.run_dir} -- run "
-                              f"`cai run {recipe.path}` without --from/--only first")
+                              f"`{_run_command(recipe)}` (without --from/--only) first")
     if only:
         upstream = {source.split(".", 1)[1] for source in recipe.stage(only).spec.wiring.values()
                     if source.startswith(("out.", "out?."))}
         for planned in recipe.stages:
             if planned.spec.name in upstream and not _complete(planned.manifest_path):
                 raise RecipeError(f"--only {only}: stage {planned.spec.name} has not finished in {recipe.run_dir} "
-                                  f"-- run `cai run {recipe.path}` first")
+                                  f"-- run `{_run_command(recipe)}` first")
     write_resolved(recipe)
     outcomes: list[StageOutcome] = []
     for index, planned in enumerate(selected):

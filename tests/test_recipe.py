@@ -374,8 +374,10 @@ def test_interrupted_stage_resumes_without_duplicates(tmp_path, prompts):
 
 def test_only_from_and_force(tmp_path, prompts):
     path = write_recipe(tmp_path, "", prompts)
-    with pytest.raises(RecipeError, match="stage critique has not finished"):
+    with pytest.raises(RecipeError, match="stage critique has not finished") as error:
         run(path, only="sft")
+    # The command it suggests runs into this run directory, not the default runs/.
+    assert f"--runs-dir {tmp_path / 'runs'} --name t`" in str(error.value)
     run(path)
     CALLS.clear()
     run(path, only="pm")

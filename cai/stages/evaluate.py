@@ -328,6 +328,10 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     models = [parse_model(m) for m in cfg.models]
     for _, reference in models:  # a mistyped last --model fails now, not after the others have answered
         check_reference(reference)
+    if cfg.pm:  # and a wrong --pm too
+        from cai.rewards import pm_directory
+
+        pm_directory(cfg.pm)
     labels = [label for label, _ in models]
     prompts = {"harmful": read_prompts(cfg.harmful, cfg.limit), "benign": read_prompts(cfg.benign, cfg.limit)}
     inputs: dict[str, Any] = {"harmful": cfg.harmful, "benign": cfg.benign, "pm": cfg.pm, "judge": cfg.judge,
