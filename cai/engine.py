@@ -208,7 +208,8 @@ def target_logprobs(logits, targets, target_logits=None):
 
 def exact_logits(head, hidden, token_ids):
     """The logits of `token_ids` computed in fp32 from the hidden states the head was given: hidden (N, D),
-    token_ids (N, K) -> (N, K), or None when the head's weight is not a plain matrix (4-bit).
+    token_ids (N, K) -> (N, K), or None when the head's weight is not a plain matrix (4-bit) or its input
+    was not seen (hidden None).
 
     A bf16 head rounds its output: at the magnitudes a small model's logits reach (16-32) bf16 steps
     by 0.125-0.25, so a judge's log-odds fell on a grid of quarters and different pairs got identical
@@ -217,7 +218,7 @@ def exact_logits(head, hidden, token_ids):
     import torch
 
     weight = getattr(head, "weight", None)
-    if (weight is None or weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+    if (hidden is None or weight is None or weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32)
             or weight.shape[1] != hidden.shape[-1]):
         return None
     rows = weight[token_ids].float()  # (N, K, D)
@@ -898,15 +899,20 @@ class HFBackend:
         mask = torch.ones((len(rows), 1, width, in_cache + width), dtype=torch.bool)
         mask[:, 0, :, in_cache:] = allowed
         head_inputs = []  # what the vocabulary head was given: the kept positions' hidden states
-        hook = self.model.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: head_inputs.append(args[0]))
+        head = self.model.get_output_embeddings()
+        hook = None if head is None else head.register_forward_hook(
+            lambda module, args, output: head_inputs.append(args[0] if args else None))
         try:
             out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), past_key_values=cache, use_cache=True,
                              logits_to_keep=keep.to(device), **extra)
         finally:
-            hook.remove()
-        return out.logits.reshape(read, -1), where, head_inputs[-1].reshape(read, -1)
+            if hook is not None:
+                hook.remove()
+        hidden = head_inputs[-1] if head_inputs and head_inputs[-1] is not None else None
+        if hidden is not None and hidden.numel() != read * hidden.shape[-1]:
+            hidden = None  # a head that was given more than the kept positions: no exact logits then
+        return out.logits.reshape(read, -1), where, None if hidden is None else hidden.reshape(read, -1)
 
     def _shared_prefix_cache(self, prefix: list[int]) -> list[tuple]:
         """Keys and values of every layer for one token prefix, each (1, kv_heads, len(prefix), head_dim).

@@ -634,3 +634,14 @@ def test_bf16_log_odds_are_not_rounded_to_the_grid_of_a_bf16_vocabulary_head(tin
         on_grid = [value for value in odds[name] if abs(value * 8 - round(value * 8)) < 1e-5]
         assert len(on_grid) <= 1, (name, odds[name])
     assert odds["bf16"] == pytest.approx(odds["fp32"], abs=0.5)
+
+
+def test_scoring_works_for_a_model_whose_head_cannot_be_found(tiny_model_dir, monkeypatch):
+    """No get_output_embeddings() (None): the exact-logit step is skipped, the rounded logits are read."""
+    engine = Engine.from_reference(tiny_model_dir, batch_size=4, device="cpu", precision="bf16")
+    contexts = [engine.render(c) for c in CONVERSATIONS]
+    expected = engine.next_token_logprobs(contexts, [35, 36])
+    monkeypatch.setattr(engine.model, "get_output_embeddings", lambda: None)
+    got = engine.next_token_logprobs(contexts, [35, 36])
+    assert _flat(got) == pytest.approx(_flat(expected), abs=0.1)
+    assert len(engine.score(contexts[:2], ["A", "B"])) == 2
