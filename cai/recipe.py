@@ -628,6 +628,7 @@ class _Reader:
             relative = other.product if product and other.product is not None else other.output
             return directory / relative if relative else directory
 
+        explicit = self.options(stage)  # the stage section and --set: they win over what is wired
         values: dict[str, Any] = {}
         for field_name, source in spec.wiring.items():
             if field_name not in fields:
@@ -636,7 +637,7 @@ class _Reader:
             wired = _wired_value(source, top, order, output_of)
             if wired is not _MISSING:
                 wired = _fit(wired, fields[field_name][1])
-                if not check_type(wired, fields[field_name][1])[0] and field_name not in self.options(stage, False):
+                if not check_type(wired, fields[field_name][1])[0] and field_name not in explicit:
                     message = (f"`{source}` feeds `{stage}.{field_name}`, which takes one file, got {wired!r} -- "
                                f"give one file (join the files into one), or set {stage}.{field_name}")
                     data_key = source.split(".", 1)[1]
@@ -649,7 +650,6 @@ class _Reader:
         for shared in SHARED_FIELDS:
             if shared in fields and top.get(shared) is not None:
                 values[shared] = top[shared]
-        explicit = self.options(stage)
         values.update(explicit)
         for field_name, source in spec.wiring.items():  # an upstream output this recipe does not produce
             if source.startswith("out.") and field_name not in values:
