@@ -376,47 +376,23 @@ def extract_code(text: str) -> str | None:
 # stdin closed after it, held in the main thread's frame only, while the solution and then the tests run
 # in threads of their own (a frame's f_back never leads to another thread's frames; the calls that do,
 # sys._current_frames and gc's object walks, are denied, and so are tracing hooks that could skip an
-# assert). Builtins the runner needs are bound before the solution could replace them. This is a guard
-# against accidents and reward hacks, not a wall against a determined attacker: for untrusted code at
-# scale, run the stage in a container as well.
+# assert). Everything the runner calls after the code has run is bound before it runs (default
+# arguments), and nothing it calls then is the code's: such a call would have the main frame as its
+# f_back. Code run in a thread cannot install signal handlers (Python allows that in the main thread
+# only). This is a guard against accidents and reward hacks, not a wall against a determined attacker:
+# for untrusted code at scale, run the stage in a container as well.
 _SANDBOX_RUNNER = r'''
-import os, resource, sys, threading
-def main(_exec=exec, _write=os.write, _exit=os._exit, _thread=threading.Thread):
-    memory, cpu_seconds, max_file = (int(a) for a in sys.argv[1:4])
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    nonce = sys.stdin.readline().strip()
-    sys.stdin = None
-    os.close(0)
-    root = os.path.realpath(os.getcwd())
-    with open("solution.py", encoding="utf-8") as f:
-        solution = compile(f.read(), "solution.py", "exec")
-    with open("tests.py", encoding="utf-8") as f:
-        tests = compile(f.read(), "tests.py", "exec")
-    sys.addaudithook(_hook(root))
-    namespace = {"__name__": "solution"}
-    for code in (solution, tests):
-        report = []
-        worker = _thread(target=_run, args=(code, namespace, report, _exec, _write, _exit), daemon=True)
-        worker.start()
-        worker.join()
-        if report != ["ok"]:
-            _exit(99)
-    sys.stdout.flush()
-    _write(1, ("\n" + nonce + "\n").encode())
-    _exit(0)
-def _run(code, namespace, report, _exec, _write, _exit):
+import _thread, collections, itertools, os, resource, sys, time
+def _guarded(code, namespace, _exec=exec, _write=os.write, _exit=os._exit, _repr=repr, _name=type, _str=str,
+             _failed=AssertionError, _any=BaseException):
     try:
         _exec(code, namespace)
-    except AssertionError as exc:
-        _write(2, ("cai-sandbox: test failed: " + repr(exc)[:300] + "\n").encode())
+    except _failed as exc:
+        _write(2, ("cai-sandbox: test failed: " + _repr(exc)[:300] + "\n").encode())
         _exit(98)
-    except BaseException as exc:
-        _write(2, ("cai-sandbox: raised " + type(exc).__name__ + " " + str(exc)[:300] + "\n").encode())
+    except _any as exc:
+        _write(2, ("cai-sandbox: raised " + _name(exc).__name__ + " " + _str(exc)[:300] + "\n").encode())
         _exit(99)
-    report.append("ok")
 def _hook(root):
     denied = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
               "os.system", "os.kill", "os.killpg", "ctypes.", "pty.", "signal.pthread_kill", "os.setuid",
@@ -461,6 +437,41 @@ def _hook(root):
                 if path is not None and not inside(path):
                     deny(event, args)
     return hook
+def main(_guarded=_guarded, _hook=_hook, _write=os.write, _exit=os._exit, _start=_thread.start_new_thread,
+         _count=_thread._count, _deque=collections.deque, _chain=itertools.chain, _map=map, _sleep=time.sleep):
+    memory, cpu_seconds, max_file, proof = (int(a) for a in sys.argv[1:5])
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    nonce = sys.stdin.readline().strip()
+    os.close(0)
+    sys.stdin = open(os.devnull)  # input() reads an end of file, as with no input
+    root = os.path.realpath(os.getcwd())
+    with open("solution.py", encoding="utf-8") as f:
+        solution = compile(f.read(), "solution.py", "exec")
+    with open("tests.py", encoding="utf-8") as f:
+        tests = compile(f.read(), "tests.py", "exec")
+    sys.addaudithook(_hook(root))
+    namespace = {"__name__": "solution"}
+    for code in (solution, tests):
+        done, before = [], _count()
+        # The thread runs C calls only around the code (a deque draining chained maps): no Python frame
+        # between the thread's start and the code holds `done`, so code walking f_back from its own frame
+        # cannot mark itself finished; only the second map does, once the first has returned.
+        _start(_deque, (_chain(_map(_guarded, (code,), (namespace,)), _map(done.append, ("ok",))),), {"maxlen": 0})
+        seen = False  # the thread counted as running (it counts itself once it has started)
+        while not done:
+            running = _count() > before
+            if seen and not running:  # ended without finishing (an exception past the guard)
+                break
+            seen = seen or running
+            _sleep(0.0005)
+        if done != ["ok"]:
+            _exit(99)
+    # Nothing the code could have replaced is called from here on: this frame holds the secret.
+    _write(proof, ("\n" + nonce + "\n").encode())
+    _exit(0)
 main()
 '''
 
@@ -500,19 +511,21 @@ def run_tests(code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int =
     tests and prints the secret it was given counts as passed, so `os._exit(0)` in the solution fails.
     """
     nonce = secrets.token_hex(16)
-    # Output goes to files the parent made outside the sandbox's directory, not pipes: a flood then stops
-    # at the file-size limit instead of filling the parent's memory, and the code cannot open them.
+    # No pipes the parent buffers: what the code prints goes nowhere (printing is no part of passing,
+    # and a flood cannot fill the parent's memory); its errors, and the secret that proves a pass (on a
+    # descriptor of its own), go to files the parent made outside the sandbox's directory, capped by the
+    # file-size limit, which the code cannot open by name.
     with tempfile.TemporaryDirectory(prefix="cai-sandbox-") as workdir, \
-            tempfile.TemporaryFile() as stdout_file, tempfile.TemporaryFile() as stderr_file:
+            tempfile.TemporaryFile() as proof_file, tempfile.TemporaryFile() as stderr_file:
         work = Path(workdir)
         (work / "runner.py").write_text(_SANDBOX_RUNNER, encoding="utf-8")
         (work / "solution.py").write_text(code, encoding="utf-8")
         (work / "tests.py").write_text(tests, encoding="utf-8")
-        command = [*network_namespace_prefix(), sys.executable, "-I", "-B", "runner.py",
-                   str(memory_mb << 20), str(max(1, math.ceil(timeout_s)) + 1), str(max_file_mb << 20)]
+        command = [*network_namespace_prefix(), sys.executable, "-I", "-B", "runner.py", str(memory_mb << 20),
+                   str(max(1, math.ceil(timeout_s)) + 1), str(max_file_mb << 20), str(proof_file.fileno())]
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=stdout_file,
-                                   stderr=stderr_file, start_new_session=True)
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=stderr_file, pass_fds=(proof_file.fileno(),), start_new_session=True)
         try:
             process.communicate(input=(nonce + "\n").encode(), timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -522,10 +535,10 @@ def run_tests(code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int =
         finally:
             if process.poll() is None:
                 _kill_group(process)
-        stdout, stderr = _tail(stdout_file), _tail(stderr_file)
+        proof, stderr = _tail(proof_file), _tail(stderr_file)
     detail = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
     code_rc = process.returncode
-    if code_rc == 0 and stdout.decode("utf-8", "replace").rstrip().endswith(nonce):
+    if code_rc == 0 and proof.decode("utf-8", "replace").rstrip().endswith(nonce):
         return SandboxResult("passed")
     if code_rc == _BLOCKED_EXIT:
         return SandboxResult("blocked", detail[0])

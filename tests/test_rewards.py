@@ -208,6 +208,13 @@ def test_code_that_exits_early_does_not_pass():
     "import sys, os\nos.write(1, ('\\n' + sys.stdin.readline()).encode())\nos._exit(0)\n",
     # builtins the runner relies on replaced
     "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
+    # the runner's own functions replaced before the tests start
+    "import __main__\nfor name in dir(__main__):\n    if callable(getattr(__main__, name)):\n"
+    "        setattr(__main__, name, lambda *a, **k: [x.append('ok') for x in a if isinstance(x, list)])\n",
+    # every list on the stack marked finished from inside a test, then the tests stopped
+    "import sys\ndef add(a, b):\n    f = sys._getframe()\n    while f:\n"
+    "        for v in list(f.f_locals.values()):\n            if isinstance(v, list):\n                v.append('ok')\n"
+    "        f = f.f_back\n    raise SystemExit(0)\n",
 ])
 def test_code_cannot_forge_a_pass(hack):
     assert run_tests(hack, "assert False").outcome != "passed"
@@ -230,6 +237,11 @@ def test_code_flooding_its_output_does_not_grow_the_parent():
     result = run_tests("import sys\nwhile True:\n    sys.stdout.write('x' * 1000000)\n", "pass", timeout_s=2.0)
     assert result.score == 0.0
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 100 * 1024  # KiB: under 100 MB
+
+
+def test_a_passing_solution_may_print_more_than_the_file_size_limit():
+    code = "import sys\nsys.stdout.write('x' * (20 << 20))\ndef add(a, b):\n    return a + b\n"
+    assert run_tests(code, TESTS, max_file_mb=16).outcome == "passed"
 
 
 def test_ordinary_code_still_runs_in_the_sandbox():
