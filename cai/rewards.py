@@ -273,7 +273,9 @@ def parse_number(text: str) -> Fraction | None:
     """`"$1,234.5"` -> 1234.5, `"-3/4"` -> -0.75, `"25%"` -> 25 (the percent sign is dropped). None if not
     one number (`"1, 2"` is two: commas count only between groups of three digits)."""
     text = text.strip().replace("{,}", ",")
-    if not re.fullmatch(_NUMBER, text.lstrip("+")):
+    # Two numbers are not one: "1, 2" (a comma outside groups of three digits), "1 2".
+    if re.search(r"\d\s+\d", text) or (re.search(r"\d\s*,\s*\d", text)
+                                       and not re.search(r"\d{1,3}(?:,\d{3})+(?!\d)", text)):
         return None
     text = text.replace("−", "-").replace("$", "").replace(",", "").replace(" ", "").rstrip("%")
     if not text:
@@ -315,9 +317,12 @@ def final_number(text: str) -> Fraction | None:
 
 
 def _fraction(match: re.Match) -> Fraction | None:
-    """The value of a `_FRAC_RE` match, its leading sign included."""
+    """The value of a `_FRAC_RE` match, its leading sign included: a minus with nothing before it that it
+    could subtract from (`= -\\frac{1}{2}`, not `3 - \\frac{1}{2}`)."""
     value = parse_number(f"{match.group(2)}/{match.group(3)}")
-    return -value if value is not None and match.group(1) else value
+    before = match.string[:match.start()].rstrip()[-1:]
+    negative = bool(match.group(1)) and not (before and (before.isalnum() or before in ")]}"))
+    return -value if value is not None and negative else value
 
 
 def numbers_equal(got: Fraction, expected: Fraction, relative: float = 1e-6) -> bool:

@@ -119,6 +119,9 @@ def test_math_scores_wrong_and_missing_answers_zero_and_skips_records_without_an
     assert math_score("The value is \\boxed{-\\frac{1}{2}}", "1/2") == 0.0  # a wrong sign is wrong
     assert math_score("The answer is 12", "1/2") == 0.0
     assert parse_number("1, 2") is None  # two numbers, not 12
+    assert [parse_number(t) for t in (".5", "1e-3", "3.", "5 %", "$-5", "12,345,678")] == [
+        Fraction(1, 2), Fraction(1, 1000), 3, 5, -5, 12345678]  # read as before
+    assert final_number("so the total is 3 - \\frac{1}{2}") == Fraction(1, 2)  # a minus that subtracts
     scores = math_reward([PROMPT] * 3, [answer("42"), answer("42"), answer("7")], answer=["42", None, "8"])
     assert scores == [1.0, None, 0.0]
 
