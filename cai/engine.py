@@ -206,6 +206,15 @@ def target_logprobs(logits, targets, target_logits=None):
     return out.view(targets.shape)
 
 
+def head_gives_logits(model) -> bool:
+    """Whether the vocabulary head's output is the logits as they are: not for models that scale or cap
+    them afterwards (Gemma 2's final soft-capping, Cohere's logit_scale, Granite's logits_scaling), where
+    `exact_logits` would be the uncapped values."""
+    config = getattr(model, "config", None)
+    return all(getattr(config, name, None) in (None, 1, 1.0)
+               for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+
 def exact_logits(head, hidden, token_ids):
     """The logits of `token_ids` computed in fp32 from the hidden states the head was given: hidden (N, D),
     token_ids (N, K) -> (N, K), or None when the head's weight is not a plain matrix (4-bit) or its input
@@ -743,7 +752,7 @@ class HFBackend:
                     targets[where[i]:where[i] + len(continuation_ids[i])] = torch.tensor(continuation_ids[i])
                 targets = targets.to(logits.device)
                 exact = None
-                if logits.dtype != torch.float32:
+                if logits.dtype != torch.float32 and head_gives_logits(self.model):
                     exact = exact_logits(self.model.get_output_embeddings(), hidden, targets[:, None])
                 picked = target_logprobs(logits, targets, None if exact is None else exact[:, 0]).tolist()
                 for i in members:
@@ -770,7 +779,7 @@ class HFBackend:
                 logits, where, hidden = self._forward_packed(sequences, rows, start, prefix_kv,
                                                              dict.fromkeys(members, 1))
                 full = logits.float()
-                if logits.dtype != torch.float32:  # the candidates' logits unrounded (`exact_logits`)
+                if logits.dtype != torch.float32 and head_gives_logits(self.model):  # unrounded (`exact_logits`)
                     exact = exact_logits(self.model.get_output_embeddings(), hidden,
                                          candidates.expand(full.shape[0], -1))
                     if exact is not None:

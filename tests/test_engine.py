@@ -645,3 +645,31 @@ def test_scoring_works_for_a_model_whose_head_cannot_be_found(tiny_model_dir, mo
     got = engine.next_token_logprobs(contexts, [35, 36])
     assert _flat(got) == pytest.approx(_flat(expected), abs=0.1)
     assert len(engine.score(contexts[:2], ["A", "B"])) == 2
+
+
+def test_bf16_scores_of_a_model_that_caps_its_logits_are_read_as_capped(tmp_path, tiny_model_dir):
+    """Gemma 2 soft-caps the head's output: recomputing the head alone gave log-odds of 22.7 where the
+    model's own (fp32) were 9.05. Such models keep the (rounded) logits the model returns."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)  # large logits, where the cap bites
+    model.save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    engines = {p: Engine.from_reference(str(tmp_path / "gemma2"), batch_size=4, device="cpu", precision=p)
+               for p in ("bf16", "fp32")}
+    context = engines["fp32"].render([{"role": "user", "content": "Is the sky blue? Answer yes or no."}])
+    with torch.inference_mode():
+        ids = torch.tensor([engines["fp32"].tokenizer(context, add_special_tokens=False)["input_ids"]])
+        logits = engines["fp32"].model(ids).logits[0, -1]
+    first, second = logits.topk(2).indices.tolist()
+    odds = {p: (lambda rows: rows[0][0] - rows[0][1])(e.next_token_logprobs([context], [first, second]))
+            for p, e in engines.items()}
+    assert odds["bf16"] == pytest.approx(odds["fp32"], abs=0.5), odds
