@@ -1,5 +1,6 @@
 """StageRun manifests: when a new run may replace an earlier one, and what the refusal says."""
 
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -187,3 +188,46 @@ def test_a_stage_refuses_an_input_whose_run_has_not_finished(tmp_path):
     (other / "prompts.txt").write_text("hi\n")
     (other / "manifest.json").write_text('{"status": "partial", "config": {"out": "elsewhere"}}')
     downstream(str(other / "prompts.txt"))
+
+
+@dataclass
+class InputConfig:
+    pairs: str = ""
+    revisions: int = 1
+    out: str = field(default="", metadata={"hash": False})
+
+
+def input_run(tmp_path, pairs, revisions=1):
+    return StageRun("pm-eval", InputConfig(pairs=str(pairs), revisions=revisions, out=str(tmp_path / "E")),
+                    tmp_path / "E" / "manifest.json", inputs={"pairs": str(pairs)}, outputs=[tmp_path / "E"])
+
+
+def test_an_input_counts_by_content_and_file_name_and_old_manifests_still_match(tmp_path):
+    line = '{"prompt": "hi", "chosen": "hello", "rejected": "go away"}\n'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "pairs.jsonl").write_text(line)
+    first = input_run(tmp_path, tmp_path / "a" / "pairs.jsonl")
+    first.start()
+    first.complete({"metrics": tmp_path / "E"}, {"pairs": 1}, "1 pair")
+    (tmp_path / "a").rename(tmp_path / "b")  # moved: same name, same content
+    assert input_run(tmp_path, tmp_path / "b" / "pairs.jsonl").previous() is not None
+    (tmp_path / "b" / "other.jsonl").write_text(line)  # same content, another name: pm eval labels by it
+    assert input_run(tmp_path, tmp_path / "b" / "other.jsonl").previous() is None
+    # A manifest written before inputs counted this way (its hash over the full paths) still matches.
+    legacy = input_run(tmp_path, tmp_path / "b" / "pairs.jsonl")
+    manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
+    manifest["config_hash"] = legacy.legacy_hash
+    (tmp_path / "E" / "manifest.json").write_text(json.dumps(manifest))
+    assert legacy.previous() is not None
+
+
+def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):
+    """`cai rl --prompts work/prompts.jsonl --out work`, killed: the rerun must resume, not call its own
+    partial manifest an unfinished input."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "prompts.jsonl").write_text('{"id": "1", "prompt": "hi"}\n')
+    cfg = OutConfig(out=str(work))
+    StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")}).start()
+    resumed = StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")})
+    assert resumed.start() is True

@@ -125,16 +125,26 @@ def default_manifest_path(out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- hashing
 
 
-def config_hash(cfg: Any, exclude: Collection[str] = ()) -> str:
+def file_names(value: Any) -> Any:
+    """A path's last component (of each, for a list): what of an input's path may carry meaning (pm eval
+    labels pairs without a source by their file's name) once its content is hashed apart."""
+    if isinstance(value, list | tuple):
+        return [file_names(v) for v in value]
+    return Path(str(value)).name if isinstance(value, str | Path) else value
+
+
+def config_hash(cfg: Any, names_only: Collection[str] = ()) -> str:
     """Hash of the fields that change a stage's output. Fields with `metadata={"hash": False}` (batch
     size, output paths, force) do not count: changing them must not invalidate finished work. Nor do
     scope fields (`metadata={"hash": False, "scope": True}`: `--limit` of a stage whose records do not
-    depend on it): a finished run is extended to a larger scope, not redone (`StageRun.start`). Nor do
-    `exclude`d ones (`StageRun`: fields naming inputs, which count by their content instead)."""
+    depend on it): a finished run is extended to a larger scope, not redone (`StageRun.start`). Fields in
+    `names_only` (`StageRun`: fields naming inputs, which count by their content) count by their file
+    names only, so a moved run directory is the same work."""
     values = {}
     for f in dataclasses.fields(cfg):
-        if f.metadata.get("hash", True) and f.name not in exclude:
+        if f.metadata.get("hash", True):
             value = getattr(cfg, f.name)
+            value = file_names(value) if f.name in names_only else value
             values[f.name] = str(value) if isinstance(value, Path) else value
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -168,11 +178,12 @@ def input_hash(reference: str | Path | None) -> str | None:
     return hashlib.sha256(str(reference).encode()).hexdigest()[:16]
 
 
-def unfinished_manifest(reference: Any) -> Path | None:
+def unfinished_manifest(reference: Any, ignore: Path | None = None) -> Path | None:
     """The manifest of a cai output that says its run stopped partway ("partial"), or None: a stage reading
     it would quietly work on part of the records (or a model that was never saved). A manifest counts when
     it sits where the stage writes it for this output (NAME.manifest.json beside a file, DIR/manifest.json),
-    or in the parent directory with this output (or that directory) as its `out` (a recipe's stages)."""
+    or in the parent directory with this output (or that directory) as its `out` (a recipe's stages).
+    `ignore`: the asking stage's own manifest (an input inside its own --out is no unfinished input)."""
     if not isinstance(reference, str | Path) or not str(reference):
         return None
     path = Path(str(reference)).expanduser()
@@ -180,8 +191,9 @@ def unfinished_manifest(reference: Any) -> Path | None:
         return None
     path = path.resolve()
     own = default_manifest_path(path) if path.is_file() else path / "manifest.json"
+    skip = Path(ignore).expanduser().resolve() if ignore is not None else None
     for manifest in (own, path.parent / "manifest.json"):
-        if not manifest.is_file() or manifest == path:
+        if not manifest.is_file() or manifest == path or manifest.resolve() == skip:
             continue
         try:
             data = json.loads(manifest.read_text())
@@ -235,7 +247,7 @@ class StageRun:
         self.path = Path(manifest_path)
         for value in inputs.values():
             for reference in value if isinstance(value, list | tuple) else [value]:
-                if (manifest := unfinished_manifest(reference)) is not None:
+                if (manifest := unfinished_manifest(reference, ignore=self.path)) is not None:
                     raise ConfigError(f"{reference}: the run that writes it has not finished ({manifest} says "
                                       f"partial), so it holds only part of its output -- run that command again "
                                       f"to finish it, then {stage}")
@@ -245,6 +257,7 @@ class StageRun:
         named = [value for value in inputs.values() if value not in (None, "", [])]
         self.by_input = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name, None) in named}
         self.config_hash = config_hash(cfg, self.by_input)
+        self.legacy_hash = config_hash(cfg)  # as manifests written before `by_input` have it
         self.force = force
         self.started = time.time()
 
@@ -257,7 +270,8 @@ class StageRun:
             return None
 
     def matches(self, manifest: dict[str, Any]) -> bool:
-        return manifest.get("config_hash") == self.config_hash and manifest.get("inputs") == self.inputs
+        return (manifest.get("config_hash") in (self.config_hash, self.legacy_hash)
+                and manifest.get("inputs") == self.inputs)
 
     def _as_stored(self, name: str) -> Any:
         """This run's value of config field `name` as a manifest stores it (JSON: paths as strings,
@@ -377,8 +391,10 @@ class StageRun:
         before = manifest.get("config", {})
         changes = []
         for f in dataclasses.fields(self.cfg):
-            if f.metadata.get("hash", True) and f.name in before and f.name not in self.by_input:
+            if f.metadata.get("hash", True) and f.name in before:
                 now = self._as_stored(f.name)
+                if f.name in self.by_input and file_names(before[f.name]) == file_names(now):
+                    continue  # the same file, moved: its content counts, through `inputs`
                 if before[f.name] != now:
                     changes.append(f"{f.name}: {before[f.name]!r} -> {now!r}")
         previous_inputs = manifest.get("inputs") or {}
