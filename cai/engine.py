@@ -364,13 +364,21 @@ class _KeptRow:
 
 def weights_signature(model) -> tuple:
     """What must not change for keys and values computed earlier to hold: every parameter's storage and
-    in-place version (a training step, a load or a cast changes one), and each adapter layer's state
-    (peft's disable_adapter() or a merge changes what the model computes without either)."""
-    parameters = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    in-place version (a training step, a load or a cast changes one), a sample of its values (an edit
+    through `.data`, as EMA updates and weight syncs make, bumps no version: 64 values a tensor, summed),
+    and each adapter layer's state (peft's disable_adapter() or a merge changes what the model computes
+    without any of those)."""
+    import torch
+
+    tensors = list(model.parameters())
+    parameters = tuple((p.data_ptr(), p._version) for p in tensors)
+    with torch.no_grad():
+        sums = [p.detach().reshape(-1)[::max(1, p.numel() // 64)].float().sum() for p in tensors]
+        sampled = tuple(torch.stack(sums).tolist()) if sums else ()
     adapters = tuple((bool(getattr(m, "disable_adapters", False)), tuple(getattr(m, "active_adapters", ()) or ()),
                       tuple(getattr(m, "merged_adapters", ()) or ()))
                      for m in model.modules() if hasattr(m, "merged_adapters"))
-    return parameters, adapters
+    return parameters, sampled, adapters
 
 
 class _PrefixMemo:

@@ -543,6 +543,12 @@ def test_a_shared_prefix_is_computed_once_across_calls_extended_and_redone_when_
     assert _flat(changed) != pytest.approx(_flat(first), abs=1e-3)
     backend._prefixes.entries.clear()
     assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(changed), abs=1e-5)
+    for layer in engine.model.model.layers:  # through .data: no version bump (EMA updates, weight syncs)
+        layer.self_attn.v_proj.weight.data.mul_(10.0)
+    served = engine.next_token_logprobs(contexts, candidates)
+    backend._prefixes.entries.clear()
+    assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(served), abs=1e-5)
+    del fed[3:]
 
     # A call whose questions all begin alike shares more: only what it adds to the kept prefix is computed.
     longer = [{"role": "user", "content": "Answer in one word please: " + c[0]["content"]} for c in CONVERSATIONS]
