@@ -114,10 +114,19 @@ def check_jsonl_out(out: str, stage: str) -> None:
                           f"NAME.jsonl (e.g. {Path(str(out)).with_suffix('').name or 'records'}.jsonl)")
 
 
+FILE_OUTPUT_SUFFIXES = (".jsonl", ".json", ".csv")  # an --out with one of these is a file; any other, a directory
+
+
+def output_directory(out: str | Path) -> Path:
+    """The directory a stage writes into: its --out, or the folder of a file --out."""
+    out = Path(out)
+    return out.parent if out.suffix in FILE_OUTPUT_SUFFIXES else out
+
+
 def default_manifest_path(out: str | Path) -> Path:
     """`DIR/manifest.json` for a directory output, `NAME.manifest.json` beside a file output."""
     out = Path(out)
-    if out.suffix in (".jsonl", ".json", ".csv"):
+    if out.suffix in FILE_OUTPUT_SUFFIXES:
         return out.with_name(out.name.rsplit(".", 1)[0] + ".manifest.json")
     return out / "manifest.json"
 
@@ -302,11 +311,7 @@ class StageRun:
         before, now = manifest.get("config", {}).get("out"), getattr(self.cfg, "out", None)
         if not before or not now or str(before) == str(now):
             return outputs
-
-        def base(out: str) -> str:  # the directory a stage writes into: its out, or the folder of a file out
-            return str(Path(out).parent if Path(out).suffix in (".jsonl", ".json", ".csv") else Path(out))
-
-        old, new = base(str(before)), base(str(now))
+        old, new = str(output_directory(before)), str(output_directory(now))
         return {name: new + path[len(old):] if path == old or path.startswith(old + os.sep) else path
                 for name, path in outputs.items()}
 
