@@ -390,14 +390,14 @@ class _PrefixMemo:
     any change to the model empties the memo. Least recently used entries go past `max_bytes`."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+        self.max_bytes, self.bytes = max_bytes, 0
         self.entries: dict[tuple, list[tuple]] = {}  # prefix tokens -> [(keys, values) per layer], oldest first
         self.signature: tuple | None = None
 
     def longest(self, tokens: list[int], signature: tuple) -> tuple[int, list[tuple] | None]:
         """(n, keys and values of tokens[:n]) for the longest kept prefix of `tokens`; (0, None) if none."""
         if signature != self.signature:
-            self.entries.clear()
+            self.clear()
             self.signature = signature
         best: tuple | None = None
         for kept in self.entries:
@@ -408,14 +408,22 @@ class _PrefixMemo:
         self.entries[best] = self.entries.pop(best)  # most recently used last
         return len(best), self.entries[best]
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
     def add(self, tokens: list[int], kv: list[tuple]) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        if size > self.max_bytes:
+        key = tuple(tokens)
+        if key in self.entries or _kv_bytes(kv) > self.max_bytes:
             return
-        self.entries[tuple(tokens)] = kv
-        while sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                  for entry in self.entries.values() for k, v in entry) > self.max_bytes:
-            del self.entries[next(iter(self.entries))]
+        self.entries[key] = kv
+        self.bytes += _kv_bytes(kv)
+        while self.bytes > self.max_bytes:
+            self.bytes -= _kv_bytes(self.entries.pop(next(iter(self.entries))))
+
+
+def _kv_bytes(kv: list[tuple]) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
 
 class _KeptRows:
@@ -759,9 +767,7 @@ class HFBackend:
                 for i in members:
                     targets[where[i]:where[i] + len(continuation_ids[i])] = torch.tensor(continuation_ids[i])
                 targets = targets.to(logits.device)
-                exact = None
-                if logits.dtype != torch.float32 and head_gives_logits(self.model):
-                    exact = exact_logits(self.model.get_output_embeddings(), hidden, targets[:, None])
+                exact = self._exact_logits(logits, hidden, targets[:, None])
                 picked = target_logprobs(logits, targets, None if exact is None else exact[:, 0]).tolist()
                 for i in members:
                     values = picked[where[i]:where[i] + len(continuation_ids[i])]
@@ -787,17 +793,24 @@ class HFBackend:
                 logits, where, hidden = self._forward_packed(sequences, rows, start, prefix_kv,
                                                              dict.fromkeys(members, 1))
                 full = logits.float()
-                if logits.dtype != torch.float32 and head_gives_logits(self.model):  # unrounded (`exact_logits`)
-                    exact = exact_logits(self.model.get_output_embeddings(), hidden,
-                                         candidates.expand(full.shape[0], -1))
-                    if exact is not None:
-                        full[:, candidates] = exact
+                exact = self._exact_logits(logits, hidden, candidates.expand(full.shape[0], -1))
+                if exact is not None:
+                    full[:, candidates] = exact
                 picked = torch.log_softmax(full, dim=-1)[:, candidates].tolist()  # (N, C)
                 for i in members:
                     results[i] = picked[where[i]]
                 if progress:
                     progress(len(members), sum(len(sequences[i]) for i in members))
         return results  # type: ignore[return-value]
+
+    def _exact_logits(self, logits, hidden, token_ids):
+        """`exact_logits` where they help: a half-precision head whose output is the logits (else None,
+        and the returned logits are read as they are)."""
+        import torch
+
+        if logits.dtype == torch.float32 or not head_gives_logits(self.model):
+            return None
+        return exact_logits(self.model.get_output_embeddings(), hidden, token_ids)
 
     # -- packed scoring rows ---------------------------------------------------------------------------
 

@@ -541,12 +541,12 @@ def test_a_shared_prefix_is_computed_once_across_calls_extended_and_redone_when_
     changed = engine.next_token_logprobs(contexts, candidates)
     assert fed[1] == shared, "the changed model computed the prefix anew"
     assert _flat(changed) != pytest.approx(_flat(first), abs=1e-3)
-    backend._prefixes.entries.clear()
+    backend._prefixes.clear()
     assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(changed), abs=1e-5)
     for layer in engine.model.model.layers:  # through .data: no version bump (EMA updates, weight syncs)
         layer.self_attn.v_proj.weight.data.mul_(10.0)
     served = engine.next_token_logprobs(contexts, candidates)
-    backend._prefixes.entries.clear()
+    backend._prefixes.clear()
     assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(served), abs=1e-5)
     del fed[3:]
 
@@ -556,7 +556,7 @@ def test_a_shared_prefix_is_computed_once_across_calls_extended_and_redone_when_
     extended = engine.next_token_logprobs(extended_contexts, candidates)
     extended_shared = common_prefix_length(backend._encode(extended_contexts))
     assert len(fed) == 4 and fed[3] == extended_shared - shared > 0
-    backend._prefixes.entries.clear()
+    backend._prefixes.clear()
     assert _flat(engine.next_token_logprobs(extended_contexts, candidates)) == pytest.approx(_flat(extended), abs=1e-5)
     assert fed[4] == extended_shared
 
@@ -581,7 +581,7 @@ def test_a_kept_prefix_is_not_reused_across_an_adapter_switched_off(tiny_model_d
     adapted = engine.next_token_logprobs(contexts, candidates)
     with model.disable_adapter():
         base = engine.next_token_logprobs(contexts, candidates)
-        engine.backend._prefixes.entries.clear()
+        engine.backend._prefixes.clear()
         assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(base), abs=1e-5)
     assert _flat(base) != pytest.approx(_flat(adapted), abs=1e-3)
     assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(adapted), abs=1e-5)
