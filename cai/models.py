@@ -92,6 +92,15 @@ def _names_a_path(reference: str) -> bool:
             or ("/" in reference and Path(reference.split("/", 1)[0]).expanduser().is_dir()))
 
 
+def model_directory(path: Path) -> Path | None:
+    """The saved model at `path`: the directory itself, or its `model/` (a stage's output directory, as
+    `cai rl --out DIR` and `cai pm train --out DIR` write); None when neither holds a config.json."""
+    for directory in (path, path / "model"):
+        if (directory / "config.json").exists():
+            return directory
+    return None
+
+
 def check_reference(reference: str | Path | None = None) -> Path | None:
     """Refuse a reference `resolve` would refuse, without converting or loading anything: an unknown
     embedded name, a directory without a model, a path that does not exist. Returns the model directory
@@ -104,10 +113,8 @@ def check_reference(reference: str | Path | None = None) -> Path | None:
         return None
     path = Path(reference).expanduser()
     if path.is_dir():
-        if (path / "config.json").exists():
-            return path
-        if (path / "model" / "config.json").exists():  # a stage's output directory (`cai rl --out DIR`)
-            return path / "model"
+        if (found := model_directory(path)) is not None:
+            return found
         raise ModelError(f"{path} is a directory but holds no config.json -- point at a directory written "
                          "by save_pretrained (a cai stage's model/ directory, for example)")
     if _names_a_path(reference):

@@ -175,19 +175,20 @@ class CombinedReward:
 
 def pm_directory(path: str | Path) -> Path:
     """The model directory of a PM: `DIR` itself, or `DIR/model` when given a `cai pm train` output directory."""
+    from cai.models import model_directory
+
     path = Path(path).expanduser()
-    for directory in (path, path / "model"):
-        config = directory / "config.json"
-        if config.exists():
-            try:
-                architectures = json.loads(config.read_text()).get("architectures") or []
-            except (OSError, ValueError, AttributeError):
-                architectures = []
-            # A causal LM here (`--pm sl/model` for `--pm pm/model`) would load with a random score head.
-            if any(name.endswith("ForCausalLM") for name in architectures):
-                raise ModelError(f"{directory}: a language model ({architectures[0]}), not a preference model "
-                                 "-- pass the directory `cai pm train --out` wrote")
-            return directory
+    directory = model_directory(path)
+    if directory is not None:
+        try:
+            architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            architectures = []
+        # A causal LM here (`--pm sl/model` for `--pm pm/model`) would load with a random score head.
+        if any(name.endswith("ForCausalLM") for name in architectures):
+            raise ModelError(f"{directory}: a language model ({architectures[0]}), not a preference model "
+                             "-- pass the directory `cai pm train --out` wrote")
+        return directory
     raise ModelError(f"{path}: no preference model there (no config.json in it or in {path / 'model'}) -- "
                      "pass the directory `cai pm train --out` wrote")
 
