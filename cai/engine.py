@@ -436,8 +436,9 @@ class _KeptRows:
 
     KEY_TOKENS = 8  # rows are indexed by this many tokens after their shared prefix
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, signature: tuple):
         self.max_bytes, self.bytes = max_bytes, 0
+        self.signature = signature  # `weights_signature` of the model that computed the rows
         self.index: dict[tuple, list[_KeptRow]] = {}  # (prefix tokens, next KEY_TOKENS) -> rows
         self.prefixes: dict[int, set[tuple]] = {}  # start -> the distinct prefixes of that length
 
@@ -530,9 +531,13 @@ class HFBackend:
         encoded = self._encode(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
         results: list[Generation | None] = [None] * len(prompts)
-        kept = _KeptRows(self.KEEP_BYTES) if keep_cache else None
+        signature = weights_signature(self.model) if keep_cache or self._kept else None
+        kept = _KeptRows(self.KEEP_BYTES, signature) if keep_cache else None
         # What the previous call kept is offered to this call only: a conversation continues at the next step.
+        # Only if no weight changed since: its keys and values are the old model's (a training step between).
         previous, self._kept = self._kept, None
+        if previous is not None and previous.signature != signature:
+            previous = None
         with _eval_mode(self.model), torch.inference_mode(), self._attention():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]

@@ -201,6 +201,25 @@ def test_a_call_continuing_kept_conversations_generates_what_a_fresh_call_does(t
     assert backend._kept is None  # kept for one call only
 
 
+def test_kept_conversations_are_not_reused_once_a_weight_changed(tiny_model_dir):
+    """Kept rows are the old model's keys and values: after a weight changes (here through .data, as a
+    weight sync does) the next call must compute what a fresh engine computes."""
+    engine = Engine.from_reference(tiny_model_dir, batch_size=4, device="cpu", precision="fp32")  # weights change below
+    header = [{"role": "system", "content": "Shared few-shot block for every row of the batch. " * 4}]
+    conversations = [header + c for c in CONVERSATIONS[:3]]
+    sampling = Sampling(max_new_tokens=8)
+    first = engine.generate_chat(conversations, sampling)
+    engine.generate([engine.render(c) for c in conversations], sampling, keep_cache=True)
+    follow_up = [engine.render(c + [{"role": "assistant", "content": g.text},
+                                    {"role": "user", "content": "Now say it again, shorter."}])
+                 for c, g in zip(conversations, first, strict=True)]
+    for layer in engine.model.model.layers:
+        layer.self_attn.v_proj.weight.data.mul_(10.0)
+    continued = engine.generate(follow_up, sampling)
+    reference = Engine(engine.model, engine.tokenizer, batch_size=4).generate(follow_up, sampling)
+    assert [g.text for g in continued] == [g.text for g in reference]
+
+
 def test_growing_cache_holds_what_a_dynamic_cache_holds_through_growth_and_batch_changes():
     """Spare room, regrowth, rows dropped and rows repeated: the visible keys/values never differ."""
     from transformers import DynamicCache
