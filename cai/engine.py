@@ -756,6 +756,9 @@ class HFBackend:
         for i, ids in enumerate(continuation_ids):
             if not ids:
                 raise ValueError(f"continuation {i} is empty: nothing to score")
+        for i, ids in enumerate(context_ids):  # no position holds the logits of a first token after nothing
+            if not ids:
+                raise ValueError(f"context {i} is empty: nothing to condition on")
         sequences = [c + k for c, k in zip(context_ids, continuation_ids, strict=True)]
         # The logit predicting a continuation's first token sits at its context's last position: shared
         # parts (the call's prefix, a row's common tokens) end before it.

@@ -315,6 +315,12 @@ def test_scores_match_a_one_at_a_time_reference(tiny_engine):
         assert math.isclose(sum(score.token_logprobs), score.logprob, abs_tol=1e-6)
 
 
+def test_an_empty_context_is_refused_not_scored(tiny_engine):
+    """Nothing predicts the first token after no context: a score there is a read of some other position."""
+    with pytest.raises(ValueError, match="context 0 is empty"):
+        tiny_engine.score(["", tiny_engine.render(CONVERSATIONS[0])], ["hello", " (A)"])
+
+
 def test_progress_reports_every_item_and_token(tiny_engine):
     seen = []
     outputs = tiny_engine.generate_chat(CONVERSATIONS, Sampling(max_new_tokens=5), progress=lambda i, t: seen.append((i, t)))
