@@ -366,8 +366,8 @@ def weights_signature(model) -> tuple:
     """What must not change for keys and values computed earlier to hold: every parameter's storage and
     in-place version (a training step, a load or a cast changes one), a sample of its values (an edit
     through `.data`, as EMA updates and weight syncs make, bumps no version: 64 values a tensor, summed),
-    and each adapter layer's state (peft's disable_adapter() or a merge changes what the model computes
-    without any of those)."""
+    and each adapter layer's state (peft's disable_adapter(), a merge or a new LoRA scale changes what the
+    model computes without any of those)."""
     import torch
 
     tensors = list(model.parameters())
@@ -375,10 +375,16 @@ def weights_signature(model) -> tuple:
     with torch.no_grad():
         sums = [p.detach().reshape(-1)[::max(1, p.numel() // 64)].float().sum() for p in tensors]
         sampled = tuple(torch.stack(sums).tolist()) if sums else ()
-    adapters = tuple((bool(getattr(m, "disable_adapters", False)), tuple(getattr(m, "active_adapters", ()) or ()),
-                      tuple(getattr(m, "merged_adapters", ()) or ()))
-                     for m in model.modules() if hasattr(m, "merged_adapters"))
+    adapters = tuple(_adapter_state(m) for m in model.modules() if hasattr(m, "merged_adapters"))
     return parameters, sampled, adapters
+
+
+def _adapter_state(layer) -> tuple:
+    """What a peft adapter layer computes with beyond its weights: on/off, which adapters, merged, scales."""
+    scaling = getattr(layer, "scaling", None)  # LoRA: {adapter name: alpha / r}, changed by set_scale
+    return (bool(getattr(layer, "disable_adapters", False)), tuple(getattr(layer, "active_adapters", ()) or ()),
+            tuple(getattr(layer, "merged_adapters", ()) or ()),
+            tuple(sorted(scaling.items())) if isinstance(scaling, dict) else ())
 
 
 class _PrefixMemo:

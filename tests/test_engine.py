@@ -586,8 +586,8 @@ def test_a_shared_prefix_is_computed_once_across_calls_extended_and_redone_when_
     assert fed[4] == extended_shared
 
 
-def test_a_kept_prefix_is_not_reused_across_an_adapter_switched_off(tiny_model_dir):
-    """peft's disable_adapter() changes what the model computes without touching a weight."""
+def test_a_kept_prefix_is_not_reused_across_an_adapter_switched_off_or_rescaled(tiny_model_dir):
+    """peft's disable_adapter() and a new LoRA scale change what the model computes without touching a weight."""
     from peft import get_peft_model
 
     from cai.models import load_causal_lm, lora_config
@@ -610,6 +610,13 @@ def test_a_kept_prefix_is_not_reused_across_an_adapter_switched_off(tiny_model_d
         assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(base), abs=1e-5)
     assert _flat(base) != pytest.approx(_flat(adapted), abs=1e-3)
     assert _flat(engine.next_token_logprobs(contexts, candidates)) == pytest.approx(_flat(adapted), abs=1e-5)
+    for module in model.modules():  # a new LoRA scale (peft's set_scale) changes no weight either
+        if hasattr(module, "merged_adapters"):
+            module.scaling["default"] *= 3
+    rescaled = engine.next_token_logprobs(contexts, candidates)
+    engine.backend._prefixes.clear()
+    assert _flat(rescaled) == pytest.approx(_flat(engine.next_token_logprobs(contexts, candidates)), abs=1e-5)
+    assert _flat(rescaled) != pytest.approx(_flat(adapted), abs=1e-3)
 
 
 def test_the_prefix_memo_keeps_the_most_recently_used_prefixes_within_its_bytes():
