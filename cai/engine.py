@@ -535,6 +535,9 @@ class HFBackend:
         import torch
 
         encoded = self._encode(prompts)
+        for i, ids in enumerate(encoded):
+            if not ids:  # a first token would be drawn from a padding position's logits
+                raise ValueError(f"prompt {i} is empty: nothing to condition on")
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
         results: list[Generation | None] = [None] * len(prompts)
         signature = weights_signature(self.model) if keep_cache or self._kept else None

@@ -321,6 +321,11 @@ def test_an_empty_context_is_refused_not_scored(tiny_engine):
         tiny_engine.score(["", tiny_engine.render(CONVERSATIONS[0])], ["hello", " (A)"])
 
 
+def test_an_empty_prompt_is_refused_not_continued_from_padding(tiny_engine):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        tiny_engine.generate([tiny_engine.render(CONVERSATIONS[0]), ""], Sampling(max_new_tokens=3))
+
+
 def test_progress_reports_every_item_and_token(tiny_engine):
     seen = []
     outputs = tiny_engine.generate_chat(CONVERSATIONS, Sampling(max_new_tokens=5), progress=lambda i, t: seen.append((i, t)))
