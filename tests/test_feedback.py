@@ -210,6 +210,11 @@ def test_config_rejects_what_cannot_work(prompts_file, tmp_path):
         config(prompts_file, out, samples_top_p=0)
     with pytest.raises(ConfigError, match="--prompts"):
         FeedbackConfig(out=str(out))
+    for batch_size in (0, -3):  # the engine used to fail with a bare traceback
+        with pytest.raises(ConfigError, match="--batch-size"):
+            config(prompts_file, out, batch_size=batch_size)
+        with pytest.raises(ConfigError, match="--batch-size"):
+            FeedbackEvalConfig(pairs="x", batch_size=batch_size)
     assert config(prompts_file, out, clamp="0.3,0.7").clamp == (0.3, 0.7)
     # --cot with the default method: auto would pick contrast for a small judge, which cannot reason
     assert config(prompts_file, out, method="auto", cot=True).method == "mc"

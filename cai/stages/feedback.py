@@ -58,6 +58,13 @@ def _parse_clamp(value: Any) -> tuple[float, float]:
     return lo, hi
 
 
+def _check_batch_size(batch_size: int) -> None:
+    # The engine would otherwise fail deep inside with a traceback (range step 0, or no outputs at all).
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1 -- e.g. --batch-size 8 (lower it if memory "
+                          "runs out)")
+
+
 @dataclass
 class FeedbackConfig:
     """`cai feedback`: sample answer pairs from the policy and label them with the judge."""
@@ -131,6 +138,7 @@ class FeedbackConfig:
         if self.max_new_tokens < 1 or self.cot_max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} and cot_max_new_tokens="
                               f"{self.cot_max_new_tokens} must be at least 1")
+        _check_batch_size(self.batch_size)
         self.clamp = _parse_clamp(self.clamp)
 
 
@@ -182,6 +190,7 @@ class FeedbackEvalConfig:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
         if self.bins < 1:
             raise ConfigError(f"bins={self.bins} must be at least 1")
+        _check_batch_size(self.batch_size)
         self.clamp = _parse_clamp(self.clamp)
 
 
