@@ -190,6 +190,9 @@ class FeedbackEvalConfig:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
         if self.bins < 1:
             raise ConfigError(f"bins={self.bins} must be at least 1")
+        if self.cot_max_new_tokens < 1:  # 0 would clamp answers read after no reasoning at all
+            raise ConfigError(f"cot_max_new_tokens={self.cot_max_new_tokens} must be at least 1 -- e.g. "
+                              "--cot-max-new-tokens 128")
         _check_batch_size(self.batch_size)
         self.clamp = _parse_clamp(self.clamp)
 
