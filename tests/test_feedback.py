@@ -150,6 +150,17 @@ def test_identical_pairs_are_resampled_once_then_set_aside_and_counted(monkeypat
     assert "comparisons/s" in result.summary and result.metrics["judge_comparisons_per_s"] > 0
 
 
+def test_without_swap_records_hold_one_order_and_the_summary_says_so(monkeypatch, tmp_path, prompts_file,
+                                                                     constitution):
+    use_engines(monkeypatch, [ScriptedEngine(constitution)])
+    out = tmp_path / "prefs.jsonl"
+    result = feedback.run(config(prompts_file, out, swap=False), StageContext())
+    records = records_of(out)
+    assert records and all(len(r["p_a_by_order"]) == 1 and r["agree"] is None for r in records)
+    assert result.metrics["position_consistency"] is None
+    assert "position consistency - (one order: --no-swap)" in result.summary
+
+
 # ----------------------------------------------------------------------------- resume and skip
 
 

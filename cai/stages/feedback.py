@@ -362,8 +362,11 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
               **{f"skipped_{reason}": n for reason, n in sorted(reasons.items())}}
     skipped_text = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
     rate = judged / judge_seconds if judge_seconds > 0 else None
+    consistency = _fmt(stats["position_consistency"])
+    if records and stats["position_consistency"] is None:  # a bare "-" would not say why there is none
+        consistency += " (one order: --no-swap)" if method == "mc" else " (contrast: no order to swap)"
     summary = (f"{len(records)} pairs labelled ({method}); position consistency "
-               f"{_fmt(stats['position_consistency'])}; mean |p - 0.5| {_fmt(stats['mean_margin'], 3)}; "
+               f"{consistency}; mean |p - 0.5| {_fmt(stats['mean_margin'], 3)}; "
                f"skipped pairs: {skipped_text}" + (f"; judging {rate:.2f} comparisons/s" if rate else ""))
     return stage.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
                           metrics={**stats, "method": method, "judge_comparisons_per_s": rate})
