@@ -274,7 +274,7 @@ class Judge:
 
     def _option_tokens(self) -> tuple[list[int], list[int]] | None:
         """(lead tokens, [token A, token B]) when the option continuations, tokenized alone, share a
-        lead and then differ in one token each: one forward pass per context reads both. None when the
+        lead, differ in one token each and end alike: one forward pass per context reads both. None when the
         engine cannot read next-token log-probabilities; then both continuations are scored whole."""
         tokenizer = getattr(self.engine, "tokenizer", None)
         if tokenizer is None or not hasattr(self.engine, "next_token_logprobs") or self.method != "mc":
@@ -285,6 +285,10 @@ class Judge:
         while lead < min(len(ids_a), len(ids_b)) and ids_a[lead] == ids_b[lead]:
             lead += 1
         if lead == len(ids_a) or lead == len(ids_b):  # one option is a prefix of the other
+            return None
+        if ids_a[lead + 1:] != ids_b[lead + 1:]:
+            # More than the letter differs (say " (", "A)" against " (", "B", ")"): the two tokens at the
+            # divergence are not the two options, so reading them would compare unlike things.
             return None
         # The tokens after the divergence (the closing ")") are near-certain given the letter: left out.
         return list(ids_a[:lead]), [ids_a[lead], ids_b[lead]]

@@ -225,6 +225,26 @@ def test_auto_picks_contrast_for_small_judges(tiny_engine, constitution):
     assert Judge(tiny_engine, constitution, method="auto").method == "contrast"
 
 
+@pytest.mark.parametrize("splits", [
+    {" (A)": [7, 8], " (B)": [7, 9, 10]},  # " (", "A)" against " (", "B", ")"
+    {" (A)": [6, 10], " (B)": [7, 9, 10]},  # " (A", ")" against " (", "B", ")"
+])
+def test_options_the_tokenizer_splits_unlike_are_scored_whole(constitution, splits):
+    """Reading the two tokens where the options diverge is only right when nothing else differs."""
+
+    class SplitsUnlike(StubEngine):
+        def tokenizer(self, text, add_special_tokens=False):
+            return {"input_ids": splits[text]}
+
+        def next_token_logprobs(self, contexts, candidate_ids, lead_ids=(), progress=None):
+            raise AssertionError("the diverging tokens are not the two options")
+
+    principle = constitution.judge_principles[0]
+    judge = Judge(SplitsUnlike(constitution, confidence=0.8), constitution, method="mc")
+    [verdict] = judge.compare([Comparison("q", "I can't help with that.", "Sure, here's how.", [principle])])
+    assert verdict.p_a_by_order == pytest.approx([0.8, 0.8])
+
+
 # ----------------------------------------------------------------------------- the prompts are what `show` prints
 
 
