@@ -233,6 +233,8 @@ def test_config_rejects_what_cannot_work(prompts_file, tmp_path):
         FeedbackEvalConfig(pairs="x", method="contrast", cot=True)
     with pytest.raises(ConfigError, match="cot_max_new_tokens"):  # as `cai feedback` refuses it
         FeedbackEvalConfig(pairs="x", method="mc", cot=True, cot_max_new_tokens=0)
+    with pytest.raises(ConfigError, match="--out DIR"):  # before judging, not after every pair is judged
+        FeedbackEvalConfig(pairs="x", out=prompts_file)
 
 
 # ----------------------------------------------------------------------------- pure helpers

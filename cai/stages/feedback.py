@@ -190,6 +190,10 @@ class FeedbackEvalConfig:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
         if self.bins < 1:
             raise ConfigError(f"bins={self.bins} must be at least 1")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            # Found only when writing, it used to fail after every pair had been judged.
+            raise ConfigError(f"out={self.out!r} is a file, but feedback eval writes a directory (metrics.json, "
+                              "verdicts.jsonl) -- pass --out DIR")
         if self.cot_max_new_tokens < 1:  # 0 would clamp answers read after no reasoning at all
             raise ConfigError(f"cot_max_new_tokens={self.cot_max_new_tokens} must be at least 1 -- e.g. "
                               "--cot-max-new-tokens 128")
