@@ -154,6 +154,21 @@ def test_a_pair_labelled_against_its_chosen_answer_trains_toward_the_other():
     assert dpo.to_trl_example({"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 0.7})["chosen"] == \
         [{"role": "assistant", "content": "a"}]
 
+@pytest.mark.parametrize("soft_labels", [False, True])
+def test_tied_pairs_train_only_under_soft_labels(tmp_path, soft_labels):
+    """p_chosen 0.5 (two orders that cancelled out) has no winner: a hard label would invent one."""
+    pairs = [{"id": f"ai-{i}", "prompt": p, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": 0.9 if i else 0.5,
+              "source": "ai-harmless"} for i, p in enumerate(PROMPTS)]
+    records.write_jsonl(tmp_path / "ai.jsonl", pairs)
+    cfg = dpo.DPOConfig(policy="unused", ai=str(tmp_path / "ai.jsonl"), out=str(tmp_path / "out"),
+                        soft_labels=soft_labels, eval_fraction=0.0)
+    prepared = dpo.prepare_pairs(cfg)
+    trained = {r["id"] for r in prepared.mix.records}
+    assert ("ai-0" in trained) == soft_labels
+    assert [(r["id"], r["reason"]) for r in prepared.dropped] == ([] if soft_labels else [("ai-0", "no-preference")])
+    assert len(trained) == len(PROMPTS) - (not soft_labels)
+
+
 def test_screen_pairs_drops_prompts_that_fill_max_length_and_counts_cut_answers(tiny_model_dir):
     from cai.models import load_tokenizer
 

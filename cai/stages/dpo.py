@@ -7,7 +7,8 @@
   identical answers dropped (`partition_trainable`), `eval_fraction` of each side held out
   (`split_heldout`), the rest mixed by `records.mix_preferences`. The same files, fractions and seed
   give both paths the same training mix and the same held-out pairs, on which the DPO model's implicit
-  reward accuracy is reported beside the PM's.
+  reward accuracy is reported beside the PM's. One difference: without `--soft-labels`, training pairs
+  labelled exactly 0.5 are dropped too (`without_ties`): a hard label would pick their winner at random.
 - The reference model is the starting policy. With LoRA (the default) trl's DPOTrainer gets the LoRA
   config, and its reference log-probs come from the same model with the adapter disabled: no second
   copy in memory. With full fine-tuning (`--lora-r 0`) the reference log-probs are computed once,
@@ -222,11 +223,28 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     human_usable, human_dropped = partition_trainable(human_all)
     ai_train, heldout_ai = split_heldout(ai_usable, cfg.eval_fraction, cfg.seed)
     human_train, heldout_human = split_heldout(human_usable, cfg.eval_fraction, cfg.seed)
+    if not cfg.soft_labels:  # after the split, so the held-out pairs stay the PM's
+        ai_train, ai_ties = without_ties(ai_train)
+        human_train, human_ties = without_ties(human_train)
+        ai_dropped, human_dropped = ai_dropped + ai_ties, human_dropped + human_ties
     if not ai_train and not human_train:
         raise ConfigError(f"{cfg.ai}: no pair left to train on after holding out {cfg.eval_fraction:.0%} and "
                           f"dropping {len(ai_dropped) + len(human_dropped)} -- give more pairs or lower --eval-fraction")
     mix = records.mix_preferences(ai_train, human_train, cfg.human_fraction, cfg.seed)
     return PreparedPairs(mix, heldout_ai, heldout_human, ai_dropped + human_dropped, len(ai_all), len(human_all))
+
+
+def without_ties(pairs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped with the reason `no-preference`): a pair labelled p_chosen = 0.5 (a judge whose two
+    orders cancelled out) has no winner, and a hard-label loss would train toward whichever answer the
+    record happens to call `chosen`. Soft labels train on it toward no preference, so they keep it."""
+    kept, dropped = [], []
+    for record in pairs:
+        if abs(float(record["p_chosen"]) - 0.5) < 1e-9:
+            dropped.append({**record, "reason": "no-preference"})
+        else:
+            kept.append(record)
+    return kept, dropped
 
 
 def to_trl_example(record: dict[str, Any]) -> dict[str, Any]:
