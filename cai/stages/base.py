@@ -215,8 +215,8 @@ def unfinished_manifest(reference: Any, ignore: Path | None = None) -> Path | No
 
 
 def item_seed(seed: int, item_id: str, *salt: str) -> int:
-    """A per-item seed from the run seed and the item's id: the same item samples the same text in any
-    batch and after any resume."""
+    """A per-item seed from the run seed and the item's id: the same item draws the same random numbers in
+    any batch and after any resume (the same text in fp32; in bf16 see the engine's note on rounding)."""
     digest = hashlib.sha256("\x1f".join([str(seed), item_id, *salt]).encode()).digest()
     return int.from_bytes(digest[:4], "big")
 

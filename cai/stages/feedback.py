@@ -3,11 +3,12 @@
     cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl
 
 For each prompt the policy samples two answers (seeded per prompt, so a resumed run samples the same
-text); a pair whose answers are identical is resampled once, then set aside (`reason: identical`) in
-`<out>.rejected.jsonl` and counted. The judge (`cai.judge`; by default the policy model itself, loaded
-once) labels each pair against principles drawn from the constitution, and one preference record per
-pair is appended to `--out`: `chosen`/`rejected`, the soft label `p_chosen`, both answers in the order
-judged, P(A) in each order, the principle ids and whether the orders agreed (DESIGN.md, "Records").
+text; exactly so in fp32, see `cai.engine` on bf16); a pair whose answers are identical is resampled
+once, then set aside (`reason: identical`) in `<out>.rejected.jsonl` and counted. The judge
+(`cai.judge`; by default the policy model itself, loaded once) labels each pair against principles drawn
+from the constitution, and one preference record per pair is appended to `--out`: `chosen`/`rejected`,
+the soft label `p_chosen`, both answers in the order judged, P(A) in each order, the principle ids and
+whether the orders agreed (DESIGN.md, "Records").
 
 `cai feedback eval` (`run_eval`) checks a judge against labelled pairs before hours go into labelling:
 agreement per order and after the swap, position consistency, calibration (ECE), and the same on a
