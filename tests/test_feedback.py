@@ -226,7 +226,12 @@ def test_config_rejects_what_cannot_work(prompts_file, tmp_path):
             config(prompts_file, out, batch_size=batch_size)
         with pytest.raises(ConfigError, match="--batch-size"):
             FeedbackEvalConfig(pairs="x", batch_size=batch_size)
-    assert config(prompts_file, out, clamp="0.3,0.7").clamp == (0.3, 0.7)
+    assert config(prompts_file, out, clamp="0.3,0.7", cot=True).clamp == (0.3, 0.7)
+    with pytest.raises(ConfigError, match="add --cot"):  # bounds that would bound nothing
+        config(prompts_file, out, clamp="0.3,0.7")
+    with pytest.raises(ConfigError, match="add --cot"):
+        FeedbackEvalConfig(pairs="x", clamp="0.3,0.7")
+    assert config(prompts_file, out, clamp="0.4,0.6").clamp == (0.4, 0.6)  # the default, written out
     # --cot with the default method: auto would pick contrast for a small judge, which cannot reason
     assert config(prompts_file, out, method="auto", cot=True).method == "mc"
     with pytest.raises(ConfigError, match="cot"):

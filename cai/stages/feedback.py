@@ -59,6 +59,16 @@ def _parse_clamp(value: Any) -> tuple[float, float]:
     return lo, hi
 
 
+DEFAULT_CLAMP = (0.4, 0.6)  # the paper's bounds on chain-of-thought probabilities
+
+
+def _check_clamp_use(clamp: tuple[float, float], cot: bool) -> None:
+    # Only chain-of-thought probabilities are clamped: bounds given without --cot would do nothing.
+    if not cot and clamp != DEFAULT_CLAMP:
+        raise ConfigError(f"clamp={clamp} bounds chain-of-thought probabilities only, and cot is off -- add --cot, "
+                          "or drop --clamp")
+
+
 def _check_batch_size(batch_size: int) -> None:
     # The engine would otherwise fail deep inside with a traceback (range step 0, or no outputs at all).
     if batch_size < 1:
@@ -89,7 +99,7 @@ class FeedbackConfig:
     cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
     swap: bool = field(default=True, metadata={
         "help": "Multiple choice: ask again with the answers swapped and average both orders (off: --no-swap)."})
-    clamp: tuple[float, float] = field(default=(0.4, 0.6), metadata={
+    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={
         "help": "LO,HI limits for chain-of-thought probabilities, which come out near 0 or 1 (paper: 0.4,0.6)."})
     few_shot: bool = field(default=True, metadata={
         "help": "Multiple choice: show the constitution's judging examples before the question (off: --no-few-shot)."})
@@ -121,14 +131,15 @@ class FeedbackConfig:
             raise ConfigError("feedback needs an output file -- pass --out FILE.jsonl")
         check_jsonl_out(self.out, "feedback")
         if self.method not in METHOD_CHOICES:
-            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)}")
+            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)} -- e.g. "
+                              "--method mc, or contrast for a judge under ~1B parameters")
         if self.cot and self.method == "contrast":
             raise ConfigError("cot=True needs the multiple-choice judge, but method='contrast' -- drop --cot "
                               "or use --method mc")
         if self.cot and self.method == "auto":  # reasoning applies to multiple choice only: asking for it picks mc
             self.method = "mc"
         if self.principles < 1:
-            raise ConfigError(f"principles={self.principles} must be at least 1")
+            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one principle a pair, as in the paper) or 4 to average over four")
         if self.samples_temperature <= 0:
             raise ConfigError(f"samples_temperature={self.samples_temperature} must be > 0: at 0 both answers "
                               "would be the same -- use e.g. 1.0")
@@ -141,6 +152,7 @@ class FeedbackConfig:
                               f"{self.cot_max_new_tokens} must be at least 1")
         _check_batch_size(self.batch_size)
         self.clamp = _parse_clamp(self.clamp)
+        _check_clamp_use(self.clamp, self.cot)
 
 
 @dataclass
@@ -159,7 +171,7 @@ class FeedbackEvalConfig:
     cot: bool = field(default=False, metadata={
         "help": "Multiple choice: the judge reasons before answering; probabilities clamped to --clamp."})
     cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
-    clamp: tuple[float, float] = field(default=(0.4, 0.6), metadata={
+    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={
         "help": "LO,HI limits for chain-of-thought probabilities (paper: 0.4,0.6)."})
     few_shot: bool = field(default=True, metadata={"help": "Multiple choice: show the judging examples first (off: --no-few-shot)."})
     judge_temperature: float = field(default=1.0, metadata={"help": "Contrast method: p(A) = sigmoid((sA - sB) / this)."})
@@ -181,12 +193,13 @@ class FeedbackEvalConfig:
         if not self.pairs:
             raise ConfigError("feedback eval needs labelled pairs -- pass --pairs FILE")
         if self.method is not None and self.method not in METHOD_CHOICES:
-            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)}")
+            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)} -- e.g. "
+                              "--method mc, or contrast for a judge under ~1B parameters")
         if self.cot and self.method in ("contrast", "auto"):
             raise ConfigError(f"cot=True needs the multiple-choice judge, but method={self.method!r} -- drop --cot "
                               "or use --method mc")
         if self.principles < 1:
-            raise ConfigError(f"principles={self.principles} must be at least 1")
+            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one principle a pair, as in the paper) or 4 to average over four")
         if self.judge_temperature <= 0:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
         if self.bins < 1:
@@ -200,6 +213,7 @@ class FeedbackEvalConfig:
                               "--cot-max-new-tokens 128")
         _check_batch_size(self.batch_size)
         self.clamp = _parse_clamp(self.clamp)
+        _check_clamp_use(self.clamp, self.cot)
 
 
 # ----------------------------------------------------------------------------- pure helpers
