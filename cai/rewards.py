@@ -681,21 +681,30 @@ def _sentences(text: str) -> set[str]:
     return out
 
 
-def boilerplate_share(completions: Sequence[str]) -> tuple[float, str | None]:
+def boilerplate_share(completions: Sequence[str],
+                      prompts: Sequence[Any] | None = None) -> tuple[float, str | None]:
     """The share of completions containing the most common sentence, and that sentence.
 
     A policy hacking its reward often converges on one stock sentence ("I'm sorry, but I can't help with
     that.") whatever it is asked. Sentences are compared lower-cased with collapsed whitespace; each
-    completion counts a sentence once. (0.0, None) when no sentence has MIN_BOILERPLATE_WORDS words.
+    completion counts a sentence once. (0.0, None) when no sentence has MIN_BOILERPLATE_WORDS words or
+    none is repeated: a sentence in one completion only is not boilerplate (else every step would read
+    at least 1/N). Given `prompts` (one per completion), a sentence counts only when answers to at least
+    two different prompts share it: GRPO's answers to one prompt agree with each other by design.
     """
     if not completions:
         return 0.0, None
     counts: Counter[str] = Counter()
-    for text in completions:
-        counts.update(_sentences(text))
-    if not counts:
+    asked: dict[str, set[str]] = {}
+    for i, text in enumerate(completions):
+        sentences = _sentences(text)
+        counts.update(sentences)
+        for sentence in sentences:
+            asked.setdefault(sentence, set()).add(repr(prompts[i]) if prompts is not None else str(i))
+    repeated = [(count, sentence) for sentence, count in counts.most_common() if len(asked[sentence]) >= 2]
+    if not repeated:
         return 0.0, None
-    sentence, count = counts.most_common(1)[0]
+    count, sentence = repeated[0]
     return count / len(completions), sentence
 
 
@@ -830,7 +839,7 @@ class StepSignals:
 def step_signals(batch: RewardBatch, judge: HeldBackScorer | None = None) -> StepSignals:
     """The hacking signals of one reward batch: boilerplate share, each reward part's mean, and the
     held-back judge's mean score when a judge is given."""
-    share, sentence = boilerplate_share(batch.completions)
+    share, sentence = boilerplate_share(batch.completions, batch.prompts)
     judge_mean = None
     if judge is not None:
         judge_mean = _mean(judge(batch.prompts, batch.completions))

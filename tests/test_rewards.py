@@ -320,7 +320,16 @@ def test_boilerplate_share_finds_the_repeated_sentence():
     share, sentence = boilerplate_share(texts)
     assert share == 0.75 and sentence == "i'm sorry, but i can't help with that"
     assert boilerplate_share(["Sure!", "Yes."]) == (0.0, None)
-    assert boilerplate_share(["One answer here.", "Another answer there."])[0] == 0.5
+    assert boilerplate_share(["One answer here.", "Another answer there."]) == (0.0, None)  # nothing repeats
+
+
+def test_boilerplate_is_a_sentence_shared_across_prompts_not_within_one_group():
+    same = "Paris is the capital of France."
+    texts = [same, same, "Rome is in Italy, of course.", "Berlin is in Germany, of course."]
+    assert boilerplate_share(texts, ["q1", "q1", "q2", "q2"]) == (0.0, None)  # one prompt's group agreeing
+    stock = "I cannot help with that."
+    share, sentence = boilerplate_share([stock, stock, stock, same], ["q1", "q1", "q2", "q2"])
+    assert share == 0.75 and sentence == "i cannot help with that"
 
 
 def test_slope():
