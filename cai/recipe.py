@@ -392,6 +392,7 @@ class _Reader:
 
     def __init__(self, path: Path, root: yaml.MappingNode, overrides: list[str], registry: tuple[StageSpec, ...]):
         self.problems = _Problems(path)
+        self.reporters: dict[str, dict[str, Callable[[str], None]]] = {}  # stage -> key -> where it was given
         self.registry = registry
         self.by_name = {spec.name: spec for spec in registry}
         self.nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}  # top-level key -> (key node, value node)
@@ -597,6 +598,7 @@ class _Reader:
         for key, (option, value) in self.cli_stage.get(stage, {}).items():
             given[key] = (value, lambda m, o=option: self.problems.cli(o, m))
         allowed = [name for name in fields if name not in RUNNER_FIELDS]
+        self.reporters[stage] = {key: report for key, (_, report) in given.items()}
         for key, (value, report) in given.items():
             if key not in allowed:
                 report(f"unknown key `{key}` in {stage} -- {_closest(key, allowed)}")
@@ -664,9 +666,21 @@ class _Reader:
             self.problems.at(self.nodes[stage][0] if stage in self.nodes else None, f"{stage}: {exc}")
             return None
         except Exception as exc:  # ConfigError from __post_init__: a combination that cannot work
-            self.problems.at(self.node(stage), f"{stage}: {exc}")
+            self._report_at_key(stage, str(exc))(f"{stage}: {exc}")
             return None
         return PlannedStage(spec, config, (run_dir / spec.directory).resolve(), frozenset(explicit))
+
+    def _report_at_key(self, stage: str, message: str) -> Callable[[str], None]:
+        """Where to report a config check's error: the line (or --set) of the first option it names as
+        `--key-name`, which a stage's checks write; else the stage's mapping."""
+        named = []
+        for key, report in self.reporters.get(stage, {}).items():
+            found = re.search(rf"--{re.escape(key.replace('_', '-'))}(?![\w-])", message)
+            if found:
+                named.append((found.start(), report))
+        if named:
+            return min(named, key=lambda item: item[0])[1]
+        return lambda m: self.problems.at(self.node(stage), m)
 
 
 _MISSING = object()

@@ -277,6 +277,16 @@ def test_config_post_init_errors_become_recipe_errors(tmp_path, prompts):
         load(path)
 
 
+def test_a_config_check_error_names_the_line_of_the_option_it_is_about(tmp_path, prompts):
+    path = write_recipe(tmp_path, "critique:\n  temperature: 0.5\n  limit: 3\n  revisions: -1\n", prompts)
+    line = path.read_text().splitlines().index("  revisions: -1") + 1
+    with pytest.raises(RecipeError, match=rf"r.yaml:{line}: critique: --revisions -1"):
+        load(path)
+    path = write_recipe(tmp_path, "critique:\n  temperature: 0.5\n", prompts)  # the value comes from --set
+    with pytest.raises(RecipeError, match=r"^--set critique.revisions=-1: critique: --revisions -1"):
+        load(path, ["critique.revisions=-1"])
+
+
 def test_stage_selection_and_missing_upstream(tmp_path, prompts):
     path = write_recipe(tmp_path, "stages: [critique, sft, feedback, dpo, eval]\n", prompts)
     recipe = load(path)
