@@ -253,6 +253,24 @@ def test_eval_run_writes_answers_metrics_and_report(tmp_path, tiny_pm, stub_judg
     assert again.skipped and stub_judge.calls == calls
 
 
+def test_training_curves_are_named_by_the_model_labels_of_the_report(tmp_path, stub_judge, monkeypatch):
+    import cai.engine
+    from cai import report
+
+    model_dir = tmp_path / "runs" / "x" / "5-rl" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    (model_dir.parent / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5, "kl": 0.01}) + "\n")
+    monkeypatch.setattr(cai.engine, "Engine", FakeEngine)
+    seen = {}
+    real = report.plot_curves
+    monkeypatch.setattr(report, "plot_curves", lambda curves, path: seen.update(curves) or real(curves, path))
+    cfg = eval_config(tmp_path, ["base=refuser", f"tuned={model_dir}"])
+    evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
+    assert list(seen) == ["tuned"]  # the table's column name, not the directory's `5-rl`
+    assert report.short_labels(list(seen)) == {"tuned": "tuned"}
+
+
 def test_a_mistyped_last_model_fails_before_the_others_answer(tmp_path, stub_judge, monkeypatch):
     import cai.engine
     from cai.errors import ModelError

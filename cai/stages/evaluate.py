@@ -447,8 +447,10 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from cai import report
 
-    written = report.write_report(out, metrics, answers, training_curves([r for _, r in models]),
-                                  examples=cfg.examples)
+    # Keyed by the model's label, so the curves' legend names each model as the tables and plots do.
+    curves = training_curves([reference for _, reference in models])
+    written = report.write_report(out, metrics, answers, {label: curves[reference] for label, reference in models
+                                                          if reference in curves}, examples=cfg.examples)
     first, last = labels[0], labels[-1]
     m = metrics["models"]
     summary = (f"{len(labels)} models, {len(prompts['harmful'])} harmful + {len(prompts['benign'])} benign prompts; "
