@@ -196,7 +196,7 @@ def example_grid(answers: list[dict[str, Any]], labels: list[str], kind: str, co
             continue
         entry = by_prompt.setdefault(answer["prompt_id"], {"prompt": answer["prompt"], "answers": {}})
         entry["answers"][answer["model"]] = answer
-    ids = sorted(by_prompt)[:count]
+    ids = list(by_prompt)[:count]  # answers come in prompt-file order; sorted ids would put h10 before h2
     return [by_prompt[i] | {"id": i} for i in ids if all(label in by_prompt[i]["answers"] for label in labels)]
 
 

@@ -91,3 +91,9 @@ def test_training_curves_of_two_runs_of_one_stage_are_told_apart():
     labels = report.short_labels(["runs/beta0.1/5-rl/model", "runs/beta0.5/5-rl/model"])
     assert labels == {"runs/beta0.1/5-rl/model": "beta0.1/5-rl", "runs/beta0.5/5-rl/model": "beta0.5/5-rl"}
     assert report.short_labels(["runs/demo/5-rl/model"]) == {"runs/demo/5-rl/model": "5-rl"}
+
+
+def test_example_grid_takes_the_first_prompts_in_file_order():
+    rows = [{"prompt_kind": "harmful", "prompt_id": f"h{i}", "prompt": "p", "model": "m", "answer": "x"}
+            for i in range(12)]
+    assert [e["id"] for e in report.example_grid(rows, ["m"], "harmful", 3)] == ["h0", "h1", "h2"]
