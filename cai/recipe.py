@@ -603,7 +603,7 @@ class _Reader:
             if key not in allowed:
                 report(f"unknown key `{key}` in {stage} -- {_closest(key, allowed)}")
                 continue
-            ok, converted = check_type(value, fields[key][1])
+            ok, converted = check_type(_fit(value, fields[key][1]), fields[key][1])  # `reward: pm:1` as on the CLI
             if not ok:
                 report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
                 continue
@@ -687,7 +687,8 @@ _MISSING = object()
 
 
 def _fit(value: Any, tp: Any) -> Any:
-    """A wired value shaped for its field: one path into a list field becomes a list of one."""
+    """A value shaped for its field: one string given to a list field (a wired path, `reward: pm:1`)
+    becomes a list of one."""
     if isinstance(value, str) and not check_type(value, tp)[0] and check_type([value], tp)[0]:
         return [value]
     return value

@@ -233,7 +233,7 @@ def test_a_key_written_twice_is_a_problem_not_the_last_one_winning(tmp_path, pro
 
 
 def test_wrong_type_and_all_problems_at_once(tmp_path, prompts):
-    path = write_recipe(tmp_path, "sft:\n  epochs: two\nrl:\n  beta: yes\n  rewards: format\n", prompts)
+    path = write_recipe(tmp_path, "sft:\n  epochs: two\nrl:\n  beta: yes\n  rewards: 3\n", prompts)
     with pytest.raises(RecipeError) as error:
         load(path)
     text = str(error.value)
@@ -468,6 +468,11 @@ def test_the_recipe_constitution_reaches_rl_and_exponent_floats_are_numbers(tmp_
     assert recipe.stage("rl").config.constitution == recipe.stage("critique").config.constitution
     assert recipe.stage("rl").config.constitution == "medical"
     assert recipe.stage("rl").config.lr == 5e-5  # YAML 1.1 reads 5e-5 as a string
+
+
+def test_one_value_for_a_list_option_is_a_list_of_one_as_on_the_command_line(tmp_path):
+    recipe = recipes.load(SMOKE, ["rl.reward=pm:2"], runs_dir=tmp_path)
+    assert recipe.stage("rl").config.reward == ["pm:2"]
 
 
 def test_a_resolved_recipe_run_under_another_name_wires_its_own_outputs_and_takes_top_level_sets(tmp_path, prompts):
