@@ -159,8 +159,9 @@ def elo_from_wins(wins: Sequence[Sequence[float]], prior: float = 0.5, iteration
 
     Bradley-Terry maximum likelihood, P(i beats j) = s_i / (s_i + s_j), fitted with Hunter's (2004) MM
     update s_i <- W_i / sum_j n_ij / (s_i + s_j); then rating_i = 400 log10 s_i, shifted to mean 1000,
-    so a 3:1 head-to-head record is a gap of 400 log10 3 = 191 points. `prior` adds that many virtual
-    wins each way to every pair that met, so a model that won every comparison gets a finite rating.
+    so a 3:1 head-to-head record is a gap of 400 log10 3 = 191 points without the prior. `prior` adds
+    that many virtual wins each way to every pair that met, so a model that won every comparison gets a
+    finite rating; it also pulls gaps in (3:1 with the default 0.5 reads as 3.5:1.5, 147 points).
     A model that met no other (every comparison of it unjudged: empty answers) has no rating, None; it
     is left out of the fit, where its strength would go to zero and the mean shift would lift the rest.
     """
