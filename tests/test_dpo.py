@@ -319,3 +319,34 @@ def test_qlora_4bit_with_trls_robust_loss_saves_a_full_precision_standalone_mode
     model = AutoModelForCausalLM.from_pretrained(out)
     assert getattr(model.config, "quantization_config", None) is None
     assert model.dtype == torch.float32 and (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_heldout_accuracy_is_the_share_of_pairs_even_when_the_last_batch_is_short(tiny_model_dir, tmp_path):
+    """trl logs the mean of per-batch means: 5 held-out pairs in batches of 4 and 1 would weigh the last
+    pair as much as the other four together."""
+    from torch.utils.data import DataLoader
+
+    from cai.models import load_causal_lm
+
+    cfg = dpo.DPOConfig(policy=tiny_model_dir, ai="unused", out=str(tmp_path), lora_r=4, max_length=64,
+                        batch_size=4, max_steps=1)
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    # Two pairs prefer MARKER, three REFUSAL: a model leaning either way gets some right and some wrong.
+    pairs = [dpo.to_trl_example({"prompt": p, "chosen": MARKER if i < 2 else REFUSAL,
+                                 "rejected": REFUSAL if i < 2 else MARKER, "p_chosen": 1.0})
+             for i, p in enumerate(PROMPTS[:5])]
+    trainer = dpo.build_trainer(cfg, model, tokenizer, pairs, tmp_path / "checkpoints", "cpu", heldout={"ai": pairs})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    reported = dpo.evaluate_heldout(trainer)["ai"]["eval_rewards/accuracies"]
+    data = trainer._remove_unused_columns(trainer.eval_dataset["ai"], description="evaluation")
+    batch = trainer._prepare_inputs(next(iter(DataLoader(data, batch_size=5, collate_fn=trainer.data_collator))))
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer._compute_loss(trainer.model, batch, False)  # all five pairs in one batch
+    truth = trainer._metrics["eval"]["rewards/accuracies"][-1]
+    assert 0.0 < truth < 1.0
+    assert reported == pytest.approx(truth)

@@ -437,7 +437,10 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        # trl logs the mean of its per-batch means: one pair a batch makes the held-out accuracy a share
+        # of pairs (a short last batch would otherwise weigh as much as a full one).
+        per_device_eval_batch_size=1,
+        precompute_ref_batch_size=cfg.batch_size,  # else it follows the eval batch size
         eval_strategy="no",  # evaluated once, after training
         seed=cfg.seed,
         data_seed=cfg.seed,
