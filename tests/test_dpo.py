@@ -350,3 +350,26 @@ def test_heldout_accuracy_is_the_share_of_pairs_even_when_the_last_batch_is_shor
     truth = trainer._metrics["eval"]["rewards/accuracies"][-1]
     assert 0.0 < truth < 1.0
     assert reported == pytest.approx(truth)
+
+
+def test_heldout_pairs_without_a_preference_are_left_out_of_the_accuracy(tiny_model_dir, tmp_path, monkeypatch):
+    """A held-out pair labelled 0.5 has no winner: the PM leaves it out of its accuracy, and DPO's implicit
+    reward accuracy (reported beside the PM's) must too, instead of counting it for `chosen`."""
+    pairs = [{"id": f"ai-{i}", "prompt": p, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": 0.5 if i % 2 else 0.9}
+             for i, p in enumerate(PROMPTS)]
+    records.write_jsonl(tmp_path / "ai.jsonl", pairs)
+    cfg = dpo.DPOConfig(policy=tiny_model_dir, ai=str(tmp_path / "ai.jsonl"), out=str(tmp_path / "out"),
+                        soft_labels=True, eval_fraction=0.5, lora_r=4, max_length=64, max_steps=1)
+    heldout_ids = {r["id"] for r in dpo.prepare_pairs(cfg).heldout_ai}
+    assert any(int(i.split("-")[1]) % 2 for i in heldout_ids)  # a tie is among the held-out pairs
+    seen = {}
+
+    def spy(*args, heldout=None, **kwargs):
+        seen.update(heldout)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(dpo, "build_trainer", spy)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        dpo.run(cfg, StageContext(device="cpu"))
+    assert seen["ai"] and all(e["p_chosen"] != 0.5 for e in seen["ai"])
+    assert len(seen["ai"]) == sum(1 for i in heldout_ids if not int(i.split("-")[1]) % 2)

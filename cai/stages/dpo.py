@@ -515,7 +515,8 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     examples, too_long, truncated = screen_pairs(mix.records, tokenizer, cfg.max_length)
     heldout = {}
     for name, side in (("ai", pairs.heldout_ai), ("human", pairs.heldout_human)):
-        heldout[name], side_too_long, _ = screen_pairs(side, tokenizer, cfg.max_length)
+        # A pair labelled 0.5 has no winner to get right; the PM leaves it out of its accuracy too.
+        heldout[name], side_too_long, _ = screen_pairs(without_ties(side)[0], tokenizer, cfg.max_length)
         too_long += side_too_long
     dropped = pairs.dropped + too_long
     if dropped:
