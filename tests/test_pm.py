@@ -384,3 +384,17 @@ def test_heldout_accuracy_per_file_holds_when_both_files_number_their_pairs_alik
                            out=str(tmp_path / "pm"), model=tiny_model_dir, eval_fraction=0.25, max_length=64)
     result = pm.run_train(cfg, context())
     assert result.metrics["heldout_accuracy_ai"] == 1.0 and result.metrics["heldout_accuracy_human"] == 0.0
+
+
+def test_heldout_summary_counts_only_the_pairs_its_accuracy_is_over(tmp_path, tiny_model_dir):
+    """Held-out pairs labelled 0.5 have no side: the accuracy leaves them out, so the "of N" must too."""
+    pairs = synthetic_pairs(20, 3, p_chosen=0.9)
+    for row in pairs[::2]:
+        row["p_chosen"] = 0.5
+    cfg = train_config(tmp_path, ai=write_jsonl(tmp_path / "ties.jsonl", pairs), human=None, max_steps=1,
+                       eval_fraction=0.5)
+    result = pm.run_train(cfg, context())
+    heldout = [json.loads(line) for line in (Path(cfg.out) / "heldout.jsonl").read_text().splitlines()]
+    sided = sum(r["p_chosen"] != 0.5 for r in heldout)
+    assert 0 < sided < len(heldout)
+    assert f" of {sided}" in result.summary and f" of {len(heldout)}" not in result.summary

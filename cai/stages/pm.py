@@ -317,6 +317,11 @@ def scores_accuracy(scores: list[dict[str, Any]]) -> float | None:
     return pairwise_accuracy([s["margin"] for s in scores], [s["p_chosen"] for s in scores])[0] if scores else None
 
 
+def _sided(records: list[dict[str, Any]]) -> int:
+    """How many of these pairs have a side (p_chosen != 0.5): the pairs an accuracy counts."""
+    return sum(float(r["p_chosen"]) != 0.5 for r in records)
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -774,8 +779,9 @@ def run_train(cfg: PMTrainConfig, ctx: StageContext) -> StageResult:
     if truncated:
         summary += f"; {truncated} sequences truncated to {cfg.max_length} tokens"
     if heldout:
-        sides = [f"{name} {_percent(metrics[f'heldout_accuracy_{side}'])} of {n}"
-                 for side, name, n in (("ai", "AI", len(ai_heldout)), ("human", "human", len(human_heldout))) if n]
+        # "of N": the pairs the accuracy is over; those labelled 0.5 have no side to get right.
+        sides = [f"{name} {_percent(metrics[f'heldout_accuracy_{side}'])} of {_sided(pairs)}"
+                 for side, name, pairs in (("ai", "AI", ai_heldout), ("human", "human", human_heldout)) if pairs]
         summary += "; held-out accuracy: " + ", ".join(sides)
     else:
         summary += "; no held-out pairs (--eval-fraction 0 or too few pairs)"
