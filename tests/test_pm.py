@@ -398,3 +398,17 @@ def test_heldout_summary_counts_only_the_pairs_its_accuracy_is_over(tmp_path, ti
     sided = sum(r["p_chosen"] != 0.5 for r in heldout)
     assert 0 < sided < len(heldout)
     assert f" of {sided}" in result.summary and f" of {len(heldout)}" not in result.summary
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"prompt": 5, "response": "hi"}', "`prompt` (text or chat messages)"),
+    ('{"prompt": [{"role": "usr", "content": "hi"}], "response": "hi"}', "unknown role 'usr'"),
+    ("", "the file is empty"),
+])
+def test_score_input_names_the_line_of_a_bad_record(trained, tmp_path, line, words):
+    cfg, _ = trained
+    path = tmp_path / "in.jsonl"
+    path.write_text(line + "\n" if line else "")
+    with pytest.raises(pm.RecordsError) as error:
+        pm.run_score(pm.PMScoreConfig(model=cfg.out, input=str(path)), context())
+    assert str(path) in str(error.value) and words in str(error.value)

@@ -37,7 +37,14 @@ import numpy as np
 
 from cai.errors import ConfigError, ModelError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
-from cai.records import as_messages, mix_preferences, read_jsonl, read_preferences, write_jsonl
+from cai.records import (
+    _check_messages,
+    as_messages,
+    mix_preferences,
+    read_jsonl,
+    read_preferences,
+    write_jsonl,
+)
 from cai.rewards import pm_directory
 from cai.stages.base import StageContext, StageResult, StageRun, check_limit, item_seed, last_checkpoint
 
@@ -796,9 +803,14 @@ def run_score(cfg: PMScoreConfig, ctx: StageContext) -> list[dict[str, Any]]:
     else:
         records = []
         for number, row in read_jsonl(cfg.input):
-            if "prompt" not in row or not isinstance(row.get("response"), str):
-                raise RecordsError(f"{cfg.input}:{number}: a record to score needs `prompt` and `response` (text)")
+            if not isinstance(row.get("prompt"), str | list) or not isinstance(row.get("response"), str):
+                raise RecordsError(f"{cfg.input}:{number}: a record to score needs `prompt` (text or chat messages) "
+                                   "and `response` (text)")
+            if isinstance(row["prompt"], list):  # a wrong role or a missing key would reach the chat template
+                _check_messages(row["prompt"], f"{cfg.input}:{number}")
             records.append(row)
+        if not records:
+            raise RecordsError(f"{cfg.input}: no records to score -- the file is empty")
     scorer = RewardScorer.from_directory(cfg.model, device=ctx.device, max_length=cfg.max_length,
                                          batch_size=cfg.batch_size)
     task = ctx.reporter.task("scoring", total=len(records))
