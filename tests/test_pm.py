@@ -412,3 +412,12 @@ def test_score_input_names_the_line_of_a_bad_record(trained, tmp_path, line, wor
     with pytest.raises(pm.RecordsError) as error:
         pm.run_score(pm.PMScoreConfig(model=cfg.out, input=str(path)), context())
     assert str(path) in str(error.value) and words in str(error.value)
+
+
+@pytest.mark.parametrize("config", [pm.PMScoreConfig, pm.PMEvalConfig])
+@pytest.mark.parametrize("option", [{"batch_size": 0}, {"max_length": 0}, {"max_length": -5}])
+def test_scoring_options_that_would_crash_or_score_something_else_are_refused(config, option):
+    with pytest.raises(ConfigError) as error:
+        config(model="pm", pairs="p.jsonl", **option) if config is pm.PMEvalConfig else \
+            config(model="pm", prompt="q", response="a", **option)
+    assert f"--{next(iter(option)).replace('_', '-')}" in str(error.value)

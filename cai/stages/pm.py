@@ -133,6 +133,16 @@ class PMTrainConfig:
         return self.lr if self.lr is not None else (1e-4 if self.lora_r else 1e-5)
 
 
+def _check_scoring(max_length: int | None, batch_size: int) -> None:
+    """Options of a scoring pass: 0 or less would crash (batch size) or quietly score something else
+    (max_length 0 fell back to the trained length, -5 cut the first 5 tokens of every text)."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+    if max_length is not None and max_length < 16:
+        raise ConfigError(f"--max-length {max_length} is too short for a conversation -- use 128 or more, "
+                          "or leave it out for what the PM was trained with")
+
+
 @dataclass
 class PMScoreConfig:
     """`cai pm score`: rewards for responses, one given on the command line or a JSONL of them."""
@@ -156,6 +166,7 @@ class PMScoreConfig:
             raise ConfigError("pm score needs --prompt and --response, or --input F.jsonl")
         if self.input is not None and (self.prompt is not None or self.response is not None):
             raise ConfigError("pm score: give either --input or --prompt/--response, not both")
+        _check_scoring(self.max_length, self.batch_size)
 
 
 @dataclass
@@ -183,6 +194,7 @@ class PMEvalConfig:
         check_limit(self.limit)
         if self.bins < 2:
             raise ConfigError(f"--bins {self.bins} must be >= 2")
+        _check_scoring(self.max_length, self.batch_size)
 
 
 # ----------------------------------------------------------------------------- losses and metrics (pure)
