@@ -185,6 +185,8 @@ def test_config_rejects_combinations_that_cannot_work():
     with pytest.raises(ConfigError, match="no --human file"):
         pm.PMTrainConfig(ai="a.jsonl", out="o", human_fraction=1.0)
     assert pm.PMTrainConfig(ai="a.jsonl", out="o").human_fraction == pytest.approx(0.425)  # the paper's mix
+    with pytest.raises(ConfigError, match="--save-steps 0"):  # trl would never checkpoint: nothing to resume
+        pm.PMTrainConfig(ai="a.jsonl", out="o", save_steps=0)
 
 
 # ----------------------------------------------------------------------------- training

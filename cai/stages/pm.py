@@ -127,6 +127,10 @@ class PMTrainConfig:
                               "each must be positive")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be positive")
+        if self.save_steps < 1:  # the trainer would never checkpoint: a kill would lose all training
+            raise ConfigError(f"--save-steps {self.save_steps} must be >= 1")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size {self.eval_batch_size} must be >= 1")
 
     @property
     def learning_rate(self) -> float:
