@@ -423,3 +423,10 @@ def test_scoring_options_that_would_crash_or_score_something_else_are_refused(co
         config(model="pm", pairs="p.jsonl", **option) if config is pm.PMEvalConfig else \
             config(model="pm", prompt="q", response="a", **option)
     assert f"--{next(iter(option)).replace('_', '-')}" in str(error.value)
+
+
+def test_score_refuses_an_out_that_is_not_a_jsonl_file_before_scoring(tmp_path):
+    """A directory as --out failed after every record was scored, leaving OUT.tmp behind."""
+    with pytest.raises(ConfigError, match="NAME.jsonl"):
+        pm.PMScoreConfig(model="pm", input="in.jsonl", out=str(tmp_path))
+    assert pm.PMScoreConfig(model="pm", input="in.jsonl", out=str(tmp_path / "scored.jsonl")).out

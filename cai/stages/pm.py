@@ -46,7 +46,15 @@ from cai.records import (
     write_jsonl,
 )
 from cai.rewards import pm_directory
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit, item_seed, last_checkpoint
+from cai.stages.base import (
+    StageContext,
+    StageResult,
+    StageRun,
+    check_jsonl_out,
+    check_limit,
+    item_seed,
+    last_checkpoint,
+)
 
 # The CAI paper's PM mix: 135,296 human helpfulness comparisons + 182,831 AI harmlessness comparisons.
 PAPER_HUMAN_COMPARISONS = 135_296
@@ -170,6 +178,8 @@ class PMScoreConfig:
             raise ConfigError("pm score needs --prompt and --response, or --input F.jsonl")
         if self.input is not None and (self.prompt is not None or self.response is not None):
             raise ConfigError("pm score: give either --input or --prompt/--response, not both")
+        if self.out:  # checked now: a directory here failed only after every record was scored
+            check_jsonl_out(self.out, "pm score")
         _check_scoring(self.max_length, self.batch_size)
 
 
