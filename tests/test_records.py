@@ -199,6 +199,26 @@ def test_mix_reaches_the_fraction_and_reports_counts(n_ai, n_human, fraction):
     assert str(mix.ai_used) in mix.summary() and str(mix.human_used) in mix.summary()
 
 
+def test_a_short_side_is_repeated_evenly_and_at_most_max_repeats_times():
+    from collections import Counter
+
+    from cai.records import MAX_REPEATS
+
+    ai = [{"id": f"a{i}", "source": "ai-harmless"} for i in range(58)]
+    human = [{"id": f"h{i}", "source": "human-helpful"} for i in range(86)]
+    mix = mix_preferences(ai, human, 0.425, seed=1)  # the demo's sizes: every AI pair exactly twice
+    assert (mix.ai_used, mix.human_used, mix.resampled) == (116, 86, "AI")
+    assert set(Counter(r["id"] for r in mix.records if r["source"] == "ai-harmless").values()) == {2}
+
+    few = ai[:10]  # 10 AI pairs against 1000 human ones: 10 x 4 AI, the human side sampled down to fit
+    many = [{"id": f"h{i}", "source": "human-helpful"} for i in range(1000)]
+    mix = mix_preferences(few, many, 0.425, seed=1)
+    uses = Counter(r["id"] for r in mix.records)
+    assert mix.ai_used == 10 * MAX_REPEATS and all(uses[r["id"]] == MAX_REPEATS for r in few)
+    assert mix.human_used == 30 and max(uses[r["id"]] for r in many) == 1
+    assert "sampled down" in mix.summary()
+
+
 def test_mix_without_human_says_so():
     mix = mix_preferences([{"id": "a", "source": "ai-harmless"}], [], 0.43)
     assert mix.human_used == 0 and "AI labels alone" in mix.summary()
