@@ -182,6 +182,33 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(critique_file, tmp_
     AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
 
 
+def test_a_kill_after_the_final_save_resumes_from_the_checkpoints_without_training_further(
+        critique_file, tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from cai.stages.base import StageRun
+
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, batch_size=2)
+    real_complete = StageRun.complete
+
+    def killed(self, *args, **kwargs):  # the model is saved; the kill comes before the manifest says so
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageRun, "complete", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(device="cpu"))
+    assert (tmp_path / "sft" / "checkpoints" / "checkpoint-4").is_dir()
+    saved = load_file(tmp_path / "sft" / "model.safetensors")
+    monkeypatch.setattr(StageRun, "complete", real_complete)
+    reporter = NullReporter()
+    result = sft.run(cfg, StageContext(reporter=reporter, device="cpu"))
+    assert any("resuming training from" in m and m.endswith("checkpoint-4") for m in reporter.messages)
+    # transformers resumed from its last-step checkpoint would train a fifth step and change the weights
+    assert result.counts["steps"] == 4 and not (tmp_path / "sft" / "checkpoints").exists()
+    again = load_file(tmp_path / "sft" / "model.safetensors")
+    assert all(torch.equal(saved[name], again[name]) for name in saved)
+
+
 # ----------------------------------------------------------------------------- helpful mix
 
 

@@ -231,3 +231,20 @@ def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):
     StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")}).start()
     resumed = StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")})
     assert resumed.start() is True
+
+
+def test_scratch_outlives_a_kill_before_the_manifest_and_goes_once_it_is_complete(tmp_path):
+    out, checkpoints = tmp_path / "model", tmp_path / "model" / "checkpoints"
+
+    def run():
+        return StageRun("sft", Config(), default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
+                        scratch=[checkpoints])
+
+    run().start()
+    (checkpoints / "checkpoint-4").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"x")  # saved; then killed before complete(): resume from them
+    assert run().start() is True and checkpoints.is_dir()
+    run().complete(outputs={"model": out}, counts={}, summary="done")
+    assert not checkpoints.exists()
+    (checkpoints / "checkpoint-4").mkdir(parents=True)  # a kill between the manifest and their removal
+    assert run().previous().skipped and not checkpoints.exists()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Collection
@@ -249,9 +250,12 @@ class StageRun:
     """Manifest bookkeeping for one execution of one stage (see module docstring)."""
 
     def __init__(self, stage: str, cfg: Any, manifest_path: str | Path, inputs: dict[str, Any],
-                 outputs: list[str | Path] = (), force: bool = False):
+                 outputs: list[str | Path] = (), force: bool = False, scratch: list[str | Path] = ()):
         self.stage = stage
         self.outputs = [Path(p) for p in outputs]
+        # Kept while the stage runs and removed once its manifest says complete (trainer checkpoints): a
+        # kill after the final save but before the manifest then resumes from them instead of starting over.
+        self.scratch = [Path(p) for p in scratch]
         self.cfg = cfg
         self.path = Path(manifest_path)
         for value in inputs.values():
@@ -324,10 +328,15 @@ class StageRun:
         manifest = self._read()
         if (manifest and manifest.get("status") == "complete" and self.matches(manifest) and self.same_scope(manifest)
                 and self._outputs_exist(manifest) and not self.force):
+            self._remove_scratch()  # left by a kill between the manifest and their removal
             return StageResult(stage=self.stage, outputs=self._outputs(manifest), counts=manifest.get("counts", {}),
                                summary=manifest.get("summary", "") + " (already complete; skipped)", skipped=True,
                                metrics=manifest.get("metrics", {}))
         return None
+
+    def _remove_scratch(self) -> None:
+        for path in self.scratch:
+            shutil.rmtree(path, ignore_errors=True)
 
     def start(self) -> bool:
         """Record that work began. Returns True when resuming a partial run of the same config.
@@ -411,6 +420,7 @@ class StageRun:
                  metrics: dict[str, Any] | None = None) -> StageResult:
         outputs = {k: str(v) for k, v in outputs.items()}
         self._write("complete", outputs=outputs, counts=counts, summary=summary, metrics=metrics or {})
+        self._remove_scratch()
         return StageResult(stage=self.stage, outputs=outputs, counts=counts, summary=summary,
                            metrics=metrics or {})
 
@@ -444,10 +454,31 @@ def last_checkpoint(directory: Path) -> str | None:
     return str(max(candidates)[1]) if candidates else None
 
 
+def _finished(checkpoint: str) -> bool:
+    """Whether a trainer checkpoint was saved at the end of its training (global_step reached max_steps)."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+def train_or_resume(trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except from the checkpoint a finished training
+    saved at its last step (a kill during the final save, or before the manifest): transformers resumed
+    there trains one step past max_steps (it checks the limit only after a step; sft ran 5 of 4), so
+    the checkpoint's weights and state are loaded instead. Returns train()'s output, or None then."""
+    if checkpoint is None or not _finished(checkpoint):
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return None
+
+
 def discard_outputs(*paths: str | Path) -> None:
     """Remove earlier outputs before a forced restart."""
-    import shutil
-
     for path in paths:
         path = Path(path)
         if path.is_dir():

@@ -30,7 +30,6 @@ help, and `import cai.cli` must stay light.
 """
 
 import functools
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 from cai import records
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL
-from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint
+from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint, train_or_resume
 
 # The PM stage's data preparation, shared so both paths train on the same pairs (pm.py imports no torch).
 from cai.stages.pm import AI_SOURCE, HUMAN_SOURCE, PAPER_HUMAN_FRACTION, partition_trainable, split_heldout
@@ -496,7 +495,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     out = Path(cfg.out)
     stage_run = StageRun("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.policy, "ai": cfg.ai,
                                                                     "human": cfg.human},
-                         outputs=[out], force=cfg.force)
+                         outputs=[out], force=cfg.force, scratch=[out / "checkpoints"])
     if (done := stage_run.previous()) is not None:
         return done
     resuming = stage_run.start()
@@ -548,14 +547,13 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
         reference = "a frozen copy of the starting policy (fewer steps than pairs: cheaper than precomputing)"
     ctx.reporter.log(f"dpo: reference model = {reference}")
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_or_resume(trainer, resume_from)
     train_seconds = time.perf_counter() - started
     evaluation = evaluate_heldout(trainer)
 
     save_standalone(trainer.model, tokenizer, out, base_reference=cfg.policy)
     history = trainer.state.log_history
-    records.write_jsonl(out / "metrics.jsonl", history)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    records.write_jsonl(out / "metrics.jsonl", history)  # the checkpoints go with complete()
 
     counts = {
         "ai_available": pairs.ai_available, "human_available": pairs.human_available, "ai_used": mix.ai_used,

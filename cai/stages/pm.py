@@ -54,6 +54,7 @@ from cai.stages.base import (
     check_limit,
     item_seed,
     last_checkpoint,
+    train_or_resume,
 )
 
 # The CAI paper's PM mix: 135,296 human helpfulness comparisons + 182,831 AI harmlessness comparisons.
@@ -735,12 +736,12 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
     last = last_checkpoint(checkpoints) if resuming else None
     if last:
         ctx.reporter.log(f"resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
+    result = train_or_resume(trainer, last)
     with suppress_seqcls_warning():  # a 4-bit PM is merged into a freshly loaded full-precision base
         model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.model,
                                     auto_class="sequence-classification")
     info = {"max_length": cfg.max_length, "base_model": cfg.model, "lora_r": cfg.lora_r, "quantize": cfg.quantize,
-            "steps": trainer.state.global_step, "train_loss": result.training_loss,
+            "steps": trainer.state.global_step, "train_loss": result.training_loss if result else None,
             "train_tokens": trainer._total_train_tokens, "resumed_from": Path(last).name if last else None}
     (model_dir / PM_INFO).write_text(json.dumps(info, indent=2))  # last: marks the directory complete
     shutil.rmtree(checkpoints, ignore_errors=True)

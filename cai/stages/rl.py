@@ -25,7 +25,7 @@ from typing import Any
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.rewards import REWARD_NAMES, Thresholds, hacking_warnings, parse_reward_spec, slope
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit, last_checkpoint
+from cai.stages.base import StageContext, StageResult, StageRun, check_limit, last_checkpoint, train_or_resume
 
 ALGOS = ("grpo", "rloo")
 
@@ -418,7 +418,8 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     out = Path(cfg.out)
     inputs = {"policy": cfg.policy, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
     stage = StageRun("rl", cfg, ctx.manifest_for(out), inputs=inputs,
-                     outputs=[out / "model", out / "metrics.jsonl", out / "checkpoints"], force=cfg.force)
+                     outputs=[out / "model", out / "metrics.jsonl", out / "checkpoints"], force=cfg.force,
+                     scratch=[out / "checkpoints"])  # removed once complete: a kill before resumes from them
     if (done := stage.previous()) is not None:
         return done
     resuming = stage.start()
@@ -473,11 +474,10 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     if cfg.beta == 0:
         ctx.reporter.log("KL penalty off (--beta 0, as asked): nothing holds the policy near where it started")
 
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_or_resume(trainer, checkpoint)
     task.close()
 
     model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.policy)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     history = monitor.history
     warnings = hacking_warnings(history, Thresholds())

@@ -21,7 +21,6 @@ and a re-run after an interruption resumes from it; they are removed once the mo
 """
 
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
-from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint
+from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint, train_or_resume
 
 HELPFUL_CACHE = "helpful_answers.jsonl"  # in OUT: the starting model's answers to the helpful prompts
 CHECKPOINTS = "checkpoints"  # in OUT: trainer checkpoints, removed after the final save
@@ -293,7 +292,7 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     out = Path(cfg.out)
     has_output = out.is_dir() and any(out.iterdir())
     stage = StageRun("sft", cfg, ctx.manifest_for(out), outputs=[out] if has_output else [], force=cfg.force,
-                     inputs={"data": cfg.data, "helpful": cfg.helpful, "model": cfg.model})
+                     inputs={"data": cfg.data, "helpful": cfg.helpful, "model": cfg.model}, scratch=[out / CHECKPOINTS])
     if (done := stage.previous()) is not None:
         return done
     records = _read_critique_records(cfg.data)
@@ -343,16 +342,15 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
         ctx.reporter.log(f"resuming training from {last}")
     elif resuming:
         ctx.reporter.log("resuming: earlier run left no checkpoint; training from the start")
-    result = trainer.train(resume_from_checkpoint=last)
-    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.model)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    result = train_or_resume(trainer, last)
+    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.model)  # checkpoints go with complete()
 
     seconds = time.time() - started
     steps = int(trainer.state.global_step)
     # The trainer state's log history, not this process's callback: a resumed run restores the steps
     # logged before the interruption, so the summary covers the whole training either way.
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h] or callback.losses
-    mean_loss = sum(losses) / len(losses) if losses else float(result.training_loss)
+    mean_loss = sum(losses) / len(losses) if losses else float(result.training_loss if result else "nan")
     dropped = {}
     for item in rejected:
         dropped[item["reason"]] = dropped.get(item["reason"], 0) + 1
