@@ -117,6 +117,10 @@ def check_reference(reference: str | Path | None = None) -> Path | None:
             return found
         raise ModelError(f"{path} is a directory but holds no config.json -- point at a directory written "
                          "by save_pretrained (a cai stage's model/ directory, for example)")
+    if path.is_file():  # a file is never a hub id: `Makefile` or `model.gguf` would reach the hub otherwise
+        raise ModelError(f"model {reference!r} is a file, not a model directory -- point at the directory "
+                         "written by save_pretrained that holds config.json, or run `cai models prepare` "
+                         "for the embedded default")
     if _names_a_path(reference):
         raise ModelError(f"model {reference!r}: no such directory -- check the path, or run `cai models prepare` "
                          "for the embedded default")

@@ -44,6 +44,15 @@ def test_a_model_path_under_an_existing_directory_is_a_path_not_a_hub_id(tmp_pat
         resolve("nobody/model")  # no local `nobody`: a hub id
 
 
+def test_an_existing_file_is_refused_as_a_file_not_looked_up_as_a_hub_id(tmp_path, monkeypatch):
+    """`--model model.gguf` or `--model config.json`: not 'no such directory', not 'download it'."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("weights.gguf", "Makefile"):
+        (tmp_path / name).write_text("x")
+        with pytest.raises(ModelError, match="is a file, not a model directory"):
+            resolve(name)
+
+
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         resolve(str(tmp_path))
