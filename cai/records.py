@@ -107,7 +107,12 @@ def _check_messages(messages: Any, where: str) -> list[Message]:
             raise RecordsError(f"{where}: every message needs `role` and `content`, got {message!r:.80}")
         if message["role"] not in ("system", "user", "assistant"):
             raise RecordsError(f"{where}: unknown role {message['role']!r} -- use system, user or assistant")
-    return [{"role": m["role"], "content": str(m["content"])} for m in messages]
+        # str() would turn null into the text "None" and a list of content parts into its Python repr.
+        if not isinstance(message["content"], str):
+            raise RecordsError(f"{where}: a {message['role']} message's content is "
+                               f"{'null' if message['content'] is None else type(message['content']).__name__}, "
+                               "not text -- give each message's content as one string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:

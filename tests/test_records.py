@@ -144,6 +144,18 @@ def test_hh_transcripts_single_and_multi_turn():
         split_transcript_pair(chosen, rejected.replace("Hi", "Hey"))
 
 
+@pytest.mark.parametrize("content", [None, [{"type": "text", "text": "hi"}], {"text": "hi"}])
+def test_a_message_whose_content_is_not_text_names_its_line(tmp_path, content):
+    """Not the prompt "None" or a Python repr of content parts sent to the model."""
+    path = jsonl(tmp_path / "m.jsonl", [{"prompt": "ok"}, {"messages": [{"role": "user", "content": content}]}])
+    with pytest.raises(RecordsError, match=r"m.jsonl:2: a user message's content is \w+, not text"):
+        read_prompts(path)
+    prefs = jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": [{"role": "assistant", "content": content}],
+                                              "rejected": "bad"}])
+    with pytest.raises(RecordsError, match=r"prefs.jsonl:1 \(chosen\): .*not text"):
+        read_preferences(prefs)
+
+
 def test_preference_formats_normalise_to_one_shape(tmp_path):
     rows = [
         {"chosen": "\n\nHuman: q1\n\nAssistant: good", "rejected": "\n\nHuman: q1\n\nAssistant: bad"},
