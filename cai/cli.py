@@ -940,11 +940,14 @@ INTERRUPTED = "interrupted; finished records are kept -- run the same command ag
 def main() -> None:
     """Console entry point: run the app, turning `CaiError` into one line on stderr and exit code 1, and
     usage errors into click's short message (exit code 2) rather than a traceback."""
-    debug = "--debug" in sys.argv[1:]
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    if debug:  # click knows --debug only before the command; people add it at the end of the failed one
+        args = ["--debug", *(arg for arg in args if arg != "--debug")]
     try:
         # Outside standalone mode click returns a command's `typer.Exit` code instead of exiting with it
         # (typer turns Ctrl-C into exit code 130 that way).
-        code = app(standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
         if code == 130:
             stderr.print(INTERRUPTED, highlight=False)
         if isinstance(code, int) and code:

@@ -2,6 +2,7 @@ import dataclasses
 import importlib
 import pkgutil
 
+import pytest
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -31,6 +32,19 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: model ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
+    """`cai models prepare X --debug`, as people retry a failed command, was 'No such option: --debug'."""
+    import subprocess
+    import sys
+
+    command = ["models", "prepare", str(tmp_path / "missing")]
+    command = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    result = subprocess.run([sys.executable, "-m", "cai", *command], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" in result.stderr and "ModelError" in result.stderr
 
 
 def test_a_stage_that_fails_before_its_first_bar_prints_just_the_error(tmp_path):
