@@ -368,11 +368,22 @@ def _existing_path(value: str) -> Path | None:
     return candidate.resolve() if candidate.exists() else None
 
 
+def _recipe_path(path: Path) -> Path:
+    """The recipe as given, else cai's bundled copy: an installed cai carries recipes/ inside the package,
+    so `cai run recipes/smoke.yaml` (or `cai run smoke`) works outside a source checkout too."""
+    if path.exists():
+        return path
+    candidates = [bundled(str(path))]
+    if path.suffix == "" and len(path.parts) == 1:
+        candidates.append(bundled(f"recipes/{path}.yaml"))
+    return next((candidate for candidate in candidates if candidate.exists()), path)
+
+
 def load(path: str | Path, overrides: list[str] = (), *, name: str | None = None,
          runs_dir: str | Path = "runs", registry: tuple[StageSpec, ...] = STAGES) -> Recipe:
     """Read and check a recipe; build every stage's config. Loads no model; raises `RecipeError` with
     every problem found (unknown keys, wrong types, missing files), each naming `file:line`."""
-    path = Path(path)
+    path = _recipe_path(Path(path))
     reader = _Reader(path, _compose(path), overrides, registry)
     top = reader.top_level(name)
     order = reader.stage_order()

@@ -460,6 +460,16 @@ def test_bundled_recipes_load(name, tmp_path):
     assert [s.spec.name for s in recipe.stages][:3] == ["critique", "sft", "feedback"]
 
 
+def test_a_bundled_recipe_is_found_outside_the_checkout(tmp_path, monkeypatch):
+    """An installed cai has its recipes inside the package: `cai run recipes/smoke.yaml` from any directory
+    (as the README writes it), or the bare name, loads the bundled copy."""
+    monkeypatch.chdir(tmp_path)
+    for reference in ("recipes/smoke.yaml", "smoke"):
+        assert recipes.load(reference, runs_dir=tmp_path / "runs").name == "smoke"
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        recipes.load("recipes/nope.yaml", runs_dir=tmp_path / "runs")
+
+
 SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 
 
