@@ -243,8 +243,10 @@ def constitution_show(
     seed: Annotated[int, typer.Option(help="Seed for drawing principles, as the stages use it.")] = 0,
     prompt: Annotated[str, typer.Option(help="The request to render the prompts for.")] = EXAMPLE_REQUEST,
     item_id: Annotated[str, typer.Option("--id", help="Record id the principles are drawn for.")] = "example",
-    rounds: Annotated[int, typer.Option(help="Critique/revision rounds to show.")] = 1,
-    principles: Annotated[int, typer.Option(help="Judge principles to show (feedback --principles).")] = 1,
+    # min=0: 0 leaves that part out; a negative count printed nothing for it, silently
+    rounds: Annotated[int, typer.Option(min=0, help="Critique/revision rounds to show (0: none).")] = 1,
+    principles: Annotated[int, typer.Option(min=0, help="Judge principles to show (feedback --principles; "
+                                                        "0: none).")] = 1,
     no_few_shot: Annotated[bool, typer.Option("--no-few-shot", help="Leave the few-shot examples out.")] = False,
 ) -> None:
     """Print the exact critique, revision and judge prompts the stages send, before spending GPU hours.

@@ -47,6 +47,12 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
     assert "Traceback" in result.stderr and "ModelError" in result.stderr
 
 
+@pytest.mark.parametrize("option", ["--rounds", "--principles"])
+def test_constitution_show_refuses_a_negative_count(option):
+    result = runner.invoke(app, ["constitution", "show", "short", option, "-1"])
+    assert result.exit_code == 2 and "===" not in result.stdout
+
+
 def test_a_stage_that_fails_before_its_first_bar_prints_just_the_error(tmp_path):
     """No blank line from a progress display that never drew (rich prints one off a terminal)."""
     import subprocess
