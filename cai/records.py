@@ -119,6 +119,9 @@ def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
     for column in PROMPT_COLUMNS:
         value = row.get(column)
         if isinstance(value, str) and value.strip():
+            context = row.get("input")  # Alpaca-style rows: the instruction, then the text it is about
+            if column == "instruction" and isinstance(context, str) and context.strip():
+                return f"{value.strip()}\n\n{context.strip()}"
             return value.strip()
         if column == "prompt" and isinstance(value, list):
             return _check_messages(value, where)

@@ -19,6 +19,12 @@ def jsonl(path, rows):
     return path
 
 
+def test_an_alpaca_row_asks_its_instruction_with_its_input(tmp_path):
+    path = jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Summarize this.", "input": "Cats sleep a lot."},
+                                             {"instruction": "Name a colour.", "input": ""}])
+    assert [r["prompt"] for r in read_prompts(path)] == ["Summarize this.\n\nCats sleep a lot.", "Name a colour."]
+
+
 @pytest.mark.parametrize("column", ["prompt", "instruction", "goal", "Behavior", "forbidden_prompt", "question"])
 def test_prompt_columns(tmp_path, column):
     records = read_prompts(jsonl(tmp_path / "p.jsonl", [{column: "Tell me a joke", "category": "fun"}]))
