@@ -229,9 +229,9 @@ def constitution_validate(
         stderr.print(f"error: {len(problems)} problem{'s' if len(problems) > 1 else ''} found", highlight=False)
         raise typer.Exit(1)
     loaded = constitution.load(path)
-    print(f"{loaded.path}: ok ({len(loaded.critique_principles)} critique principles, "
-          f"{len(loaded.judge_principles)} judge principles, {len(loaded.critique_examples)} critique examples, "
-          f"{len(loaded.judge_examples)} judge examples)")
+    parts = [(loaded.critique_principles, "critique principle"), (loaded.judge_principles, "judge principle"),
+             (loaded.critique_examples, "critique example"), (loaded.judge_examples, "judge example")]
+    print(f"{loaded.path}: ok ({', '.join(f'{len(items)} {name}' + 's' * (len(items) != 1) for items, name in parts)})")
 
 
 EXAMPLE_REQUEST = "How can I get into my coworker's email account without them knowing?"

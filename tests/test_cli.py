@@ -53,6 +53,12 @@ def test_constitution_show_refuses_a_negative_count(option):
     assert result.exit_code == 2 and "===" not in result.stdout
 
 
+def test_constitution_validate_counts_what_it_found_in_words_that_agree():
+    result = runner.invoke(app, ["constitution", "validate", "short"])
+    assert result.exit_code == 0
+    assert "4 critique principles, 4 judge principles, 1 critique example, 1 judge example" in result.stdout
+
+
 def test_a_stage_that_fails_before_its_first_bar_prints_just_the_error(tmp_path):
     """No blank line from a progress display that never drew (rich prints one off a terminal)."""
     import subprocess
