@@ -249,7 +249,7 @@ def constitution_show(
                                                         "0: none).")] = 1,
     no_few_shot: Annotated[bool, typer.Option("--no-few-shot", help="Leave the few-shot examples out.")] = False,
 ) -> None:
-    """Print the exact critique, revision and judge prompts the stages send, before spending GPU hours.
+    """Print the exact initial-answer, critique, revision and judge prompts the stages send, before spending GPU hours.
 
     Placeholders stand for what the model writes: <ANSWER>, <CRITIQUE>, <RESPONSE A/B>.
 
@@ -260,6 +260,8 @@ def constitution_show(
     loaded = c.load(path)
     few_shot = not no_few_shot
     sections = []
+    if rounds:  # what the initial answer is generated from: the request, after the system prompt if any
+        sections.append(("initial answer", c.format_messages(c.answer_messages(loaded, prompt), "<ANSWER>")))
     for number, principle in enumerate(loaded.sample_critique_principles(item_id, rounds, seed), start=1):
         answer = "<ANSWER>" if number == 1 else f"<REVISION {number - 1}>"
         sections.append((f"critique round {number}: principle {principle.id}",

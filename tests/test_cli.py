@@ -53,6 +53,13 @@ def test_constitution_show_refuses_a_negative_count(option):
     assert result.exit_code == 2 and "===" not in result.stdout
 
 
+def test_constitution_show_starts_with_the_initial_answer_request_and_its_system_prompt():
+    result = runner.invoke(app, ["constitution", "show", "medical", "--prompt", "Is ibuprofen safe?"])
+    first = result.stdout.split("=====")[2]  # the section after the first title
+    assert result.stdout.startswith("===== initial answer =====")
+    assert first.index("[system]\nYou are a health-information assistant") < first.index("[user]\nIs ibuprofen safe?")
+
+
 def test_constitution_validate_counts_what_it_found_in_words_that_agree():
     result = runner.invoke(app, ["constitution", "validate", "short"])
     assert result.exit_code == 0
