@@ -126,16 +126,30 @@ def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
         if column == "prompt" and isinstance(value, list):
             return _check_messages(value, where)
     if "messages" in row:
-        messages = _check_messages(row["messages"], where)
-        # A chat record ending in an assistant turn is a demonstration: the prompt is everything before it.
-        if messages[-1]["role"] == "assistant" and len(messages) > 1:
-            messages = messages[:-1]
-        return messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
+        return _before_answer(_check_messages(row["messages"], where))
+    if isinstance(row.get("chosen"), str | list):
+        # A preference record (hh-rlhf transcript, trl conversational): the red-team prompts people have
+        # (the CAI paper's own) come this way; the prompt is the conversation before the final answer.
+        if isinstance(row["chosen"], list):
+            return _before_answer(_check_messages(row["chosen"], where))
+        try:
+            return _before_answer(parse_transcript(row["chosen"]))
+        except ValueError as exc:
+            raise RecordsError(f"{where}: `chosen` is {exc} -- give hh-rlhf transcripts "
+                               "(\"\\n\\nHuman: ...\\n\\nAssistant: ...\"), or a `prompt` column") from None
     present = [column for column in PROMPT_COLUMNS if column in row]
     if present:
         raise RecordsError(f"{where}: `{present[0]}` is empty -- give the prompt's text, or remove the line")
     raise RecordsError(f"{where}: no prompt found -- give a column named one of {', '.join(PROMPT_COLUMNS)}, "
-                       "or chat `messages`")
+                       "chat `messages`, or hh-rlhf `chosen` transcripts")
+
+
+def _before_answer(messages: list[Message]) -> str | list[Message]:
+    """A conversation as a prompt: a final assistant turn is a demonstration and is dropped (the prompt is
+    everything before it); a lone user turn becomes its text."""
+    if messages[-1]["role"] == "assistant" and len(messages) > 1:
+        messages = messages[:-1]
+    return messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -158,7 +172,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     for number, row in rows:
         where = f"{path}:{number}"
         prompt = _prompt_from_row(row, where)
-        record = {k: v for k, v in row.items() if k not in PROMPT_COLUMNS and k != "messages"}
+        record = {k: v for k, v in row.items() if k not in (*PROMPT_COLUMNS, "messages", "chosen", "rejected")}
         record["prompt"] = prompt
         record_id = row.get("id")
         if not _has_id(record_id):

@@ -516,8 +516,10 @@ def test_data_files_given_as_lists_or_null(tmp_path, prompts):
 def test_a_data_file_in_the_wrong_format_fails_at_load_not_when_its_stage_runs(tmp_path):
     with pytest.raises(RecipeError, match=r"data.human_prefs: .*red_team_prompts.jsonl:1: a preference needs"):
         recipes.load(SMOKE, ["data.human_prefs=data/red_team_prompts.jsonl"], runs_dir=tmp_path)
+    wrong = tmp_path / "texts.jsonl"  # (an hh-rlhf file is a prompt set: the conversation before the answer)
+    wrong.write_text('{"text": "How do I pick a lock?"}\n')
     with pytest.raises(RecipeError) as error:
-        recipes.load(SMOKE, ["data.red_team=data/helpful_prefs_example.jsonl"], runs_dir=tmp_path)
+        recipes.load(SMOKE, [f"data.red_team={wrong}"], runs_dir=tmp_path)
     assert "no prompt found" in str(error.value) and "rl_prompts" not in str(error.value)  # named once, as given
 
 

@@ -44,6 +44,23 @@ def test_chat_messages_and_csv(tmp_path):
     assert [r["prompt"] for r in read_prompts(csv_path)] == ["Write a poem, please", "Second"]
 
 
+def test_hh_rlhf_and_trl_preference_files_read_as_prompt_sets(tmp_path):
+    """The CAI paper's red-team prompts come as hh-rlhf transcripts: the prompt is the conversation before
+    the last answer."""
+    rows = [{"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help.",
+             "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Sure."},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Insult me.\n\nAssistant: No.",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Insult me.\n\nAssistant: You fool."},
+            {"chosen": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "good"}],
+             "rejected": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "bad"}]}]
+    records = read_prompts(jsonl(tmp_path / "hh.jsonl", rows))
+    assert records[0]["prompt"] == "How do I pick a lock?" and "chosen" not in records[0]
+    assert [m["content"] for m in records[1]["prompt"]] == ["Hi", "Hello!", "Insult me."]
+    assert records[2]["prompt"] == "q3"
+    with pytest.raises(RecordsError, match=r"bad.jsonl:1: `chosen` is not an hh-rlhf transcript"):
+        read_prompts(jsonl(tmp_path / "bad.jsonl", [{"chosen": "just text", "rejected": "x"}]))
+
+
 def test_ids_are_stable_and_duplicates_fail_with_both_lines(tmp_path):
     path = jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
     assert [r["id"] for r in read_prompts(path)] == [r["id"] for r in read_prompts(path)]

@@ -48,7 +48,8 @@ class CritiqueConfig:
 
     # Inputs and outputs
     prompts: str = field(default="data/red_team_prompts.jsonl", metadata={
-        "help": "Prompt set to critique (JSONL or CSV with a prompt-like column, chat `messages`, or .txt, one per line)."})
+        "help": "Prompt set to critique (JSONL or CSV with a prompt-like column, chat `messages`, hh-rlhf "
+                "transcripts (the conversation before the last answer), or .txt, one per line)."})
     out: str = field(default="critique.jsonl", metadata={
         "hash": False, "help": "Output JSONL of critique records; the manifest goes beside it (NAME.manifest.json)."})
     model: str = field(default=DEFAULT_MODEL, metadata={
