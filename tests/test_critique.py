@@ -334,6 +334,8 @@ def test_clean_text_drops_a_sentence_cut_off_by_the_token_limit():
 @pytest.mark.parametrize("text, raw, reason", [
     ("", "", "empty"),
     ("", "Revision:", "only-label"),
+    ("Revision.", "Revision.", "only-label"),  # a label without its colon is still only a label
+    ("**Revised response**", "**Revised response**", "only-label"),
     ("...", "...", "no-words"),
     ("No. No. No. No.", "No. No. No. No.", "repetition"),
     ("I can help you with that " * 6, "x", "repetition"),

@@ -159,6 +159,10 @@ def _normalized(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+# What is left of a reply that is only a label without its colon ("Revision.", "**Revised response**").
+_LABEL_WORDS = {_normalized(label) for label in _LABELS}
+
+
 def repetition_share(text: str, n: int = 4) -> float:
     """Share of word n-grams that repeat an earlier one (0 = none, near 1 = one phrase over and over)."""
     words = _normalized(text).split()
@@ -181,6 +185,8 @@ def degenerate_reason(text: str, raw: str, requests: Sequence[str] = (), critiqu
     normalized = _normalized(text)
     if not normalized:
         return "no-words"
+    if normalized in _LABEL_WORDS:
+        return "only-label"
     if any(normalized == _normalized(request) for request in requests if request):
         return "echoed-request"
     if critique and _normalized(critique):
