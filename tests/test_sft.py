@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cai.engine import Engine, Generation
+from cai.errors import RecordsError
 from cai.models import load_causal_lm
 from cai.stages import sft
 from cai.stages.base import NullReporter, StageContext
@@ -285,6 +286,19 @@ def test_helpful_choice_is_seeded_and_sized_by_the_fraction():
     assert len(chosen) == 4 and chosen == sft.choose_helpful(prompts, 4, seed=1)
     assert chosen != sft.choose_helpful(prompts, 4, seed=2)
     assert sft.choose_helpful(prompts, 50, seed=1) == prompts  # fewer than needed: all of them
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"id": "a", "prompt": "x", "final": None}, r"d.jsonl:2: `final` must be text, got NoneType"),
+    ({"id": "a", "prompt": "x", "final": ["ok"]}, r"d.jsonl:2: `final` must be text, got list"),
+    ({"id": "a", "prompt": 5, "final": "ok"}, r"d.jsonl:2: `prompt` must be non-empty text or chat messages"),
+    ({"id": "a", "prompt": [{"role": "human", "content": "x"}], "final": "ok"}, r"d.jsonl:2: unknown role 'human'"),
+])
+def test_a_critique_record_with_a_non_text_prompt_or_final_names_its_line(tmp_path, row, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"id": "ok", "prompt": "y", "final": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(RecordsError, match=message):
+        sft._read_critique_records(str(path))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -153,13 +153,23 @@ def choose_helpful(prompts: list[dict[str, Any]], needed: int, seed: int) -> lis
 
 
 def _read_critique_records(path: str) -> list[dict[str, Any]]:
-    from cai.records import read_jsonl
+    from cai.records import _check_messages, read_jsonl
 
     records = []
     for number, row in read_jsonl(path):
         if "prompt" not in row or "final" not in row or "id" not in row:
             raise RecordsError(f"{path}:{number}: a critique record needs `id`, `prompt` and `final` "
                                "-- give the output of `cai critique`")
+        # Checked here, not where the chat template meets them: a null `final` read as the text "None",
+        # and a number or a list crashed inside the tokenizer with a traceback.
+        if not isinstance(row["final"], str):
+            raise RecordsError(f"{path}:{number}: `final` must be text, got {type(row['final']).__name__} "
+                               "-- give the output of `cai critique`")
+        if isinstance(row["prompt"], list):
+            row["prompt"] = _check_messages(row["prompt"], f"{path}:{number}")
+        elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise RecordsError(f"{path}:{number}: `prompt` must be non-empty text or chat messages, got "
+                               f"{row['prompt']!r:.40} -- give the output of `cai critique`")
         records.append(row)
     if not records:
         raise RecordsError(f"{path}: no critique records -- the file is empty")
