@@ -200,7 +200,12 @@ def critique_messages(constitution: Constitution, prompt: str | list[Message], a
     Few-shot examples come first as earlier exchanges (request, answer, critique request, critique,
     revision request, revision), then the real request, its current answer, and the critique request.
     """
-    messages: list[Message] = []
+    conversation = as_messages(prompt)
+    # A request's own system message opens the conversation, before the examples: mid-conversation,
+    # stricter chat templates refuse it (and the constitution's system prompt then yields to it, as it
+    # does for the first answer).
+    messages: list[Message] = conversation[:1] if conversation and conversation[0]["role"] == "system" else []
+    conversation = conversation[len(messages):]
     if few_shot:
         for example in constitution.critique_examples:
             shown = _critique_example_principle(constitution, example)
@@ -212,7 +217,7 @@ def critique_messages(constitution: Constitution, prompt: str | list[Message], a
                 {"role": "user", "content": fill(shown.revision, example.prompt)},
                 {"role": "assistant", "content": example.revision},
             ]
-    messages += as_messages(prompt)
+    messages += conversation
     messages += [{"role": "assistant", "content": answer},
                  {"role": "user", "content": fill(principle.critique, prompt)}]
     return _with_system(constitution, messages)

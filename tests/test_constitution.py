@@ -197,3 +197,14 @@ def test_unreadable_files_and_non_scalar_keys_are_problems_not_tracebacks(tmp_pa
     assert "cannot read it" in c.validate(tmp_path)[0]  # a directory
     problems = c.validate(write(tmp_path, VALID + "    [a, b]: 1\n"))
     assert any("must be a plain name" in p and ":" in p.split(" ")[0] for p in problems), problems
+
+
+def test_a_requests_own_system_message_opens_the_critique_conversation_before_the_examples():
+    constitution = c.load("medical")  # has examples and a system prompt of its own
+    request = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Is ibuprofen safe?"}]
+    principle = constitution.critique_principles[0]
+    messages = c.revision_messages(constitution, request, "Oui.", principle, "Too short.")
+    assert messages[0] == request[0]  # not the constitution's, and not after the few-shot examples
+    assert [m["role"] for m in messages].count("system") == 1
+    assert messages[-5:-3] == [request[1], {"role": "assistant", "content": "Oui."}]
+    assert c.answer_messages(constitution, request)[0] == request[0]
