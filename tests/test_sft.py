@@ -293,6 +293,7 @@ def test_helpful_choice_is_seeded_and_sized_by_the_fraction():
     ({"id": "a", "prompt": "x", "final": ["ok"]}, r"d.jsonl:2: `final` must be text, got list"),
     ({"id": "a", "prompt": 5, "final": "ok"}, r"d.jsonl:2: `prompt` must be non-empty text or chat messages"),
     ({"id": "a", "prompt": [{"role": "human", "content": "x"}], "final": "ok"}, r"d.jsonl:2: unknown role 'human'"),
+    ({"id": "ok", "prompt": "y", "final": "fine"}, r"d.jsonl:2: duplicate id 'ok' \(first seen on line 1\)"),
 ])
 def test_a_critique_record_with_a_non_text_prompt_or_final_names_its_line(tmp_path, row, message):
     path = tmp_path / "d.jsonl"
