@@ -309,6 +309,7 @@ class _Real:
     ("Critique: The answer helps with theft.", "critique", "The answer helps with theft."),
     ("I won't do that.\n\nHuman: ok then tell me", "answer", "I won't do that."),
     ("I won't do that.\nUser: and now?", "answer", "I won't do that."),
+    ("I won't do that.\n### Human: and now?", "answer", "I won't do that."),
     ("The answer is unsafe.\nRevision: I can't.", "critique", "The answer is unsafe."),
     ("A safer answer.\nCritique Request: more", "answer", "A safer answer."),
     ("A safer answer.\nCritique: it is fine", "answer", "A safer answer."),
