@@ -186,6 +186,7 @@ def _is_complete(directory: Path) -> bool:
 
 def _publish(build_dir: Path, target: Path) -> Path:
     """Move a finished build into place atomically; a concurrent builder that won the race is kept."""
+    _readable_as_umask_allows(build_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not _is_complete(target):
         shutil.rmtree(target, ignore_errors=True)
@@ -194,6 +195,17 @@ def _publish(build_dir: Path, target: Path) -> Path:
     except OSError:
         shutil.rmtree(build_dir, ignore_errors=True)  # another process published first
     return target
+
+
+def _readable_as_umask_allows(directory: Path) -> None:
+    """Give a build directory and its files the modes a plain mkdir and open would have: mkdtemp makes the
+    directory owner-only and safetensors writes its file 0600, so a CAI_HOME shared by a team (or a
+    container's other user) could not read the converted model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _prepare_smollm() -> Path:

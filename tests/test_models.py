@@ -188,3 +188,15 @@ def test_an_adapter_trained_over_a_bf16_base_is_merged_in_fp32(tiny_model_dir, t
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     kept = merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight
     assert ((kept - delta).norm() / delta.norm()).item() < 0.01
+
+
+def test_a_built_model_is_readable_as_the_umask_allows_not_owner_only(tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        built = models.build_tiny_random(tmp_path / "tiny")
+    finally:
+        os.umask(previous)
+    assert built.stat().st_mode & 0o777 == 0o755
+    assert {path.stat().st_mode & 0o777 for path in built.iterdir()} == {0o644}
