@@ -249,7 +249,7 @@ def constitution_show(
                                                         "0: none).")] = 1,
     no_few_shot: Annotated[bool, typer.Option("--no-few-shot", help="Leave the few-shot examples out.")] = False,
 ) -> None:
-    """Print the exact initial-answer, critique, revision and judge prompts the stages send, before spending GPU hours.
+    """Print the exact prompts the stages send (initial answer, critique, revision, judge) before GPU hours go.
 
     Placeholders stand for what the model writes: <ANSWER>, <CRITIQUE>, <RESPONSE A/B>.
 

@@ -114,8 +114,9 @@ _LABELS = ("revised response", "revision request", "critique request", "revision
 _LEADING_LABEL = re.compile(r"^\s*(?:[*_#>\s]*)(?:" + "|".join(re.escape(x) for x in _LABELS) + r")\s*[*_]*\s*:\s*[*_]*\s*",
                             re.IGNORECASE)
 # A new turn or a new section the model starts writing on its own; everything from there on is cut:
-# "Human:" / "User:" / "Critique Request:" lines (also as markdown: "**Human:**", "### Human:"), and a line that is only a chat role, which is what a
-# ChatML turn header ("<|im_start|>user") leaves once its special token is decoded away.
+# "Human:" / "User:" / "Critique Request:" lines (also as markdown: "**Human:**", "### Human:"), and a
+# line that is only a chat role, which is what a ChatML turn header ("<|im_start|>user") leaves once its
+# special token is decoded away.
 _TURN_BREAK = re.compile(r"(?:^|\n)\s*[*_#]*\s*(?:human|user|critique request|revision request)\s*[*_]*\s*:"
                          r"|\n\s*(?:user|system|assistant)\s*(?:\n|$)", re.IGNORECASE)
 _SECTION_BREAK = {

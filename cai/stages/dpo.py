@@ -41,7 +41,14 @@ from cai.models import DEFAULT_MODEL
 from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint, train_or_resume
 
 # The PM stage's data preparation, shared so both paths train on the same pairs (pm.py imports no torch).
-from cai.stages.pm import AI_SOURCE, HUMAN_SOURCE, PAPER_HUMAN_FRACTION, partition_trainable, split_heldout
+from cai.stages.pm import (
+    AI_SOURCE,
+    HUMAN_SOURCE,
+    PAPER_HUMAN_FRACTION,
+    partition_trainable,
+    split_heldout,
+    without_ties,
+)
 
 LOSSES = ("sigmoid", "ipo", "robust")  # --loss choices; each is the trl loss_type of the same name
 LORA_LR = 5e-5  # default learning rate with LoRA/QLoRA adapters
@@ -231,19 +238,6 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
                           f"dropping {len(ai_dropped) + len(human_dropped)} -- give more pairs or lower --eval-fraction")
     mix = records.mix_preferences(ai_train, human_train, cfg.human_fraction, cfg.seed)
     return PreparedPairs(mix, heldout_ai, heldout_human, ai_dropped + human_dropped, len(ai_all), len(human_all))
-
-
-def without_ties(pairs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """(kept, dropped with the reason `no-preference`): a pair labelled p_chosen = 0.5 (a judge whose two
-    orders cancelled out) has no winner, and a hard-label loss would train toward whichever answer the
-    record happens to call `chosen`. Soft labels train on it toward no preference, so they keep it."""
-    kept, dropped = [], []
-    for record in pairs:
-        if abs(float(record["p_chosen"]) - 0.5) < 1e-9:
-            dropped.append({**record, "reason": "no-preference"})
-        else:
-            kept.append(record)
-    return kept, dropped
 
 
 def to_trl_example(record: dict[str, Any]) -> dict[str, Any]:

@@ -139,7 +139,8 @@ class FeedbackConfig:
         if self.cot and self.method == "auto":  # reasoning applies to multiple choice only: asking for it picks mc
             self.method = "mc"
         if self.principles < 1:
-            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one principle a pair, as in the paper) or 4 to average over four")
+            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one "
+                              "principle a pair, as in the paper) or 4 to average over four")
         if self.samples_temperature <= 0:
             raise ConfigError(f"samples_temperature={self.samples_temperature} must be > 0: at 0 both answers "
                               "would be the same -- use e.g. 1.0")
@@ -199,7 +200,8 @@ class FeedbackEvalConfig:
             raise ConfigError(f"cot=True needs the multiple-choice judge, but method={self.method!r} -- drop --cot "
                               "or use --method mc")
         if self.principles < 1:
-            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one principle a pair, as in the paper) or 4 to average over four")
+            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one "
+                              "principle a pair, as in the paper) or 4 to average over four")
         if self.judge_temperature <= 0:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
         if self.bins < 1:

@@ -351,11 +351,6 @@ def scores_accuracy(scores: list[dict[str, Any]]) -> float | None:
     return pairwise_accuracy([s["margin"] for s in scores], [s["p_chosen"] for s in scores])[0] if scores else None
 
 
-def _sided(records: list[dict[str, Any]]) -> int:
-    """How many of these pairs have a side (p_chosen != 0.5): the pairs an accuracy counts."""
-    return sum(float(r["p_chosen"]) != 0.5 for r in records)
-
-
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -423,6 +418,19 @@ def partition_trainable(records: list[dict[str, Any]]) -> tuple[list[dict], list
         else:
             usable.append(record)
     return usable, dropped
+
+
+def without_ties(pairs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped with the reason `no-preference`): a pair labelled p_chosen = 0.5 (a judge whose two
+    orders cancelled out) has no winner, and a hard-label loss would train toward whichever answer the
+    record happens to call `chosen`. Soft labels train on it toward no preference, so they keep it."""
+    kept, dropped = [], []
+    for record in pairs:
+        if float(record["p_chosen"]) == 0.5:  # as pairwise_accuracy leaves them out
+            dropped.append({**record, "reason": "no-preference"})
+        else:
+            kept.append(record)
+    return kept, dropped
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -814,7 +822,7 @@ def run_train(cfg: PMTrainConfig, ctx: StageContext) -> StageResult:
         summary += f"; {truncated} sequences truncated to {cfg.max_length} tokens"
     if heldout:
         # "of N": the pairs the accuracy is over; those labelled 0.5 have no side to get right.
-        sides = [f"{name} {_percent(metrics[f'heldout_accuracy_{side}'])} of {_sided(pairs)}"
+        sides = [f"{name} {_percent(metrics[f'heldout_accuracy_{side}'])} of {len(without_ties(pairs)[0])}"
                  for side, name, pairs in (("ai", "AI", ai_heldout), ("human", "human", human_heldout)) if pairs]
         summary += "; held-out accuracy: " + ", ".join(sides)
     else:
