@@ -178,19 +178,26 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
         if not _has_id(record_id):
             record_id = stable_id("p", json.dumps(prompt, sort_keys=True))
         record["id"] = str(record_id)
-        if record["id"] in first_line:
-            if not _has_id(row.get("id")):
-                raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
-                                   "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
-            raise RecordsError(f"{where}: duplicate id {record['id']!r} (first seen on line "
-                               f"{first_line[record['id']]}) -- ids must be unique")
-        first_line[record["id"]] = number
+        if record["id"] in first_line and not _has_id(row.get("id")):
+            raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
+                               "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
+        check_unique_id(first_line, record["id"], number, where)
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
     if not records:
         raise RecordsError(f"{path}: no records -- the file is empty")
     return records
+
+
+def check_unique_id(first_line: dict[str, int], record_id: Any, number: int, where: str) -> None:
+    """Note `record_id` as seen on line `number` of a file being read; a RecordsError at `where` if an
+    earlier line had it (two outputs concatenated would otherwise count each record twice)."""
+    key = str(record_id)
+    if key in first_line:
+        raise RecordsError(f"{where}: duplicate id {record_id!r} (first seen on line {first_line[key]}) -- ids "
+                           "must be unique; keep one of the two")
+    first_line[key] = number
 
 
 def _has_id(value: Any) -> bool:

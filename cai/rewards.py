@@ -699,8 +699,9 @@ def boilerplate_share(completions: Sequence[str],
     for i, text in enumerate(completions):
         sentences = _sentences(text)
         counts.update(sentences)
+        prompt = repr(prompts[i]) if prompts is not None else str(i)  # once: a chat prompt's repr is long
         for sentence in sentences:
-            asked.setdefault(sentence, set()).add(repr(prompts[i]) if prompts is not None else str(i))
+            asked.setdefault(sentence, set()).add(prompt)
     repeated = [(count, sentence) for sentence, count in counts.most_common() if len(asked[sentence]) >= 2]
     if not repeated:
         return 0.0, None

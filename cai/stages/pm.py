@@ -27,7 +27,6 @@ the held-out pairs), `dropped.jsonl` (pairs that cannot teach anything, with a r
 
 import functools
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -752,8 +751,7 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
             "steps": trainer.state.global_step, "train_loss": result.training_loss if result else None,
             "train_tokens": trainer._total_train_tokens, "resumed_from": Path(last).name if last else None}
     (model_dir / PM_INFO).write_text(json.dumps(info, indent=2))  # last: marks the directory complete
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return info
+    return info  # the checkpoints go with the manifest's complete()
 
 
 # ----------------------------------------------------------------------------- stages
@@ -764,7 +762,7 @@ def run_train(cfg: PMTrainConfig, ctx: StageContext) -> StageResult:
     out = Path(cfg.out)
     model_dir = out / "model"
     run = StageRun("pm", cfg, ctx.manifest_for(out), inputs={"ai": cfg.ai, "human": cfg.human, "model": cfg.model},
-                   outputs=[model_dir, out / "checkpoints"], force=cfg.force)
+                   outputs=[model_dir, out / "checkpoints"], force=cfg.force, scratch=[out / "checkpoints"])
     if (done := run.previous()) is not None:
         return done
     resuming = run.start()

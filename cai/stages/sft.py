@@ -153,17 +153,14 @@ def choose_helpful(prompts: list[dict[str, Any]], needed: int, seed: int) -> lis
 
 
 def _read_critique_records(path: str) -> list[dict[str, Any]]:
-    from cai.records import _check_messages, read_jsonl
+    from cai.records import _check_messages, check_unique_id, read_jsonl
 
     records, first_line = [], {}
     for number, row in read_jsonl(path):
         if "prompt" not in row or "final" not in row or "id" not in row:
             raise RecordsError(f"{path}:{number}: a critique record needs `id`, `prompt` and `final` "
                                "-- give the output of `cai critique`")
-        if str(row["id"]) in first_line:  # two critique runs concatenated: each answer would train twice
-            raise RecordsError(f"{path}:{number}: duplicate id {row['id']!r} (first seen on line "
-                               f"{first_line[str(row['id'])]}) -- ids must be unique; keep one of the two")
-        first_line[str(row["id"])] = number
+        check_unique_id(first_line, row["id"], number, f"{path}:{number}")  # else an answer trains twice
         # Checked here, not where the chat template meets them: a null `final` read as the text "None",
         # and a number or a list crashed inside the tokenizer with a traceback.
         if not isinstance(row["final"], str):
