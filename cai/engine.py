@@ -637,9 +637,10 @@ class HFBackend:
 
             [ shared prefix (P) ][ pad ... ][ suffix of row i ]      attention 1...1 0...0 1...1
 
-        With cascade attention (`self.cascade`) the prefix's keys and values stay out of `cache`, one copy
-        for all rows, passed to every forward as `cai_shared_prefix`; the attention mask then covers the
-        suffix block only. Otherwise they are repeated into `cache`, one copy per row. Positions stay
+        The prefix's keys and values come from `_shared_prefix_cache` (kept across calls). With cascade
+        attention (`self.cascade`) they stay out of `cache`, one copy for all rows, passed to every forward
+        as `cai_shared_prefix`; the attention mask then covers the suffix block only. Otherwise they are
+        repeated into `cache`, one copy per row. Positions stay
         those of the unpadded sequence (prefix 0..P-1, suffix P..), so the result equals a row run alone.
         Returns (model output, attention mask, position ids, prefix keys and values or None).
         """
@@ -651,13 +652,11 @@ class HFBackend:
         shared = min(shared, min(len(s) for s in sequences) - 1)  # every row keeps >= 1 token to prefill
         if len(sequences) < 2 or shared < self.MIN_SHARED_PREFIX:
             shared = 0
-        prefix_kv = None
-        if shared and self.cascade:
-            prefix_kv = self._shared_prefix_cache(sequences[0][:shared])
-        elif shared:
-            prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=device)
-            self.model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(len(sequences))
+        prefix_kv = self._shared_prefix_cache(sequences[0][:shared]) if shared else None
+        if prefix_kv is not None and not self.cascade:  # one copy per row, in the cache (the cache copies)
+            for layer, (keys, values) in enumerate(prefix_kv):
+                cache.update(keys.expand(len(sequences), -1, -1, -1), values.expand(len(sequences), -1, -1, -1),
+                             layer)
         in_cache = 0 if self.cascade else shared  # prefix positions the attention mask must cover
         suffixes = [seq[shared:] for seq in sequences]
         width = max(len(s) for s in suffixes)

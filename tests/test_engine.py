@@ -275,6 +275,7 @@ class _PreferToken(torch.nn.Module):
     def __init__(self, model, token_id, after):
         super().__init__()
         self.inner, self.token_id, self.after, self.calls = model, token_id, after, 0
+        self.config = model.config  # what caches are built from
 
     def forward(self, **kwargs):
         out = self.inner(**kwargs)
@@ -589,6 +590,22 @@ def test_a_shared_prefix_is_computed_once_across_calls_extended_and_redone_when_
     backend._prefixes.clear()
     assert _flat(engine.next_token_logprobs(extended_contexts, candidates)) == pytest.approx(_flat(extended), abs=1e-5)
     assert fed[4] == extended_shared
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_generation_reuses_a_kept_prefix_with_or_without_cascade_attention(tiny_model_dir, monkeypatch, cascade):
+    """Off cascade (GPUs) the prefix is copied into each row's cache, but it comes from the same memo."""
+    engine = Engine.from_reference(tiny_model_dir, batch_size=4, device="cpu", precision="fp32")
+    engine.backend.cascade = cascade
+    header = [{"role": "system", "content": "Shared few-shot block for every row of the batch. " * 4}]
+    conversations = [header + c for c in CONVERSATIONS]
+    sampling = Sampling(max_new_tokens=6)
+    fed = _prefix_forwards(monkeypatch, engine.model)
+    first = engine.generate_chat(conversations, sampling)
+    computed = len(fed)
+    again = engine.generate_chat(conversations, sampling)
+    assert len(fed) == computed and fed[0] > 20, "the second call computed no prefix"
+    assert [g.text for g in again] == [g.text for g in first]
 
 
 def test_a_kept_prefix_is_not_reused_across_an_adapter_switched_off_or_rescaled(tiny_model_dir):
