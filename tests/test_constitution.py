@@ -208,3 +208,9 @@ def test_a_requests_own_system_message_opens_the_critique_conversation_before_th
     assert [m["role"] for m in messages].count("system") == 1
     assert messages[-5:-3] == [request[1], {"role": "assistant", "content": "Oui."}]
     assert c.answer_messages(constitution, request)[0] == request[0]
+
+
+def test_round_k_draws_the_same_principle_whatever_the_number_of_rounds():
+    short = c.load("short")  # 4 principles: 5 and 8 rounds both need a second pass
+    for item in (f"p{i}" for i in range(50)):
+        assert short.sample_critique_principles(item, 5, 0) == short.sample_critique_principles(item, 8, 0)[:5]
