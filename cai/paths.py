@@ -23,3 +23,14 @@ def bundled(relative: str) -> Path:
         if candidate.exists():
             return candidate
     return _PACKAGE_DIR.parent / relative
+
+
+def local_or_bundled(value: str | Path) -> Path:
+    """An input file as given when it exists; else, for a relative path such as `data/red_team_prompts.jsonl`,
+    cai's bundled copy when there is one (an installed cai run outside a checkout); else the path as given,
+    for the caller's "no such file"."""
+    path = Path(value).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    candidate = bundled(str(value))
+    return candidate if candidate.exists() else path

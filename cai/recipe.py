@@ -54,7 +54,7 @@ from typing import Any
 import yaml
 
 from cai.errors import ModelError, RecipeError, ResumeMismatch
-from cai.paths import bundled
+from cai.paths import bundled, local_or_bundled
 
 # ----------------------------------------------------------------------------- the stage registry
 
@@ -361,11 +361,8 @@ def _fields(config_class: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 
 def _existing_path(value: str) -> Path | None:
     """A relative path is read from the current directory first, then from cai's bundled files."""
-    path = Path(value).expanduser()
-    if path.exists():
-        return path.resolve()
-    candidate = bundled(value)
-    return candidate.resolve() if candidate.exists() else None
+    path = local_or_bundled(value)
+    return path.resolve() if path.exists() else None
 
 
 def _recipe_path(path: Path) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import RecordsError
+from cai.paths import local_or_bundled
 
 # Columns that hold the prompt in the prompt sets people already have (ours, Alpaca-style, AdvBench,
 # HarmBench, StrongREJECT, plain QA sets), tried in this order.
@@ -159,7 +160,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     holds one prompt per line. Other fields (`category`, `answer`, `tests`) are kept. Records without an
     `id` get one derived from the prompt; a duplicate id fails naming both lines.
     """
-    path = Path(path)
+    path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout too
     if path.suffix.lower() == ".csv":
         rows = _read_csv(path)
     elif path.suffix.lower() == ".txt":
@@ -332,7 +333,7 @@ def read_preferences(path: str | Path, default_source: str = "human-helpful",
     `.jsonl.gz` files are read too (hh-rlhf ships that way). Rows without a `source` get `default_source`;
     rows without `p_chosen` are hard labels (1.0).
     """
-    path = Path(path)
+    path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout too
     records = []
     for number, row in read_jsonl(path, line_hint='each line must be one JSON object like {"prompt": "...", '
                                                 '"chosen": "...", "rejected": "..."}'):

@@ -273,3 +273,17 @@ def test_hh_transcripts_with_windows_line_ends_are_still_transcripts(tmp_path):
     rejected = "\r\n\r\nHuman: How do I pick a lock?\r\n\r\nAssistant: Use a tension wrench."
     [record] = read_preferences(jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}]))
     assert (record["prompt"], record["chosen"]) == ("How do I pick a lock?", "I can't help with that.")
+
+
+def test_a_bundled_data_path_is_found_from_any_directory_and_hashed_by_its_content(tmp_path, monkeypatch):
+    """`cai critique --prompts data/red_team_prompts.jsonl` from outside a checkout (an installed cai)."""
+    from cai.paths import bundled
+    from cai.stages.base import input_hash
+
+    expected = read_prompts(bundled("data/red_team_prompts.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    assert read_prompts("data/red_team_prompts.jsonl") == expected
+    assert input_hash("data/red_team_prompts.jsonl") == input_hash(bundled("data/red_team_prompts.jsonl"))
+    (tmp_path / "data").mkdir()  # a file of the user's own by that name comes first
+    jsonl(tmp_path / "data" / "red_team_prompts.jsonl", [{"prompt": "mine"}])
+    assert [r["prompt"] for r in read_prompts("data/red_team_prompts.jsonl")] == ["mine"]

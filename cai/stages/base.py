@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from cai import __version__
 from cai.errors import ConfigError, ResumeMismatch
+from cai.paths import local_or_bundled
 
 # ----------------------------------------------------------------------------- reporting
 
@@ -165,7 +166,7 @@ def input_hash(reference: str | Path | None) -> str | None:
     a model reference that is not a path (embedded:..., hub id) is its own identity."""
     if reference is None:
         return None
-    path = Path(str(reference)).expanduser()
+    path = local_or_bundled(str(reference))  # the file the readers open (`data/...` may be bundled)
     if path.is_file():
         digest = hashlib.sha256()
         with path.open("rb") as handle:
