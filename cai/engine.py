@@ -640,8 +640,8 @@ class HFBackend:
         The prefix's keys and values come from `_shared_prefix_cache` (kept across calls). With cascade
         attention (`self.cascade`) they stay out of `cache`, one copy for all rows, passed to every forward
         as `cai_shared_prefix`; the attention mask then covers the suffix block only. Otherwise they are
-        repeated into `cache`, one copy per row. Positions stay
-        those of the unpadded sequence (prefix 0..P-1, suffix P..), so the result equals a row run alone.
+        repeated into `cache`, one copy per row. Positions stay those of the unpadded sequence (prefix
+        0..P-1, suffix P..), so the result equals a row run alone.
         Returns (model output, attention mask, position ids, prefix keys and values or None).
         """
         import torch
