@@ -199,6 +199,38 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_a_finished_run_is_skipp
     assert again.skipped
 
 
+def test_ctrl_c_while_a_step_logs_saves_the_next_one_and_the_resume_trains_only_the_rest(
+        tiny_model_dir, prompt_files, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    out = tmp_path / "rl"
+    cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), policy=tiny_model_dir, reward=["math:1"],
+                   max_steps=4, max_new_tokens=6, judge="none", checkpoint_every=100, lora_r=4)
+    original_log = rl.Monitor.log
+    logged_steps, interrupt = [], [True]
+
+    def interrupted_log(self, step, logs):
+        original_log(self, step, logs)
+        if "reward" in logs:
+            logged_steps.append(step)
+            if step == 2 and interrupt.pop():  # after step 2's end: the trainer stops after step 3
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(rl.Monitor, "log", interrupted_log)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run(cfg, StageContext(device="cpu"))
+    assert logged_steps == [1, 2, 3]
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "partial"
+
+    logged_steps.clear()
+    interrupt.append(False)
+    result = rl.run(cfg, StageContext(device="cpu"))
+    assert logged_steps == [4] and [r["step"] for r in metrics_of(out)] == [1, 2, 3, 4]
+    assert result.counts["steps"] == 4
+
+
 def test_cli_runs_rloo_on_verifiable_rewards_without_a_pm(tiny_model_dir, prompt_files, tmp_path):
     out = tmp_path / "rl"
     result = runner.invoke(app, [

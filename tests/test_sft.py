@@ -183,6 +183,65 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(critique_file, tmp_
     AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
 
 
+def _interrupting_at_step(monkeypatch, step: int, interrupts: int):
+    """sft's report callback sends this process `interrupts` SIGINTs (Ctrl-C) at the end of `step`."""
+    import os
+    import signal
+
+    real_callback = sft.report_callback
+
+    def interrupting(reporter):
+        callback = real_callback(reporter)
+        step_end = callback.on_step_end
+
+        def on_step_end(args, state, control, **kwargs):
+            step_end(args, state, control, **kwargs)
+            if state.global_step == step:
+                for _ in range(interrupts):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        callback.on_step_end = on_step_end
+        return callback
+
+    monkeypatch.setattr(sft, "report_callback", interrupting)
+    return real_callback
+
+
+def test_ctrl_c_saves_the_step_under_way_and_the_run_resumes_from_it(critique_file, tmp_path, tiny_model_dir,
+                                                                      monkeypatch):
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=5, save_steps=100, batch_size=2)
+    real_callback = _interrupting_at_step(monkeypatch, 3, interrupts=1)
+    reporter = NullReporter()
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(reporter=reporter, device="cpu"))
+    # save_steps=100 would have saved nothing before step 100: the interrupted step was saved instead
+    assert [p.name for p in (tmp_path / "sft" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
+    assert any(m.startswith("interrupted: saving a checkpoint") for m in reporter.messages)
+    assert json.loads((tmp_path / "sft" / "manifest.json").read_text())["status"] == "partial"
+    assert signal.getsignal(signal.SIGINT) is handler
+
+    monkeypatch.setattr(sft, "report_callback", real_callback)
+    reporter = NullReporter()
+    result = sft.run(cfg, StageContext(reporter=reporter, device="cpu"))
+    assert any("resuming training from" in m and m.endswith("checkpoint-3") for m in reporter.messages)
+    assert result.counts["steps"] == 5
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(critique_file, tmp_path, tiny_model_dir, monkeypatch):
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=5, save_steps=100, batch_size=2)
+    _interrupting_at_step(monkeypatch, 3, interrupts=2)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(device="cpu"))
+    assert not list((tmp_path / "sft" / "checkpoints").glob("checkpoint-*"))
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 def test_a_kill_after_the_final_save_resumes_from_the_checkpoints_without_training_further(
         critique_file, tmp_path, tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file

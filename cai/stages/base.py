@@ -19,7 +19,9 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -464,18 +466,71 @@ def _finished(checkpoint: str) -> bool:
     return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
 
 
-def train_or_resume(trainer, checkpoint: str | None):
+def train_or_resume(trainer, checkpoint: str | None, log: Callable[[str], None] | None = None):
     """`trainer.train(resume_from_checkpoint=checkpoint)`, except from the checkpoint a finished training
     saved at its last step (a kill during the final save, or before the manifest): transformers resumed
     there trains one step past max_steps (it checks the limit only after a step; sft ran 5 of 4), so
-    the checkpoint's weights and state are loaded instead. Returns train()'s output, or None then."""
-    if checkpoint is None or not _finished(checkpoint):
-        return trainer.train(resume_from_checkpoint=checkpoint)
-    from transformers import TrainerState
+    the checkpoint's weights and state are loaded instead. Returns train()'s output, or None then.
 
-    trainer._load_from_checkpoint(checkpoint)
-    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    return None
+    A Ctrl-C while it trains loses nothing: the step under way finishes, a checkpoint is saved, and
+    KeyboardInterrupt is raised then (the same command resumes from that step). `log` says so at once. A
+    second Ctrl-C stops at once, as before, losing the steps since the last checkpoint."""
+    if checkpoint is not None and _finished(checkpoint):
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        return None
+    stop = _stop_at_step_end(trainer)
+    with _FirstInterruptStops(stop, log):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.requested:
+        raise KeyboardInterrupt
+    return result
+
+
+def _stop_at_step_end(trainer):
+    """A callback added to `trainer`: once `requested`, it has the trainer save a checkpoint at the end
+    of the step under way and stop training."""
+    from transformers import TrainerCallback
+
+    class StopAtStepEnd(TrainerCallback):
+        requested = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    callback = StopAtStepEnd()
+    trainer.add_callback(callback)  # after transformers' own flow callback, which only ever asks to save
+    return callback
+
+
+class _FirstInterruptStops:
+    """While active, the first SIGINT sets `stop.requested` (and puts the previous handler back, so a
+    second one interrupts at once). Off the main thread, where Python cannot take signals, it does nothing."""
+
+    def __init__(self, stop, log: Callable[[str], None] | None):
+        self.stop, self.log, self.previous = stop, log, None
+
+    def _on_interrupt(self, signum, frame) -> None:
+        self.stop.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        if self.log:
+            self.log("interrupted: saving a checkpoint after this training step, then stopping (the same "
+                     "command resumes from it); press Ctrl-C again to stop at once and lose the steps "
+                     "since the last checkpoint")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None and signal.getsignal(signal.SIGINT) == self._on_interrupt:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def discard_outputs(*paths: str | Path) -> None:

@@ -541,7 +541,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
         reference = "a frozen copy of the starting policy (fewer steps than pairs: cheaper than precomputing)"
     ctx.reporter.log(f"dpo: reference model = {reference}")
     started = time.perf_counter()
-    train_or_resume(trainer, resume_from)
+    train_or_resume(trainer, resume_from, ctx.reporter.log)
     train_seconds = time.perf_counter() - started
     evaluation = evaluate_heldout(trainer)
 

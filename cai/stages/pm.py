@@ -743,7 +743,7 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
     last = last_checkpoint(checkpoints) if resuming else None
     if last:
         ctx.reporter.log(f"resuming from {last}")
-    result = train_or_resume(trainer, last)
+    result = train_or_resume(trainer, last, ctx.reporter.log)
     with suppress_seqcls_warning():  # a 4-bit PM is merged into a freshly loaded full-precision base
         model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.model,
                                     auto_class="sequence-classification")

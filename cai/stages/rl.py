@@ -474,7 +474,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     if cfg.beta == 0:
         ctx.reporter.log("KL penalty off (--beta 0, as asked): nothing holds the policy near where it started")
 
-    train_or_resume(trainer, checkpoint)
+    train_or_resume(trainer, checkpoint, ctx.reporter.log)
     task.close()
 
     model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.policy)

@@ -353,7 +353,7 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
         ctx.reporter.log(f"resuming training from {last}")
     elif resuming:
         ctx.reporter.log("resuming: earlier run left no checkpoint; training from the start")
-    result = train_or_resume(trainer, last)
+    result = train_or_resume(trainer, last, ctx.reporter.log)
     save_standalone(trainer.model, tokenizer, out, base_reference=cfg.model)  # checkpoints go with complete()
 
     seconds = time.time() - started
