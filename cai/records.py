@@ -100,20 +100,38 @@ def prompt_text(prompt: str | list[Message]) -> str:
     return prompt[-1]["content"] if prompt else ""
 
 
-def _check_messages(messages: Any, where: str) -> list[Message]:
+EXAMPLE_MESSAGE = '{"role": "user", "content": "..."}'
+
+
+def _check_messages(messages: Any, where: str, key: str) -> list[Message]:
+    """The chat messages in field `key` of the record at `where` (file:line), checked and copied."""
     if not isinstance(messages, list) or not messages:
-        raise RecordsError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+        raise RecordsError(f"{where}: `{key}` must be a non-empty list of {{role, content}} objects, got "
+                           f"{messages!r:.40} -- give at least one, e.g. {EXAMPLE_MESSAGE}")
     for message in messages:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RecordsError(f"{where}: every message needs `role` and `content`, got {message!r:.80}")
+            raise RecordsError(f"{where}: every message in `{key}` needs `role` and `content`, got {message!r:.80} "
+                               f"-- write each like {EXAMPLE_MESSAGE}")
         if message["role"] not in ("system", "user", "assistant"):
-            raise RecordsError(f"{where}: unknown role {message['role']!r} -- use system, user or assistant")
+            raise RecordsError(f"{where}: unknown role {message['role']!r} in `{key}` -- use system, user or assistant")
         # str() would turn null into the text "None" and a list of content parts into its Python repr.
         if not isinstance(message["content"], str):
             raise RecordsError(f"{where}: a {message['role']} message's content is "
                                f"{'null' if message['content'] is None else type(message['content']).__name__}, "
-                               "not text -- give each message's content as one string")
+                               f"not text -- give each message's content in `{key}` as one string")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_prompt(value: Any, where: str) -> str | list[Message]:
+    """A record's `prompt` field, checked where it is read (`where` is file:line): non-empty text, or chat
+    messages (returned as a checked copy). The critique, preference and scoring readers share it, so a bad
+    prompt fails the same way in each, not as a null read as the text "None" or a crash in the chat template."""
+    if isinstance(value, list):
+        return _check_messages(value, where, "prompt")
+    if not isinstance(value, str) or not value.strip():
+        raise RecordsError(f"{where}: `prompt` must be non-empty text or chat messages, got {value!r:.40} "
+                           "-- give the request as a string, or as a list of {role, content} messages")
+    return value
 
 
 def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
@@ -125,14 +143,14 @@ def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
                 return f"{value.strip()}\n\n{context.strip()}"
             return value.strip()
         if column == "prompt" and isinstance(value, list):
-            return _check_messages(value, where)
+            return _check_messages(value, where, "prompt")
     if "messages" in row:
-        return _before_answer(_check_messages(row["messages"], where))
+        return _before_answer(_check_messages(row["messages"], where, "messages"))
     if isinstance(row.get("chosen"), str | list):
         # A preference record (hh-rlhf transcript, trl conversational): the red-team prompts people have
         # (the CAI paper's own) come this way; the prompt is the conversation before the final answer.
         if isinstance(row["chosen"], list):
-            return _before_answer(_check_messages(row["chosen"], where))
+            return _before_answer(_check_messages(row["chosen"], where, "chosen"))
         try:
             return _before_answer(parse_transcript(row["chosen"]))
         except ValueError as exc:
@@ -268,7 +286,7 @@ def _final_answer(value: Any, where: str, key: str) -> tuple[list[Message] | Non
     if isinstance(value, str):
         return None, value
     if isinstance(value, list):
-        messages = _check_messages(value, f"{where} ({key})")
+        messages = _check_messages(value, where, key)
         if messages[-1]["role"] != "assistant":
             raise RecordsError(f"{where}: `{key}` must end with an assistant message")
         return messages[:-1] or None, messages[-1]["content"]
@@ -286,11 +304,7 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
         raise RecordsError(f"{where}: a preference needs `chosen` and `rejected` -- see README, 'Data formats'")
     extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
     if "prompt" in row:
-        prompt = row["prompt"]
-        if isinstance(prompt, list):
-            prompt = _check_messages(prompt, where)
-        elif not isinstance(prompt, str):
-            raise RecordsError(f"{where}: `prompt` must be a string or a list of messages")
+        prompt = check_prompt(row["prompt"], where)
         _, chosen = _final_answer(row["chosen"], where, "chosen")
         _, rejected = _final_answer(row["rejected"], where, "rejected")
     elif isinstance(row["chosen"], str) and "\n\nAssistant:" in "\n\n" + row["chosen"].replace("\r\n", "\n").lstrip("\n"):

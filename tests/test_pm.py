@@ -403,7 +403,8 @@ def test_heldout_summary_counts_only_the_pairs_its_accuracy_is_over(tmp_path, ti
 
 
 @pytest.mark.parametrize("line, words", [
-    ('{"prompt": 5, "response": "hi"}', "`prompt` (text or chat messages)"),
+    ('{"prompt": 5, "response": "hi"}', "`prompt` must be non-empty text or chat messages"),
+    ('{"prompt": "hi", "response": 5}', "`response` (text)"),
     ('{"prompt": [{"role": "usr", "content": "hi"}], "response": "hi"}', "unknown role 'usr'"),
     ("", "the file is empty"),
 ])

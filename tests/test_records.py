@@ -175,8 +175,44 @@ def test_a_message_whose_content_is_not_text_names_its_line(tmp_path, content):
         read_prompts(path)
     prefs = jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": [{"role": "assistant", "content": content}],
                                               "rejected": "bad"}])
-    with pytest.raises(RecordsError, match=r"prefs.jsonl:1 \(chosen\): .*not text"):
+    with pytest.raises(RecordsError, match=r"prefs.jsonl:1: .*not text -- .* in `chosen`"):
         read_preferences(prefs)
+
+
+BAD_PROMPTS = {
+    "empty text": "",
+    "blank text": "  \n",
+    "a number": 5,
+    "null": None,
+    "no messages": [],
+    "a message without content": [{"role": "user"}],
+    "an unknown role": [{"role": "human", "content": "hi"}],
+    "non-text content": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+}
+
+
+@pytest.mark.parametrize("prompt", BAD_PROMPTS.values(), ids=BAD_PROMPTS.keys())
+def test_a_bad_prompt_fails_the_same_way_in_every_reader_of_records_with_a_prompt(tmp_path, prompt):
+    """Preferences (pm train, dpo, pm eval), critique records (sft) and records to score (pm score)."""
+    from cai.stages import pm, sft
+    from cai.stages.base import StageContext
+
+    path = tmp_path / "in.jsonl"
+    readers = {
+        "preferences": ({"prompt": "q", "chosen": "a", "rejected": "b"}, lambda: read_preferences(path)),
+        "critique records": ({"id": "x", "prompt": "q", "final": "a"}, lambda: sft._read_critique_records(str(path))),
+        "records to score": ({"prompt": "q", "response": "a"},
+                             lambda: pm.run_score(pm.PMScoreConfig(model="unread", input=str(path)), StageContext())),
+    }
+    messages = {}
+    for name, (good, read) in readers.items():
+        jsonl(path, [good, {**good, "id": "y", "prompt": prompt}])
+        with pytest.raises(RecordsError) as error:
+            read()
+        messages[name] = str(error.value)
+    assert len(set(messages.values())) == 1, messages
+    assert messages["preferences"].startswith(f"{path}:2: ") and "`prompt`" in messages["preferences"]
+    assert " -- " in messages["preferences"]  # and says what to give instead
 
 
 def test_preference_formats_normalise_to_one_shape(tmp_path):

@@ -37,8 +37,8 @@ import numpy as np
 from cai.errors import ConfigError, ModelError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.records import (
-    _check_messages,
     as_messages,
+    check_prompt,
     mix_preferences,
     read_jsonl,
     read_preferences,
@@ -836,11 +836,10 @@ def run_score(cfg: PMScoreConfig, ctx: StageContext) -> list[dict[str, Any]]:
     else:
         records = []
         for number, row in read_jsonl(cfg.input):
-            if not isinstance(row.get("prompt"), str | list) or not isinstance(row.get("response"), str):
+            check_prompt(row.get("prompt"), f"{cfg.input}:{number}")  # records are written back as given
+            if not isinstance(row.get("response"), str):
                 raise RecordsError(f"{cfg.input}:{number}: a record to score needs `prompt` (text or chat messages) "
                                    "and `response` (text)")
-            if isinstance(row["prompt"], list):  # a wrong role or a missing key would reach the chat template
-                _check_messages(row["prompt"], f"{cfg.input}:{number}")
             records.append(row)
         if not records:
             raise RecordsError(f"{cfg.input}: no records to score -- the file is empty")

@@ -153,7 +153,7 @@ def choose_helpful(prompts: list[dict[str, Any]], needed: int, seed: int) -> lis
 
 
 def _read_critique_records(path: str) -> list[dict[str, Any]]:
-    from cai.records import _check_messages, check_unique_id, read_jsonl
+    from cai.records import check_prompt, check_unique_id, read_jsonl
 
     records, first_line = [], {}
     for number, row in read_jsonl(path):
@@ -166,11 +166,7 @@ def _read_critique_records(path: str) -> list[dict[str, Any]]:
         if not isinstance(row["final"], str):
             raise RecordsError(f"{path}:{number}: `final` must be text, got {type(row['final']).__name__} "
                                "-- give the output of `cai critique`")
-        if isinstance(row["prompt"], list):
-            row["prompt"] = _check_messages(row["prompt"], f"{path}:{number}")
-        elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise RecordsError(f"{path}:{number}: `prompt` must be non-empty text or chat messages, got "
-                               f"{row['prompt']!r:.40} -- give the output of `cai critique`")
+        row["prompt"] = check_prompt(row["prompt"], f"{path}:{number}")
         records.append(row)
     if not records:
         raise RecordsError(f"{path}: no critique records -- the file is empty")
