@@ -533,12 +533,9 @@ class _Reader:
                 found = _existing_path(str(value))
                 checked = key in needed and not (key == "rl_prompts" and derived_rl_prompts)
                 if found is None and checked:
-                    message = (f"data.{key}: no such file {value!r} -- check the path (relative paths are read "
-                               "from the current directory, then from cai's bundled files)")
-                    if key in self.cli_data:
-                        self.problems.cli(f"data.{key}", message)
-                    else:
-                        self.problems.at(data_nodes.get(key), message)
+                    self._data_problem(key, data_nodes.get(key),
+                                       f"data.{key}: no such file {value!r} -- check the path (relative paths are "
+                                       "read from the current directory, then from cai's bundled files)")
                 resolved.append(str(found) if found else value)
                 if found is not None and checked:
                     self._check_format(key, found, data_nodes.get(key))
@@ -557,11 +554,14 @@ class _Reader:
             else:
                 read_prompts(path, 1)
         except RecordsError as exc:
-            message = f"data.{key}: {exc}"
-            if key in self.cli_data:
-                self.problems.cli(f"data.{key}", message)
-            else:
-                self.problems.at(node, message)
+            self._data_problem(key, node, f"data.{key}: {exc}")
+
+    def _data_problem(self, key: str, node: yaml.Node | None, message: str) -> None:
+        """Report a problem with `data.KEY` where it was given: its --set option, else `node` in the recipe."""
+        if key in self.cli_data:
+            self.problems.cli(f"data.{key}", message)
+        else:
+            self.problems.at(node, message)
 
     def check_references(self, top: dict[str, Any]) -> None:
         """The constitution validates; model and judge paths exist (hub ids are checked when loaded)."""
@@ -648,13 +648,9 @@ class _Reader:
             if wired is not _MISSING:
                 wired = _fit(wired, fields[field_name][1])
                 if not check_type(wired, fields[field_name][1])[0] and field_name not in explicit:
-                    message = (f"`{source}` feeds `{stage}.{field_name}`, which takes one file, got {wired!r} -- "
-                               f"give one file (join the files into one), or set {stage}.{field_name}")
-                    data_key = source.split(".", 1)[1]
-                    if data_key in self.cli_data:
-                        self.problems.cli(f"data.{data_key}", message)
-                    else:
-                        self.problems.at(self.node("data"), message)
+                    self._data_problem(source.split(".", 1)[1], self.node("data"),
+                                       f"`{source}` feeds `{stage}.{field_name}`, which takes one file, got {wired!r} "
+                                       f"-- give one file (join the files into one), or set {stage}.{field_name}")
                     continue
                 values[field_name] = wired
         for shared in SHARED_FIELDS:
