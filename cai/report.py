@@ -134,30 +134,18 @@ def curve_series(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], lis
     return series
 
 
-def short_labels(references: list[str]) -> dict[str, str]:
-    """The fewest trailing directories above each model that tell them apart: `5-rl` for one RL run,
-    `beta0.1/5-rl` and `beta0.5/5-rl` for two."""
-    parents = [Path(reference).parent.parts or (reference,) for reference in references]
-    for depth in range(1, max(len(p) for p in parents) + 1):
-        labels = ["/".join(p[-depth:]) for p in parents]
-        if len(set(labels)) == len(labels):
-            return dict(zip(references, labels, strict=True))
-    return {reference: reference for reference in references}
-
-
 def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
-    named = {reference: curve_series(rows) for reference, rows in curves.items()}
-    named = {reference: series for reference, series in named.items() if series}
+    """Reward and KL over steps; `curves` is keyed by the model's eval label, which names it in the legend."""
+    named = {label: curve_series(rows) for label, rows in curves.items()}
+    named = {label: series for label, series in named.items() if series}
     if not named:
         return None
     plt = _figure()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = short_labels(list(named))
-    for reference, series in named.items():
-        short = labels[reference]
+    for label, series in named.items():
         for column, (xs, ys) in series.items():
             axis = axes[1] if "kl" in column.lower().split("/")[-1].split("_") else axes[0]
-            axis.plot(xs, ys, label=f"{short}: {column}", marker="." if len(xs) < 40 else None)
+            axis.plot(xs, ys, label=f"{label}: {column}", marker="." if len(xs) < 40 else None)
     axes[0].set_title("reward over training steps")
     axes[1].set_title("KL to the reference policy")
     for axis in axes:
@@ -237,7 +225,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_report(out_dir: str | Path, metrics: dict[str, Any], answers: list[dict[str, Any]],
                  curves: dict[str, list[dict[str, Any]]] | None = None, examples: int = 6) -> dict[str, Path]:
-    """Write the plots, report.md and report.html into `out_dir`; returns {name: path}."""
+    """Write the plots, report.md and report.html into `out_dir`; returns {name: path}. `curves` holds each
+    model's training-log rows, keyed by its label in `metrics["labels"]`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = metrics["labels"]

@@ -268,7 +268,6 @@ def test_training_curves_are_named_by_the_model_labels_of_the_report(tmp_path, s
     cfg = eval_config(tmp_path, ["base=refuser", f"tuned={model_dir}"])
     evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
     assert list(seen) == ["tuned"]  # the table's column name, not the directory's `5-rl`
-    assert report.short_labels(list(seen)) == {"tuned": "tuned"}
 
 
 def test_a_mistyped_last_model_fails_before_the_others_answer(tmp_path, stub_judge, monkeypatch):

@@ -49,7 +49,7 @@ class Collect(HTMLParser):
 
 
 def test_report_renders_self_contained_html_and_pngs(tmp_path):
-    curves = {str(tmp_path / "5-rl" / "model"): [{"step": s, "reward": s * 0.1, "kl": s * 0.01, "loss": 1.0}
+    curves = {"rl": [{"step": s, "reward": s * 0.1, "kl": s * 0.01, "loss": 1.0}
                                                  for s in range(1, 6)]}
     written = report.write_report(tmp_path, metrics(), answers(), curves, examples=2)
     for name in ("pareto", "elo", "training_curves"):
@@ -85,12 +85,6 @@ def test_curve_series_picks_reward_and_kl_columns():
              "completions/mean_length": 30, "reward_s": 2.5, "step_s": 12.0}]  # *_s: seconds spent, not curves
     series = report.curve_series(rows)
     assert set(series) == {"reward", "rewards/pm/mean", "kl"} and series["kl"] == ([2.0], [0.1])
-
-
-def test_training_curves_of_two_runs_of_one_stage_are_told_apart():
-    labels = report.short_labels(["runs/beta0.1/5-rl/model", "runs/beta0.5/5-rl/model"])
-    assert labels == {"runs/beta0.1/5-rl/model": "beta0.1/5-rl", "runs/beta0.5/5-rl/model": "beta0.5/5-rl"}
-    assert report.short_labels(["runs/demo/5-rl/model"]) == {"runs/demo/5-rl/model": "5-rl"}
 
 
 def test_example_grid_takes_the_first_prompts_in_file_order():
