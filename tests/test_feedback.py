@@ -236,7 +236,7 @@ def test_config_rejects_what_cannot_work(prompts_file, tmp_path):
     assert config(prompts_file, out, method="auto", cot=True).method == "mc"
     with pytest.raises(ConfigError, match="cot"):
         FeedbackEvalConfig(pairs="x", method="contrast", cot=True)
-    with pytest.raises(ConfigError, match="cot_max_new_tokens"):  # as `cai feedback` refuses it
+    with pytest.raises(ConfigError, match="--cot-max-new-tokens 0 must be >= 1"):  # as `cai feedback` refuses it
         FeedbackEvalConfig(pairs="x", method="mc", cot=True, cot_max_new_tokens=0)
     with pytest.raises(ConfigError, match="--out DIR"):  # before judging, not after every pair is judged
         FeedbackEvalConfig(pairs="x", out=prompts_file)

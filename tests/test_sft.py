@@ -365,7 +365,7 @@ def test_a_critique_record_with_a_non_text_prompt_or_final_names_its_line(tmp_pa
     ({"quantize": "4bit", "lora_r": 0}, "cannot be trained directly"),
     ({"helpful_fraction": 1.0}, r"\[0, 1\)"),
     ({"quantize": "8bit"}, "use 4bit"),
-    ({"max_steps": 0}, "at least 1"),
+    ({"max_steps": 0}, "--max-steps 0 must be >= 1"),
 ])
 def test_config_rejects_combinations_that_cannot_work(overrides, message):
     from cai.errors import ConfigError

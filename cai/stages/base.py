@@ -110,6 +110,15 @@ def check_limit(limit: int | None) -> None:
         raise ConfigError(f"limit={limit}: must be at least 1 -- leave --limit out to use every record")
 
 
+def check_at_least_one(cfg: Any, *names: str) -> None:
+    """Each named option of `cfg` (a batch size, a step or token count) is at least 1: 0 would crash deep
+    in the engine or trainer (a range step of 0, no batches) or quietly do nothing. The error names the
+    option as the CLI spells it, which also puts a recipe's error on the line that set it."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+
+
 def check_jsonl_out(out: str, stage: str) -> None:
     """A stage that writes records needs a `.jsonl` file to write (anything else was taken for a
     directory, after the generating)."""

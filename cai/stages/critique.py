@@ -35,7 +35,15 @@ from typing import Any
 
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
-from cai.stages.base import StageContext, StageResult, StageRun, check_jsonl_out, check_limit, item_seed
+from cai.stages.base import (
+    StageContext,
+    StageResult,
+    StageRun,
+    check_at_least_one,
+    check_jsonl_out,
+    check_limit,
+    item_seed,
+)
 
 
 @dataclass
@@ -90,11 +98,8 @@ class CritiqueConfig:
     def __post_init__(self):
         check_precision(self.precision)
         check_jsonl_out(self.out, "critique")
-        if self.revisions < 1:
-            raise ConfigError(f"revisions={self.revisions}: critique needs at least one round -- use --revisions 1 or more")
+        check_at_least_one(self, "revisions", "max_new_tokens", "batch_size", "chunk_size")
         check_limit(self.limit)
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
         if self.temperature < 0:
             raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
@@ -102,8 +107,6 @@ class CritiqueConfig:
         if self.revision_prefix is not None and not self.revision_prefix.strip():
             raise ConfigError("revision_prefix is blank -- give the opening words (e.g. \"I can't help with\") "
                               "or leave it out")
-        if self.batch_size < 1 or self.chunk_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}, chunk_size={self.chunk_size}: both must be at least 1")
 
 
 # ----------------------------------------------------------------------------- clean text

@@ -38,7 +38,14 @@ from typing import Any
 from cai import records
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL
-from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint, train_or_resume
+from cai.stages.base import (
+    StageContext,
+    StageResult,
+    StageRun,
+    check_at_least_one,
+    last_checkpoint,
+    train_or_resume,
+)
 
 # The PM stage's data preparation, shared so both paths train on the same pairs (pm.py imports no torch).
 from cai.stages.pm import (
@@ -142,12 +149,10 @@ class DPOConfig:
             raise ConfigError(f"eval_fraction={self.eval_fraction} -- use a share in [0, 0.5] (0: hold out nothing)")
         if self.beta <= 0:
             raise ConfigError(f"beta={self.beta} -- DPO's beta must be > 0 (trl's default is 0.1)")
-        for name in ("epochs", "batch_size", "save_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} -- use a value >= 1")
+        check_at_least_one(self, "epochs", "batch_size", "save_steps")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps={self.max_steps} -- use a value >= 1, or leave it unset to train "
-                              f"for {self.epochs} epoch(s)")
+            raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to train for "
+                              f"{self.epochs} epoch(s)")
         if self.max_length < 16:
             raise ConfigError(f"max_length={self.max_length} is too short for a prompt and an answer -- use 256 or more")
         if self.lr is not None and self.lr <= 0:

@@ -30,7 +30,14 @@ from typing import Any
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.paths import bundled
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit, engine_progress
+from cai.stages.base import (
+    StageContext,
+    StageResult,
+    StageRun,
+    check_at_least_one,
+    check_limit,
+    engine_progress,
+)
 
 JUDGE_METHODS = ("auto", "mc", "contrast")
 
@@ -85,10 +92,7 @@ class EvalConfig:
             raise ConfigError(f"--judge-method {self.judge_method!r} -- use one of {', '.join(JUDGE_METHODS)}")
         if self.judge in ("", "none", "None"):
             self.judge = None
-        if self.principles < 1:
-            raise ConfigError(f"--principles {self.principles}: needs at least 1")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: needs at least 1")
+        check_at_least_one(self, "principles", "max_new_tokens")
 
 
 # ----------------------------------------------------------------------------- pure helpers

@@ -28,6 +28,7 @@ from cai.stages.base import (
     StageContext,
     StageResult,
     StageRun,
+    check_at_least_one,
     check_jsonl_out,
     check_limit,
     engine_progress,
@@ -67,13 +68,6 @@ def _check_clamp_use(clamp: tuple[float, float], cot: bool) -> None:
     if not cot and clamp != DEFAULT_CLAMP:
         raise ConfigError(f"clamp={clamp} bounds chain-of-thought probabilities only, and cot is off -- add --cot, "
                           "or drop --clamp")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    # The engine would otherwise fail deep inside with a traceback (range step 0, or no outputs at all).
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be at least 1 -- e.g. --batch-size 8 (lower it if memory "
-                          "runs out)")
 
 
 @dataclass
@@ -138,9 +132,7 @@ class FeedbackConfig:
                               "or use --method mc")
         if self.cot and self.method == "auto":  # reasoning applies to multiple choice only: asking for it picks mc
             self.method = "mc"
-        if self.principles < 1:
-            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one "
-                              "principle a pair, as in the paper) or 4 to average over four")
+        check_at_least_one(self, "principles", "max_new_tokens", "cot_max_new_tokens", "batch_size")
         if self.samples_temperature <= 0:
             raise ConfigError(f"samples_temperature={self.samples_temperature} must be > 0: at 0 both answers "
                               "would be the same -- use e.g. 1.0")
@@ -148,10 +140,6 @@ class FeedbackConfig:
             raise ConfigError(f"samples_top_p={self.samples_top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
         if self.judge_temperature <= 0:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0 -- e.g. 1.0")
-        if self.max_new_tokens < 1 or self.cot_max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} and cot_max_new_tokens="
-                              f"{self.cot_max_new_tokens} must be at least 1")
-        _check_batch_size(self.batch_size)
         self.clamp = _parse_clamp(self.clamp)
         _check_clamp_use(self.clamp, self.cot)
 
@@ -199,21 +187,14 @@ class FeedbackEvalConfig:
         if self.cot and self.method in ("contrast", "auto"):
             raise ConfigError(f"cot=True needs the multiple-choice judge, but method={self.method!r} -- drop --cot "
                               "or use --method mc")
-        if self.principles < 1:
-            raise ConfigError(f"principles={self.principles} must be at least 1 -- e.g. --principles 1 (one "
-                              "principle a pair, as in the paper) or 4 to average over four")
+        # cot_max_new_tokens 0 would clamp answers read after no reasoning at all.
+        check_at_least_one(self, "principles", "bins", "cot_max_new_tokens", "batch_size")
         if self.judge_temperature <= 0:
             raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
-        if self.bins < 1:
-            raise ConfigError(f"bins={self.bins} must be at least 1")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             # Found only when writing, it used to fail after every pair had been judged.
             raise ConfigError(f"out={self.out!r} is a file, but feedback eval writes a directory (metrics.json, "
                               "verdicts.jsonl) -- pass --out DIR")
-        if self.cot_max_new_tokens < 1:  # 0 would clamp answers read after no reasoning at all
-            raise ConfigError(f"cot_max_new_tokens={self.cot_max_new_tokens} must be at least 1 -- e.g. "
-                              "--cot-max-new-tokens 128")
-        _check_batch_size(self.batch_size)
         self.clamp = _parse_clamp(self.clamp)
         _check_clamp_use(self.clamp, self.cot)
 

@@ -49,6 +49,7 @@ from cai.stages.base import (
     StageContext,
     StageResult,
     StageRun,
+    check_at_least_one,
     check_jsonl_out,
     check_limit,
     item_seed,
@@ -130,28 +131,26 @@ class PMTrainConfig:
                               "-- use --lora-r 16 (QLoRA) or drop --quantize")
         if self.max_length < 16:
             raise ConfigError(f"--max-length {self.max_length} is too short for a conversation -- use 128 or more")
-        if self.epochs <= 0 or self.batch_size < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ConfigError(f"--epochs {self.epochs}, --batch-size {self.batch_size}, --max-steps {self.max_steps}: "
-                              "each must be positive")
+        if self.epochs <= 0:
+            raise ConfigError(f"--epochs {self.epochs} must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
+        # --save-steps 0: the trainer would never checkpoint, and a kill would lose all training.
+        check_at_least_one(self, "batch_size", "save_steps", "eval_batch_size")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be positive")
-        if self.save_steps < 1:  # the trainer would never checkpoint: a kill would lose all training
-            raise ConfigError(f"--save-steps {self.save_steps} must be >= 1")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval_batch_size {self.eval_batch_size} must be >= 1")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.lora_r else 1e-5)
 
 
-def _check_scoring(max_length: int | None, batch_size: int) -> None:
+def _check_scoring(cfg: "PMScoreConfig | PMEvalConfig") -> None:
     """Options of a scoring pass: 0 or less would crash (batch size) or quietly score something else
     (max_length 0 fell back to the trained length, -5 cut the first 5 tokens of every text)."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
-    if max_length is not None and max_length < 16:
-        raise ConfigError(f"--max-length {max_length} is too short for a conversation -- use 128 or more, "
+    check_at_least_one(cfg, "batch_size")
+    if cfg.max_length is not None and cfg.max_length < 16:
+        raise ConfigError(f"--max-length {cfg.max_length} is too short for a conversation -- use 128 or more, "
                           "or leave it out for what the PM was trained with")
 
 
@@ -180,7 +179,7 @@ class PMScoreConfig:
             raise ConfigError("pm score: give either --input or --prompt/--response, not both")
         if self.out:  # checked now: a directory here failed only after every record was scored
             check_jsonl_out(self.out, "pm score")
-        _check_scoring(self.max_length, self.batch_size)
+        _check_scoring(self)
 
 
 @dataclass
@@ -208,7 +207,7 @@ class PMEvalConfig:
         check_limit(self.limit)
         if self.bins < 2:
             raise ConfigError(f"--bins {self.bins} must be >= 2")
-        _check_scoring(self.max_length, self.batch_size)
+        _check_scoring(self)
 
 
 # ----------------------------------------------------------------------------- losses and metrics (pure)

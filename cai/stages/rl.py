@@ -25,7 +25,15 @@ from typing import Any
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.rewards import REWARD_NAMES, Thresholds, hacking_warnings, parse_reward_spec, slope
-from cai.stages.base import StageContext, StageResult, StageRun, check_limit, last_checkpoint, train_or_resume
+from cai.stages.base import (
+    StageContext,
+    StageResult,
+    StageRun,
+    check_at_least_one,
+    check_limit,
+    last_checkpoint,
+    train_or_resume,
+)
 
 ALGOS = ("grpo", "rloo")
 
@@ -109,10 +117,8 @@ class RLConfig:
         if self.num_generations < 2:
             raise ConfigError(f"--num-generations {self.num_generations}: GRPO and RLOO compare answers to the "
                               "same prompt, so they need at least 2")
-        for name in ("prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "checkpoint_every",
-                     "code_memory_mb", "pm_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        check_at_least_one(self, "prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "checkpoint_every",
+                           "code_memory_mb", "pm_batch_size")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr {self.lr}: the learning rate must be positive")
         if not self.temperature > 0:
@@ -125,7 +131,8 @@ class RLConfig:
             raise ConfigError("--quantize 4bit with --lora-r 0: a 4-bit model cannot be fully fine-tuned -- "
                               "give --lora-r 16 (QLoRA), or drop --quantize")
         if self.length_target is not None and self.length_target < 1:
-            raise ConfigError(f"--length-target {self.length_target}: must be at least 1 token")
+            raise ConfigError(f"--length-target {self.length_target} must be >= 1 -- or leave it out for 3/4 of "
+                              "--max-new-tokens")
         if self.code_timeout <= 0:
             raise ConfigError(f"--code-timeout {self.code_timeout}: must be positive seconds")
 

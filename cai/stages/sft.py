@@ -28,7 +28,14 @@ from typing import Any
 
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
-from cai.stages.base import StageContext, StageResult, StageRun, last_checkpoint, train_or_resume
+from cai.stages.base import (
+    StageContext,
+    StageResult,
+    StageRun,
+    check_at_least_one,
+    last_checkpoint,
+    train_or_resume,
+)
 
 HELPFUL_CACHE = "helpful_answers.jsonl"  # in OUT: the starting model's answers to the helpful prompts
 CHECKPOINTS = "checkpoints"  # in OUT: trainer checkpoints, removed after the final save
@@ -97,12 +104,10 @@ class SFTConfig:
         if self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs}: must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps={self.max_steps}: must be at least 1 -- leave it out to run --epochs")
+            raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr={self.lr}: must be > 0")
-        if self.batch_size < 1 or self.save_steps < 1 or self.generation_batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}, save_steps={self.save_steps}, generation_batch_size="
-                              f"{self.generation_batch_size}: each must be at least 1")
+        check_at_least_one(self, "batch_size", "save_steps", "generation_batch_size")
         if self.max_length < 16:
             raise ConfigError(f"max_length={self.max_length}: too short for a chat example -- use 128 or more")
 
