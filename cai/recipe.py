@@ -149,6 +149,11 @@ LAUNCHED_ENV = "CAI_LAUNCHED"
 SHARED_FIELDS = ("seed", "quantize")
 # Config fields the runner owns: never read from a recipe.
 RUNNER_FIELDS = ("out", "force")
+# Stage fields that name an input, checked when a recipe's stage section or --set gives them, as the
+# top-level `model`, `judge`, `constitution` and `data` are: a typo must fail at load, not after the runner
+# has discarded that stage's finished output to redo it with the new value.
+INPUT_FILE_FIELDS = ("prompts", "data", "ai", "human", "helpful", "harmful", "benign")
+MODEL_FIELDS = ("model", "policy", "judge", "pm")
 
 
 def stage_names(registry: tuple[StageSpec, ...] = STAGES) -> list[str]:
@@ -357,6 +362,34 @@ def _fields(config_class: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 
 
 # -- resolution ---------------------------------------------------------------------------------------
+
+
+def _reference_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a stage field that names a model or a constitution (None when nothing is, or
+    when it is not such a field): the checks the top-level keys get, without loading anything."""
+    if key == "constitution" and isinstance(value, str):
+        from cai import constitution as constitution_module
+
+        problems = constitution_module.validate(value)
+        return f"constitution {value!r}: {problems[0]}" if problems else None
+    if key in MODEL_FIELDS and isinstance(value, str):
+        references = [value]
+    elif key == "models" and isinstance(value, list):
+        from cai.stages.evaluate import parse_model
+
+        references = [parse_model(str(spec))[1] for spec in value]
+    else:
+        return None
+    from cai.models import check_reference
+
+    for reference in references:
+        if not reference or reference.lower() == "none":  # rl/eval: `judge: none` turns the judge off
+            continue
+        try:
+            check_reference(reference)
+        except ModelError as exc:
+            return str(exc)
+    return None
 
 
 def _existing_path(value: str) -> Path | None:
@@ -615,7 +648,8 @@ class _Reader:
             if not ok:
                 report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
                 continue
-            if check_files and spec.wiring.get(key, "").startswith("data.") and isinstance(converted, str | list):
+            if check_files and (spec.wiring.get(key, "").startswith("data.") or key in INPUT_FILE_FIELDS) \
+                    and isinstance(converted, str | list):
                 files = converted if isinstance(converted, list) else [converted]
                 found = [_existing_path(str(file)) for file in files]
                 missing = [file for file, path in zip(files, found, strict=True) if path is None]
@@ -623,6 +657,9 @@ class _Reader:
                     report(f"`{stage}.{key}`: no such file {missing[0]!r} -- check the path")
                     continue
                 converted = [str(p) for p in found] if isinstance(converted, list) else str(found[0])
+            if check_files and (problem := _reference_problem(key, converted)):
+                report(f"`{stage}.{key}`: {problem}")
+                continue
             values[key] = converted
         return values
 

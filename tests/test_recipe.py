@@ -271,6 +271,30 @@ def test_missing_files_fail_before_anything_runs(tmp_path, prompts):
         load(path)
 
 
+def test_a_mistyped_input_in_a_stage_section_fails_at_load_and_keeps_the_finished_stage(tmp_path, prompts):
+    # A stage's own input (an override of what the runner wires in) is checked like the top-level keys:
+    # found only when the stage ran, the runner would already have discarded its finished output.
+    path = write_recipe(tmp_path, "", prompts)
+    run(path)
+    pm_model = tmp_path / "runs" / "t" / "4-pm" / "model"
+    assert pm_model.is_dir()
+    for override, message in [("pm.ai=nowhere.jsonl", "`pm.ai`: no such file 'nowhere.jsonl'"),
+                              ("pm.model=./no/such/model", "`pm.model`: model './no/such/model': no such directory"),
+                              ("sft.data=nowhere.jsonl", "`sft.data`: no such file"),
+                              ("critique.constitution=nope", "`critique.constitution`: constitution 'nope'"),
+                              ("rl.pm=./no/pm", "`rl.pm`: model './no/pm': no such directory"),
+                              ("eval.models=x=./no/model", "`eval.models`: model './no/model'")]:
+        with pytest.raises(RecipeError, match=f"--set {override}: {message}"):
+            load(path, [override])
+    path.write_text(path.read_text() + "pm:\n  ai: nowhere.jsonl\n")
+    line = len(path.read_text().splitlines())
+    with pytest.raises(RecipeError, match=rf"r.yaml:{line}: `pm.ai`: no such file"):
+        load(path)
+    assert pm_model.is_dir()
+    path = write_recipe(tmp_path, "eval:\n  judge: none\n", prompts)
+    assert load(path).stage("eval").config.judge == "none"  # `none` turns a judge off: no path to check
+
+
 def test_config_post_init_errors_become_recipe_errors(tmp_path, prompts):
     path = write_recipe(tmp_path, "critique:\n  revisions: -1\n", prompts)
     with pytest.raises(RecipeError, match=r"r.yaml:\d+: critique: --revisions -1"):
