@@ -239,10 +239,26 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     # utf-8-sig: spreadsheet programs start "CSV UTF-8" files with a byte order mark, which would
     # otherwise stick to the first column's name.
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
+        # strict: a quote left open (a file cut short, a stray quote) is an error; otherwise the csv
+        # module reads every line after it into one field, several prompts silently becoming one.
+        reader = csv.DictReader(handle, strict=True)
+        start = 2  # the line the next row starts on (line 1 is the header)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise RecordsError(f"{path}:{start}: not valid CSV ({exc}) -- a field with commas, quotes or line "
+                                   'breaks must be quoted whole, with its own quotes doubled ("say ""hi"""), and '
+                                   "every quote closed") from exc
+            if None in row:  # more fields than the header: an unquoted comma split a field
+                raise RecordsError(f"{path}:{start}: {len(reader.fieldnames) + len(row[None])} fields where the "
+                                   f"header has {len(reader.fieldnames)} -- quote a field that contains commas "
+                                   '("How do I do X, Y?")')
             # line_num is the physical line where the row ended (handles quoted newlines).
-            yield reader.line_num, {k: v for k, v in row.items() if k is not None}
+            yield reader.line_num, row
+            start = reader.line_num + 1
 
 
 # ----------------------------------------------------------------------------- hh-rlhf transcripts

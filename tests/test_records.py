@@ -44,6 +44,27 @@ def test_chat_messages_and_csv(tmp_path):
     assert [r["prompt"] for r in read_prompts(csv_path)] == ["Write a poem, please", "Second"]
 
 
+def test_a_malformed_csv_row_fails_with_its_line_instead_of_mangling_prompts(tmp_path):
+    # An unquoted comma split a prompt (the csv module kept the extra field under None, and cai dropped it).
+    split = tmp_path / "split.csv"
+    split.write_text("prompt,category\nFirst,a\nHow do I do X, Y?,b\n")
+    with pytest.raises(RecordsError, match=r"split.csv:3: 3 fields where the header has 2 -- quote a field"):
+        read_prompts(split)
+    # A quote left open read every later line into one prompt, silently; at the end, a file cut short.
+    for text, line in [('prompt,category\n"one, two",a\n"Stray quote,b\nThird,c\nFourth,d\n', 3),
+                       ('prompt,category\nFirst,a\n"Cut short', 3)]:
+        bad = tmp_path / "open.csv"
+        bad.write_text(text)
+        with pytest.raises(RecordsError, match=rf"open.csv:{line}: not valid CSV .* every quote closed"):
+            read_prompts(bad)
+    # Quoted newlines and doubled quotes stay fine, and the line numbers after them count physical lines.
+    good = tmp_path / "good.csv"
+    good.write_text('prompt,category\n"Two\nlines",a\n"Say ""hi""",b\nx,y,z\n')
+    with pytest.raises(RecordsError, match=r"good.csv:5: 3 fields"):
+        read_prompts(good)
+    assert [r["prompt"] for r in read_prompts(good, limit=2)] == ["Two\nlines", 'Say "hi"']
+
+
 def test_hh_rlhf_and_trl_preference_files_read_as_prompt_sets(tmp_path):
     """The CAI paper's red-team prompts come as hh-rlhf transcripts: the prompt is the conversation before
     the last answer."""
