@@ -221,6 +221,42 @@ def test_an_input_counts_by_content_and_file_name_and_old_manifests_still_match(
     assert legacy.previous() is not None
 
 
+@dataclass
+class EvalLikeConfig:
+    models: list = field(default_factory=list)
+    out: str = field(default="", metadata={"hash": False})
+
+
+def eval_run(tmp_path, models):
+    inputs = {f"model:{m.split('=', 1)[0]}": m.split("=", 1)[1] for m in models}
+    return StageRun("eval", EvalLikeConfig(models=models, out=str(tmp_path / "E")), tmp_path / "E" / "manifest.json",
+                    inputs=inputs, outputs=[tmp_path / "E"])
+
+
+def test_a_moved_run_keeps_a_finished_eval_whose_models_are_labelled_paths(tmp_path):
+    """eval's --model list holds LABEL=PATH: its paths count by content too, so a moved or renamed run
+    directory does not redo eval (README: a moved run directory keeps its finished stages)."""
+    for name in ("sft", "rl"):
+        (tmp_path / "a" / name).mkdir(parents=True)
+        (tmp_path / "a" / name / "config.json").write_text("{}")
+    first = eval_run(tmp_path, ["base=embedded:tiny-random", f"sl={tmp_path / 'a' / 'sft'}",
+                                f"rl={tmp_path / 'a' / 'rl'}"])
+    first.start()
+    first.complete({"metrics": tmp_path / "E"}, {"models": 3}, "3 models")
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = ["base=embedded:tiny-random", f"sl={tmp_path / 'b' / 'sft'}", f"rl={tmp_path / 'b' / 'rl'}"]
+    assert eval_run(tmp_path, moved).previous() is not None
+    # The labels and their order still count: they name the report's columns and its baseline.
+    assert eval_run(tmp_path, [moved[0], moved[2], moved[1]]).previous() is None
+    assert eval_run(tmp_path, [moved[0], "sft=" + moved[1][3:], moved[2]]).previous() is None
+    # A manifest written before such lists counted by content (its hash over the full paths) still matches.
+    older = eval_run(tmp_path, moved)
+    manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
+    manifest["config_hash"] = older.single_input_hash
+    (tmp_path / "E" / "manifest.json").write_text(json.dumps(manifest))
+    assert older.previous() is not None
+
+
 def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):
     """`cai rl --prompts work/prompts.jsonl --out work`, killed: the rerun must resume, not call its own
     partial manifest an unfinished input."""

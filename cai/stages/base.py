@@ -147,12 +147,35 @@ def default_manifest_path(out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- hashing
 
 
+def labelled(value: Any) -> tuple[str, str] | None:
+    """`LABEL=REF` (eval's `--model sl=runs/x/2-sft/model`) -> (LABEL, REF); None for anything else, a
+    path that holds "=" included (`runs/lr=1e-5/model`: its LABEL would hold a "/")."""
+    if not isinstance(value, str):
+        return None
+    label, equals, reference = value.partition("=")
+    if equals and not value.startswith(("/", ".", "~")) and "/" not in label and "\\" not in label:
+        return label.strip(), reference.strip()
+    return None
+
+
 def file_names(value: Any) -> Any:
-    """A path's last component (of each, for a list): what of an input's path may carry meaning (pm eval
-    labels pairs without a source by their file's name) once its content is hashed apart."""
+    """A path's last component (of each, for a list; LABEL=its last component for `LABEL=PATH`): what of
+    an input's path may carry meaning (pm eval labels pairs without a source by their file's name, eval
+    its models by their labels) once its content is hashed apart."""
     if isinstance(value, list | tuple):
         return [file_names(v) for v in value]
+    if (pair := labelled(value)) is not None:
+        return f"{pair[0]}={Path(pair[1]).name}"
     return Path(str(value)).name if isinstance(value, str | Path) else value
+
+
+def _names_inputs(value: Any, named: list[Any]) -> bool:
+    """Whether a config value names inputs: one of them, or a list whose every item is one, bare or as
+    `LABEL=INPUT` (eval's --model list)."""
+    if value in named:
+        return True
+    return (isinstance(value, list | tuple) and bool(value)
+            and all(v in named or ((pair := labelled(v)) is not None and pair[1] in named) for v in value))
 
 
 def config_hash(cfg: Any, names_only: Collection[str] = ()) -> str:
@@ -280,9 +303,12 @@ class StageRun:
         # A field that names an input counts by that input's content, not its path: a run directory moved
         # elsewhere, or the same data file reached from another working directory, is the same work.
         named = [value for value in inputs.values() if value not in (None, "", [])]
-        self.by_input = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name, None) in named}
+        self.by_input = {f.name for f in dataclasses.fields(cfg) if _names_inputs(getattr(cfg, f.name, None), named)}
         self.config_hash = config_hash(cfg, self.by_input)
         self.legacy_hash = config_hash(cfg)  # as manifests written before `by_input` have it
+        # As manifests written before list fields (eval's LABEL=PATH models, rl's prompts) counted by content.
+        self.single_input_hash = config_hash(cfg, {f.name for f in dataclasses.fields(cfg)
+                                                   if getattr(cfg, f.name, None) in named})
         self.force = force
         self.started = time.time()
 
@@ -295,7 +321,7 @@ class StageRun:
             return None
 
     def matches(self, manifest: dict[str, Any]) -> bool:
-        return (manifest.get("config_hash") in (self.config_hash, self.legacy_hash)
+        return (manifest.get("config_hash") in (self.config_hash, self.legacy_hash, self.single_input_hash)
                 and manifest.get("inputs") == self.inputs)
 
     def _as_stored(self, name: str) -> Any:

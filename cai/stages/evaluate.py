@@ -37,6 +37,7 @@ from cai.stages.base import (
     check_at_least_one,
     check_limit,
     engine_progress,
+    labelled,
 )
 
 JUDGE_METHODS = ("auto", "mc", "contrast")
@@ -145,9 +146,8 @@ def is_refusal(text: str) -> bool:
 def parse_model(spec: str) -> tuple[str, str]:
     """`LABEL=REF` -> (LABEL, REF); a bare REF is labelled by its last path part (a run's stage
     directory name without its number, for `runs/x/2-sft/model`)."""
-    label, equals, reference = spec.partition("=")
-    if equals and not spec.startswith(("/", ".", "~")) and "/" not in label:  # not a path like runs/lr=1e-5/model
-        return label.strip(), reference.strip()
+    if (pair := labelled(spec)) is not None:  # not a path like runs/lr=1e-5/model
+        return pair
     parts = [p for p in re.split(r"[/\\]", spec.rstrip("/")) if p]
     if len(parts) >= 2 and parts[-1] in ("model", "merged"):
         name = parts[-2]
