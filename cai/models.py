@@ -92,6 +92,20 @@ def _names_a_path(reference: str) -> bool:
             or ("/" in reference and Path(reference.split("/", 1)[0]).expanduser().is_dir()))
 
 
+def unfinished_run(path: Path) -> str | None:
+    """Why a directory without a model holds none yet, when a cai stage writing it stopped partway (its
+    manifest.json says partial): the fix is to finish that run, not to point elsewhere. None otherwise."""
+    manifest = path / "manifest.json"
+    try:
+        partial = json.loads(manifest.read_text()).get("status") == "partial"
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not partial:
+        return None
+    return (f"{path}: the run that writes it has not finished ({manifest} says partial), so it holds no model "
+            "yet -- run that command again to finish it")
+
+
 def model_directory(path: Path) -> Path | None:
     """The saved model at `path`: the directory itself, or its `model/` (a stage's output directory, as
     `cai rl --out DIR` and `cai pm train --out DIR` write); None when neither holds a config.json."""
@@ -115,6 +129,8 @@ def check_reference(reference: str | Path | None = None) -> Path | None:
     if path.is_dir():
         if (found := model_directory(path)) is not None:
             return found
+        if (unfinished := unfinished_run(path)) is not None:
+            raise ModelError(unfinished)
         raise ModelError(f"{path} is a directory but holds no config.json -- point at a directory written "
                          "by save_pretrained (a cai stage's model/ directory, for example)")
     if path.is_file():  # a file is never a hub id: `Makefile` or `model.gguf` would reach the hub otherwise

@@ -175,7 +175,7 @@ class CombinedReward:
 
 def pm_directory(path: str | Path) -> Path:
     """The model directory of a PM: `DIR` itself, or `DIR/model` when given a `cai pm train` output directory."""
-    from cai.models import model_directory
+    from cai.models import model_directory, unfinished_run
 
     path = Path(path).expanduser()
     directory = model_directory(path)
@@ -189,6 +189,8 @@ def pm_directory(path: str | Path) -> Path:
             raise ModelError(f"{directory}: a language model ({architectures[0]}), not a preference model "
                              "-- pass the directory `cai pm train --out` wrote")
         return directory
+    if path.is_dir() and (unfinished := unfinished_run(path)) is not None:
+        raise ModelError(unfinished)
     raise ModelError(f"{path}: no preference model there (no config.json in it or in {path / 'model'}) -- "
                      "pass the directory `cai pm train --out` wrote")
 

@@ -58,6 +58,24 @@ def test_directory_without_config_is_refused(tmp_path):
         resolve(str(tmp_path))
 
 
+def test_an_unfinished_stage_output_is_refused_as_unfinished_not_as_a_wrong_directory(tmp_path):
+    """`cai eval --model sft-out` while that sft run is interrupted: finishing the run is the fix, not
+    pointing at another directory (the other stages already said so for their inputs)."""
+    import json
+
+    from cai import rewards
+
+    (tmp_path / "checkpoints" / "checkpoint-35").mkdir(parents=True)
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "sft", "status": "partial"}))
+    for check in (models.check_reference, rewards.pm_directory):
+        with pytest.raises(ModelError, match=r"the run that writes it has not finished \(.*manifest.json says "
+                                             r"partial\), so it holds no model yet -- run that command again"):
+            check(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "sft", "status": "complete"}))
+    with pytest.raises(ModelError, match="holds no config.json"):  # finished, model deleted: the old message
+        models.check_reference(str(tmp_path))
+
+
 def test_a_stage_output_directory_resolves_to_its_model(tmp_path):
     """`cai rl --out rl` writes rl/model/: `--model rl` means that model."""
     (tmp_path / "model").mkdir()
