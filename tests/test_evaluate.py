@@ -332,6 +332,32 @@ def test_eval_resumes_after_a_kill(tmp_path, stub_judge, monkeypatch):
     assert FakeEngine.asked == 14 - 4  # only what was missing
 
 
+def test_a_larger_limit_adds_to_a_finished_eval_and_a_smaller_one_is_refused(tmp_path, stub_judge, monkeypatch):
+    """README: a larger --limit than a finished run's adds the missing records. eval asked for --force
+    and answered, judged and scored every prompt again."""
+    import cai.engine
+    from cai.errors import ResumeMismatch
+
+    monkeypatch.setattr(cai.engine, "Engine", FakeEngine)
+    FakeEngine.asked = 0
+    evaluate.run(eval_config(tmp_path, ["base=refuser", "rl=complier"], limit=2),
+                 StageContext(reporter=NullReporter(), device="cpu"))
+    assert FakeEngine.asked == 2 * (2 + 2)
+    FakeEngine.asked, stub_judge.calls = 0, 0
+    result = evaluate.run(eval_config(tmp_path, ["base=refuser", "rl=complier"], limit=3),
+                          StageContext(reporter=NullReporter(), device="cpu"))
+    assert FakeEngine.asked == 2 * (1 + 1)  # only the third harmful and the third benign prompt, per model
+    assert stub_judge.calls == 2 * 1 + 2  # their refusal comparisons and their head-to-head pairs
+    assert result.counts["answers"] == 2 * (3 + 3) and not result.skipped
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["models"]["base"]["n_harmful"] == 3 and metrics["models"]["rl"]["n_benign"] == 3
+    assert evaluate.run(eval_config(tmp_path, ["base=refuser", "rl=complier"], limit=3),
+                        StageContext(reporter=NullReporter(), device="cpu")).skipped
+    with pytest.raises(ResumeMismatch, match=r"limit: 3 -> 2"):
+        evaluate.run(eval_config(tmp_path, ["base=refuser", "rl=complier"], limit=2),
+                     StageContext(reporter=NullReporter(), device="cpu"))
+
+
 def test_eval_without_judge(tmp_path, tiny_model_dir):
     cfg = eval_config(tmp_path, [tiny_model_dir])
     cfg.judge = None

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cai.errors import ResumeMismatch
-from cai.stages.base import StageRun, default_manifest_path
+from cai.stages.base import StageRun, config_hash, default_manifest_path
 
 
 @dataclass
@@ -255,6 +255,26 @@ def test_a_moved_run_keeps_a_finished_eval_whose_models_are_labelled_paths(tmp_p
     manifest["config_hash"] = older.single_input_hash
     (tmp_path / "E" / "manifest.json").write_text(json.dumps(manifest))
     assert older.previous() is not None
+
+
+@dataclass
+class ScopeConfig:
+    limit: int | None = field(default=None, metadata={"hash": False, "scope": True})
+    revisions: int = 1
+
+
+def test_a_manifest_written_while_a_scope_field_still_counted_in_the_hash_still_matches(tmp_path):
+    """eval's --limit became a scope field: its finished runs must not all be redone after the upgrade."""
+    out = tmp_path / "eval.jsonl"
+    first = stage_run(out, ScopeConfig(limit=2))
+    first.start()
+    out.write_text("{}\n")
+    first.complete({"records": out}, {"records": 1}, "1 record")
+    manifest = json.loads(default_manifest_path(out).read_text())
+    manifest["config_hash"] = config_hash(ScopeConfig(limit=2), count_scope=True)
+    default_manifest_path(out).write_text(json.dumps(manifest))
+    assert stage_run(out, ScopeConfig(limit=2)).previous() is not None
+    assert stage_run(out, ScopeConfig(limit=2, revisions=2)).previous() is None
 
 
 def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):

@@ -178,16 +178,17 @@ def _names_inputs(value: Any, named: list[Any]) -> bool:
             and all(v in named or ((pair := labelled(v)) is not None and pair[1] in named) for v in value))
 
 
-def config_hash(cfg: Any, names_only: Collection[str] = ()) -> str:
+def config_hash(cfg: Any, names_only: Collection[str] = (), count_scope: bool = False) -> str:
     """Hash of the fields that change a stage's output. Fields with `metadata={"hash": False}` (batch
     size, output paths, force) do not count: changing them must not invalidate finished work. Nor do
     scope fields (`metadata={"hash": False, "scope": True}`: `--limit` of a stage whose records do not
     depend on it): a finished run is extended to a larger scope, not redone (`StageRun.start`). Fields in
     `names_only` (`StageRun`: fields naming inputs, which count by their content) count by their file
-    names only, so a moved run directory is the same work."""
+    names only, so a moved run directory is the same work. `count_scope`: scope fields count too (how
+    manifests written before a field became a scope field hash it)."""
     values = {}
     for f in dataclasses.fields(cfg):
-        if f.metadata.get("hash", True):
+        if f.metadata.get("hash", True) or (count_scope and f.metadata.get("scope")):
             value = getattr(cfg, f.name)
             value = file_names(value) if f.name in names_only else value
             values[f.name] = str(value) if isinstance(value, Path) else value
@@ -307,8 +308,10 @@ class StageRun:
         self.config_hash = config_hash(cfg, self.by_input)
         self.legacy_hash = config_hash(cfg)  # as manifests written before `by_input` have it
         # As manifests written before list fields (eval's LABEL=PATH models, rl's prompts) counted by content.
-        self.single_input_hash = config_hash(cfg, {f.name for f in dataclasses.fields(cfg)
-                                                   if getattr(cfg, f.name, None) in named})
+        single = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name, None) in named}
+        self.single_input_hash = config_hash(cfg, single)
+        # As manifests written while a scope field still counted (eval's --limit, before a larger one extended it).
+        self.scope_counted_hashes = {config_hash(cfg, names, count_scope=True) for names in ((), single)}
         self.force = force
         self.started = time.time()
 
@@ -321,7 +324,8 @@ class StageRun:
             return None
 
     def matches(self, manifest: dict[str, Any]) -> bool:
-        return (manifest.get("config_hash") in (self.config_hash, self.legacy_hash, self.single_input_hash)
+        return (manifest.get("config_hash") in {self.config_hash, self.legacy_hash, self.single_input_hash,
+                                                 *self.scope_counted_hashes}
                 and manifest.get("inputs") == self.inputs)
 
     def _as_stored(self, name: str) -> Any:

@@ -66,7 +66,9 @@ class EvalConfig:
     pm: str | None = field(default=None, metadata={
         "help": "Preference model directory (cai pm train --out) to score every answer with; none = skip."})
     limit: int | None = field(default=None, metadata={
-        "help": "Use at most this many prompts from each of --harmful and --benign; none = all."})
+        "hash": False, "scope": True,  # answers, verdicts and scores are per prompt: a larger limit adds them
+        "help": "Use at most this many prompts from each of --harmful and --benign; none = all. Raising it "
+                "later adds to the answers already made."})
     max_new_tokens: int = field(default=128, metadata={"help": "Answer length limit, in tokens."})
     head_to_head: bool = field(default=True, metadata={
         "help": "Compare every pair of models with the judge and compute Elo ratings."})
