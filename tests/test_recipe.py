@@ -484,6 +484,18 @@ def test_bundled_recipes_load(name, tmp_path):
     assert [s.spec.name for s in recipe.stages][:3] == ["critique", "sft", "feedback"]
 
 
+def test_the_dpo_demo_shares_the_demo_up_to_feedback(tmp_path):
+    """demo-dpo.yaml says it has the demo's stages and sizes up to feedback, so the two reports compare
+    PM + RL against DPO; it had drifted (48 unprimed revisions, helpful fraction 0.5)."""
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    demo, dpo = (recipes.load(root / f"{name}.yaml", runs_dir=tmp_path) for name in ("demo", "demo-dpo"))
+    for stage in ("critique", "sft", "feedback"):
+        # Upstream outputs and `out` lie in each run's own directory: compare the rest.
+        first, second = (json.loads(json.dumps(dataclasses.asdict(r.stage(stage).config)).replace(str(r.run_dir), "RUN"))
+                         for r in (demo, dpo))
+        assert first == second, {key: (first[key], second[key]) for key in first if first[key] != second[key]}
+
+
 def test_a_bundled_recipe_is_found_outside_the_checkout(tmp_path, monkeypatch):
     """An installed cai has its recipes inside the package: `cai run recipes/smoke.yaml` from any directory
     (as the README writes it), or the bare name, loads the bundled copy."""
