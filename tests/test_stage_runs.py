@@ -304,3 +304,40 @@ def test_scratch_outlives_a_kill_before_the_manifest_and_goes_once_it_is_complet
     assert not checkpoints.exists()
     (checkpoints / "checkpoint-4").mkdir(parents=True)  # a kill between the manifest and their removal
     assert run().previous().skipped and not checkpoints.exists()
+
+
+def test_a_stage_that_writes_a_directory_refuses_an_out_that_names_a_file(tmp_path):
+    """`cai sft --out sl/critique.jsonl`: sft took the critique's NAME.manifest.json for its own, reported
+    'holds sft output made with different options', and with --force overwrote that manifest (the critique
+    records then read as unfinished) before failing on the file. Every directory-writing stage refuses first."""
+    from cai.errors import ConfigError
+    from cai.stages.dpo import DPOConfig
+    from cai.stages.evaluate import EvalConfig
+    from cai.stages.pm import PMEvalConfig, PMTrainConfig
+    from cai.stages.rl import RLConfig
+    from cai.stages.sft import SFTConfig
+
+    records = tmp_path / "critique.jsonl"
+    records.write_text('{"id": "a", "prompt": "hi", "final": "no"}\n')
+    manifest = default_manifest_path(records)
+    manifest.write_text('{"stage": "critique", "status": "complete"}')
+    makers = [lambda out: SFTConfig(data=str(records), out=out, force=True),
+              lambda out: DPOConfig(ai=str(records), out=out),
+              lambda out: PMTrainConfig(ai=str(records), out=out),
+              lambda out: PMEvalConfig(model="pm", pairs=str(records), out=out),
+              lambda out: RLConfig(prompts=[str(records)], out=out, reward=["math:1"]),
+              lambda out: EvalConfig(out=out)]
+    for make in makers:
+        for out in (str(records), str(tmp_path / "model.json"), str(tmp_path / "existing")):
+            (tmp_path / "existing").write_text("a file without a suffix")
+            with pytest.raises(ConfigError, match=r"writes a directory, and this names a file -- give a directory"):
+                make(out)
+        make(str(tmp_path / "model-dir"))  # a directory path is fine
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    result = CliRunner().invoke(app, ["sft", "--data", str(records), "--out", str(records), "--force",
+                                      "--model", "embedded:tiny-random"])
+    assert result.exit_code == 1 and "sft writes a directory" in str(result.exception)
+    assert manifest.read_text() == '{"stage": "critique", "status": "complete"}'  # the critique's, untouched

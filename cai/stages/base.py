@@ -130,6 +130,15 @@ def check_jsonl_out(out: str, stage: str) -> None:
 FILE_OUTPUT_SUFFIXES = (".jsonl", ".json", ".csv")  # an --out with one of these is a file; any other, a directory
 
 
+def check_directory_out(out: str | None, stage: str, example: str) -> None:
+    """A stage that writes a directory refuses an --out that names a file: its manifest would be that
+    file's NAME.manifest.json (`cai sft --out sl/critique.jsonl` took the critique's manifest for its own,
+    and with --force overwrote it) and its writing would fail on the file afterwards."""
+    if out and (Path(str(out)).suffix in FILE_OUTPUT_SUFFIXES or Path(str(out)).expanduser().is_file()):
+        raise ConfigError(f"out={str(out)!r}: {stage} writes a directory, and this names a file -- give a directory "
+                          f"path (e.g. {example})")
+
+
 def output_directory(out: str | Path) -> Path:
     """The directory a stage writes into: its --out, or the folder of a file --out."""
     out = Path(out)

@@ -43,6 +43,7 @@ from cai.stages.base import (
     StageResult,
     StageRun,
     check_at_least_one,
+    check_directory_out,
     last_checkpoint,
     train_or_resume,
 )
@@ -127,6 +128,7 @@ class DPOConfig:
         "help": "Discard an existing output made with a different config or inputs, and start over."})
 
     def __post_init__(self):
+        check_directory_out(self.out, "dpo", "dpo-model")
         if self.quantize == "none":
             self.quantize = None
         if self.quantize not in (None, "4bit"):

@@ -35,6 +35,7 @@ from cai.stages.base import (
     StageResult,
     StageRun,
     check_at_least_one,
+    check_directory_out,
     check_limit,
     engine_progress,
     labelled,
@@ -82,6 +83,7 @@ class EvalConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        check_directory_out(self.out, "eval", "eval")
         check_precision(self.precision)
         check_limit(self.limit)
         if not self.models:

@@ -50,6 +50,7 @@ from cai.stages.base import (
     StageResult,
     StageRun,
     check_at_least_one,
+    check_directory_out,
     check_jsonl_out,
     check_limit,
     item_seed,
@@ -109,6 +110,7 @@ class PMTrainConfig:
         "hash": False})
 
     def __post_init__(self):
+        check_directory_out(self.out, "pm train", "pm")
         if not self.ai:
             raise ConfigError("pm train needs --ai: the AI preference file (`cai feedback` output)")
         if not self.out:
@@ -202,6 +204,7 @@ class PMEvalConfig:
                                                   "hash": False})
 
     def __post_init__(self):
+        check_directory_out(self.out, "pm eval", "pm-eval")
         if not self.model or not self.pairs:
             raise ConfigError("pm eval needs --model (a `cai pm train` output) and --pairs (a preference file)")
         check_limit(self.limit)

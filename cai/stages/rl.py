@@ -30,6 +30,7 @@ from cai.stages.base import (
     StageResult,
     StageRun,
     check_at_least_one,
+    check_directory_out,
     check_limit,
     last_checkpoint,
     train_or_resume,
@@ -91,6 +92,7 @@ class RLConfig:
         "help": "Discard an earlier run in OUT made with other options and start over.", "hash": False})
 
     def __post_init__(self):
+        check_directory_out(self.out, "rl", "rl")
         check_limit(self.limit)
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]

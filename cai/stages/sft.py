@@ -33,6 +33,7 @@ from cai.stages.base import (
     StageResult,
     StageRun,
     check_at_least_one,
+    check_directory_out,
     last_checkpoint,
     train_or_resume,
 )
@@ -89,6 +90,7 @@ class SFTConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        check_directory_out(self.out, "sft", "sl-model")
         if self.quantize == "none":
             self.quantize = None
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
