@@ -863,7 +863,7 @@ def _stage_list() -> str:
 
 @app.command("run")
 def run_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, qlora-1gpu, multi-gpu).")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, demo-dpo, qlora-1gpu, multi-gpu).")],
     from_stage: Annotated[str | None, typer.Option("--from", help=f"Re-run this stage and every later one; "
                                                    f"earlier ones must have finished ({_stage_list()}).")] = None,
     only: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must exist).")] = None,

@@ -496,6 +496,21 @@ def test_the_dpo_demo_shares_the_demo_up_to_feedback(tmp_path):
         assert first == second, {key: (first[key], second[key]) for key in first if first[key] != second[key]}
 
 
+def test_every_bundled_recipe_is_named_in_the_readme_table_and_in_cai_run_help():
+    """A newcomer picks a recipe from README's table or `cai run --help`: demo-dpo.yaml was in neither."""
+    import typer
+
+    from cai.cli import app
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    command = typer.main.get_command(app).commands["run"]
+    help_text = next(p.help for p in command.params if p.name == "recipe")
+    for recipe in sorted((root / "recipes").glob("*.yaml")):
+        assert f"| `recipes/{recipe.name}` |" in readme, recipe.name
+        assert f" {recipe.stem}," in help_text or f" {recipe.stem})" in help_text, recipe.stem
+
+
 def test_a_bundled_recipe_is_found_outside_the_checkout(tmp_path, monkeypatch):
     """An installed cai has its recipes inside the package: `cai run recipes/smoke.yaml` from any directory
     (as the README writes it), or the bare name, loads the bundled copy."""
