@@ -364,6 +364,14 @@ def _fields(config_class: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 # -- resolution ---------------------------------------------------------------------------------------
 
 
+def _constitution_problem(reference: str, problems: list[str]) -> str:
+    """A constitution's first problem, and how many more there are: fixing them one `cai run` at a time
+    would take as many runs."""
+    more = (f" (and {len(problems) - 1} more: `cai constitution validate {reference}` lists them all)"
+            if len(problems) > 1 else "")
+    return f"constitution {reference!r}: {problems[0]}{more}"
+
+
 def _reference_problem(key: str, value: Any) -> str | None:
     """What is wrong with a stage field that names a model or a constitution (None when nothing is, or
     when it is not such a field): the checks the top-level keys get, without loading anything."""
@@ -371,7 +379,7 @@ def _reference_problem(key: str, value: Any) -> str | None:
         from cai import constitution as constitution_module
 
         problems = constitution_module.validate(value)
-        return f"constitution {value!r}: {problems[0]}" if problems else None
+        return _constitution_problem(value, problems) if problems else None
     if key in MODEL_FIELDS and isinstance(value, str):
         references = [value]
     elif key == "models" and isinstance(value, list):
@@ -603,7 +611,7 @@ class _Reader:
         reference = top["constitution"]
         problems = constitution_module.validate(reference)
         if problems:
-            self.problems.at(self.node("constitution"), f"constitution {reference!r}: {problems[0]}")
+            self.problems.at(self.node("constitution"), _constitution_problem(reference, problems))
         elif Path(reference).exists():
             top["constitution"] = str(Path(reference).resolve())
         from cai.models import check_reference

@@ -295,6 +295,17 @@ def test_a_mistyped_input_in_a_stage_section_fails_at_load_and_keeps_the_finishe
     assert load(path).stage("eval").config.judge == "none"  # `none` turns a judge off: no path to check
 
 
+def test_a_constitution_with_several_problems_says_how_many_and_where_to_see_them(tmp_path, prompts):
+    constitution = tmp_path / "mine.yaml"
+    constitution.write_text("name: Mine\ndescripton: x\n")  # a bad name, a typo, both principle lists missing
+    path = write_recipe(tmp_path, f"constitution: {constitution}\n", prompts)
+    with pytest.raises(RecipeError, match=rf"constitution '{constitution}': .*mine.yaml:\d+: .* \(and \d+ more: "
+                                          rf"`cai constitution validate {constitution}` lists them all\)"):
+        load(path)
+    with pytest.raises(RecipeError, match=r"`critique.constitution`: .* more: `cai constitution validate"):
+        load(write_recipe(tmp_path, "", prompts), [f"critique.constitution={constitution}"])
+
+
 def test_config_post_init_errors_become_recipe_errors(tmp_path, prompts):
     path = write_recipe(tmp_path, "critique:\n  revisions: -1\n", prompts)
     with pytest.raises(RecipeError, match=r"r.yaml:\d+: critique: --revisions -1"):
