@@ -474,6 +474,16 @@ def load_causal_lm(reference: str | None = None, *, quantize: str | None = None,
     """(model, tokenizer) for generation or training. fp32 on CPU, bf16/fp16 on CUDA, unless `dtype`."""
     from transformers import AutoModelForCausalLM
 
+    path = Path(resolve(reference, trust_remote_code=trust_remote_code))
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    # A PM here (`--policy runs/x/4-pm`) loads without a word: its backbone under an LM head taken from the
+    # tied embeddings or left random, generating plausible-looking text from a model that was never a policy.
+    if any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        raise ModelError(f"{reference}: a preference model ({architectures[0]}), not a language model -- pass a "
+                         "policy: the base model, or the directory `cai sft`, `cai rl` or `cai dpo` wrote")
     return _load(AutoModelForCausalLM, reference, quantize=quantize, device=device, dtype=dtype,
                  trust_remote_code=trust_remote_code)
 

@@ -76,6 +76,21 @@ def test_an_unfinished_stage_output_is_refused_as_unfinished_not_as_a_wrong_dire
         models.check_reference(str(tmp_path))
 
 
+def test_a_preference_model_is_refused_where_a_language_model_is_loaded(tiny_model_dir, tmp_path):
+    """`cai rl --policy runs/x/4-pm`, `cai eval --model pm`: the PM loaded as a causal LM without a word
+    and generated text (the reverse mistake, an LM given as --pm, was already refused)."""
+    from cai.models import load_causal_lm, load_sequence_classifier
+
+    pm, tokenizer = load_sequence_classifier(tiny_model_dir, device="cpu")
+    pm.save_pretrained(tmp_path / "pm" / "model")
+    tokenizer.save_pretrained(tmp_path / "pm" / "model")
+    for reference in (tmp_path / "pm", tmp_path / "pm" / "model"):
+        with pytest.raises(ModelError, match=r"a preference model \(\w+ForSequenceClassification\), not a language "
+                                             r"model -- pass a policy"):
+            load_causal_lm(str(reference), device="cpu")
+    assert load_causal_lm(tiny_model_dir, device="cpu")[0].config.architectures[0].endswith("ForCausalLM")
+
+
 def test_a_stage_output_directory_resolves_to_its_model(tmp_path):
     """`cai rl --out rl` writes rl/model/: `--model rl` means that model."""
     (tmp_path / "model").mkdir()
