@@ -158,6 +158,10 @@ def _prompt_from_row(row: dict[str, Any], where: str) -> str | list[Message]:
                                "(\"\\n\\nHuman: ...\\n\\nAssistant: ...\"), or a `prompt` column") from None
     present = [column for column in PROMPT_COLUMNS if column in row]
     if present:
+        value = row[present[0]]
+        if value is not None and not isinstance(value, str):  # `"prompt": 5` is no empty prompt
+            raise RecordsError(f"{where}: `{present[0]}` must be text, got {type(value).__name__} {value!r:.40} -- "
+                               "give the prompt's text as a string, or chat `messages`")
         raise RecordsError(f"{where}: `{present[0]}` is empty -- give the prompt's text, or remove the line")
     raise RecordsError(f"{where}: no prompt found -- give a column named one of {', '.join(PROMPT_COLUMNS)}, "
                        "chat `messages`, or hh-rlhf `chosen` transcripts")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -174,6 +175,11 @@ def test_byte_order_marks_and_empty_prompts(tmp_path):
     jsonl_path.write_text('{"prompt": "hi"}\n{"prompt": "  "}\n')
     with pytest.raises(RecordsError, match=r"bom.jsonl:2: `prompt` is empty"):
         read_prompts(jsonl_path)
+    # A prompt that is there but not text is not called empty (it was: "`prompt` is empty" for 5).
+    for value, shown in [("5", "int 5"), ("true", "bool True"), ('{"text": "hi"}', "dict {'text': 'hi'}")]:
+        jsonl_path.write_text(f'{{"prompt": "hi"}}\n{{"goal": {value}}}\n')
+        with pytest.raises(RecordsError, match=rf"bom.jsonl:2: `goal` must be text, got {re.escape(shown)}"):
+            read_prompts(jsonl_path)
 
 
 def test_hh_transcripts_single_and_multi_turn():
