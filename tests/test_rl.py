@@ -46,6 +46,7 @@ def test_config_rejects_what_cannot_work():
         with pytest.raises(ConfigError):
             RLConfig(**kwargs)
     assert RLConfig(reward=["math:1", "code:0.5"]).weights == {"math": 1.0, "code": 0.5}
+    assert RLConfig(pm="none", reward=["math:1"]).pm is None  # as --quantize none; was "--pm none is given"
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])

@@ -97,6 +97,8 @@ class EvalConfig:
             raise ConfigError(f"--judge-method {self.judge_method!r} -- use one of {', '.join(JUDGE_METHODS)}")
         if self.judge in ("", "none", "None"):
             self.judge = None
+        if self.pm in ("", "none", "None"):  # its help says "none = skip", as --judge's does
+            self.pm = None
         check_at_least_one(self, "principles", "max_new_tokens")
 
 

@@ -101,6 +101,8 @@ class RLConfig:
         self.prompts = [str(p) for p in self.prompts]
         if self.quantize == "none":
             self.quantize = None
+        if self.pm in ("", "none", "None"):  # as --quantize none: the word for "no PM"
+            self.pm = None
         if self.algo not in ALGOS:
             raise ConfigError(f"--algo {self.algo!r}: use one of {', '.join(ALGOS)}")
         if not (math.isfinite(self.beta) and self.beta >= 0):
