@@ -346,3 +346,31 @@ def test_cli_eval_prints_a_table_per_method(tmp_path):
     assert metrics["mc"]["pairs: helpful_prefs_example.jsonl"]["position_consistency"] is not None
     assert metrics["contrast"]["pairs: helpful_prefs_example.jsonl"]["agreement_first"] is None
     assert len(records_of(tmp_path / "eval" / "verdicts.jsonl")) == 2 * (4 + 40)
+
+
+def test_eval_judges_a_pair_in_two_sets_once(monkeypatch):
+    """The sanity file given as --pairs is also the sanity set: each pair is one question, asked once."""
+    from cai.judge import Judge
+    from cai.paths import bundled
+    from cai.stages.base import StageContext
+    from cai.stages.feedback import FeedbackEvalConfig, run_eval
+
+    asked = []
+    real_compare = Judge.compare
+
+    def counting(self, comparisons, progress=None):
+        asked.append(len(comparisons))
+        return real_compare(self, comparisons, progress)
+
+    monkeypatch.setattr(Judge, "compare", counting)
+    cfg = FeedbackEvalConfig(pairs=str(bundled("data/judge_sanity_pairs.jsonl")), judge="embedded:tiny-random",
+                             method="contrast")
+    result = run_eval(cfg, StageContext(device="cpu"))
+    metrics = result.metrics["methods"]["contrast"]
+    assert asked == [40]
+    assert metrics["pairs: judge_sanity_pairs.jsonl"]["pairs"] == 40
+    assert metrics["sanity: harmful-request"]["pairs"] + metrics["sanity: benign-request"]["pairs"] == 40
+    # the same verdicts seen through both sets: the sets' agreements average to the whole file's
+    whole = metrics["pairs: judge_sanity_pairs.jsonl"]["agreement"]
+    parts = (24 * metrics["sanity: harmful-request"]["agreement"] + 16 * metrics["sanity: benign-request"]["agreement"])
+    assert parts / 40 == pytest.approx(whole)

@@ -460,6 +460,11 @@ def format_table(title: str, rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _question_key(record: dict[str, Any]) -> tuple:
+    """What makes two labelled pairs the same question to the judge."""
+    return record["id"], repr(record["prompt"]), record["chosen"], record["rejected"]
+
+
 def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
     """Judge the labelled pairs (and the sanity set) with each method; metrics per method and set.
     `StageResult.metrics["tables"]` holds the printable tables; nothing is resumed or skipped."""
@@ -500,11 +505,19 @@ def run_eval(cfg: FeedbackEvalConfig, ctx: StageContext) -> StageResult:
                       clamp=cfg.clamp, few_shot=cfg.few_shot, temperature=cfg.judge_temperature,
                       cot_max_new_tokens=cfg.cot_max_new_tokens, seed=cfg.seed)
         metrics[method] = {}
+        prepared = {name: judged_pairs(records, constitution, cfg.principles, cfg.seed) for name, records in sets.items()}
+        # A pair in more than one set (the sanity file given as --pairs) is judged once: its comparison,
+        # principles and side are drawn from its id and content, so it is the same question in each.
+        unique = {}
         for name, records in sets.items():
-            comparisons, targets = judged_pairs(records, constitution, cfg.principles, cfg.seed)
-            task = ctx.reporter.task(f"{method}: {name}", total=len(comparisons), unit="comparisons")
-            verdicts = judge.compare(comparisons, progress=engine_progress(task))
-            task.close()
+            for record, comparison in zip(records, prepared[name][0], strict=True):
+                unique.setdefault(_question_key(record), comparison)
+        task = ctx.reporter.task(f"judging ({method})", total=len(unique), unit="comparisons")
+        judged = dict(zip(unique, judge.compare(list(unique.values()), progress=engine_progress(task)), strict=True))
+        task.close()
+        for name, records in sets.items():
+            targets = prepared[name][1]
+            verdicts = [judged[_question_key(record)] for record in records]
             metrics[method][name] = agreement_metrics(verdicts, targets, cfg.bins)
             if method == "contrast" and name == first:  # fitted on the user's labels, never on the sanity set
                 fits[method] = fit_contrast_temperature([v.p_a for v in verdicts], targets, cfg.judge_temperature)
