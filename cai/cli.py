@@ -37,6 +37,27 @@ from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
 from cai.stages.rl import RLConfig
 from cai.stages.sft import SFTConfig
 
+
+def _flags_show_no_type() -> None:
+    """typer 0.29 writes a type after every flag in --help (`--force <bool>`, even `--help <bool>`), which
+    reads as if the flag took a value. Show nothing there for flags, as click always did. typer has no
+    setting for it, and a per-option metavar="" cannot reach the --help option typer adds itself, so this
+    wraps the one method that renders the column; typer versions without it render flags bare already."""
+    from typer.core import TyperOption
+
+    render = getattr(TyperOption, "display_type_rich", None)
+    if render is None or getattr(render, "cai_flags_bare", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else render(self, ctx)
+
+    display_type_rich.cai_flags_bare = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
 app = typer.Typer(name="cai", help="Constitutional AI on your own model and constitution.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
 models_app = typer.Typer(help="Resolve, convert and cache models.", no_args_is_help=True)

@@ -1,6 +1,7 @@
 import dataclasses
 import importlib
 import pkgutil
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -242,3 +243,31 @@ def test_path_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys):
         assert exited.value.code == 1 and err.startswith("error: ") and message in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "c.txt").exists()
+
+
+def _every_command_path(command=None, path=()):
+    """(), ("critique",), ("feedback", "eval"), ...: every command and group of `cai`."""
+    import typer.main
+
+    command = command or typer.main.get_command(app)
+    yield path
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _every_command_path(sub, (*path, name))
+
+
+def _help(*path: str) -> str:
+    result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_flags_show_no_type_in_help():
+    """typer 0.29 printed `--force <bool>`, `--help <bool>`: as if a flag took a value. Options that do take
+    one keep their type."""
+    paths = list(_every_command_path())
+    assert len(paths) > 10
+    for path in paths:
+        assert "<bool>" not in _help(*path), f"cai {' '.join(path)} --help"
+    critique = _help("critique")
+    assert "<int>" in critique
+    assert re.search(r"--force +Discard", critique)
