@@ -701,9 +701,9 @@ _RL_TRAINING = "Training"
 
 @app.command("rl")
 def rl_command(
-    prompts: Annotated[list[Path], typer.Option("--prompts",
-                                                help=help_of(RLConfig, "prompts") + " Repeat for several.")],
-    out: Annotated[Path, typer.Option(help=help_of(RLConfig, "out"))],
+    prompts: Annotated[list[str], typer.Option("--prompts",
+                                               help=help_of(RLConfig, "prompts") + " Repeat for several.")],
+    out: Annotated[str, typer.Option(help=help_of(RLConfig, "out"))],
     policy: Annotated[str, typer.Option(help=help_of(RLConfig, "policy"))] = RLConfig.policy,
     pm: Annotated[str | None, typer.Option(help=help_of(RLConfig, "pm"))] = None,
     algo: Annotated[str, typer.Option(help=help_of(RLConfig, "algo"))] = RLConfig.algo,
@@ -755,7 +755,7 @@ def rl_command(
     """
     from cai.stages.rl import RLConfig, run
 
-    cfg = RLConfig(prompts=[str(p) for p in prompts], out=str(out), policy=policy, pm=pm, algo=algo, beta=beta,
+    cfg = RLConfig(prompts=list(prompts), out=out, policy=policy, pm=pm, algo=algo, beta=beta,
                    reward=list(reward) if reward else ["pm:1"], num_generations=num_generations,
                    prompts_per_step=prompts_per_step, max_steps=max_steps, lr=lr, max_new_tokens=max_new_tokens,
                    temperature=temperature, quantize=quantize, lora_r=lora_r, limit=limit,

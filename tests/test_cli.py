@@ -271,3 +271,11 @@ def test_flags_show_no_type_in_help():
     critique = _help("critique")
     assert "<int>" in critique
     assert re.search(r"--force +Discard", critique)
+
+
+def test_rl_names_its_file_options_types_as_the_other_stages_do():
+    """`cai rl --help` showed `<list[Path]>` and `<path>` where every other stage shows `<str>`."""
+    rl = _help("rl")
+    assert "<path>" not in rl and "Path]" not in rl
+    assert re.search(r"--out +<str> ", rl) and re.search(r"--out +<str> ", _help("dpo"))
+    assert re.search(r"--prompts +<list\[str\]> ", rl)
