@@ -9,6 +9,9 @@ from typer.testing import CliRunner
 
 import cai.stages
 from cai.cli import app
+from cai.stages.base import help_of
+from cai.stages.critique import CritiqueConfig
+from cai.stages.sft import SFTConfig
 
 runner = CliRunner()
 
@@ -279,3 +282,40 @@ def test_rl_names_its_file_options_types_as_the_other_stages_do():
     assert "<path>" not in rl and "Path]" not in rl
     assert re.search(r"--out +<str> ", rl) and re.search(r"--out +<str> ", _help("dpo"))
     assert re.search(r"--prompts +<list\[str\]> ", rl)
+
+
+def _stage_config_fields():
+    for module_info in pkgutil.iter_modules(cai.stages.__path__):
+        module = importlib.import_module(f"cai.stages.{module_info.name}")
+        for name, value in vars(module).items():
+            if name.endswith("Config") and dataclasses.is_dataclass(value) and value.__module__ == module.__name__:
+                for field in dataclasses.fields(value):
+                    yield f"{name}.{field.name}", field.metadata["help"]
+
+
+# The options that take a literal `none` (as a word for "no judge", "no PM", "full precision").
+TAKES_NONE = {"EvalConfig.judge", "EvalConfig.pm", "RLConfig.pm", "RLConfig.judge", "SFTConfig.quantize",
+              "FeedbackConfig.quantize", "FeedbackEvalConfig.quantize", "PMTrainConfig.quantize",
+              "RLConfig.quantize", "DPOConfig.quantize", "EvalConfig.quantize"}
+
+
+def test_option_help_says_what_leaving_it_out_does_never_to_type_none():
+    """"None = all" read as a value to type: `--revision-prefix None` made every revision start with "None",
+    `--helpful none` looked for a file called none. Help says what leaving the option out does, and names
+    `none` only for the options that take that word."""
+    offenders = [name for name, text in _stage_config_fields()
+                 if re.search(r"\bNone\b", text) or (re.search(r"\bnone\b", text) and name not in TAKES_NONE)]
+    assert not offenders, offenders
+    assert "Left out: the model writes the whole revision." in help_of(CritiqueConfig, "revision_prefix")
+    assert "Left out: train on the revisions alone." in help_of(SFTConfig, "helpful")
+
+
+def test_the_options_whose_help_offers_none_take_it(tmp_path):
+    from cai.stages.evaluate import EvalConfig
+    from cai.stages.rl import RLConfig
+
+    assert EvalConfig(models=["embedded:tiny-random"], harmful="h.jsonl", benign="b.jsonl", out=str(tmp_path / "e"),
+                      judge="none", pm="none", quantize="none").pm is None
+    assert RLConfig(prompts=["p.jsonl"], out=str(tmp_path / "rl"), pm="none", reward=["length:1"],
+                    quantize="none").pm is None
+    assert SFTConfig(data="d.jsonl", out=str(tmp_path / "sft"), quantize="none").quantize is None

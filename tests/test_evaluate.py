@@ -80,7 +80,7 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="--judge-method 'x'"):
         EvalConfig(judge_method="x")
     assert EvalConfig(judge="none").judge is None
-    assert EvalConfig(pm="none").pm is None  # --help: "none = skip"; it failed with "no preference model there"
+    assert EvalConfig(pm="none").pm is None  # --help: "Left out (or none): skip"; it failed with "no preference model there"
 
 
 # ----------------------------------------------------------------------------- Elo

@@ -69,14 +69,14 @@ class CritiqueConfig:
         "help": "Critique/revision rounds per prompt (the paper used 4); each round draws a fresh principle."})
     limit: int | None = field(default=None, metadata={
         "hash": False, "scope": True,  # each record depends on its prompt only: a larger limit adds records
-        "help": "Use only the first N prompts of the file; None = all of them. Raising it later adds to "
+        "help": "Use only the first N prompts of the file (left out: all of them). Raising it later adds to "
                 "the records already written."})
     few_shot: bool = field(default=True, metadata={
         "help": "Show the constitution's critique examples before each critique and revision request."})
     revision_prefix: str | None = field(default=None, metadata={
         "help": "Text every revision starts with, written into the model's reply before it continues "
                 "(e.g. \"I can't help with\"). For models too small to follow a revision request on "
-                "their own; None = the model writes the whole revision."})
+                "their own. Left out: the model writes the whole revision."})
     max_new_tokens: int = field(default=256, metadata={
         "help": "Tokens generated at most per answer, critique and revision."})
     temperature: float = field(default=0.7, metadata={

@@ -80,7 +80,7 @@ class DPOConfig:
                 "in DIR/adapter, checkpoints in DIR/checkpoints while training, manifest.json. Required."})
     human: str | None = field(default=None, metadata={
         "help": "Human helpfulness comparisons in any accepted preference format (hh-rlhf transcripts, trl "
-                "conversational, cai records). None trains on the AI records alone."})
+                "conversational, cai records). Left out: train on the AI records alone."})
     human_fraction: float = field(default=PAPER_HUMAN_FRACTION, metadata={
         "help": f"Share of human comparisons in the training mix, in [0, 1]; the smaller side is repeated "
                 f"(seeded) when too small. Default {PAPER_HUMAN_FRACTION}, the CAI paper's ratio (135,296 human "
@@ -100,7 +100,7 @@ class DPOConfig:
                 "smoothing 1 - p (conservative DPO). Works with --loss sigmoid and ipo; p = 1 is the ordinary "
                 "loss, p = 0.5 pulls toward no preference."})
     quantize: str | None = field(default=None, metadata={
-        "help": "4bit: load the policy in NF4 and train LoRA adapters (QLoRA); None or 'none': full precision."})
+        "help": "4bit: load the policy in NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank (alpha = 2r, every linear layer); the reference is the adapter-disabled model. "
                 "0: full fine-tuning (reference log-probs precomputed for runs of at least one pass, else a "
@@ -108,10 +108,10 @@ class DPOConfig:
     epochs: int = field(default=1, metadata={
         "help": "Passes over the training mix (ignored when max_steps is set)."})
     lr: float | None = field(default=None, metadata={
-        "help": f"Learning rate (AdamW, linear decay). None: {LORA_LR:g} with LoRA/QLoRA, {FULL_LR:g} (trl's "
+        "help": f"Learning rate (AdamW, linear decay). Left out: {LORA_LR:g} with LoRA/QLoRA, {FULL_LR:g} (trl's "
                 "default) for full fine-tuning."})
     max_steps: int | None = field(default=None, metadata={
-        "help": "Optimizer steps to train; None trains for `epochs` passes."})
+        "help": "Optimizer steps to train; left out: train for --epochs passes."})
     max_length: int = field(default=512, metadata={
         "help": "Tokens per sequence (prompt + answer, chat template included). Longer answers are cut at the "
                 "end; pairs whose prompt alone fills it are dropped to DIR/dropped.jsonl."})

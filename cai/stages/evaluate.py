@@ -56,7 +56,7 @@ class EvalConfig:
     out: str = field(default="eval", metadata={
         "help": "Output directory (answers.jsonl, metrics.json, report.html...).", "hash": False})
     judge: str | None = field(default=DEFAULT_MODEL, metadata={
-        "help": "Judge model for harmlessness and head-to-head comparisons; none = refusal detector and PM only."})
+        "help": "Judge model for harmlessness and head-to-head comparisons; none: refusal detector and PM only."})
     judge_method: str = field(default="auto", metadata={
         "help": "How the judge compares two answers: mc (log-prob multiple choice), contrast (likelihood "
                 "under principle-following vs -ignoring system prompts; for small judges), auto (as cai feedback)."})
@@ -65,15 +65,15 @@ class EvalConfig:
     principles: int = field(default=1, metadata={
         "help": "Judge principles per comparison (their verdicts are averaged)."})
     pm: str | None = field(default=None, metadata={
-        "help": "Preference model directory (cai pm train --out) to score every answer with; none = skip."})
+        "help": "Preference model directory (cai pm train --out) to score every answer with. Left out (or none): skip."})
     limit: int | None = field(default=None, metadata={
         "hash": False, "scope": True,  # answers, verdicts and scores are per prompt: a larger limit adds them
-        "help": "Use at most this many prompts from each of --harmful and --benign; none = all. Raising it "
+        "help": "Use at most this many prompts from each of --harmful and --benign (left out: all). Raising it "
                 "later adds to the answers already made."})
     max_new_tokens: int = field(default=128, metadata={"help": "Answer length limit, in tokens."})
     head_to_head: bool = field(default=True, metadata={
         "help": "Compare every pair of models with the judge and compute Elo ratings."})
-    quantize: str | None = field(default=None, metadata={"help": "4bit to load the models in 4 bits; none = full."})
+    quantize: str | None = field(default=None, metadata={"help": "4bit: load the models in 4 bits. Left out (or none): full precision."})
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     seed: int = field(default=0, metadata={"help": "Seed for drawing judge principles."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per generation/scoring batch.", "hash": False})
@@ -97,7 +97,7 @@ class EvalConfig:
             raise ConfigError(f"--judge-method {self.judge_method!r} -- use one of {', '.join(JUDGE_METHODS)}")
         if self.judge in ("", "none", "None"):
             self.judge = None
-        if self.pm in ("", "none", "None"):  # its help says "none = skip", as --judge's does
+        if self.pm in ("", "none", "None"):  # its help offers none, as --judge's does
             self.pm = None
         check_at_least_one(self, "principles", "max_new_tokens")
 

@@ -81,7 +81,7 @@ class FeedbackConfig:
     out: str = field(default="", metadata={
         "hash": False, "help": "Preference records to write (JSONL); pairs set aside go to <out>.rejected.jsonl."})
     judge: str | None = field(default=None, metadata={
-        "help": "Feedback model that labels the pairs; None: the policy model (loaded once)."})
+        "help": "Feedback model that labels the pairs. Left out: the policy model (loaded once)."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution file, or a bundled name (default, short, medical); its judge principles are used."})
     method: str = field(default="auto", metadata={"help": METHOD_HELP})
@@ -105,13 +105,13 @@ class FeedbackConfig:
         "help": "Nucleus sampling mass of the policy's answers, in (0, 1]; 1.0 samples from the whole distribution."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
     quantize: str | None = field(default=None, metadata={
-        "help": "Load policy and judge in 4-bit (\"4bit\", CUDA only) or None for full precision."})
+        "help": "Load policy and judge in 4-bit (\"4bit\", CUDA only). Left out (or none): full precision."})
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
     limit: int | None = field(default=None, metadata={
         "hash": False, "scope": True,  # each pair depends on its prompt only: a larger limit adds pairs
-        "help": "Use only the first N prompts; None: all. Raising it later adds to the pairs already labelled."})
+        "help": "Use only the first N prompts (left out: all). Raising it later adds to the pairs already labelled."})
     seed: int = field(default=0, metadata={"help": "Seed for the answers' sampling and the principles drawn per pair."})
     force: bool = field(default=False, metadata={
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
@@ -152,7 +152,7 @@ class FeedbackEvalConfig:
         "help": "Labelled pairs: hh-rlhf files (.jsonl or .jsonl.gz), trl preference format, or cai preference records."})
     judge: str = field(default=DEFAULT_MODEL, metadata={"help": "Judge model: embedded:NAME, hub id or directory."})
     method: str | None = field(default=None, metadata={
-        "help": "mc, contrast, or auto (contrast below ~1B parameters); None: evaluate both mc and contrast."})
+        "help": "mc, contrast, or auto (contrast below ~1B parameters). Left out: evaluate both mc and contrast."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution file, or a bundled name; its judge principles are used."})
     principles: int = field(default=1, metadata={"help": "Judge principles sampled per pair; the verdict averages over them."})
@@ -166,11 +166,11 @@ class FeedbackEvalConfig:
     judge_temperature: float = field(default=1.0, metadata={"help": "Contrast method: p(A) = sigmoid((sA - sB) / this)."})
     sanity: bool = field(default=True, metadata={
         "help": "Also evaluate on the built-in sanity pairs (obvious refusals vs compliance, split by kind)."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N labelled pairs; None: all."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N labelled pairs (left out: all)."})
     bins: int = field(default=10, metadata={"help": "Equal-width probability bins for the calibration error (ECE)."})
     out: str | None = field(default=None, metadata={
-        "hash": False, "help": "Directory for metrics.json and verdicts.jsonl; None: print the table only."})
-    quantize: str | None = field(default=None, metadata={"help": "Load the judge in 4-bit (\"4bit\", CUDA only) or None."})
+        "hash": False, "help": "Directory for metrics.json and verdicts.jsonl. Left out: print the table only."})
+    quantize: str | None = field(default=None, metadata={"help": "Load the judge in 4-bit (\"4bit\", CUDA only). Left out (or none): full precision."})
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     batch_size: int = field(default=16, metadata={"hash": False, "help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={

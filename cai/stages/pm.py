@@ -80,21 +80,21 @@ class PMTrainConfig:
         "help": "Output directory: model/, manifest.json, heldout.jsonl, calibration.png.", "hash": False})
     human: str | None = field(default=None, metadata={
         "help": "Human helpfulness comparisons (hard labels): hh-rlhf transcripts, trl's conversational "
-                "format or cai preference records; .jsonl or .jsonl.gz. None: train on AI labels alone."})
+                "format or cai preference records; .jsonl or .jsonl.gz. Left out: train on AI labels alone."})
     human_fraction: float = field(default=PAPER_HUMAN_FRACTION, metadata={
         "help": "Share of human comparisons in the training mix, 0-1 (default: the CAI paper's 135,296 human "
                 "to 182,831 AI). The smaller side is repeated if too few; the summary gives exact counts."})
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Base model: embedded:NAME, a hub id or a local directory; a one-output score head is added."})
     quantize: str | None = field(default=None, metadata={
-        "help": "4bit: load the base in NF4 and train LoRA adapters (QLoRA). None: full precision."})
+        "help": "4bit: load the base in NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank (alpha = 2r) on every linear layer; the score head is trained whole. 0: full fine-tuning."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training mix (ignored if max_steps is set)."})
     max_steps: int | None = field(default=None, metadata={
-        "help": "Optimizer steps to train; None: as many as `epochs` needs."})
+        "help": "Optimizer steps to train. Left out: as many as --epochs needs."})
     lr: float | None = field(default=None, metadata={
-        "help": "Peak learning rate (AdamW, linear decay). None: 1e-4 with LoRA, 1e-5 for full fine-tuning."})
+        "help": "Peak learning rate (AdamW, linear decay). Left out: 1e-4 with LoRA, 1e-5 for full fine-tuning."})
     batch_size: int = field(default=8, metadata={"help": "Comparisons per optimizer step (each is two sequences)."})
     max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={
         "help": "Tokens per conversation + response; longer texts lose their first tokens (the response stays)."})
@@ -167,9 +167,9 @@ class PMScoreConfig:
     input: str | None = field(default=None, metadata={
         "help": "JSONL of records with `prompt` (text or chat messages) and `response`, instead of --prompt."})
     out: str | None = field(default=None, metadata={
-        "help": "Write the records with `reward` added here; None: to stdout.", "hash": False})
+        "help": "Write the records with `reward` added here. Left out: to stdout.", "hash": False})
     max_length: int | None = field(default=None, metadata={
-        "help": "Tokens per conversation + response; None: what the PM was trained with."})
+        "help": "Tokens per conversation + response. Left out: what the PM was trained with."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass.", "hash": False})
 
     def __post_init__(self):
@@ -193,11 +193,11 @@ class PMEvalConfig:
     pairs: str | None = field(default=None, metadata={
         "help": "Preference file: hh-rlhf transcripts, trl's format or cai records; .jsonl or .jsonl.gz."})
     out: str | None = field(default=None, metadata={
-        "help": "Directory for metrics.json, scores.jsonl, calibration.png, length_bias.png; None: table only.",
+        "help": "Directory for metrics.json, scores.jsonl, calibration.png, length_bias.png. Left out: the table only.",
         "hash": False})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate the first N pairs; None: all."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate the first N pairs (left out: all)."})
     max_length: int | None = field(default=None, metadata={
-        "help": "Tokens per conversation + response; None: what the PM was trained with."})
+        "help": "Tokens per conversation + response. Left out: what the PM was trained with."})
     bins: int = field(default=10, metadata={"help": "Equal-width probability bins of the reliability diagram."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass.", "hash": False})
     force: bool = field(default=False, metadata={"help": "Recompute even if OUT holds this evaluation.",

@@ -51,7 +51,7 @@ class RLConfig:
     policy: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Starting policy (the SL model): embedded:NAME, a hub id or a local directory. Also the KL reference."})
     pm: str | None = field(default=None, metadata={
-        "help": "Preference model directory (`cai pm train --out`). Needed by the pm reward; None = no PM."})
+        "help": "Preference model directory (`cai pm train --out`). Needed by the pm reward. Left out (or none): no PM."})
     algo: str = field(default="grpo", metadata={"help": "RL algorithm: grpo or rloo (trl's trainers)."})
     beta: float = field(default=0.05, metadata={
         "help": "KL penalty coefficient against the starting policy, for both algorithms. 0 turns the KL "
@@ -65,21 +65,21 @@ class RLConfig:
         "help": "Prompts per optimiser step; a step trains on prompts_per_step x num_generations answers."})
     max_steps: int = field(default=10, metadata={"help": "Optimiser steps to train for."})
     lr: float | None = field(default=None, metadata={
-        "help": "Learning rate. None = 2e-5 with LoRA, 1e-6 for full fine-tuning (--lora-r 0)."})
+        "help": "Learning rate. Left out: 2e-5 with LoRA, 1e-6 for full fine-tuning (--lora-r 0)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most per answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for the answers (> 0)."})
     quantize: str | None = field(default=None, metadata={
-        "help": "none or 4bit: load the policy in 4-bit NF4 and train LoRA adapters (QLoRA). None = none."})
+        "help": "4bit: load the policy in 4-bit NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = full fine-tuning (not with --quantize 4bit)."})
-    limit: int | None = field(default=None, metadata={"help": "Read at most this many prompts from each file; None = all."})
+    limit: int | None = field(default=None, metadata={"help": "Read at most this many prompts from each file (left out: all)."})
     length_target: int | None = field(default=None, metadata={
-        "help": "Tokens after which the length reward starts to penalise. None = 3/4 of max_new_tokens."})
+        "help": "Tokens after which the length reward starts to penalise. Left out: 3/4 of --max-new-tokens."})
     code_timeout: float = field(default=5.0, metadata={
         "help": "Seconds (wall clock) a code answer and its tests may run before scoring 0."})
     code_memory_mb: int = field(default=512, metadata={"help": "Address-space limit of a code run, in MiB."})
     judge: str | None = field(default=None, metadata={
         "help": "Model for the held-back contrast judge that watches for PM hacking (never a reward). "
-                "None = the starting policy; 'none' = no judge monitor."})
+                "Left out: the starting policy; none: no judge monitor."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution whose judge principles the held-back judge uses (path or bundled name)."})
     judge_every: int = field(default=1, metadata={

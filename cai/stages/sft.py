@@ -59,22 +59,22 @@ class SFTConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Starting model: embedded:NAME, a hub id, or a local directory. It also answers --helpful."})
     helpful: str | None = field(default=None, metadata={
-        "help": "Prompt set answered by the starting model and mixed in; None = train on the revisions alone."})
+        "help": "Prompt set answered by the starting model and mixed in. Left out: train on the revisions alone."})
     helpful_fraction: float = field(default=0.5, metadata={
         "help": "Share of the training examples that come from --helpful, in [0, 1); unused without --helpful."})
     helpful_max_new_tokens: int = field(default=256, metadata={
         "help": "Tokens generated at most per helpful answer (greedy)."})
     # How to train
     quantize: str | None = field(default=None, metadata={
-        "help": "Load the base in 4-bit and train LoRA on it (QLoRA): 4bit, or None for full precision."})
+        "help": "Load the base in 4-bit and train LoRA on it (QLoRA): 4bit. Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank on every linear layer (alpha = 2r); 0 = full fine-tuning of every weight."})
     epochs: float = field(default=1.0, metadata={
         "help": "Passes over the training examples (fractions allowed); --max-steps overrides it."})
     max_steps: int | None = field(default=None, metadata={
-        "help": "Stop after this many optimizer steps; None = run --epochs."})
+        "help": "Stop after this many optimizer steps. Left out: run --epochs."})
     lr: float | None = field(default=None, metadata={
-        "help": "Peak learning rate (linear decay); None = 2e-4 with LoRA, 2e-5 for full fine-tuning."})
+        "help": "Peak learning rate (linear decay). Left out: 2e-4 with LoRA, 2e-5 for full fine-tuning."})
     batch_size: int = field(default=8, metadata={
         "help": "Examples per optimizer step."})
     max_length: int = field(default=512, metadata={
