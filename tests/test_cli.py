@@ -319,3 +319,12 @@ def test_the_options_whose_help_offers_none_take_it(tmp_path):
     assert RLConfig(prompts=["p.jsonl"], out=str(tmp_path / "rl"), pm="none", reward=["length:1"],
                     quantize="none").pm is None
     assert SFTConfig(data="d.jsonl", out=str(tmp_path / "sft"), quantize="none").quantize is None
+
+
+def test_quantize_help_does_not_claim_cuda_only():
+    """`--quantize 4bit` runs on CPU too (bitsandbytes; tests/test_models.py loads a 4-bit model there), so
+    no command's help may call it CUDA only."""
+    quantize = {name: text for name, text in _stage_config_fields() if name.endswith(".quantize")}
+    assert len(quantize) >= 7
+    for name, text in quantize.items():
+        assert "4bit" in text and "CUDA" not in text, (name, text)

@@ -105,7 +105,8 @@ class FeedbackConfig:
         "help": "Nucleus sampling mass of the policy's answers, in (0, 1]; 1.0 samples from the whole distribution."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
     quantize: str | None = field(default=None, metadata={
-        "help": "Load policy and judge in 4-bit (\"4bit\", CUDA only). Left out (or none): full precision."})
+        "help": "4bit: load the policy and judge in 4-bit NF4 (bitsandbytes; on CPU too). "
+                "Left out (or none): full precision."})
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
@@ -170,7 +171,8 @@ class FeedbackEvalConfig:
     bins: int = field(default=10, metadata={"help": "Equal-width probability bins for the calibration error (ECE)."})
     out: str | None = field(default=None, metadata={
         "hash": False, "help": "Directory for metrics.json and verdicts.jsonl. Left out: print the table only."})
-    quantize: str | None = field(default=None, metadata={"help": "Load the judge in 4-bit (\"4bit\", CUDA only). Left out (or none): full precision."})
+    quantize: str | None = field(default=None, metadata={
+        "help": "4bit: load the judge in 4-bit NF4 (bitsandbytes; on CPU too). Left out (or none): full precision."})
     precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     batch_size: int = field(default=16, metadata={"hash": False, "help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={
