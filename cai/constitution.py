@@ -134,7 +134,7 @@ class Constitution:
         """Refuse `k` principles per comparison where the constitution has fewer: an average over the same
         few principles repeated is no ensemble, only more judging."""
         if k > len(self.judge_principles):
-            raise ConfigError(f"principles={k}, but constitution {self.name!r} has {len(self.judge_principles)} "
+            raise ConfigError(f"--principles {k}, but constitution {self.name!r} has {len(self.judge_principles)} "
                               f"judge principles -- use --principles {len(self.judge_principles)} or fewer, or "
                               "add principles")
 

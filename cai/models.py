@@ -401,7 +401,7 @@ def cpu_has_native_bf16() -> bool:
 def check_precision(precision: str) -> None:
     """A stage config's `precision` field: one of PRECISION_CHOICES, or a ConfigError saying which are."""
     if precision not in PRECISION_CHOICES:
-        raise ConfigError(f"precision {precision!r} is not known -- use one of {', '.join(PRECISION_CHOICES)}")
+        raise ConfigError(f"--precision {precision!r} is not known -- use one of {', '.join(PRECISION_CHOICES)}")
 
 
 def inference_dtype(device: str | None = None, precision: str = "auto"):

@@ -11,6 +11,8 @@ import cai.stages
 from cai.cli import app
 from cai.stages.base import help_of
 from cai.stages.critique import CritiqueConfig
+from cai.stages.dpo import DPOConfig
+from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
 from cai.stages.sft import SFTConfig
 
 runner = CliRunner()
@@ -328,3 +330,27 @@ def test_quantize_help_does_not_claim_cuda_only():
     assert len(quantize) >= 7
     for name, text in quantize.items():
         assert "4bit" in text and "CUDA" not in text, (name, text)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SFTConfig(helpful_fraction=1.0), "--helpful-fraction 1.0: must be in [0, 1)"),
+    (lambda: SFTConfig(quantize="4bit", lora_r=0), "--quantize 4bit with --lora-r 0: "),
+    (lambda: CritiqueConfig(prompts="p.jsonl", out="c.jsonl", top_p=0.0), "--top-p 0.0: must be in (0, 1]"),
+    (lambda: CritiqueConfig(prompts="p.jsonl", out="c.txt"), "--out 'c.txt': critique writes JSON Lines"),
+    (lambda: FeedbackEvalConfig(pairs="p.jsonl", cot=True, method="contrast"),
+     "--cot needs the multiple-choice judge, but --method is contrast -- drop --cot or use --method mc"),
+    (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", clamp="0.3,0.7"),
+     "--clamp 0.3,0.7 bounds chain-of-thought probabilities only, and --cot is not given -- add --cot"),
+    (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", samples_top_p=2.0), "--samples-top-p 2.0 must be"),
+    (lambda: DPOConfig(soft_labels=True, loss="robust"), "--soft-labels with --loss robust: "),
+    (lambda: DPOConfig(eval_fraction=0.9), "--eval-fraction 0.9 -- use a share in [0, 0.5]"),
+])
+def test_config_errors_name_the_flag_as_the_cli_spells_it(make, message):
+    """"helpful_fraction=1.0", "cot=True ... method='contrast'" named Python fields, not the flags the user
+    typed; flag wording is also how a recipe error finds the line that set the value (cai/recipe.py)."""
+    from cai.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        make()
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert not re.search(r"\b[a-z]+(_[a-z]+)*=", str(raised.value)), str(raised.value)

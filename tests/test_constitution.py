@@ -120,7 +120,7 @@ def test_sampling_is_seeded_reproducible_and_varies(tmp_path):
     assert len(draws) > 1  # different seeds draw differently
     judge = loaded.sample_judge_principles("pair-9", 2, seed=4)
     assert len({p.id for p in judge}) == 2
-    with pytest.raises(ConfigError, match="principles=3, but constitution 'tiny' has 2 judge principles"):
+    with pytest.raises(ConfigError, match="--principles 3, but constitution 'tiny' has 2 judge principles"):
         loaded.sample_judge_principles("pair-9", 3, seed=4)  # was: the two, one of them twice
 
 

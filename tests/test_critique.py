@@ -198,7 +198,7 @@ def test_join_prefix_puts_back_the_space_the_engine_stripped(prefix, continuatio
 
 
 def test_a_blank_revision_prefix_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="revision_prefix"):
+    with pytest.raises(ConfigError, match="--revision-prefix is blank"):
         critique.CritiqueConfig(out=str(tmp_path / "x.jsonl"), revision_prefix="  ")
 
 

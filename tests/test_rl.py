@@ -67,7 +67,7 @@ def test_beta_comes_from_cai_never_from_trl_defaults(algo, tmp_path):
 def test_fewer_prompts_than_a_step_takes_is_an_error_not_zero_steps(tiny_model_dir, prompt_files, tmp_path):
     cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
                    reward=["math:1"], limit=1, prompts_per_step=2)
-    with pytest.raises(ConfigError, match="1 prompt.* prompts_per_step=2"):
+    with pytest.raises(ConfigError, match="1 prompt.* --prompts-per-step 2"):
         rl.run(cfg, StageContext(device="cpu"))
 
 

@@ -148,7 +148,7 @@ def test_a_limit_below_one_is_refused_by_every_stage(stage, limit):
     module, name, fields = LIMITED_CONFIGS[stage]
     config_class = getattr(importlib.import_module(module), name)
     config_class(**fields)  # valid without the limit
-    with pytest.raises(ConfigError, match=f"limit={limit}: must be at least 1"):
+    with pytest.raises(ConfigError, match=f"--limit {limit}: must be at least 1"):
         config_class(**fields, limit=limit)
 
 

@@ -107,7 +107,7 @@ class StageResult:
 def check_limit(limit: int | None) -> None:
     """`--limit N` reads the first N records: N < 1 is a mistake, not "one record" nor "none"."""
     if limit is not None and limit < 1:
-        raise ConfigError(f"limit={limit}: must be at least 1 -- leave --limit out to use every record")
+        raise ConfigError(f"--limit {limit}: must be at least 1 -- leave --limit out to use every record")
 
 
 def check_at_least_one(cfg: Any, *names: str) -> None:
@@ -123,7 +123,7 @@ def check_jsonl_out(out: str, stage: str) -> None:
     """A stage that writes records needs a `.jsonl` file to write (anything else was taken for a
     directory, after the generating)."""
     if out and not str(out).endswith(".jsonl"):
-        raise ConfigError(f"out={str(out)!r}: {stage} writes JSON Lines records -- name the output file "
+        raise ConfigError(f"--out {str(out)!r}: {stage} writes JSON Lines records -- name the output file "
                           f"NAME.jsonl (e.g. {Path(str(out)).with_suffix('').name or 'records'}.jsonl)")
 
 
@@ -135,7 +135,7 @@ def check_directory_out(out: str | None, stage: str, example: str) -> None:
     file's NAME.manifest.json (`cai sft --out sl/critique.jsonl` took the critique's manifest for its own,
     and with --force overwrote it) and its writing would fail on the file afterwards."""
     if out and (Path(str(out)).suffix in FILE_OUTPUT_SUFFIXES or Path(str(out)).expanduser().is_file()):
-        raise ConfigError(f"out={str(out)!r}: {stage} writes a directory, and this names a file -- give a directory "
+        raise ConfigError(f"--out {str(out)!r}: {stage} writes a directory, and this names a file -- give a directory "
                           f"path (e.g. {example})")
 
 

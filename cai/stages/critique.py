@@ -101,11 +101,11 @@ class CritiqueConfig:
         check_at_least_one(self, "revisions", "max_new_tokens", "batch_size", "chunk_size")
         check_limit(self.limit)
         if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+            raise ConfigError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1] -- use 1.0 to turn nucleus sampling off")
+            raise ConfigError(f"--top-p {self.top_p}: must be in (0, 1] -- use 1.0 to turn nucleus sampling off")
         if self.revision_prefix is not None and not self.revision_prefix.strip():
-            raise ConfigError("revision_prefix is blank -- give the opening words (e.g. \"I can't help with\") "
+            raise ConfigError("--revision-prefix is blank -- give the opening words (e.g. \"I can't help with\") "
                               "or leave it out")
 
 

@@ -132,33 +132,33 @@ class DPOConfig:
         if self.quantize == "none":
             self.quantize = None
         if self.quantize not in (None, "4bit"):
-            raise ConfigError(f"quantize={self.quantize!r} is not supported -- use 4bit or none")
+            raise ConfigError(f"--quantize {self.quantize!r} is not supported -- use 4bit or none")
         if self.loss not in LOSSES:
-            raise ConfigError(f"loss={self.loss!r} is not a DPO loss cai offers -- use one of: {', '.join(LOSSES)}")
+            raise ConfigError(f"--loss {self.loss!r} is not a DPO loss cai offers -- use one of: {', '.join(LOSSES)}")
         if self.soft_labels and self.loss == "robust":
-            raise ConfigError("soft_labels=True with loss='robust': robust DPO already corrects for label noise "
+            raise ConfigError("--soft-labels with --loss robust: robust DPO already corrects for label noise "
                               "with one rate for all pairs (the mean of 1 - p_chosen) -- use --loss sigmoid (or "
                               "ipo) with --soft-labels for per-pair confidences, or drop --soft-labels")
         if self.lora_r < 0:
-            raise ConfigError(f"lora_r={self.lora_r} -- use a rank >= 1 for LoRA, or 0 for full fine-tuning")
+            raise ConfigError(f"--lora-r {self.lora_r} -- use a rank >= 1 for LoRA, or 0 for full fine-tuning")
         if self.quantize == "4bit" and self.lora_r == 0:
-            raise ConfigError("quantize='4bit' with lora_r=0: 4-bit weights cannot be trained directly -- "
+            raise ConfigError("--quantize 4bit with --lora-r 0: 4-bit weights cannot be trained directly -- "
                               "use --lora-r 16 (QLoRA), or drop --quantize for full fine-tuning")
         if not 0.0 <= self.human_fraction <= 1.0:
-            raise ConfigError(f"human_fraction={self.human_fraction} -- use a share in [0, 1] "
+            raise ConfigError(f"--human-fraction {self.human_fraction} -- use a share in [0, 1] "
                               f"(the paper's is {PAPER_HUMAN_FRACTION})")
         if not 0.0 <= self.eval_fraction <= 0.5:
-            raise ConfigError(f"eval_fraction={self.eval_fraction} -- use a share in [0, 0.5] (0: hold out nothing)")
+            raise ConfigError(f"--eval-fraction {self.eval_fraction} -- use a share in [0, 0.5] (0: hold out nothing)")
         if self.beta <= 0:
-            raise ConfigError(f"beta={self.beta} -- DPO's beta must be > 0 (trl's default is 0.1)")
+            raise ConfigError(f"--beta {self.beta} -- DPO's beta must be > 0 (trl's default is 0.1)")
         check_at_least_one(self, "epochs", "batch_size", "save_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to train for "
                               f"{self.epochs} epoch(s)")
         if self.max_length < 16:
-            raise ConfigError(f"max_length={self.max_length} is too short for a prompt and an answer -- use 256 or more")
+            raise ConfigError(f"--max-length {self.max_length} is too short for a prompt and an answer -- use 256 or more")
         if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} -- use a positive learning rate, or leave it unset for the default")
+            raise ConfigError(f"--lr {self.lr} -- use a positive learning rate, or leave --lr out for the default")
 
     @property
     def learning_rate(self) -> float:

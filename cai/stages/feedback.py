@@ -49,14 +49,14 @@ def _parse_clamp(value: Any) -> tuple[float, float]:
     if isinstance(value, str):
         parts = value.split(",")
         if len(parts) != 2:
-            raise ConfigError(f"clamp={value!r} must be two numbers LO,HI -- e.g. --clamp 0.4,0.6")
+            raise ConfigError(f"--clamp {value!r} must be two numbers LO,HI -- e.g. --clamp 0.4,0.6")
         try:
             value = (float(parts[0]), float(parts[1]))
         except ValueError:
-            raise ConfigError(f"clamp={value!r} must be two numbers LO,HI -- e.g. --clamp 0.4,0.6") from None
+            raise ConfigError(f"--clamp {value!r} must be two numbers LO,HI -- e.g. --clamp 0.4,0.6") from None
     lo, hi = (float(v) for v in value)
     if not 0.0 <= lo <= 0.5 <= hi <= 1.0:
-        raise ConfigError(f"clamp=({lo}, {hi}) must satisfy 0 <= LO <= 0.5 <= HI <= 1 -- e.g. --clamp 0.4,0.6")
+        raise ConfigError(f"--clamp {lo},{hi} must satisfy 0 <= LO <= 0.5 <= HI <= 1 -- e.g. --clamp 0.4,0.6")
     return lo, hi
 
 
@@ -66,7 +66,8 @@ DEFAULT_CLAMP = (0.4, 0.6)  # the paper's bounds on chain-of-thought probabiliti
 def _check_clamp_use(clamp: tuple[float, float], cot: bool) -> None:
     # Only chain-of-thought probabilities are clamped: bounds given without --cot would do nothing.
     if not cot and clamp != DEFAULT_CLAMP:
-        raise ConfigError(f"clamp={clamp} bounds chain-of-thought probabilities only, and cot is off -- add --cot, "
+        raise ConfigError(f"--clamp {clamp[0]},{clamp[1]} bounds chain-of-thought probabilities only, and --cot is not given -- "
+                          "add --cot, "
                           "or drop --clamp")
 
 
@@ -126,21 +127,21 @@ class FeedbackConfig:
             raise ConfigError("feedback needs an output file -- pass --out FILE.jsonl")
         check_jsonl_out(self.out, "feedback")
         if self.method not in METHOD_CHOICES:
-            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)} -- e.g. "
+            raise ConfigError(f"--method {self.method!r} is not one of {', '.join(METHOD_CHOICES)} -- e.g. "
                               "--method mc, or contrast for a judge under ~1B parameters")
         if self.cot and self.method == "contrast":
-            raise ConfigError("cot=True needs the multiple-choice judge, but method='contrast' -- drop --cot "
+            raise ConfigError("--cot needs the multiple-choice judge, but --method is contrast -- drop --cot "
                               "or use --method mc")
         if self.cot and self.method == "auto":  # reasoning applies to multiple choice only: asking for it picks mc
             self.method = "mc"
         check_at_least_one(self, "principles", "max_new_tokens", "cot_max_new_tokens", "batch_size")
         if self.samples_temperature <= 0:
-            raise ConfigError(f"samples_temperature={self.samples_temperature} must be > 0: at 0 both answers "
+            raise ConfigError(f"--samples-temperature {self.samples_temperature} must be > 0: at 0 both answers "
                               "would be the same -- use e.g. 1.0")
         if not 0.0 < self.samples_top_p <= 1.0:
-            raise ConfigError(f"samples_top_p={self.samples_top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
+            raise ConfigError(f"--samples-top-p {self.samples_top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
         if self.judge_temperature <= 0:
-            raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0 -- e.g. 1.0")
+            raise ConfigError(f"--judge-temperature {self.judge_temperature} must be > 0 -- e.g. 1.0")
         self.clamp = _parse_clamp(self.clamp)
         _check_clamp_use(self.clamp, self.cot)
 
@@ -184,18 +185,18 @@ class FeedbackEvalConfig:
         if not self.pairs:
             raise ConfigError("feedback eval needs labelled pairs -- pass --pairs FILE")
         if self.method is not None and self.method not in METHOD_CHOICES:
-            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHOD_CHOICES)} -- e.g. "
+            raise ConfigError(f"--method {self.method!r} is not one of {', '.join(METHOD_CHOICES)} -- e.g. "
                               "--method mc, or contrast for a judge under ~1B parameters")
         if self.cot and self.method in ("contrast", "auto"):
-            raise ConfigError(f"cot=True needs the multiple-choice judge, but method={self.method!r} -- drop --cot "
+            raise ConfigError(f"--cot needs the multiple-choice judge, but --method is {self.method} -- drop --cot "
                               "or use --method mc")
         # cot_max_new_tokens 0 would clamp answers read after no reasoning at all.
         check_at_least_one(self, "principles", "bins", "cot_max_new_tokens", "batch_size")
         if self.judge_temperature <= 0:
-            raise ConfigError(f"judge_temperature={self.judge_temperature} must be > 0")
+            raise ConfigError(f"--judge-temperature {self.judge_temperature} must be > 0")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             # Found only when writing, it used to fail after every pair had been judged.
-            raise ConfigError(f"out={self.out!r} is a file, but feedback eval writes a directory (metrics.json, "
+            raise ConfigError(f"--out {self.out!r} is a file, but feedback eval writes a directory (metrics.json, "
                               "verdicts.jsonl) -- pass --out DIR")
         self.clamp = _parse_clamp(self.clamp)
         _check_clamp_use(self.clamp, self.cot)

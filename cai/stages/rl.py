@@ -443,7 +443,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     device = ctx.device or default_device()
     rows = load_prompt_rows(cfg.prompts, cfg.limit)
     if len(rows) < cfg.prompts_per_step:  # trl would draw no full batch: 0 steps, reported as success
-        raise ConfigError(f"rl: {len(rows)} prompt(s) read, but a step takes prompts_per_step="
+        raise ConfigError(f"rl: {len(rows)} prompt(s) read, but a step takes --prompts-per-step "
                           f"{cfg.prompts_per_step} -- give more prompts (or a larger --limit), or lower "
                           "--prompts-per-step")
     weights = cfg.weights

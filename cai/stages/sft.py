@@ -94,24 +94,24 @@ class SFTConfig:
         if self.quantize == "none":
             self.quantize = None
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
-            raise ConfigError(f"quantize={self.quantize!r}: use 4bit, or leave --quantize out")
+            raise ConfigError(f"--quantize {self.quantize!r}: use 4bit, or leave --quantize out")
         if self.lora_r < 0:
-            raise ConfigError(f"lora_r={self.lora_r}: must be >= 0 (0 = full fine-tuning)")
+            raise ConfigError(f"--lora-r {self.lora_r}: must be >= 0 (0 = full fine-tuning)")
         if self.quantize and self.lora_r == 0:
-            raise ConfigError(f"quantize={self.quantize} with lora_r=0: 4-bit weights cannot be trained directly "
+            raise ConfigError(f"--quantize {self.quantize} with --lora-r 0: 4-bit weights cannot be trained directly "
                               "-- give --lora-r 16 (QLoRA), or drop --quantize for full fine-tuning")
         if not 0.0 <= self.helpful_fraction < 1.0:
-            raise ConfigError(f"helpful_fraction={self.helpful_fraction}: must be in [0, 1) -- the revisions "
+            raise ConfigError(f"--helpful-fraction {self.helpful_fraction}: must be in [0, 1) -- the revisions "
                               "are the point of this stage; use 0 to leave helpful answers out")
         if self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs}: must be > 0")
+            raise ConfigError(f"--epochs {self.epochs}: must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
         if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr={self.lr}: must be > 0")
+            raise ConfigError(f"--lr {self.lr}: must be > 0")
         check_at_least_one(self, "batch_size", "save_steps", "generation_batch_size")
         if self.max_length < 16:
-            raise ConfigError(f"max_length={self.max_length}: too short for a chat example -- use 128 or more")
+            raise ConfigError(f"--max-length {self.max_length}: too short for a chat example -- use 128 or more")
 
     @property
     def learning_rate(self) -> float:
