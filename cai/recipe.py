@@ -238,9 +238,17 @@ def _closest(key: str, candidates) -> str:
     return f"did you mean `{match[0]}`?" if match else f"valid keys: {', '.join(candidates)}"
 
 
+def _missing_recipe_hint(path: Path) -> str:
+    """The bundled recipe nearest the name given (`recipes/dem.yaml` -> recipes/demo.yaml), else where the
+    examples are."""
+    names = sorted(recipe.stem for recipe in bundled("recipes").glob("*.yaml"))
+    match = difflib.get_close_matches(path.stem, names, n=1)
+    return f"did you mean recipes/{match[0]}.yaml?" if match else "see recipes/ for examples (recipes/smoke.yaml)"
+
+
 def _compose(path: Path) -> yaml.MappingNode:
     if not path.exists():
-        raise RecipeError(f"{path}: no such recipe file -- see recipes/ for examples (recipes/smoke.yaml)")
+        raise RecipeError(f"{path}: no such recipe file -- {_missing_recipe_hint(path)}")
     try:
         root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:

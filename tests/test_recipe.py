@@ -532,6 +532,17 @@ def test_a_bundled_recipe_is_found_outside_the_checkout(tmp_path, monkeypatch):
         recipes.load("recipes/nope.yaml", runs_dir=tmp_path / "runs")
 
 
+def test_a_misspelt_recipe_suggests_the_nearest_bundled_one(tmp_path, monkeypatch):
+    """`cai run recipes/dem.yaml` suggested recipes/smoke.yaml whatever the name."""
+    monkeypatch.chdir(tmp_path)
+    for reference, suggestion in (("recipes/dem.yaml", "recipes/demo.yaml"), ("qlora", "recipes/qlora-1gpu.yaml"),
+                                  ("recipes/demo-dp.yaml", "recipes/demo-dpo.yaml")):
+        with pytest.raises(RecipeError, match=rf"^{reference}: no such recipe file -- did you mean {suggestion}\?$"):
+            recipes.load(reference, runs_dir=tmp_path / "runs")
+    with pytest.raises(RecipeError, match=r"no such recipe file -- see recipes/ for examples"):
+        recipes.load("experiments/zzzz.yaml", runs_dir=tmp_path / "runs")
+
+
 SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 
 
