@@ -361,6 +361,22 @@ def test_a_critique_record_with_a_non_text_prompt_or_final_names_its_line(tmp_pa
         sft._read_critique_records(str(path))
 
 
+def test_data_falls_back_to_the_bundled_copy_as_every_input_does(tmp_path, monkeypatch):
+    """Outside a checkout `--helpful data/...` found cai's bundled file but `--data data/...` said "no such
+    file": sft's critique records go through `local_or_bundled` too."""
+    import cai.paths
+
+    package = tmp_path / "site" / "cai"
+    (package / "_bundled" / "data").mkdir(parents=True)
+    record = {"id": "a", "prompt": "x", "final": "I can't help with that."}
+    (package / "_bundled" / "data" / "critique.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.setattr(cai.paths, "_PACKAGE_DIR", package)
+    monkeypatch.chdir(tmp_path)
+    assert [r["final"] for r in sft._read_critique_records("data/critique.jsonl")] == [record["final"]]
+    with pytest.raises(RecordsError, match="no such file"):
+        sft._read_critique_records("data/missing.jsonl")
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"quantize": "4bit", "lora_r": 0}, "cannot be trained directly"),
     ({"helpful_fraction": 1.0}, r"\[0, 1\)"),

@@ -28,6 +28,7 @@ from typing import Any
 
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
+from cai.paths import local_or_bundled
 from cai.stages.base import (
     StageContext,
     StageResult,
@@ -162,6 +163,7 @@ def choose_helpful(prompts: list[dict[str, Any]], needed: int, seed: int) -> lis
 def _read_critique_records(path: str) -> list[dict[str, Any]]:
     from cai.records import check_prompt, check_unique_id, read_jsonl
 
+    path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout, as for every input
     records, first_line = [], {}
     for number, row in read_jsonl(path):
         if "prompt" not in row or "final" not in row or "id" not in row:
