@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,15 @@ CHATML_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape of `embedded:tiny-random`: small enough that a training step takes milliseconds."""
+    """Shape of `embedded:tiny-random`: small enough that a training step takes milliseconds.
+
+    Weights are drawn at std 0.1, not Llama's 0.02. At 0.02 the layers barely move each position's
+    hidden state from its token's own embedding and, the embeddings being tied, a token's logit is its
+    embedding's dot product with that state: the largest is the input token's own, so greedy decoding
+    repeated the prompt's last token, the newline after `<|im_start|>assistant`, and every greedy answer
+    (eval's, sft's helpful mix) was whitespace, empty once stripped. At 0.1 the layers outweigh the
+    embedding and greedy answers are visible noise that depends on the prompt.
+    """
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -69,6 +77,7 @@ class TinyModelSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048
+    initializer_range: float = 0.1
     seed: int = 0
 
 
@@ -190,21 +199,25 @@ def _smollm_gguf() -> Path:
     return path
 
 
-def _is_complete(directory: Path) -> bool:
+def _is_complete(directory: Path, expected: dict | None = None) -> bool:
+    """Whether `directory` holds a finished build of this version; `expected`: keys its marker must also
+    hold with these values (the tiny model's spec: a build from an older spec is rebuilt, not trusted)."""
     marker = directory / "cai-conversion.json"
     if not marker.exists():
         return False
     try:
-        return json.loads(marker.read_text()).get("version") == CONVERSION_VERSION
+        written = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    return (isinstance(written, dict) and written.get("version") == CONVERSION_VERSION
+            and all(written.get(key) == value for key, value in (expected or {}).items()))
 
 
-def _publish(build_dir: Path, target: Path) -> Path:
+def _publish(build_dir: Path, target: Path, expected: dict | None = None) -> Path:
     """Move a finished build into place atomically; a concurrent builder that won the race is kept."""
     _readable_as_umask_allows(build_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not _is_complete(target):
+    if target.exists() and not _is_complete(target, expected):
         shutil.rmtree(target, ignore_errors=True)
     try:
         os.replace(build_dir, target)
@@ -269,7 +282,8 @@ Assistant: hi there, how can I help you today? def add(a, b): return a + b  # py
 def build_tiny_random(directory: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Build (once) a tiny random Llama + byte-level BPE tokenizer with a ChatML template."""
     directory = Path(directory)
-    if _is_complete(directory):
+    expected = tiny_marker(spec)
+    if _is_complete(directory, expected):
         return directory
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -291,7 +305,7 @@ def build_tiny_random(directory: Path, spec: TinyModelSpec = TinyModelSpec()) ->
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=spec.initializer_range,
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
@@ -299,8 +313,13 @@ def build_tiny_random(directory: Path, spec: TinyModelSpec = TinyModelSpec()) ->
     with _weight_bars(0):
         model.save_pretrained(build)
     tokenizer.save_pretrained(build)
-    (build / "cai-conversion.json").write_text(json.dumps({"version": CONVERSION_VERSION, "source": "random"}))
-    return _publish(build, directory)
+    (build / "cai-conversion.json").write_text(json.dumps({"version": CONVERSION_VERSION, **expected}))
+    return _publish(build, directory, expected)
+
+
+def tiny_marker(spec: TinyModelSpec = TinyModelSpec()) -> dict:
+    """What a tiny random build records of how it was made; a build whose record differs is rebuilt."""
+    return {"source": "random", "spec": asdict(spec)}
 
 
 # ----------------------------------------------------------------------------- devices and precision

@@ -20,6 +20,30 @@ def test_tiny_model_is_built_once_and_reused(tiny_model_dir):
     assert tokenizer.chat_template and tokenizer.pad_token
 
 
+def test_tiny_model_answers_greedily_in_visible_text(tiny_engine):
+    """Greedy decoding is how eval and sft's helpful mix answer: answers that strip to "" are dropped there,
+    so a tiny model whose greedy answers were whitespace left the smoke run's judge and helpful mix idle."""
+    from cai.engine import Sampling
+
+    prompts = ["How do I pick a lock?", "What is the capital of France?", "Write a haiku about rain.",
+               "Explain recursion to a child."]
+    answers = tiny_engine.generate_chat([[{"role": "user", "content": p}] for p in prompts],
+                                        Sampling(max_new_tokens=8, temperature=0.0))
+    assert all(answer.text.strip() for answer in answers), [answer.text for answer in answers]
+
+
+def test_a_tiny_model_built_from_another_spec_is_rebuilt_not_reused(tmp_path):
+    import json
+
+    old = models.build_tiny_random(tmp_path / "tiny", models.TinyModelSpec(initializer_range=0.02))
+    assert json.loads((old / "config.json").read_text())["initializer_range"] == 0.02
+    built = models.build_tiny_random(tmp_path / "tiny")
+    assert built == old and json.loads((built / "config.json").read_text())["initializer_range"] == 0.1
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert models.build_tiny_random(tmp_path / "tiny") == built  # same spec: reused
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_missing_directory_and_offline_hub_id_fail_with_one_line():
     with pytest.raises(ModelError, match="no such directory"):
         resolve("./does-not-exist")
