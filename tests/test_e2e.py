@@ -64,6 +64,16 @@ def test_every_stage_writes_its_outputs(smoke):
     limit = yaml.safe_load(SMOKE.read_text())["eval"]["limit"]
     assert len(judgments) == 3 * limit + 3 * 2 * limit  # vs the refusal, then 3 pairs on both prompt kinds
     assert metrics["models"]["rl"]["pm_score_harmful"] is not None
+    # The paths that only non-empty greedy answers reach: the judge read comparisons, Elo is a number, and
+    # sft mixed in helpful answers (an empty answer is dropped in both, rightly for a real model).
+    counts = json.loads((run_dir / "6-eval" / "manifest.json").read_text())["counts"]
+    assert counts["judgments"] - counts["judgments_dropped/empty-answer"] > 0, counts
+    assert sum(1 for j in judgments if j["p_a"] is not None) > 0
+    assert set(metrics["elo"]) == {"base", "sl", "rl"}
+    assert all(isinstance(metrics["models"][label]["judge_vs_refusal"], float) for label in metrics["labels"])
+    assert "n/a" not in smoke["data"]["summary"][2] and smoke["data"]["summary"][2].startswith("harmlessness Elo")
+    sft_counts = json.loads((run_dir / "2-sft" / "manifest.json").read_text())["counts"]
+    assert sft_counts["helpful"] > 0 and sft_counts["examples"] == sft_counts["harmless"] + sft_counts["helpful"]
     report = Path(smoke["data"]["report"])
     assert report == (run_dir / "6-eval" / "report.html").resolve() and report.exists()
     assert (run_dir / "6-eval" / "pareto.png").read_bytes().startswith(b"\x89PNG")
