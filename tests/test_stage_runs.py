@@ -341,3 +341,35 @@ def test_a_stage_that_writes_a_directory_refuses_an_out_that_names_a_file(tmp_pa
                                       "--model", "embedded:tiny-random"])
     assert result.exit_code == 1 and "sft writes a directory" in str(result.exception)
     assert manifest.read_text() == '{"stage": "critique", "status": "complete"}'  # the critique's, untouched
+
+
+class _SelfInterruptingTrainer:
+    """A stand-in trainer whose train() receives a SIGINT, as a Ctrl-C in the terminal would deliver."""
+
+    def __init__(self):
+        self.callbacks = []
+
+    def add_callback(self, callback):
+        self.callbacks.append(callback)
+
+    def train(self, resume_from_checkpoint=None):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+        return "trained"
+
+
+def test_an_ignored_sigint_stays_ignored_while_training(monkeypatch):
+    """A job started with SIGINT ignored (`cai run r.yaml &` in a script) is not stopped by a Ctrl-C sent
+    to its process group: train_or_resume must not install its Ctrl-C handler over SIG_IGN."""
+    import signal
+
+    from cai.stages.base import train_or_resume
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert train_or_resume(_SelfInterruptingTrainer(), None) == "trained"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -558,7 +558,8 @@ def _stop_at_step_end(trainer):
 
 class _FirstInterruptStops:
     """While active, the first SIGINT sets `stop.requested` (and puts the previous handler back, so a
-    second one interrupts at once). Off the main thread, where Python cannot take signals, it does nothing."""
+    second one interrupts at once). Off the main thread, where Python cannot take signals, or where SIGINT is
+    ignored or handled outside Python, it does nothing."""
 
     def __init__(self, stop, log: Callable[[str], None] | None):
         self.stop, self.log, self.previous = stop, log, None
@@ -572,7 +573,11 @@ class _FirstInterruptStops:
                      "since the last checkpoint")
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # SIGINT ignored (`cai run ... &` from a script, nohup-style launchers) stays ignored: a Ctrl-C meant
+        # for the foreground job must not stop this one. A handler not installed from Python (getsignal
+        # gives None) could not be put back, so it is left alone too.
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)):
             self.previous = signal.signal(signal.SIGINT, self._on_interrupt)
         return self
 
