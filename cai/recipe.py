@@ -380,9 +380,11 @@ def _constitution_problem(reference: str, problems: list[str]) -> str:
     return f"constitution {reference!r}: {problems[0]}{more}"
 
 
-def _reference_problem(key: str, value: Any) -> str | None:
+def _reference_problem(key: str, value: Any, run_dir: Path | None = None) -> str | None:
     """What is wrong with a stage field that names a model or a constitution (None when nothing is, or
-    when it is not such a field): the checks the top-level keys get, without loading anything."""
+    when it is not such a field): the checks the top-level keys get, without loading anything. A model
+    inside `run_dir` is an earlier stage's output of this run (`eval.models: [sl=runs/demo/2-sft/model]`),
+    which need not exist before the run writes it: the stage that reads it checks it then."""
     if key == "constitution" and isinstance(value, str):
         from cai import constitution as constitution_module
 
@@ -400,6 +402,8 @@ def _reference_problem(key: str, value: Any) -> str | None:
 
     for reference in references:
         if not reference or reference.lower() == "none":  # rl/eval: `judge: none` turns the judge off
+            continue
+        if run_dir is not None and Path(reference).expanduser().resolve().is_relative_to(run_dir.resolve()):
             continue
         try:
             check_reference(reference)
@@ -636,9 +640,10 @@ class _Reader:
             if local is not None:
                 top[key] = str(Path(reference).expanduser().resolve())
 
-    def options(self, stage: str, check_files: bool = True) -> dict[str, Any]:
+    def options(self, stage: str, check_files: bool = True, run_dir: Path | None = None) -> dict[str, Any]:
         """`stage`'s options from the recipe's mapping and --set, each checked for its name, its type and
-        (`check_files`) that an input file it names exists."""
+        (`check_files`) that an input file or model it names exists (a model in `run_dir`, this run's own
+        output, once the run writes it)."""
         spec = self.by_name[stage]
         fields = _fields(spec.load()[0])
         values: dict[str, Any] = {}
@@ -673,7 +678,7 @@ class _Reader:
                     report(f"`{stage}.{key}`: no such file {missing[0]!r} -- check the path")
                     continue
                 converted = [str(p) for p in found] if isinstance(converted, list) else str(found[0])
-            if check_files and (problem := _reference_problem(key, converted)):
+            if check_files and (problem := _reference_problem(key, converted, run_dir)):
                 report(f"`{stage}.{key}`: {problem}")
                 continue
             values[key] = converted
@@ -691,7 +696,7 @@ class _Reader:
             relative = other.product if product and other.product is not None else other.output
             return directory / relative if relative else directory
 
-        explicit = self.options(stage)  # the stage section and --set: they win over what is wired
+        explicit = self.options(stage, run_dir=run_dir)  # the stage section and --set: they win over what is wired
         values: dict[str, Any] = {}
         for field_name, source in spec.wiring.items():
             if field_name not in fields:

@@ -295,6 +295,18 @@ def test_a_mistyped_input_in_a_stage_section_fails_at_load_and_keeps_the_finishe
     assert load(path).stage("eval").config.judge == "none"  # `none` turns a judge off: no path to check
 
 
+def test_a_stage_may_name_a_model_an_earlier_stage_of_this_run_has_yet_to_write(tmp_path, prompts):
+    # The load-time check of a stage's models must not refuse this run's own outputs before they exist:
+    # `eval.models: [sl=runs/t/2-sft/model]` in a fresh run failed even `--only critique`.
+    path = write_recipe(tmp_path, "", prompts)
+    runs = tmp_path / "runs"
+    sl = runs / "t" / "2-sft" / "model"
+    recipe = load(path, [f"eval.models=[base=base-model, sl={sl}]", f"rl.policy={sl}"])
+    assert recipe.stage("eval").config.models[-1] == f"sl={sl}"
+    with pytest.raises(RecipeError, match="`rl.policy`: model .*: no such directory"):  # elsewhere: still checked
+        load(path, [f"rl.policy={runs / 'other' / '2-sft' / 'model'}"])
+
+
 def test_a_constitution_with_several_problems_says_how_many_and_where_to_see_them(tmp_path, prompts):
     constitution = tmp_path / "mine.yaml"
     constitution.write_text("name: Mine\ndescripton: x\n")  # a bad name, a typo, both principle lists missing
