@@ -533,6 +533,8 @@ def train_or_resume(trainer, checkpoint: str | None, log: Callable[[str], None] 
     with _FirstInterruptStops(stop, log):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if stop.requested:
+        # Also after the last step (a Ctrl-C during the final save): a recipe must stop, not go on to the
+        # next stage, and nothing is lost: transformers saves at max_steps, which the rerun loads (`_finished`).
         raise KeyboardInterrupt
     return result
 
