@@ -47,6 +47,7 @@ def test_config_rejects_what_cannot_work():
             RLConfig(**kwargs)
     assert RLConfig(reward=["math:1", "code:0.5"]).weights == {"math": 1.0, "code": 0.5}
     assert RLConfig(pm="none", reward=["math:1"]).pm is None  # as --quantize none; was "--pm none is given"
+    assert RLConfig(pm="NONE", reward=["math:1"]).pm is None  # the recipe check reads any case as none too
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])

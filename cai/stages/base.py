@@ -110,6 +110,12 @@ def check_limit(limit: int | None) -> None:
         raise ConfigError(f"--limit {limit}: must be at least 1 -- leave --limit out to use every record")
 
 
+def none_as_missing(value: str | None) -> str | None:
+    """An optional model option (`--pm`, eval's `--judge`) with the word its help offers for "none of it"
+    (`none`, any case, or empty) read as left out."""
+    return None if value is None or value.strip().lower() in ("", "none") else value
+
+
 def check_at_least_one(cfg: Any, *names: str) -> None:
     """Each named option of `cfg` (a batch size, a step or token count) is at least 1: 0 would crash deep
     in the engine or trainer (a range step of 0, no batches) or quietly do nothing. The error names the

@@ -39,6 +39,7 @@ from cai.stages.base import (
     check_limit,
     engine_progress,
     labelled,
+    none_as_missing,
 )
 
 JUDGE_METHODS = ("auto", "mc", "contrast")
@@ -95,10 +96,7 @@ class EvalConfig:
                               "name them LABEL=REF, e.g. --model base=embedded:smollm2-135m-instruct --model rl=runs/x/5-rl/model")
         if self.judge_method not in JUDGE_METHODS:
             raise ConfigError(f"--judge-method {self.judge_method!r} -- use one of {', '.join(JUDGE_METHODS)}")
-        if self.judge in ("", "none", "None"):
-            self.judge = None
-        if self.pm in ("", "none", "None"):  # its help offers none, as --judge's does
-            self.pm = None
+        self.judge, self.pm = none_as_missing(self.judge), none_as_missing(self.pm)
         check_at_least_one(self, "principles", "max_new_tokens")
 
 

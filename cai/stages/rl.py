@@ -33,6 +33,7 @@ from cai.stages.base import (
     check_directory_out,
     check_limit,
     last_checkpoint,
+    none_as_missing,
     train_or_resume,
 )
 
@@ -101,8 +102,7 @@ class RLConfig:
         self.prompts = [str(p) for p in self.prompts]
         if self.quantize == "none":
             self.quantize = None
-        if self.pm in ("", "none", "None"):  # as --quantize none: the word for "no PM"
-            self.pm = None
+        self.pm = none_as_missing(self.pm)  # as --quantize none: the word for "no PM"
         if self.algo not in ALGOS:
             raise ConfigError(f"--algo {self.algo!r}: use one of {', '.join(ALGOS)}")
         if not (math.isfinite(self.beta) and self.beta >= 0):
