@@ -373,3 +373,33 @@ def test_an_ignored_sigint_stays_ignored_while_training(monkeypatch):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_every_process_of_a_multi_gpu_run_stops_at_the_step_one_of_them_was_interrupted(monkeypatch):
+    """Under accelerate each process takes its own SIGINT: the one that did not (yet) must stop and save at
+    the same step as the one that did, or it would wait forever in the next collective."""
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainingArguments
+
+    from cai.stages.base import _stop_at_step_end
+
+    class Trainer:
+        def add_callback(self, callback):
+            self.callback = callback
+
+    others_asked = []  # what the other process brings to the all-reduce
+
+    def all_reduce(flag, op):
+        flag.copy_(flag.clamp(min=int(bool(others_asked))))
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    stop = _stop_at_step_end(trainer := Trainer())
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    control = trainer.callback.on_step_end(args, None, TrainerControl())
+    assert not control.should_training_stop and not stop.requested
+    others_asked.append(True)  # the other process took a Ctrl-C; this one did not
+    control = trainer.callback.on_step_end(args, None, TrainerControl())
+    assert control.should_save and control.should_training_stop and stop.requested

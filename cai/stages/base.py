@@ -554,6 +554,15 @@ def _stop_at_step_end(trainer):
         requested = False
 
         def on_step_end(self, args, state, control, **kwargs):
+            if _world_size() > 1:
+                # Each process of a multi-GPU run takes its own SIGINT, maybe a step apart: they agree on
+                # every step, or one would stop and save while the others wait in the next collective.
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([int(self.requested)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self.requested = bool(flag.item())
             if self.requested:
                 control.should_save = True
                 control.should_training_stop = True
@@ -562,6 +571,13 @@ def _stop_at_step_end(trainer):
     callback = StopAtStepEnd()
     trainer.add_callback(callback)  # after transformers' own flow callback, which only ever asks to save
     return callback
+
+
+def _world_size() -> int:
+    """Processes in this training run (1 unless torch.distributed is set up, as accelerate launches do)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _FirstInterruptStops:
