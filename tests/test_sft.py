@@ -388,3 +388,38 @@ def test_config_rejects_combinations_that_cannot_work(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         SFTConfig(**overrides)
+
+
+def test_helpful_answers_left_out_are_replaced_so_the_mix_keeps_its_fraction(critique_file, helpful_file, tmp_path,
+                                                                          tiny_model_dir, monkeypatch):
+    asked = []
+
+    def some_empty(self, conversations, sampling, seeds=None, progress=None):
+        topics = [c[-1]["content"] for c in conversations]
+        asked.extend(topics)
+        # topics 0-9 get an empty answer (a model that ends its turn at once), the others a real one
+        return [Generation("" if int(t.split()[3]) < 10 else f"About {t}", 3, True) for t in topics]
+
+    monkeypatch.setattr(Engine, "generate_chat", some_empty)
+    trained = []
+
+    def capture(cfg, model, tokenizer, examples, *args):
+        trained.extend(examples)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "build_trainer", capture)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, helpful=str(helpful_file), helpful_fraction=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(device="cpu"))
+    helpful = [e for e in trained if e["source"] == "helpful"]
+    assert len(helpful) == 6  # 6 revisions at 50%: 6 helpful answers, whichever prompts were empty
+    assert all(e["completion"][0]["content"].startswith("About") for e in helpful)
+    assert len(asked) == len(set(asked)) > 6  # replacements are other prompts, each asked once
+    rejected = [json.loads(line) for line in (tmp_path / "sft" / "rejected.jsonl").read_text().splitlines()]
+    assert sum(r["reason"] == "empty-helpful-answer" for r in rejected) == len(asked) - 6
+
+    asked.clear()
+    trained.clear()
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, StageContext(device="cpu"))
+    assert asked == [] and len([e for e in trained if e["source"] == "helpful"]) == 6  # all from the cache

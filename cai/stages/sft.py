@@ -329,23 +329,35 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
         write_jsonl(out / REJECTED, rejected)
         raise RecordsError(f"every example was left out (see {out / REJECTED}) -- raise --max-length")
 
-    # Helpful answers from the starting model, before any adapter touches it.
-    chosen = choose_helpful(helpful_prompts, helpful_needed(len(kept), cfg.helpful_fraction), cfg.seed)
-    if chosen:
-        cache_path = out / HELPFUL_CACHE
-        task = ctx.reporter.task("helpful answers", total=len(chosen), unit="prompts")
-        answer_helpful(Engine(model, tokenizer, batch_size=cfg.generation_batch_size), chosen, cache_path, cfg, task)
+    # Helpful answers from the starting model, before any adapter touches it. An answer left out (empty, or
+    # past --max-length) is replaced by one to another prompt, while there are prompts, so the mix keeps
+    # its fraction; the replacements come from the prompts not drawn, in a seeded order.
+    needed = helpful_needed(len(kept), cfg.helpful_fraction)
+    chosen = choose_helpful(helpful_prompts, needed, cfg.seed)
+    drawn = {prompt["id"] for prompt in chosen}
+    spare = [prompt for prompt in helpful_prompts if prompt["id"] not in drawn]
+    random.Random(cfg.seed).shuffle(spare)
+    cache_path = out / HELPFUL_CACHE
+    engine = Engine(model, tokenizer, batch_size=cfg.generation_batch_size) if chosen else None
+    batch, answered, helpful = chosen, 0, []
+    while batch:
+        task = ctx.reporter.task("helpful answers" + (" (replacing those left out)" if answered else ""),
+                                 total=len(batch), unit="prompts")
+        answer_helpful(engine, batch, cache_path, cfg, task)
         task.close()
+        answered += len(batch)
         answers = {row["id"]: row for _, row in read_jsonl(cache_path)}
-        helpful = []
-        for prompt in chosen:
+        new = []
+        for prompt in batch:
             answer = answers[prompt["id"]]["answer"]
             if answer.strip():
-                helpful.append({"id": prompt["id"], "source": "helpful", **example(prompt["prompt"], answer)})
+                new.append({"id": prompt["id"], "source": "helpful", **example(prompt["prompt"], answer)})
             else:
                 rejected.append({"id": prompt["id"], "source": "helpful", "reason": "empty-helpful-answer"})
-        helpful, helpful_truncated = fit_length(helpful, tokenizer, cfg.max_length, rejected)
-        kept, truncated = kept + helpful, truncated + helpful_truncated
+        new, new_truncated = fit_length(new, tokenizer, cfg.max_length, rejected)
+        helpful, truncated = helpful + new, truncated + new_truncated
+        batch, spare = spare[:needed - len(helpful)], spare[needed - len(helpful):]
+    kept = kept + helpful
     if rejected:
         write_jsonl(out / REJECTED, rejected)
 
@@ -371,7 +383,7 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     for item in rejected:
         dropped[item["reason"]] = dropped.get(item["reason"], 0) + 1
     counts = {"examples": len(kept), "harmless": sum(e["source"] == "critique" for e in kept),
-              "helpful": sum(e["source"] == "helpful" for e in kept), "helpful_answered": len(chosen),
+              "helpful": sum(e["source"] == "helpful" for e in kept), "helpful_answered": answered,
               "truncated": truncated, "rejected": len(rejected), "steps": steps,
               **{f"rejected/{k}": v for k, v in sorted(dropped.items())}}
     metrics = {"train_loss": mean_loss, "first_loss": losses[0] if losses else None,
