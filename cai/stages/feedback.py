@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import (
@@ -72,7 +73,7 @@ def _check_clamp_use(clamp: tuple[float, float], cot: bool) -> None:
 
 
 @dataclass
-class FeedbackConfig:
+class FeedbackConfig(EngineOptions):
     """`cai feedback`: sample answer pairs from the policy and label them with the judge."""
 
     prompts: str = field(default="", metadata={
@@ -119,6 +120,7 @@ class FeedbackConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_precision(self.precision)
         check_limit(self.limit)
         if not self.prompts:
@@ -147,7 +149,7 @@ class FeedbackConfig:
 
 
 @dataclass
-class FeedbackEvalConfig:
+class FeedbackEvalConfig(EngineOptions):
     """`cai feedback eval`: how well a judge agrees with labelled pairs, before it labels anything."""
 
     pairs: str = field(default="", metadata={
@@ -180,6 +182,7 @@ class FeedbackEvalConfig:
         "help": "Seed for the principles drawn and for which answer is shown as (A)."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_precision(self.precision)
         check_limit(self.limit)
         if not self.pairs:
@@ -264,7 +267,7 @@ def _load_engine(reference: str, cfg, ctx: StageContext):
     from cai.engine import Engine
 
     return Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device,
-                                 precision=cfg.precision)
+                                 precision=cfg.precision, options=cfg)
 
 
 def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task) -> list[tuple[str, str] | str]:

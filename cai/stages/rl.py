@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.rewards import REWARD_NAMES, Thresholds, hacking_warnings, parse_reward_spec, slope
@@ -41,7 +42,7 @@ ALGOS = ("grpo", "rloo")
 
 
 @dataclass
-class RLConfig:
+class RLConfig(EngineOptions):
     prompts: list[str] = field(default_factory=list, metadata={
         "help": "Prompt files (JSONL, CSV or .txt, in any format cai reads), mixed into one training set: give "
                 "red-team and helpful prompts (the paper trained RL on both). Records with `answer` or `tests` "
@@ -91,8 +92,21 @@ class RLConfig:
     seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order and adapter init."})
     force: bool = field(default=False, metadata={
         "help": "Discard an earlier run in OUT made with other options and start over.", "hash": False})
+    # Rollouts on vLLM (trl's integration): on CUDA when vLLM is installed (--backend auto or vllm)
+    gpu_memory_utilization: float = field(default=0.3, metadata={
+        "hash": False, "help": "vLLM: share of the GPU's memory vLLM takes beside training (colocate mode; "
+                               "the held-back judge takes as much again when it runs on vLLM)."})
+    vllm_mode: str = field(default="colocate", metadata={
+        "hash": False, "help": "Rollouts on vLLM: colocate (vLLM in the training process, sharing its GPU) or "
+                               "server (a separate `trl vllm-serve --model POLICY` on other GPUs; see "
+                               "docs/engines.md)."})
+    vllm_server_base_url: str | None = field(default=None, metadata={
+        "hash": False, "help": "server mode: the URL of `trl vllm-serve` (left out: http://localhost:8000)."})
 
     def __post_init__(self):
+        self.check_engine_options()
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ConfigError(f"vllm_mode {self.vllm_mode!r}: pass colocate or server")
         check_directory_out(self.out, "rl", "rl")
         check_limit(self.limit)
         if isinstance(self.prompts, str):
@@ -213,8 +227,34 @@ def trainer_args(cfg: RLConfig, out: Path, device: str, precision) -> Any:
         dataloader_num_workers=0,
         use_cpu=device == "cpu",
         remove_unused_columns=False,
+        **rollout_kwargs(cfg, device),
         **precision.trainer_kwargs(),
     )
+
+
+def rollouts_on_vllm(cfg: RLConfig, device: str) -> bool:
+    """Whether trl generates the rollouts with vLLM: --backend vllm, or auto with vLLM installed, on CUDA.
+    Never on a CPU: trl's weight sync into vLLM's CPU backend fails (it repacks linear weights), so there
+    the rollouts stay on transformers whatever the backend (`run` says so when vllm was asked for)."""
+    from cai.engine import resolve_backend
+
+    return not str(device).startswith("cpu") and resolve_backend(cfg.backend, device) == "vllm"
+
+
+def rollout_kwargs(cfg: RLConfig, device: str) -> dict[str, Any]:
+    """trl's vLLM arguments for the rollouts (empty when they run on transformers)."""
+    if not rollouts_on_vllm(cfg, device):
+        return {}
+    kwargs: dict[str, Any] = {"use_vllm": True, "vllm_mode": cfg.vllm_mode}
+    if cfg.vllm_mode == "server":
+        if cfg.vllm_server_base_url:
+            kwargs["vllm_server_base_url"] = cfg.vllm_server_base_url
+        return kwargs
+    kwargs.update(vllm_gpu_memory_utilization=cfg.gpu_memory_utilization,
+                  vllm_tensor_parallel_size=cfg.tensor_parallel_size)
+    if cfg.max_model_len:
+        kwargs["vllm_max_model_length"] = cfg.max_model_len
+    return kwargs
 
 
 def checkpoint_step(checkpoint: str | None) -> int:
@@ -257,7 +297,7 @@ def build_judge(cfg: RLConfig, device: str):
     from cai.engine import Engine
     from cai.rewards import ContrastJudgeScore
 
-    engine = Engine.from_reference(cfg.judge or cfg.policy, batch_size=16, device=device)
+    engine = Engine.from_reference(cfg.judge or cfg.policy, batch_size=16, device=device, options=cfg)
     return ContrastJudgeScore(engine, constitution.load(cfg.constitution), seed=cfg.seed)
 
 
@@ -441,6 +481,9 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     from cai.models import default_device, load_causal_lm, lora_config, precision_for, save_standalone
 
     device = ctx.device or default_device()
+    if cfg.backend == "vllm" and not rollouts_on_vllm(cfg, device):
+        ctx.reporter.log("rl: rollouts are generated with transformers on this CPU (trl's vLLM integration needs "
+                         "CUDA); the held-back judge uses vLLM")
     rows = load_prompt_rows(cfg.prompts, cfg.limit)
     if len(rows) < cfg.prompts_per_step:  # trl would draw no full batch: 0 steps, reported as success
         raise ConfigError(f"rl: {len(rows)} prompt(s) read, but a step takes --prompts-per-step "

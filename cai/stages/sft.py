@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.paths import local_or_bundled
@@ -45,7 +46,7 @@ REJECTED = "rejected.jsonl"  # in OUT: examples left out of training, each with 
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(EngineOptions):
     """`cai sft`: fine-tune on (request, final revision) chat pairs plus helpful answers.
 
     NOTE: `helpful_fraction` defaults to 0.5: as many helpful examples as harmlessness ones. Fewer lets
@@ -91,6 +92,7 @@ class SFTConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_directory_out(self.out, "sft", "sl-model")
         if self.quantize == "none":
             self.quantize = None
@@ -302,8 +304,8 @@ def report_callback(reporter):
 
 
 def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
-    from cai.engine import Engine
-    from cai.models import default_device, load_causal_lm, save_standalone
+    from cai.engine import Engine, resolve_backend
+    from cai.models import default_device, load_causal_lm, load_tokenizer, save_standalone
     from cai.records import RecordWriter, read_jsonl, read_prompts, write_jsonl
 
     ctx = ctx or StageContext()
@@ -324,7 +326,11 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
         reasons = sorted({item["reason"] for item in rejected})
         raise RecordsError(f"{cfg.data}: no record has a revised `final` ({', '.join(reasons)}) -- nothing to "
                            "train on; rerun `cai critique` with a model that can revise")
-    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
+    # On vLLM the helpful answers come first, from its own copy of the model; the model to train loads
+    # after it is closed, so the two never compete for GPU memory.
+    on_vllm = resolve_backend(cfg.backend, device) == "vllm"
+    model, tokenizer = (None, load_tokenizer(cfg.model)) if on_vllm else load_causal_lm(cfg.model, quantize=cfg.quantize,
+                                                                                         device=device)
     # Lengths first: the helpful share is sized on the revisions that will train.
     kept, truncated = fit_length(examples, tokenizer, cfg.max_length, rejected)
     if not kept:
@@ -341,7 +347,8 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     random.Random(cfg.seed).shuffle(spare)
     batch, answered, helpful = chosen, 0, []
     if chosen:
-        engine = Engine(model, tokenizer, batch_size=cfg.generation_batch_size)
+        engine = (Engine.from_reference(cfg.model, batch_size=cfg.generation_batch_size, device=device, options=cfg)
+                  if on_vllm else Engine(model, tokenizer, batch_size=cfg.generation_batch_size))
         with RecordWriter(out / HELPFUL_CACHE) as cache:  # opened first: it mends a line torn by a kill
             answers = {row["id"]: row["answer"] for _, row in read_jsonl(cache.path)} if cache.done_ids else {}
             while batch:
@@ -360,7 +367,10 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
                 new, new_truncated = fit_length(new, tokenizer, cfg.max_length, rejected)
                 helpful, truncated = helpful + new, truncated + new_truncated
                 batch, spare = spare[:needed - len(helpful)], spare[needed - len(helpful):]
+        engine.close()
     kept = kept + helpful
+    if model is None:
+        model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
     if rejected:
         write_jsonl(out / REJECTED, rejected)
 
