@@ -124,7 +124,10 @@ class ContinuationScore:
 
 
 class Backend(Protocol):
-    """What an inference backend provides. Prompts are already rendered text (chat template applied)."""
+    """What an inference backend provides. Prompts are already rendered text (chat template applied).
+    Both backends also read next-token log-probabilities (`next_token_logprobs(contexts, candidate_ids,
+    lead_ids, progress)`, the multiple-choice judge's fast path); vLLM's adds `close()` and
+    `parameter_count()`, having no transformers model to ask."""
 
     def generate(self, prompts: Sequence[str], sampling: Sampling, seeds: Sequence[int],
                  progress: ProgressFn | None, keep_cache: bool = False) -> list[Generation]: ...

@@ -8,11 +8,11 @@ backends read the same inputs; greedy fp32 decoding then writes the same text (t
   samples of one prompt are several items with their own seeds: prefix caching computes their shared
   prompt once, which is what `n` would save.
 - score: `prompt_logprobs` over context + continuation, summed over the continuation's tokens.
-- next_token_logprobs (the multiple-choice judge): one request per (context, candidate), each allowed
+- next_token_logprobs (the multiple-choice judge): one pass per candidate token, each request allowed
   only that candidate and decoding one token, whose log-probability vLLM reports under the full
   vocabulary (its raw log-probabilities are taken before `allowed_token_ids` masks the logits). Prefix
-  caching computes each context once for all its candidates, and the vocabulary head runs at the last
-  position only; scoring "(A)" and "(B)" with `prompt_logprobs` runs it at every position and reuses
+  caching computes each context once for all its candidates (and a few-shot block once for all
+  contexts), and the vocabulary head runs at the last position only; scoring "(A)" and "(B)" with `prompt_logprobs` runs it at every position and reuses
   no cache (bench/feedback.py measures both).
 - data_parallel_size N: N copies of the model, each in its own process on its own
   tensor_parallel_size GPUs (`Replicas`); a call's items are split among them in order and the
@@ -225,17 +225,16 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         sequences = [ids + list(lead_ids) for ids in self._encode(contexts)]
-        # One request per (context, candidate), contexts outermost: a context's requests run together and
-        # the second reads the first's cached prefix.
-        rows = [seq for seq in sequences for _ in candidate_ids]
-        params = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[token],
-                                 detokenize=False) for _ in sequences for token in candidate_ids]
-        outputs = self._run(rows, params)
-        values = []
-        for output, token in zip(outputs, [t for _ in sequences for t in candidate_ids], strict=True):
-            values.append(float(output.outputs[0].logprobs[0][token].logprob))
-        k = len(candidate_ids)
-        results = [values[i * k:(i + 1) * k] for i in range(len(sequences))]
+        # One pass per candidate: the first computes every context (and caches it), the next ones find the
+        # contexts cached and compute only their last, partly filled block. (Requests for one context in
+        # the same pass would both compute it: blocks are cached once computed.)
+        columns = []
+        for token in candidate_ids:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[token],
+                                    detokenize=False)
+            outputs = self._run(sequences, [params] * len(sequences))
+            columns.append([float(output.outputs[0].logprobs[0][token].logprob) for output in outputs])
+        results = [list(row) for row in zip(*columns, strict=True)]
         if progress:
             progress(len(results), sum(len(s) for s in sequences))
         return results
