@@ -7,7 +7,8 @@ backends read the same inputs; greedy fp32 decoding then writes the same text (t
   depend on its batch-mates or their order; stops at any end-of-turn token (`stop_token_ids`). Several
   samples of one prompt are several items with their own seeds: prefix caching computes their shared
   prompt once, which is what `n` would save.
-- score: `prompt_logprobs` over context + continuation, summed over the continuation's tokens.
+- score: `prompt_logprobs` over context + continuation (each position reports its own token beside
+  the top one), summed over the continuation's tokens.
 - next_token_logprobs (the multiple-choice judge): one pass per candidate token, each request allowed
   only that candidate and decoding one token, whose log-probability vLLM reports under the full
   vocabulary (its raw log-probabilities are taken before `allowed_token_ids` masks the logits). Prefix
@@ -206,7 +207,7 @@ class VLLMBackend:
         for i, ids in enumerate(continuation_ids):
             if not ids:
                 raise ValueError(f"continuation {i} is empty: nothing to score")
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
         sequences = [c + k for c, k in zip(context_ids, continuation_ids, strict=True)]
         outputs = self._run(sequences, [params] * len(sequences))
         results = []
@@ -230,7 +231,7 @@ class VLLMBackend:
         # the same pass would both compute it: blocks are cached once computed.)
         columns = []
         for token in candidate_ids:
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[token],
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, allowed_token_ids=[token],
                                     detokenize=False)
             outputs = self._run(sequences, [params] * len(sequences))
             columns.append([float(output.outputs[0].logprobs[0][token].logprob) for output in outputs])
