@@ -48,9 +48,8 @@ $(VLLM_STAMP): pyproject.toml
 
 install-vllm: $(VLLM_STAMP)
 
-test: install install-vllm
+test: install
 	$(PY) -m pytest -q -ra
-	$(MAKE) test-vllm
 
 # One vLLM instance for the whole session (a fixture); its worker gets both cores and a 4 GiB KV cache.
 test-vllm: install-vllm
