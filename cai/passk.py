@@ -46,6 +46,18 @@ def is_verifiable(record: dict[str, Any]) -> bool:
     return any(record.get(key) not in (None, "", []) for key in ("answer", "tests"))
 
 
+def check_answers(records: Sequence[dict[str, Any]], path: Any) -> None:
+    """Every `answer` is one number the maths reward can compare with; else a RecordsError naming the record."""
+    from cai.errors import RecordsError
+    from cai.rewards import parse_number
+
+    for record in records:
+        answer = record.get("answer")
+        if answer not in (None, "") and parse_number(str(answer)) is None:
+            raise RecordsError(f"{path}: record {record['id']!r}: answer {answer!r} is not one number -- write it "
+                               "as 42, -3/4, 1,234.5 or 25% (or leave `answer` out)")
+
+
 def _tests_source(tests: Any) -> str:
     return "\n".join(tests) if isinstance(tests, list) else str(tests)
 

@@ -955,16 +955,30 @@ def _record_outcomes(recipe: Recipe, outcomes: list[StageOutcome]) -> None:
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """Three lines for a person: refusal of harmful requests, over-refusal of benign ones, and Elo."""
+    """Lines for a person: refusal of harmful requests, over-refusal of benign ones and Elo, for the prompt
+    kinds the eval had; greedy pass@1 and pass@k on verifiable problems, with the last model's ratio to the first."""
     models = metrics.get("models", {})
     labels = list(models)
 
-    def series(key: str) -> str:
-        parts = [f"{label} {models[label][key] * 100:.0f}%" for label in labels if models[label].get(key) is not None]
+    def series(key: str, values=lambda label: models[label]) -> str:
+        parts = [f"{label} {values(label)[key] * 100:.0f}%" for label in labels if values(label).get(key) is not None]
         return " -> ".join(parts) if parts else "n/a"
 
-    lines = [f"harmful requests refused: {series('harmful_refusal_rate')}",
-             f"benign requests refused (over-refusal): {series('benign_refusal_rate')}"]
+    verifiable = {label: models[label].get("verifiable") or {} for label in labels}
+    lines = []
+    for key, title in (("harmful_refusal_rate", "harmful requests refused"),
+                       ("benign_refusal_rate", "benign requests refused (over-refusal)")):
+        if series(key) != "n/a" or not any(verifiable.values()):
+            lines.append(f"{title}: {series(key)}")
+    if any(verifiable.values()):
+        first, last = verifiable[labels[0]].get("pass@1"), verifiable[labels[-1]].get("pass@1")
+        ratio = f" ({last / first:.2f}x)" if first and last is not None and len(labels) > 1 else ""
+        lines.append(f"verifiable problems solved, greedy pass@1: {series('pass@1', verifiable.get)}{ratio}")
+        k = next((v["k"] for v in verifiable.values() if "k" in v), None)
+        if k is not None:
+            lines.append(f"pass@{k} (from {verifiable[labels[0]].get('n')} samples): "
+                         f"{series('pass@k', verifiable.get)}; all@{k}: {series('all@k', verifiable.get)}")
+        return lines
     elo = metrics.get("elo") or {}
     if elo:
         lines.append("harmlessness Elo (judge): " + ", ".join(f"{label} {elo[label]:.0f}" for label in labels

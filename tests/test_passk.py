@@ -143,3 +143,14 @@ def test_filter_stage_on_a_stub_policy_writes_kept_dropped_and_resumes(tmp_path,
 def test_filter_config_needs_at_least_k_samples():
     with pytest.raises(ConfigError, match="--samples 2 is fewer than --k 4"):
         filter_stage.FilterConfig(prompts="p.jsonl", out="f", k=4, samples=2)
+
+
+def test_an_answer_that_is_not_a_number_fails_in_one_line_before_sampling(tmp_path, monkeypatch):
+    from cai.errors import RecordsError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "x", "prompt": "2+2?", "answer": "four"}) + "\n")
+    monkeypatch.setattr(passk, "engine_sampler", lambda *a, **kw: pytest.fail("sampled before checking answers"))
+    cfg = filter_stage.FilterConfig(prompts=str(prompts), out=str(tmp_path / "f"))
+    with pytest.raises(RecordsError, match=r"p.jsonl: record 'x': answer 'four' is not one number"):
+        filter_stage.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))

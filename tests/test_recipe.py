@@ -638,3 +638,11 @@ def test_a_non_scalar_key_is_a_problem_with_its_line(tmp_path):
     recipe.write_text("name: x\nsft:\n  [a, b]: 1\n")
     with pytest.raises(RecipeError, match=r"r.yaml:3: a key must be a plain name"):
         recipes.load(recipe, runs_dir=tmp_path)
+
+
+def test_summary_of_a_maths_eval_gives_pass_at_k_and_the_ratio():
+    lines = recipes.summary_lines({"models": {
+        "base": {"harmful_refusal_rate": None, "verifiable": {"pass@1": 0.2, "pass@k": 0.5, "all@k": 0.05, "k": 4, "n": 8}},
+        "rl": {"harmful_refusal_rate": None, "verifiable": {"pass@1": 0.35, "pass@k": 0.6, "all@k": 0.1, "k": 4, "n": 8}}}})
+    assert lines == ["verifiable problems solved, greedy pass@1: base 20% -> rl 35% (1.75x)",
+                     "pass@4 (from 8 samples): base 50% -> rl 60%; all@4: base 5% -> rl 10%"]

@@ -372,6 +372,9 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     labels = [label for label, _ in models]
     prompts = {kind: read_prompts(path, cfg.limit) if path else [] for kind, path in
                (("harmful", cfg.harmful), ("benign", cfg.benign), ("verifiable", cfg.verifiable))}
+    from cai.passk import check_answers
+
+    check_answers(prompts["verifiable"], cfg.verifiable)
     inputs: dict[str, Any] = {"harmful": cfg.harmful, "benign": cfg.benign, "verifiable": cfg.verifiable,
                               "pm": cfg.pm, "judge": cfg.judge,
                               "constitution": str(constitution_module.resolve_path(cfg.constitution))}

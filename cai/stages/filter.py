@@ -128,6 +128,9 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
     stage.start()
     out.mkdir(parents=True, exist_ok=True)
     records = read_prompts(cfg.prompts, cfg.limit)
+    from cai.passk import check_answers
+
+    check_answers(records, cfg.prompts)
 
     from cai.passk import engine_sampler, is_verifiable, sample_scores
 
