@@ -250,6 +250,7 @@ def summarize(labels: list[str], answers: list[dict[str, Any]], judgments: list[
     """metrics.json from the records: per-model rates and means, win rates and Elo, and on verifiable
     problems greedy pass@1 with pass@k and all@k from the `sampled` scores (label -> problem id -> scores)."""
     from cai import passk
+
     models: dict[str, dict[str, Any]] = {}
     for label in labels:
         mine = [a for a in answers if a["model"] == label]
@@ -358,7 +359,7 @@ def _chunks(items: list, size: int):
 def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.models import check_reference
-    from cai.passk import score_answers
+    from cai.passk import check_answers, score_answers
     from cai.records import RecordWriter, as_messages, read_jsonl, read_prompts
 
     out = Path(cfg.out)
@@ -372,8 +373,6 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     labels = [label for label, _ in models]
     prompts = {kind: read_prompts(path, cfg.limit) if path else [] for kind, path in
                (("harmful", cfg.harmful), ("benign", cfg.benign), ("verifiable", cfg.verifiable))}
-    from cai.passk import check_answers
-
     check_answers(prompts["verifiable"], cfg.verifiable)
     inputs: dict[str, Any] = {"harmful": cfg.harmful, "benign": cfg.benign, "verifiable": cfg.verifiable,
                               "pm": cfg.pm, "judge": cfg.judge,
@@ -408,12 +407,13 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                            if kind == "verifiable"]
                 correct = iter(score_answers([r for r, _ in checked], [t for _, t in checked]) if checked else [])
                 for (kind, record), generation in zip(chunk, generations, strict=True):
-                    writer.append({**({"correct": next(correct)} if kind == "verifiable" else {}),"id": f"{label}/{kind}/{record['id']}", "model": label, "prompt_kind": kind,
+                    verdict = {"correct": next(correct)} if kind == "verifiable" else {}
+                    writer.append({"id": f"{label}/{kind}/{record['id']}", "model": label, "prompt_kind": kind,
                                    "prompt_id": record["id"], "prompt": record["prompt"],
                                    "category": record.get("category"), "answer": generation.text,
                                    "tokens": generation.num_tokens, "finished": generation.finished,
                                    "refusal": is_refusal(generation.text),
-                                   "refusal_phrase": refusal_match(generation.text)})
+                                   "refusal_phrase": refusal_match(generation.text), **verdict})
             task.close()
             del engine
             gc.collect()

@@ -112,6 +112,7 @@ def choose(records: list[dict[str, Any]], scores: dict[str, list[float]], k: int
 
 
 def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
+    from cai.passk import check_answers, engine_sampler, is_verifiable, sample_scores
     from cai.records import RecordWriter, read_prompts, write_jsonl
 
     if not cfg.prompts:
@@ -128,11 +129,7 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
     stage.start()
     out.mkdir(parents=True, exist_ok=True)
     records = read_prompts(cfg.prompts, cfg.limit)
-    from cai.passk import check_answers
-
     check_answers(records, cfg.prompts)
-
-    from cai.passk import engine_sampler, is_verifiable, sample_scores
 
     def make_sampler():
         from cai.engine import Engine
@@ -145,7 +142,7 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
     task = ctx.reporter.task("filter: answers", total=cfg.samples * sum(1 for r in records if is_verifiable(r)))
     with RecordWriter(paths["samples"]) as writer:
         scores = sample_scores(records, make_sampler, cfg.samples, cfg.batch_size, writer,
-                               progress=lambda count: task.advance(count))
+                               progress=task.advance)
     task.close()
 
     kept, dropped = choose(records, scores, cfg.k)
