@@ -522,6 +522,8 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     m = metrics["models"]
 
     def change(name: str, value: Any) -> str:
+        if first == last:
+            return f"{name} {first} {value(m[first])}"
         return f"{name} {first} {value(m[first])} -> {last} {value(m[last])}"
 
     parts = [f"{len(labels)} models, {len(prompts['harmful'])} harmful + {len(prompts['benign'])} benign + "
