@@ -669,6 +669,10 @@ class _Reader:
             if not ok:
                 report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
                 continue
+            choices = fields[key][0].metadata.get("choices")  # as the command line checks them
+            if choices and converted is not None and converted not in choices:
+                report(f"`{stage}.{key}` must be one of {', '.join(map(str, choices))}, got {value!r}")
+                continue
             if check_files and (spec.wiring.get(key, "").startswith("data.") or key in INPUT_FILE_FIELDS) \
                     and isinstance(converted, str | list):
                 files = converted if isinstance(converted, list) else [converted]
@@ -733,11 +737,14 @@ class _Reader:
         return PlannedStage(spec, config, (run_dir / spec.directory).resolve(), frozenset(explicit))
 
     def _report_at_key(self, stage: str, message: str) -> Callable[[str], None]:
-        """Where to report a config check's error: the line (or --set) of the first option it names as
-        `--key-name`, which a stage's checks write; else the stage's mapping."""
+        """Where to report a config check's error: the line (or --set) of the first option it names by its
+        flag (`--key-name`, as the command line spells it and a stage's checks write); else the stage's mapping."""
+        from cai.stages.base import option_flag
+
+        flags = {name: option_flag(f) for name, (f, _) in _fields(self.by_name[stage].load()[0]).items()}
         named = []
         for key, report in self.reporters.get(stage, {}).items():
-            found = re.search(rf"--{re.escape(key.replace('_', '-'))}(?![\w-])", message)
+            found = re.search(rf"--{re.escape(flags.get(key, key))}(?![\w-])", message)
             if found:
                 named.append((found.start(), report))
         if named:

@@ -3,6 +3,7 @@ but do no ML: they copy their inputs into their outputs and count how often they
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -613,3 +614,16 @@ def test_a_non_scalar_key_is_a_problem_with_its_line(tmp_path):
     recipe.write_text("name: x\nsft:\n  [a, b]: 1\n")
     with pytest.raises(RecipeError, match=r"r.yaml:3: a key must be a plain name"):
         recipes.load(recipe, runs_dir=tmp_path)
+
+
+def test_a_choice_key_names_the_choices_as_the_command_line_does(tmp_path):
+    with pytest.raises(RecipeError, match=r"^--set rl.algo=ppo: `rl.algo` must be one of grpo, rloo, got 'ppo'"):
+        recipes.load(SMOKE, ["rl.algo=ppo"], runs_dir=tmp_path)
+
+
+def test_a_config_error_finds_the_key_whose_flag_is_spelt_differently(tmp_path):
+    """eval's `models` key is the command line's repeated --model: its errors say --model, and still point
+    at the key that set it."""
+    option = "eval.models=[a=embedded:tiny-random, a=embedded:tiny-random]"
+    with pytest.raises(RecipeError, match=rf"^--set {re.escape(option)}: eval: model label 'a' is used twice in --model"):
+        recipes.load(SMOKE, [option], runs_dir=tmp_path)

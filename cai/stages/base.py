@@ -620,9 +620,7 @@ def discard_outputs(*paths: str | Path) -> None:
             path.unlink()
 
 
-def help_of(cfg_class: type, name: str) -> str:
-    """A config field's help text: the only documentation of an option (STYLE.md 2)."""
-    for f in dataclasses.fields(cfg_class):
-        if f.name == name:
-            return f.metadata["help"]
-    raise KeyError(f"{cfg_class.__name__} has no field {name!r}")
+def option_flag(f: dataclasses.Field) -> str:
+    """A config field's name as an option (`max_new_tokens` -> `max-new-tokens`; `metadata={"flag": ...}`
+    where they differ): the command line's `--NAME` and what config errors and recipe errors call it."""
+    return f.metadata.get("flag", f.name.replace("_", "-"))

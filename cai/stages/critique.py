@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
-from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
+from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, check_precision
 from cai.stages.base import (
     StageContext,
     StageResult,
@@ -85,7 +85,7 @@ class CritiqueConfig:
         "help": "Nucleus sampling mass in (0, 1]; unused when temperature is 0."})
     seed: int = field(default=0, metadata={
         "help": "Seed for principle draws and sampling (each prompt and step derives its own from it)."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     # How to run it (does not change the records)
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences generated together per engine batch (lower it if memory runs out)."})

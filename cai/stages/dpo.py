@@ -37,7 +37,7 @@ from typing import Any
 
 from cai import records
 from cai.errors import ConfigError
-from cai.models import DEFAULT_MODEL
+from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.stages.base import (
     StageContext,
     StageResult,
@@ -92,14 +92,14 @@ class DPOConfig:
     beta: float = field(default=0.1, metadata={
         "help": "DPO beta: strength of the implicit KL penalty to the reference (> 0; higher stays closer). "
                 "0.1 is trl's default."})
-    loss: str = field(default="sigmoid", metadata={
+    loss: str = field(default="sigmoid", metadata={"choices": LOSSES,
         "help": "DPO loss: sigmoid (Rafailov et al. 2023), ipo (squared loss, length-normalised as in trl) or "
                 "robust (label-noise corrected, with the noise rate taken as the mean of 1 - p_chosen)."})
     soft_labels: bool = field(default=False, metadata={
         "help": "Train on each pair's p_chosen instead of treating every pair as certain: per-pair label "
                 "smoothing 1 - p (conservative DPO). Works with --loss sigmoid and ipo; p = 1 is the ordinary "
                 "loss, p = 0.5 pulls toward no preference."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy in NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank (alpha = 2r, every linear layer); the reference is the adapter-disabled model. "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
-from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
+from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, QUANTIZE_CHOICES, check_precision
 from cai.paths import bundled
 from cai.stages.base import (
     StageContext,
@@ -48,7 +48,7 @@ JUDGE_METHODS = ("auto", "mc", "contrast")
 @dataclass
 class EvalConfig:
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL], metadata={
-        "help": "Models to evaluate, each LABEL=REF or REF (embedded:NAME, hub id or directory); the first "
+        "flag": "model", "help": "Models to evaluate, each LABEL=REF or REF (embedded:NAME, hub id or directory); the first "
                 "is the baseline in the report. Repeat --model for several."})
     harmful: str = field(default=str(bundled("data/eval_harmful.jsonl")), metadata={
         "help": "Harmful prompts (JSONL/CSV with a prompt column, or .txt, one per line): refusing them is the harmless outcome."})
@@ -59,7 +59,7 @@ class EvalConfig:
     judge: str | None = field(default=DEFAULT_MODEL, metadata={
         "help": "Judge model for harmlessness and head-to-head comparisons; none: refusal detector and PM only."})
     judge_method: str = field(default="auto", metadata={
-        "help": "How the judge compares two answers: mc (log-prob multiple choice), contrast (likelihood "
+        "choices": JUDGE_METHODS, "help": "How the judge compares two answers: mc (log-prob multiple choice), contrast (likelihood "
                 "under principle-following vs -ignoring system prompts; for small judges), auto (as cai feedback)."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution whose judge principles the judge uses (file or bundled name)."})
@@ -74,8 +74,8 @@ class EvalConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "Answer length limit, in tokens."})
     head_to_head: bool = field(default=True, metadata={
         "help": "Compare every pair of models with the judge and compute Elo ratings."})
-    quantize: str | None = field(default=None, metadata={"help": "4bit: load the models in 4 bits. Left out (or none): full precision."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES, "help": "4bit: load the models in 4 bits. Left out (or none): full precision."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     seed: int = field(default=0, metadata={"help": "Seed for drawing judge principles."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per generation/scoring batch.", "hash": False})
     examples: int = field(default=6, metadata={

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError, RecordsError
-from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
+from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, QUANTIZE_CHOICES, check_precision
 from cai.stages.base import (
     StageContext,
     StageResult,
@@ -85,7 +85,7 @@ class FeedbackConfig:
         "help": "Feedback model that labels the pairs. Left out: the policy model (loaded once)."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution file, or a bundled name (default, short, medical); its judge principles are used."})
-    method: str = field(default="auto", metadata={"help": METHOD_HELP})
+    method: str = field(default="auto", metadata={"help": METHOD_HELP, "choices": METHOD_CHOICES})
     principles: int = field(default=1, metadata={
         "help": "Judge principles sampled per pair (seeded, distinct); the label averages over them (1 as in the paper)."})
     cot: bool = field(default=False, metadata={
@@ -94,7 +94,7 @@ class FeedbackConfig:
     cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
     swap: bool = field(default=True, metadata={
         "help": "Multiple choice: ask again with the answers swapped and average both orders (off: --no-swap)."})
-    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={
+    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={"metavar": "LO,HI",
         "help": "LO,HI limits for chain-of-thought probabilities, which come out near 0 or 1 (paper: 0.4,0.6)."})
     few_shot: bool = field(default=True, metadata={
         "help": "Multiple choice: show the constitution's judging examples before the question (off: --no-few-shot)."})
@@ -105,10 +105,10 @@ class FeedbackConfig:
     samples_top_p: float = field(default=1.0, metadata={
         "help": "Nucleus sampling mass of the policy's answers, in (0, 1]; 1.0 samples from the whole distribution."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy and judge in 4-bit NF4 (bitsandbytes; on CPU too). "
                 "Left out (or none): full precision."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
     limit: int | None = field(default=None, metadata={
@@ -153,7 +153,7 @@ class FeedbackEvalConfig:
     pairs: str = field(default="", metadata={
         "help": "Labelled pairs: hh-rlhf files (.jsonl or .jsonl.gz), trl preference format, or cai preference records."})
     judge: str = field(default=DEFAULT_MODEL, metadata={"help": "Judge model: embedded:NAME, hub id or directory."})
-    method: str | None = field(default=None, metadata={
+    method: str | None = field(default=None, metadata={"choices": METHOD_CHOICES,
         "help": "mc, contrast, or auto (contrast below ~1B parameters). Left out: evaluate both mc and contrast."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution file, or a bundled name; its judge principles are used."})
@@ -162,7 +162,7 @@ class FeedbackEvalConfig:
     cot: bool = field(default=False, metadata={
         "help": "Multiple choice: the judge reasons before answering; probabilities clamped to --clamp."})
     cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
-    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={
+    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={"metavar": "LO,HI",
         "help": "LO,HI limits for chain-of-thought probabilities (paper: 0.4,0.6)."})
     few_shot: bool = field(default=True, metadata={"help": "Multiple choice: show the judging examples first (off: --no-few-shot)."})
     judge_temperature: float = field(default=1.0, metadata={"help": "Contrast method: p(A) = sigmoid((sA - sB) / this)."})
@@ -172,9 +172,9 @@ class FeedbackEvalConfig:
     bins: int = field(default=10, metadata={"help": "Equal-width probability bins for the calibration error (ECE)."})
     out: str | None = field(default=None, metadata={
         "hash": False, "help": "Directory for metrics.json and verdicts.jsonl. Left out: print the table only."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the judge in 4-bit NF4 (bitsandbytes; on CPU too). Left out (or none): full precision."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     batch_size: int = field(default=16, metadata={"hash": False, "help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={
         "help": "Seed for the principles drawn and for which answer is shown as (A)."})

@@ -86,7 +86,7 @@ class PMTrainConfig:
                 "to 182,831 AI). The smaller side is repeated if too few; the summary gives exact counts."})
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Base model: embedded:NAME, a hub id or a local directory; a one-output score head is added."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the base in NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank (alpha = 2r) on every linear layer; the score head is trained whole. 0: full fine-tuning."})

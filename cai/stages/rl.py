@@ -53,7 +53,7 @@ class RLConfig:
         "help": "Starting policy (the SL model): embedded:NAME, a hub id or a local directory. Also the KL reference."})
     pm: str | None = field(default=None, metadata={
         "help": "Preference model directory (`cai pm train --out`). Needed by the pm reward. Left out (or none): no PM."})
-    algo: str = field(default="grpo", metadata={"help": "RL algorithm: grpo or rloo (trl's trainers)."})
+    algo: str = field(default="grpo", metadata={"choices": ALGOS, "help": "RL algorithm: grpo or rloo (trl's trainers)."})
     beta: float = field(default=0.05, metadata={
         "help": "KL penalty coefficient against the starting policy, for both algorithms. 0 turns the KL "
                 "penalty off (only when you ask for it)."})
@@ -69,7 +69,7 @@ class RLConfig:
         "help": "Learning rate. Left out: 2e-5 with LoRA, 1e-6 for full fine-tuning (--lora-r 0)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most per answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for the answers (> 0)."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy in 4-bit NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = full fine-tuning (not with --quantize 4bit)."})
     limit: int | None = field(default=None, metadata={"help": "Read at most this many prompts from each file (left out: all)."})

@@ -66,7 +66,7 @@ class SFTConfig:
     helpful_max_new_tokens: int = field(default=256, metadata={
         "help": "Tokens generated at most per helpful answer (greedy)."})
     # How to train
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "Load the base in 4-bit and train LoRA on it (QLoRA): 4bit. Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank on every linear layer (alpha = 2r); 0 = full fine-tuning of every weight."})
