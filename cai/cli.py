@@ -427,7 +427,7 @@ _JUDGE_PANEL = "judge constitution method principles cot cot_max_new_tokens swap
 # A group callback: its options are not required on the command line, since `cai feedback eval` has none of
 # them; FeedbackConfig names what is missing.
 @stage_command(feedback_app, None, FeedbackConfig, panels={
-    "Inputs and outputs": "prompts policy out", "Judge": _JUDGE_PANEL,
+    "Inputs and outputs": "prompts model out", "Judge": _JUDGE_PANEL,
     "Answer sampling": "samples_temperature samples_top_p max_new_tokens",
     "Running": "quantize precision batch_size limit seed force"})
 def feedback(cfg: FeedbackConfig, json_output: bool) -> None:
@@ -435,7 +435,7 @@ def feedback(cfg: FeedbackConfig, json_output: bool) -> None:
 
     Writes one preference record per pair (chosen, rejected, soft label p_chosen, P(A) in each order) for `cai pm train` or `cai dpo`; pairs set aside go to OUT.rejected.jsonl. A killed run resumes where it stopped; a finished one is skipped. Check a judge first with `cai feedback eval`.
 
-    Example: cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl --limit 16
+    Example: cai feedback --prompts data/red_team_prompts.jsonl --model runs/demo/2-sft/model --out prefs.jsonl --limit 16
     """
     from cai.stages import feedback as stage
 
@@ -534,7 +534,7 @@ def pm_eval(cfg: PMEvalConfig, json_output: bool) -> None:
 def rl(cfg: RLConfig, json_output: bool) -> None:
     """Optimise a policy against the preference model (GRPO or RLOO) with a KL penalty and optional verifiable rewards.
 
-    Example: cai rl --policy runs/x/2-sft/model --pm runs/x/4-pm/model --prompts data/red_team_prompts.jsonl
+    Example: cai rl --model runs/x/2-sft/model --pm runs/x/4-pm/model --prompts data/red_team_prompts.jsonl
     --prompts data/helpful_prompts.jsonl --out runs/x/5-rl --max-steps 20
     """
     from cai.stages.rl import run
@@ -544,7 +544,7 @@ def rl(cfg: RLConfig, json_output: bool) -> None:
 
 @stage_command(app, "dpo", DPOConfig, required=("ai", "out"), panels={
     "Preference data": "ai human human_fraction eval_fraction soft_labels",
-    "Model and output": "out policy quantize lora_r",
+    "Model and output": "out model quantize lora_r",
     "Training": "beta loss epochs lr max_steps max_length batch_size save_steps seed"})
 def dpo(cfg: DPOConfig, json_output: bool) -> None:
     """Train the policy with DPO on mixed human/AI preferences: the offline alternative to pm + rl.
@@ -553,7 +553,7 @@ def dpo(cfg: DPOConfig, json_output: bool) -> None:
     policy (with LoRA: the adapter disabled, no second copy). A re-run resumes from the last checkpoint;
     a finished run is skipped.
 
-    Example: cai dpo --policy runs/demo/2-sft/model --ai runs/demo/3-feedback/prefs.jsonl
+    Example: cai dpo --model runs/demo/2-sft/model --ai runs/demo/3-feedback/prefs.jsonl
     --human data/helpful_prefs_example.jsonl --soft-labels --out dpo-model
     """
     from cai.stages import dpo as stage

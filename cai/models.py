@@ -498,7 +498,7 @@ def load_causal_lm(reference: str | None = None, *, quantize: str | None = None,
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         architectures = []
-    # A PM here (`--policy runs/x/4-pm`) loads without a word: its backbone under an LM head taken from the
+    # A PM here (`cai rl --model runs/x/4-pm`) loads without a word: its backbone under an LM head taken from the
     # tied embeddings or left random, generating plausible-looking text from a model that was never a policy.
     if any(str(name).endswith("ForSequenceClassification") for name in architectures):
         raise ModelError(f"{reference}: a preference model ({architectures[0]}), not a language model -- pass a "

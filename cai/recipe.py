@@ -102,15 +102,15 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("sft", "2-sft", "cai.stages.sft", "model",
               {"data": "out.critique", "model": "model", "helpful": "data.helpful"}),
     StageSpec("feedback", "3-feedback", "cai.stages.feedback", "prefs.jsonl", config="FeedbackConfig",
-              wiring={"prompts": "data.red_team", "policy": "out.sft", "judge": "judge",
+              wiring={"prompts": "data.red_team", "model": "out.sft", "judge": "judge",
                       "constitution": "constitution"}),
     StageSpec("pm", "4-pm", "cai.stages.pm", "", product="model", config="PMTrainConfig", function="run_train",
               wiring={"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
     StageSpec("rl", "5-rl", "cai.stages.rl", "", product="model",
-              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts",
+              wiring={"model": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts",
                       "constitution": "constitution"}),
     StageSpec("dpo", "5-dpo", "cai.stages.dpo", "model",
-              {"policy": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
+              {"model": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
     StageSpec("eval", "6-eval", "cai.stages.evaluate", "",
               {"models": "models", "harmful": "data.eval_harmful", "benign": "data.eval_benign",
                "judge": "judge", "constitution": "constitution", "pm": "out?.pm"}),
@@ -153,7 +153,10 @@ RUNNER_FIELDS = ("out", "force")
 # top-level `model`, `judge`, `constitution` and `data` are: a typo must fail at load, not after the runner
 # has discarded that stage's finished output to redo it with the new value.
 INPUT_FILE_FIELDS = ("prompts", "data", "ai", "human", "helpful", "harmful", "benign")
-MODEL_FIELDS = ("model", "policy", "judge", "pm")
+MODEL_FIELDS = ("model", "judge", "pm")
+# Old names of stage keys: a recipe that uses one fails naming the current key, rather than having its
+# value dropped or read with another meaning.
+RENAMED = {"feedback": {"policy": "model"}, "rl": {"policy": "model"}, "dpo": {"policy": "model"}}
 
 
 def stage_names(registry: tuple[StageSpec, ...] = STAGES) -> list[str]:
@@ -662,6 +665,9 @@ class _Reader:
         allowed = [name for name in fields if name not in RUNNER_FIELDS]
         self.reporters[stage] = {key: report for key, (_, report) in given.items()}
         for key, (value, report) in given.items():
+            if key in RENAMED.get(stage, {}) and key not in allowed:
+                report(f"`{stage}.{key}` is renamed to `{RENAMED[stage][key]}`")
+                continue
             if key not in allowed:
                 report(f"unknown key `{key}` in {stage} -- {_closest(key, allowed)}")
                 continue

@@ -81,7 +81,7 @@ def test_a_stage_that_fails_before_its_first_bar_prints_just_the_error(tmp_path)
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "x"}\n{broken\n')
-    result = subprocess.run([sys.executable, "-m", "cai", "feedback", "--prompts", str(prompts), "--policy",
+    result = subprocess.run([sys.executable, "-m", "cai", "feedback", "--prompts", str(prompts), "--model",
                              "embedded:tiny-random", "--out", str(tmp_path / "f.jsonl")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {prompts}:2: not valid JSON"), result.stderr

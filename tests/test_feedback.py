@@ -101,7 +101,7 @@ def use_engines(monkeypatch, engines: list):
 
 
 def config(prompts_file, out, **overrides):
-    values = dict(prompts=prompts_file, policy="embedded:stub", out=str(out), method="mc", principles=2,
+    values = dict(prompts=prompts_file, model="embedded:stub", out=str(out), method="mc", principles=2,
                   batch_size=2, max_new_tokens=8)
     values.update(overrides)
     return FeedbackConfig(**values)
@@ -292,14 +292,14 @@ def test_cli_without_prompts_names_the_missing_options(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cai", "feedback", "--out", str(tmp_path / "x.jsonl")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "--prompts" in result.stderr
-    assert "--policy" not in result.stderr  # it defaults to the embedded model, like every stage's model option
+    assert "--model" not in result.stderr  # it defaults to the embedded model, like every stage's model option
 
 
 def test_cli_labels_pairs_with_the_tiny_model(tmp_path, prompts_file):
     from cai.cli import app
 
     out = tmp_path / "prefs.jsonl"
-    args = ["feedback", "--prompts", prompts_file, "--policy", "embedded:tiny-random", "--out", str(out),
+    args = ["feedback", "--prompts", prompts_file, "--model", "embedded:tiny-random", "--out", str(out),
             "--limit", "3", "--max-new-tokens", "6", "--batch-size", "4", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -61,7 +61,7 @@ class FakeSftConfig:
 @dataclass
 class FakeFeedbackConfig:
     prompts: str = _f("")
-    policy: str = _f("")
+    model: str = _f("")
     judge: str = _f("m")
     constitution: str = _f("default")
     method: str = _f("mc")
@@ -81,7 +81,7 @@ class FakePmConfig:
 
 @dataclass
 class FakeRlConfig:
-    policy: str = _f("")
+    model: str = _f("")
     pm: str = _f("")
     prompts: list[str] = _f(list)
     constitution: str = _f("default")
@@ -93,7 +93,7 @@ class FakeRlConfig:
 
 @dataclass
 class FakeDpoConfig:
-    policy: str = _f("")
+    model: str = _f("")
     ai: str = _f("")
     human: str | None = _f(None)
     seed: int = _f(0)
@@ -112,7 +112,7 @@ class FakeEvalConfig:
     out: str = _f("", hash_=False)
 
 
-INPUT_FIELDS = ("prompts", "data", "helpful", "policy", "ai", "human", "pm", "harmful", "benign")
+INPUT_FIELDS = ("prompts", "data", "helpful", "model", "ai", "human", "pm", "harmful", "benign")
 
 
 def _fake_run(name: str):
@@ -196,7 +196,7 @@ def test_wiring_and_precedence(tmp_path, prompts):
     assert critique.prompts == str(prompts.resolve()) and critique.model == "base-model"
     assert critique.revisions == 2 and critique.seed == 3  # --set, then top-level seed shared
     assert sft.data == critique.out and sft.epochs == 5  # --set beats the recipe's 2
-    assert recipe.stage("feedback").config.policy == str(run_dir / "2-sft" / "model")
+    assert recipe.stage("feedback").config.model == str(run_dir / "2-sft" / "model")
     assert recipe.stage("feedback").config.judge == "base-model"  # judge defaults to the base model
     rl = recipe.stage("rl").config
     assert rl.pm == str(run_dir / "4-pm" / "model") and rl.beta == 1.0 and isinstance(rl.beta, float)
@@ -302,10 +302,10 @@ def test_a_stage_may_name_a_model_an_earlier_stage_of_this_run_has_yet_to_write(
     path = write_recipe(tmp_path, "", prompts)
     runs = tmp_path / "runs"
     sl = runs / "t" / "2-sft" / "model"
-    recipe = load(path, [f"eval.models=[base=base-model, sl={sl}]", f"rl.policy={sl}"])
+    recipe = load(path, [f"eval.models=[base=base-model, sl={sl}]", f"rl.model={sl}"])
     assert recipe.stage("eval").config.models[-1] == f"sl={sl}"
-    with pytest.raises(RecipeError, match="`rl.policy`: model .*: no such directory"):  # elsewhere: still checked
-        load(path, [f"rl.policy={runs / 'other' / '2-sft' / 'model'}"])
+    with pytest.raises(RecipeError, match="`rl.model`: model .*: no such directory"):  # elsewhere: still checked
+        load(path, [f"rl.model={runs / 'other' / '2-sft' / 'model'}"])
 
 
 def test_a_constitution_with_several_problems_says_how_many_and_where_to_see_them(tmp_path, prompts):
@@ -627,3 +627,9 @@ def test_a_config_error_finds_the_key_whose_flag_is_spelt_differently(tmp_path):
     option = "eval.models=[a=embedded:tiny-random, a=embedded:tiny-random]"
     with pytest.raises(RecipeError, match=rf"^--set {re.escape(option)}: eval: model label 'a' is used twice in --model"):
         recipes.load(SMOKE, [option], runs_dir=tmp_path)
+
+
+@pytest.mark.parametrize("old, new", [("feedback.policy", "model"), ("rl.policy", "model")])
+def test_a_renamed_key_fails_naming_its_new_name(tmp_path, old, new):
+    with pytest.raises(RecipeError, match=rf"^--set {re.escape(old)}=x: `{re.escape(old)}` is renamed to `{new}`$"):
+        recipes.load(SMOKE, [f"{old}=x"], runs_dir=tmp_path)

@@ -1,6 +1,6 @@
 """Offline path: DPO on the mixed human/AI preferences, as an alternative to PM + RL.
 
-    cai dpo --policy runs/x/2-sft/model --ai runs/x/3-feedback/prefs.jsonl \\
+    cai dpo --model runs/x/2-sft/model --ai runs/x/3-feedback/prefs.jsonl \\
             --human data/helpful_prefs_example.jsonl --out runs/x/5-dpo/model --soft-labels
 
 - The pairs are prepared exactly as `cai pm train` prepares them, with its own functions: pairs with
@@ -68,7 +68,7 @@ MAX_ROBUST_SMOOTHING = 0.49  # trl's robust loss divides by 1 - 2 * epsilon: kee
 class DPOConfig:
     """`cai dpo`: one field per option; recipes use the same names as keys."""
 
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Starting policy (usually the SL-CAI model): embedded:NAME, a hub id or a local directory. "
                 "It is also the DPO reference model."})
     ai: str | None = field(default=None, metadata={
@@ -494,7 +494,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     if not cfg.out:
         raise ConfigError("dpo needs an output directory -- pass --out DIR")
     out = Path(cfg.out)
-    stage_run = StageRun("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.policy, "ai": cfg.ai,
+    stage_run = StageRun("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.model, "ai": cfg.ai,
                                                                     "human": cfg.human},
                          outputs=[out], force=cfg.force, scratch=[out / "checkpoints"])
     if (done := stage_run.previous()) is not None:
@@ -511,7 +511,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     mix = pairs.mix
     ctx.reporter.log(f"dpo: training mix: {mix.summary()}; held out {len(pairs.heldout_ai)} AI + "
                      f"{len(pairs.heldout_human)} human")
-    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device)
+    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
     examples, too_long, truncated = screen_pairs(mix.records, tokenizer, cfg.max_length)
     heldout = {}
     for name, side in (("ai", pairs.heldout_ai), ("human", pairs.heldout_human)):
@@ -552,7 +552,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     train_seconds = time.perf_counter() - started
     evaluation = evaluate_heldout(trainer)
 
-    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.policy)
+    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.model)
     history = trainer.state.log_history
     records.write_jsonl(out / "metrics.jsonl", history)  # the checkpoints go with complete()
 

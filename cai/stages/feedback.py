@@ -1,6 +1,6 @@
 """Stage 2, AI feedback: the policy answers each prompt twice and a judge says which answer is better.
 
-    cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl
+    cai feedback --prompts data/red_team_prompts.jsonl --model runs/demo/2-sft/model --out prefs.jsonl
 
 For each prompt the policy samples two answers (seeded per prompt, so a resumed run samples the same
 text; exactly so in fp32, see `cai.engine` on bf16); a pair whose answers are identical is resampled
@@ -77,12 +77,12 @@ class FeedbackConfig:
 
     prompts: str = field(default="", metadata={
         "help": "Prompts to answer (JSONL or CSV with a prompt-like column, chat messages, or .txt, one per line), normally red-team prompts."})
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Model that samples the two answers: embedded:NAME, hub id or directory (normally the SL-CAI model)."})
     out: str = field(default="", metadata={
         "hash": False, "help": "Preference records to write (JSONL); pairs set aside go to <out>.rejected.jsonl."})
     judge: str | None = field(default=None, metadata={
-        "help": "Feedback model that labels the pairs. Left out: the policy model (loaded once)."})
+        "help": "Feedback model that labels the pairs. Left out: --model (loaded once)."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution file, or a bundled name (default, short, medical); its judge principles are used."})
     method: str = field(default="auto", metadata={"help": METHOD_HELP, "choices": METHOD_CHOICES})
@@ -303,7 +303,7 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     out, rejected_out = Path(cfg.out), rejected_path(cfg.out)
     constitution_file = constitution_module.resolve_path(cfg.constitution)
     stage = StageRun("feedback", cfg, ctx.manifest_for(out),
-                     inputs={"prompts": cfg.prompts, "policy": cfg.policy, "judge": cfg.judge or cfg.policy,
+                     inputs={"prompts": cfg.prompts, "policy": cfg.model, "judge": cfg.judge or cfg.model,
                              "constitution": constitution_file},
                      outputs=[out, rejected_out], force=cfg.force)
     if (done := stage.previous()) is not None:
@@ -321,8 +321,8 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
         if resuming:
             ctx.reporter.log(f"resuming: {len(items) - len(todo)} of {len(items)} prompts already done")
         if todo:
-            policy = _load_engine(cfg.policy, cfg, ctx)
-            same = cfg.judge is None or cfg.judge == cfg.policy
+            policy = _load_engine(cfg.model, cfg, ctx)
+            same = cfg.judge is None or cfg.judge == cfg.model
             judge_engine = policy if same else _load_engine(cfg.judge, cfg, ctx)
             judge = Judge(judge_engine, constitution, method=cfg.method, swap=cfg.swap, cot=cfg.cot,
                           clamp=cfg.clamp, few_shot=cfg.few_shot, temperature=cfg.judge_temperature,

@@ -1,7 +1,7 @@
 """Stage 4: RL. Optimise the policy (the SL-CAI model) against the preference model with trl's GRPO or
 RLOO, a KL penalty to the starting policy, and optional verifiable rewards.
 
-    cai rl --policy runs/x/2-sft/model --pm runs/x/4-pm/model \\
+    cai rl --model runs/x/2-sft/model --pm runs/x/4-pm/model \\
         --prompts data/red_team_prompts.jsonl --prompts data/helpful_prompts.jsonl --out runs/x/5-rl
 
 Writes `OUT/model/` (a standalone merged model), `OUT/metrics.jsonl` (one record a step: rewards, KL,
@@ -49,7 +49,7 @@ class RLConfig:
     out: str = field(default="", metadata={
         "help": "Output directory: model/ (standalone), metrics.jsonl, manifest.json, checkpoints/ while running.",
         "hash": False})
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Starting policy (the SL model): embedded:NAME, a hub id or a local directory. Also the KL reference."})
     pm: str | None = field(default=None, metadata={
         "help": "Preference model directory (`cai pm train --out`). Needed by the pm reward. Left out (or none): no PM."})
@@ -257,7 +257,7 @@ def build_judge(cfg: RLConfig, device: str):
     from cai.engine import Engine
     from cai.rewards import ContrastJudgeScore
 
-    engine = Engine.from_reference(cfg.judge or cfg.policy, batch_size=16, device=device)
+    engine = Engine.from_reference(cfg.judge or cfg.model, batch_size=16, device=device)
     return ContrastJudgeScore(engine, constitution.load(cfg.constitution), seed=cfg.seed)
 
 
@@ -427,7 +427,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     if not cfg.out:
         raise ConfigError("no --out given -- name the directory for the RL model and metrics")
     out = Path(cfg.out)
-    inputs = {"policy": cfg.policy, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
+    inputs = {"policy": cfg.model, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
     stage = StageRun("rl", cfg, ctx.manifest_for(out), inputs=inputs,
                      outputs=[out / "model", out / "metrics.jsonl", out / "checkpoints"], force=cfg.force,
                      scratch=[out / "checkpoints"])  # removed once complete: a kill before resumes from them
@@ -470,7 +470,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
 
     precision = precision_for(device)
     frozen = cfg.lora_r > 0 and cfg.quantize is None  # a 4-bit base keeps its own compute dtype
-    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device,
+    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device,
                                       dtype=precision.frozen_dtype if frozen else None)
     reward, parts = build_reward(cfg, tokenizer, device, observers=[monitor.observe])
     trainer_class = _trainer_class(cfg.algo)
@@ -488,7 +488,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     train_or_resume(trainer, checkpoint, ctx.reporter.log)
     task.close()
 
-    model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.policy)
+    model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.model)
 
     history = monitor.history
     warnings = hacking_warnings(history, Thresholds())
