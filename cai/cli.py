@@ -530,7 +530,7 @@ def pm_eval(cfg: PMEvalConfig, json_output: bool) -> None:
 @stage_command(app, "rl", RLConfig, required=("prompts", "out"), panels={
     "Rewards and monitors": "reward length_target code_timeout code_memory_mb judge constitution judge_every",
     "Training": "num_generations prompts_per_step max_steps lr max_new_tokens temperature quantize lora_r "
-                "checkpoint_every pm_batch_size"})
+                "save_steps pm_batch_size"})
 def rl(cfg: RLConfig, json_output: bool) -> None:
     """Optimise a policy against the preference model (GRPO or RLOO) with a KL penalty and optional verifiable rewards.
 

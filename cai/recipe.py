@@ -156,7 +156,8 @@ INPUT_FILE_FIELDS = ("prompts", "data", "ai", "human", "helpful", "harmful", "be
 MODEL_FIELDS = ("model", "judge", "pm")
 # Old names of stage keys: a recipe that uses one fails naming the current key, rather than having its
 # value dropped or read with another meaning.
-RENAMED = {"feedback": {"policy": "model"}, "rl": {"policy": "model"}, "dpo": {"policy": "model"}}
+RENAMED = {"feedback": {"policy": "model"}, "rl": {"policy": "model", "checkpoint_every": "save_steps"},
+           "dpo": {"policy": "model"}}
 
 
 def stage_names(registry: tuple[StageSpec, ...] = STAGES) -> list[str]:

@@ -111,7 +111,7 @@ def test_grpo_steps_raise_the_mean_reward(tiny_model_dir, prompt_files, tmp_path
                         (CombinedReward([("target", target_share, 1.0)], observers), {}))
     cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), model=tiny_model_dir,
                    reward=["format:1"], max_steps=8, lr=5e-2, lora_r=0, num_generations=8, max_new_tokens=10,
-                   judge="none", checkpoint_every=100)
+                   judge="none", save_steps=100)
     result = rl.run(cfg, StageContext(device="cpu"))
     history = metrics_of(tmp_path / "rl")
     assert [r["step"] for r in history] == list(range(1, 9))
@@ -146,7 +146,7 @@ def test_lora_rl_on_a_cpu_with_native_bf16_trains_fp32_adapters_over_a_bf16_base
     monkeypatch.setattr(rl, "_trainer_class", lambda algo: Spy)
     cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), model=tiny_model_dir,
                    reward=["format:1"], max_steps=2, lr=1e-2, lora_r=4, num_generations=4, max_new_tokens=6,
-                   judge="none", checkpoint_every=100)
+                   judge="none", save_steps=100)
     result = rl.run(cfg, StageContext(device="cpu"))
     assert seen["frozen"] == {torch.bfloat16}
     assert seen["lora"] and {dtype for dtype, _ in seen["lora"].values()} == {torch.float32}
@@ -167,7 +167,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_a_finished_run_is_skipp
 
     out = tmp_path / "rl"
     cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), model=tiny_model_dir, reward=["math:1"],
-                   max_steps=4, max_new_tokens=6, judge="none", checkpoint_every=2, lora_r=4)
+                   max_steps=4, max_new_tokens=6, judge="none", save_steps=2, lora_r=4)
     original_log = rl.Monitor.log
     logged_steps, kill = [], [True]
 
@@ -208,7 +208,7 @@ def test_ctrl_c_while_a_step_logs_saves_the_next_one_and_the_resume_trains_only_
 
     out = tmp_path / "rl"
     cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), model=tiny_model_dir, reward=["math:1"],
-                   max_steps=4, max_new_tokens=6, judge="none", checkpoint_every=100, lora_r=4)
+                   max_steps=4, max_new_tokens=6, judge="none", save_steps=100, lora_r=4)
     original_log = rl.Monitor.log
     logged_steps, interrupt = [], [True]
 

@@ -6,7 +6,7 @@ RLOO, a KL penalty to the starting policy, and optional verifiable rewards.
 
 Writes `OUT/model/` (a standalone merged model), `OUT/metrics.jsonl` (one record a step: rewards, KL,
 response length, the hacking monitors, time spent generating) and `OUT/manifest.json`. Checkpoints go
-to `OUT/checkpoints/` every `checkpoint_every` steps; an interrupted run resumes from the last one when
+to `OUT/checkpoints/` every `save_steps` steps; an interrupted run resumes from the last one when
 run again with the same options, and they are removed once the model is saved.
 
 Each step samples `prompts_per_step` prompts, `num_generations` answers each, scores them with the
@@ -85,7 +85,7 @@ class RLConfig:
         "help": "Constitution whose judge principles the held-back judge uses (path or bundled name)."})
     judge_every: int = field(default=1, metadata={
         "help": "Run the held-back judge on every Nth step's answers (costs two scoring passes per answer)."})
-    checkpoint_every: int = field(default=5, metadata={
+    save_steps: int = field(default=5, metadata={
         "help": "Save a resumable checkpoint every this many steps.", "hash": False})
     pm_batch_size: int = field(default=16, metadata={"help": "PM scoring batch size.", "hash": False})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order and adapter init."})
@@ -121,7 +121,7 @@ class RLConfig:
         if self.num_generations < 2:
             raise ConfigError(f"--num-generations {self.num_generations}: GRPO and RLOO compare answers to the "
                               "same prompt, so they need at least 2")
-        check_at_least_one(self, "prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "checkpoint_every",
+        check_at_least_one(self, "prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "save_steps",
                            "code_memory_mb", "pm_batch_size")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr {self.lr}: the learning rate must be positive")
@@ -206,7 +206,7 @@ def trainer_args(cfg: RLConfig, out: Path, device: str, precision) -> Any:
         data_seed=cfg.seed,
         logging_steps=1,
         save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
+        save_steps=cfg.save_steps,
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
