@@ -428,7 +428,7 @@ _JUDGE_PANEL = "judge constitution method principles cot cot_max_new_tokens swap
 # them; FeedbackConfig names what is missing.
 @stage_command(feedback_app, None, FeedbackConfig, panels={
     "Inputs and outputs": "prompts model out", "Judge": _JUDGE_PANEL,
-    "Answer sampling": "samples_temperature samples_top_p max_new_tokens",
+    "Answer sampling": "temperature top_p max_new_tokens",
     "Running": "quantize precision batch_size limit seed force"})
 def feedback(cfg: FeedbackConfig, json_output: bool) -> None:
     """Sample two answers per prompt from the policy and label which is less harmful with the judge.

@@ -156,7 +156,8 @@ INPUT_FILE_FIELDS = ("prompts", "data", "ai", "human", "helpful", "harmful", "be
 MODEL_FIELDS = ("model", "judge", "pm")
 # Old names of stage keys: a recipe that uses one fails naming the current key, rather than having its
 # value dropped or read with another meaning.
-RENAMED = {"feedback": {"policy": "model"}, "rl": {"policy": "model", "checkpoint_every": "save_steps"},
+RENAMED = {"feedback": {"policy": "model", "samples_temperature": "temperature", "samples_top_p": "top_p"},
+           "rl": {"policy": "model", "checkpoint_every": "save_steps"},
            "dpo": {"policy": "model"}}
 
 

@@ -374,7 +374,7 @@ def test_quantize_help_does_not_claim_cuda_only():
      "--cot needs the multiple-choice judge, but --method is contrast -- drop --cot or use --method mc"),
     (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", clamp="0.3,0.7"),
      "--clamp 0.3,0.7 bounds chain-of-thought probabilities only, and --cot is not given -- add --cot"),
-    (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", samples_top_p=2.0), "--samples-top-p 2.0 must be"),
+    (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", top_p=2.0), "--top-p 2.0 must be"),
     (lambda: DPOConfig(soft_labels=True, loss="robust"), "--soft-labels with --loss robust: "),
     (lambda: DPOConfig(eval_fraction=0.9), "--eval-fraction 0.9 -- use a share in [0, 0.5]"),
 ])

@@ -215,10 +215,10 @@ def test_config_rejects_what_cannot_work(prompts_file, tmp_path):
         config(prompts_file, out, clamp="0.6,0.9")
     with pytest.raises(ConfigError, match="LO,HI"):
         config(prompts_file, out, clamp="0.4")
-    with pytest.raises(ConfigError, match="--samples-temperature 0"):
-        config(prompts_file, out, samples_temperature=0)
-    with pytest.raises(ConfigError, match="--samples-top-p 0"):
-        config(prompts_file, out, samples_top_p=0)
+    with pytest.raises(ConfigError, match="--temperature 0"):
+        config(prompts_file, out, temperature=0)
+    with pytest.raises(ConfigError, match="--top-p 0"):
+        config(prompts_file, out, top_p=0)
     with pytest.raises(ConfigError, match="--prompts"):
         FeedbackConfig(out=str(out))
     for batch_size in (0, -3):  # the engine used to fail with a bare traceback

@@ -100,9 +100,10 @@ class FeedbackConfig:
         "help": "Multiple choice: show the constitution's judging examples before the question (off: --no-few-shot)."})
     judge_temperature: float = field(default=1.0, metadata={
         "help": "Contrast method: p(A) = sigmoid((sA - sB) / this); lower gives more confident labels."})
-    samples_temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature of the policy's two answers (> 0: the answers must differ)."})
-    samples_top_p: float = field(default=1.0, metadata={
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature of the two answers (> 0: the answers must differ). Not --judge-temperature, "
+                "which scales the contrast judge's scores."})
+    top_p: float = field(default=1.0, metadata={
         "help": "Nucleus sampling mass of the policy's answers, in (0, 1]; 1.0 samples from the whole distribution."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
     quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
@@ -135,11 +136,11 @@ class FeedbackConfig:
         if self.cot and self.method == "auto":  # reasoning applies to multiple choice only: asking for it picks mc
             self.method = "mc"
         check_at_least_one(self, "principles", "max_new_tokens", "cot_max_new_tokens", "batch_size")
-        if self.samples_temperature <= 0:
-            raise ConfigError(f"--samples-temperature {self.samples_temperature} must be > 0: at 0 both answers "
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature {self.temperature} must be > 0: at 0 both answers "
                               "would be the same -- use e.g. 1.0")
-        if not 0.0 < self.samples_top_p <= 1.0:
-            raise ConfigError(f"--samples-top-p {self.samples_top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p {self.top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
         if self.judge_temperature <= 0:
             raise ConfigError(f"--judge-temperature {self.judge_temperature} must be > 0 -- e.g. 1.0")
         self.clamp = _parse_clamp(self.clamp)
@@ -272,8 +273,8 @@ def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task
     from cai.engine import Sampling
     from cai.records import as_messages
 
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.samples_temperature,
-                        top_p=cfg.samples_top_p, seed=cfg.seed)
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, seed=cfg.seed)
     conversations = [as_messages(item["prompt"]) for item in items]
     seeds = [item_seed(cfg.seed, item["id"], salt) for salt in ("a", "b") for item in items]
     outputs = engine.generate_chat(conversations + conversations, sampling, seeds=seeds, progress=engine_progress(task))
