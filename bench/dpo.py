@@ -58,7 +58,7 @@ def run_dpo(args, workdir: Path) -> dict:
 
     ai, human, _ = make_inputs(workdir)
     cfg = DPOConfig(model=args.model, ai=str(ai), human=str(human), out=str(workdir / "dpo"), soft_labels=True,
-                    lora_r=args.lora_r, max_steps=args.steps, batch_size=args.batch_size,
+                    lora_r=args.lora_r, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                     max_length=args.max_length, force=True)
     result = run(cfg, StageContext(device="cpu"))
     return {"tokens": result.counts["tokens"], "train_s": result.metrics["train_seconds"],
@@ -71,7 +71,7 @@ def run_pm(args, workdir: Path) -> dict:
 
     ai, human, _ = make_inputs(workdir)
     cfg = PMTrainConfig(model=args.model, ai=str(ai), human=str(human), out=str(workdir / "pm"),
-                        lora_r=args.lora_r, max_steps=args.steps, batch_size=args.batch_size,
+                        lora_r=args.lora_r, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                         max_length=args.max_length, force=True)
     timer = _TrainTimer()
     result = run_train(cfg, StageContext(device="cpu", reporter=timer))

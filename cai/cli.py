@@ -404,7 +404,7 @@ def critique(cfg: CritiqueConfig, json_output: bool) -> None:
 
 @stage_command(app, "sft", SFTConfig, required=("data", "out"), panels={
     "Inputs and outputs": "data out model helpful helpful_fraction helpful_max_new_tokens",
-    "Training": "quantize lora_r epochs max_steps lr batch_size max_length seed",
+    "Training": "quantize lora_r epochs max_steps lr per_device_train_batch_size max_length seed",
     "Running": "save_steps generation_batch_size force"})
 def sft(cfg: SFTConfig, json_output: bool) -> None:
     """Fine-tune the model on its final revisions (loss on the answer only), mixed with helpful answers.
@@ -474,7 +474,7 @@ app.add_typer(pm_app, name="pm")
 
 @stage_command(pm_app, "train", PMTrainConfig, required=("ai", "out"), panels={
     "Data": "ai out human human_fraction eval_fraction max_length", "Model": "model quantize lora_r",
-    "Training": "epochs max_steps lr batch_size seed save_steps eval_batch_size"})
+    "Training": "epochs max_steps lr per_device_train_batch_size seed save_steps eval_batch_size"})
 def pm_train(cfg: PMTrainConfig, json_output: bool) -> None:
     """Train a preference model on AI harmlessness labels mixed with human helpfulness labels.
 
@@ -545,7 +545,7 @@ def rl(cfg: RLConfig, json_output: bool) -> None:
 @stage_command(app, "dpo", DPOConfig, required=("ai", "out"), panels={
     "Preference data": "ai human human_fraction eval_fraction soft_labels",
     "Model and output": "out model quantize lora_r",
-    "Training": "beta loss epochs lr max_steps max_length batch_size save_steps seed"})
+    "Training": "beta loss epochs lr max_steps max_length per_device_train_batch_size save_steps seed"})
 def dpo(cfg: DPOConfig, json_output: bool) -> None:
     """Train the policy with DPO on mixed human/AI preferences: the offline alternative to pm + rl.
 

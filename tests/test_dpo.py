@@ -50,7 +50,7 @@ def tiny_trainer(tiny_model_dir, tmp_path, *, loss="sigmoid", pairs=4, p_chosen=
     from cai.models import load_causal_lm
 
     cfg = dpo.DPOConfig(model=tiny_model_dir, ai="unused", out=str(tmp_path), loss=loss, soft_labels=True,
-                        lora_r=4, max_length=64, batch_size=pairs, max_steps=1)
+                        lora_r=4, max_length=64, per_device_train_batch_size=pairs, max_steps=1)
     model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
     examples = [dpo.to_trl_example({"prompt": p, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": p_chosen})
                 for p in PROMPTS[:pairs]]
@@ -291,7 +291,7 @@ class _InterruptingReporter(NullReporter):
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, pref_files, tmp_path):
     ai_path, _ = pref_files
     cfg = dpo.DPOConfig(model=tiny_model_dir, ai=str(ai_path), out=str(tmp_path / "m"), lora_r=4, max_steps=4,
-                        save_steps=2, batch_size=2, max_length=64, soft_labels=True)
+                        save_steps=2, per_device_train_batch_size=2, max_length=64, soft_labels=True)
     with pytest.raises(KeyboardInterrupt):
         dpo.run(cfg, StageContext(reporter=_InterruptingReporter(at=3), device="cpu"))
     assert (tmp_path / "m" / "checkpoints" / "checkpoint-2").is_dir()
@@ -312,7 +312,7 @@ def test_qlora_4bit_with_trls_robust_loss_saves_a_full_precision_standalone_mode
     ai_path, _ = pref_files
     out = tmp_path / "q"
     cfg = dpo.DPOConfig(model=tiny_model_dir, ai=str(ai_path), out=str(out), quantize="4bit", lora_r=4,
-                        max_steps=1, batch_size=2, max_length=64, loss="robust")
+                        max_steps=1, per_device_train_batch_size=2, max_length=64, loss="robust")
     result = dpo.run(cfg, StageContext(device="cpu"))
     assert result.counts["steps"] == 1 and result.metrics["label_smoothing"] == pytest.approx(0.1)
     assert math.isfinite(result.metrics["loss"])
@@ -329,7 +329,7 @@ def test_heldout_accuracy_is_the_share_of_pairs_even_when_the_last_batch_is_shor
     from cai.models import load_causal_lm
 
     cfg = dpo.DPOConfig(model=tiny_model_dir, ai="unused", out=str(tmp_path), lora_r=4, max_length=64,
-                        batch_size=4, max_steps=1)
+                        per_device_train_batch_size=4, max_steps=1)
     model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
     # Two pairs prefer MARKER, three REFUSAL: a model leaning either way gets some right and some wrong.
     pairs = [dpo.to_trl_example({"prompt": p, "chosen": MARKER if i < 2 else REFUSAL,

@@ -115,9 +115,8 @@ class DPOConfig:
     max_length: int = field(default=512, metadata={
         "help": "Tokens per sequence (prompt + answer, chat template included). Longer answers are cut at the "
                 "end; pairs whose prompt alone fills it are dropped to DIR/dropped.jsonl."})
-    batch_size: int = field(default=4, metadata={
-        "help": "Preference pairs per optimizer step (each pair is two sequences). Changes training, so it is "
-                "part of the config hash."})
+    per_device_train_batch_size: int = field(default=4, metadata={
+        "help": "Preference pairs per optimizer step on each device (each pair is two sequences)."})
     save_steps: int = field(default=50, metadata={
         "hash": False,
         "help": "Save a checkpoint to DIR/checkpoints every this many steps (a re-run resumes from the last)."})
@@ -151,7 +150,7 @@ class DPOConfig:
             raise ConfigError(f"--eval-fraction {self.eval_fraction} -- use a share in [0, 0.5] (0: hold out nothing)")
         if self.beta <= 0:
             raise ConfigError(f"--beta {self.beta} -- DPO's beta must be > 0 (trl's default is 0.1)")
-        check_at_least_one(self, "epochs", "batch_size", "save_steps")
+        check_at_least_one(self, "epochs", "per_device_train_batch_size", "save_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to train for "
                               f"{self.epochs} epoch(s)")
@@ -408,7 +407,7 @@ def precompute_reference(cfg: DPOConfig, pairs: int) -> bool:
     """Whether to compute the reference log-probs of every pair once before training instead of keeping a
     reference copy of the model: for full fine-tuning (LoRA needs neither: it disables the adapter) when
     the run makes at least one pass over the pairs, so no forward pass is wasted on pairs never trained on."""
-    return cfg.lora_r == 0 and (cfg.max_steps is None or cfg.max_steps * cfg.batch_size >= pairs)
+    return cfg.lora_r == 0 and (cfg.max_steps is None or cfg.max_steps * cfg.per_device_train_batch_size >= pairs)
 
 
 def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any]], output_dir: Path,
@@ -436,11 +435,11 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
         # trl logs the mean of its per-batch means: one pair a batch makes the held-out accuracy a share
         # of pairs (a short last batch would otherwise weigh as much as a full one).
         per_device_eval_batch_size=1,
-        precompute_ref_batch_size=cfg.batch_size,  # else it follows the eval batch size
+        precompute_ref_batch_size=cfg.per_device_train_batch_size,  # else it follows the eval batch size
         eval_strategy="no",  # evaluated once, after training
         seed=cfg.seed,
         data_seed=cfg.seed,

@@ -95,7 +95,8 @@ class PMTrainConfig:
         "help": "Optimizer steps to train. Left out: as many as --epochs needs."})
     lr: float | None = field(default=None, metadata={
         "help": "Peak learning rate (AdamW, linear decay). Left out: 1e-4 with LoRA, 1e-5 for full fine-tuning."})
-    batch_size: int = field(default=8, metadata={"help": "Comparisons per optimizer step (each is two sequences)."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Comparisons per optimizer step on each device (each is two sequences)."})
     max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={
         "help": "Tokens per conversation + response; longer texts lose their first tokens (the response stays)."})
     eval_fraction: float = field(default=0.1, metadata={
@@ -138,7 +139,7 @@ class PMTrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
         # --save-steps 0: the trainer would never checkpoint, and a kill would lose all training.
-        check_at_least_one(self, "batch_size", "save_steps", "eval_batch_size")
+        check_at_least_one(self, "per_device_train_batch_size", "save_steps", "eval_batch_size")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be positive")
 
@@ -727,7 +728,7 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
 
     checkpoints = out / "checkpoints"
     args = RewardConfig(
-        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
+        output_dir=str(checkpoints), per_device_train_batch_size=cfg.per_device_train_batch_size, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate, seed=cfg.seed, data_seed=cfg.seed,
         max_length=None,  # rows are already truncated (left) to cfg.max_length; trl would drop long ones instead
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, logging_steps=10,

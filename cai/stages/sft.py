@@ -76,8 +76,8 @@ class SFTConfig:
         "help": "Stop after this many optimizer steps. Left out: run --epochs."})
     lr: float | None = field(default=None, metadata={
         "help": "Peak learning rate (linear decay). Left out: 2e-4 with LoRA, 2e-5 for full fine-tuning."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Examples per optimizer step."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Examples per optimizer step on each device."})
     max_length: int = field(default=512, metadata={
         "help": "Tokens per example at most (prompt + answer); longer answers are cut, longer prompts dropped."})
     seed: int = field(default=0, metadata={
@@ -110,7 +110,7 @@ class SFTConfig:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be > 0")
-        check_at_least_one(self, "batch_size", "save_steps", "generation_batch_size")
+        check_at_least_one(self, "per_device_train_batch_size", "save_steps", "generation_batch_size")
         if self.max_length < 16:
             raise ConfigError(f"--max-length {self.max_length}: too short for a chat example -- use 128 or more")
 
@@ -239,7 +239,7 @@ def trl_config(cfg: SFTConfig, output_dir: Path, device: str):
 
     return TrlSFTConfig(
         output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
         max_length=cfg.max_length, completion_only_loss=True, assistant_only_loss=False, packing=False,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, logging_steps=1,
         report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed,
