@@ -310,6 +310,12 @@ def test_flags_show_no_type_in_help():
     assert re.search(r"--force +Discard", critique)
 
 
+def test_help_carries_no_measurement_notes():
+    """Figures measured on one machine belong in the docs and bench/, not in the option help."""
+    for path in _every_command_path():
+        assert not re.search(r"\b[Mm]easured\b|SmolLM2-135M", _help(*path)), f"cai {' '.join(path)} --help"
+
+
 def test_rl_names_its_file_options_types_as_the_other_stages_do():
     """`cai rl --help` showed `<list[Path]>` and `<path>` where every other stage shows `<str>`."""
     rl = _help("rl")

@@ -36,13 +36,14 @@ from cai.stages.base import (
 )
 
 METHOD_CHOICES = ("auto", "mc", "contrast")
+# auto picks contrast for small judges because they cannot answer the multiple-choice question: with
+# SmolLM2-135M on the 24 harmful-request sanity pairs, mc (order swap on) picked the refusal over the
+# compliant answer in 11-15 (chance: it answers (B) whatever the order), contrast in 19 (principles drawn
+# per pair) to 23 (less-harmful); `cai feedback eval` measures it for any judge.
 METHOD_HELP = ("Judging method: mc (multiple choice: log-probabilities of ' (A)' / ' (B)', as in the paper), "
                "contrast (how much more likely each answer is under a system prompt that follows the principle "
-               "than under one that ignores it), or auto: contrast for judges under ~1B parameters, mc above. "
-               "Why: small judges cannot answer the multiple-choice question. Measured with SmolLM2-135M on the 24 "
-               "harmful-request sanity pairs, mc (order swap on) picked the refusal over the compliant answer in "
-               "11-15 (chance: it answers (B) whatever the order), contrast in 19 (principles drawn per pair) "
-               "to 23 (less-harmful).")
+               "than under one that ignores it; for small judges, which cannot answer the multiple-choice "
+               "question), or auto: contrast for judges under ~1B parameters, mc above.")
 
 
 def _parse_clamp(value: Any) -> tuple[float, float]:
