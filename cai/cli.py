@@ -545,7 +545,7 @@ def rl(cfg: RLConfig, json_output: bool) -> None:
 @stage_command(app, "dpo", DPOConfig, required=("ai", "out"), panels={
     "Preference data": "ai human human_fraction eval_fraction soft_labels",
     "Model and output": "out model quantize lora_r",
-    "Training": "beta loss epochs lr max_steps max_length per_device_train_batch_size save_steps seed"})
+    "Training": "beta loss_type epochs lr max_steps max_length per_device_train_batch_size save_steps seed"})
 def dpo(cfg: DPOConfig, json_output: bool) -> None:
     """Train the policy with DPO on mixed human/AI preferences: the offline alternative to pm + rl.
 

@@ -158,7 +158,7 @@ MODEL_FIELDS = ("model", "judge", "pm")
 # value dropped or read with another meaning.
 RENAMED = {"feedback": {"policy": "model", "samples_temperature": "temperature", "samples_top_p": "top_p"},
            "rl": {"policy": "model", "checkpoint_every": "save_steps"},
-           "dpo": {"policy": "model", "batch_size": "per_device_train_batch_size"},
+           "dpo": {"policy": "model", "batch_size": "per_device_train_batch_size", "loss": "loss_type"},
            "sft": {"batch_size": "per_device_train_batch_size"}, "pm": {"batch_size": "per_device_train_batch_size"}}
 
 

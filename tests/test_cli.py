@@ -381,7 +381,7 @@ def test_quantize_help_does_not_claim_cuda_only():
     (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", clamp="0.3,0.7"),
      "--clamp 0.3,0.7 bounds chain-of-thought probabilities only, and --cot is not given -- add --cot"),
     (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", top_p=2.0), "--top-p 2.0 must be"),
-    (lambda: DPOConfig(soft_labels=True, loss="robust"), "--soft-labels with --loss robust: "),
+    (lambda: DPOConfig(soft_labels=True, loss_type="robust"), "--soft-labels with --loss-type robust: "),
     (lambda: DPOConfig(eval_fraction=0.9), "--eval-fraction 0.9 -- use a share in [0, 0.5]"),
 ])
 def test_config_errors_name_the_flag_as_the_cli_spells_it(make, message):

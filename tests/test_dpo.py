@@ -49,7 +49,7 @@ def tiny_trainer(tiny_model_dir, tmp_path, *, loss="sigmoid", pairs=4, p_chosen=
     """A soft-label DPO trainer on the tiny model, LoRA r=4, and its first batch (on CPU)."""
     from cai.models import load_causal_lm
 
-    cfg = dpo.DPOConfig(model=tiny_model_dir, ai="unused", out=str(tmp_path), loss=loss, soft_labels=True,
+    cfg = dpo.DPOConfig(model=tiny_model_dir, ai="unused", out=str(tmp_path), loss_type=loss, soft_labels=True,
                         lora_r=4, max_length=64, per_device_train_batch_size=pairs, max_steps=1)
     model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
     examples = [dpo.to_trl_example({"prompt": p, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": p_chosen})
@@ -129,10 +129,10 @@ def test_robust_label_noise_is_the_mean_flip_probability_below_one_half():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"loss": "robust", "soft_labels": True}, "--loss sigmoid"),
+    ({"loss_type": "robust", "soft_labels": True}, "--loss-type sigmoid"),
     ({"quantize": "4bit", "lora_r": 0}, "QLoRA"),
     ({"human_fraction": 1.5}, "[0, 1]"),
-    ({"loss": "hinge"}, "sigmoid, ipo, robust"),
+    ({"loss_type": "hinge"}, "sigmoid, ipo, robust"),
     ({"beta": 0.0}, "beta"),
 ])
 def test_config_rejects_combinations_that_cannot_work(kwargs, words):
@@ -312,7 +312,7 @@ def test_qlora_4bit_with_trls_robust_loss_saves_a_full_precision_standalone_mode
     ai_path, _ = pref_files
     out = tmp_path / "q"
     cfg = dpo.DPOConfig(model=tiny_model_dir, ai=str(ai_path), out=str(out), quantize="4bit", lora_r=4,
-                        max_steps=1, per_device_train_batch_size=2, max_length=64, loss="robust")
+                        max_steps=1, per_device_train_batch_size=2, max_length=64, loss_type="robust")
     result = dpo.run(cfg, StageContext(device="cpu"))
     assert result.counts["steps"] == 1 and result.metrics["label_smoothing"] == pytest.approx(0.1)
     assert math.isfinite(result.metrics["loss"])

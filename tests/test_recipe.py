@@ -632,7 +632,8 @@ def test_a_config_error_finds_the_key_whose_flag_is_spelt_differently(tmp_path):
 @pytest.mark.parametrize("old, new", [("feedback.policy", "model"), ("rl.policy", "model"),
                                       ("rl.checkpoint_every", "save_steps"),
                                       ("feedback.samples_temperature", "temperature"),
-                                      ("sft.batch_size", "per_device_train_batch_size")])
+                                      ("sft.batch_size", "per_device_train_batch_size"),
+                                      ("dpo.loss", "loss_type")])
 def test_a_renamed_key_fails_naming_its_new_name(tmp_path, old, new):
     with pytest.raises(RecipeError, match=rf"^--set {re.escape(old)}=x: `{re.escape(old)}` is renamed to `{new}`$"):
         recipes.load(SMOKE, [f"{old}=x"], runs_dir=tmp_path)

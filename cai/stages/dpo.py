@@ -19,7 +19,7 @@
   pair as certain: the per-pair loss is the cross-entropy against the soft label (`soft_dpo_loss`),
   which is conservative DPO (Mitchell 2023) with label smoothing 1 - p per pair. trl's
   `label_smoothing` is one number for the whole run, so `CaiDPOTrainer` carries `p_chosen` through the
-  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's. `--loss
+  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's. `--loss-type
   robust` is trl's robust DPO with one label-noise rate, the mean of 1 - p_chosen.
 - Checkpoints go to `DIR/checkpoints` and a re-run resumes from the last one; the final model is a
   standalone merged directory (`from_pretrained(DIR)`, the adapter kept in `DIR/adapter`), and the
@@ -58,7 +58,7 @@ from cai.stages.pm import (
     without_ties,
 )
 
-LOSSES = ("sigmoid", "ipo", "robust")  # --loss choices; each is the trl loss_type of the same name
+LOSSES = ("sigmoid", "ipo", "robust")  # --loss-type choices; each is the trl loss_type of the same name
 LORA_LR = 5e-5  # default learning rate with LoRA/QLoRA adapters
 FULL_LR = 1e-6  # default learning rate for full fine-tuning (trl's DPOConfig default)
 MAX_ROBUST_SMOOTHING = 0.49  # trl's robust loss divides by 1 - 2 * epsilon: keep epsilon below 0.5
@@ -92,12 +92,12 @@ class DPOConfig:
     beta: float = field(default=0.1, metadata={
         "help": "DPO beta: strength of the implicit KL penalty to the reference (> 0; higher stays closer). "
                 "0.1 is trl's default."})
-    loss: str = field(default="sigmoid", metadata={"choices": LOSSES,
+    loss_type: str = field(default="sigmoid", metadata={"choices": LOSSES,
         "help": "DPO loss: sigmoid (Rafailov et al. 2023), ipo (squared loss, length-normalised as in trl) or "
                 "robust (label-noise corrected, with the noise rate taken as the mean of 1 - p_chosen)."})
     soft_labels: bool = field(default=False, metadata={
         "help": "Train on each pair's p_chosen instead of treating every pair as certain: per-pair label "
-                "smoothing 1 - p (conservative DPO). Works with --loss sigmoid and ipo; p = 1 is the ordinary "
+                "smoothing 1 - p (conservative DPO). Works with --loss-type sigmoid and ipo; p = 1 is the ordinary "
                 "loss, p = 0.5 pulls toward no preference."})
     quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy in NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
@@ -132,11 +132,11 @@ class DPOConfig:
             self.quantize = None
         if self.quantize not in (None, "4bit"):
             raise ConfigError(f"--quantize {self.quantize!r} is not supported -- use 4bit or none")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"--loss {self.loss!r} is not a DPO loss cai offers -- use one of: {', '.join(LOSSES)}")
-        if self.soft_labels and self.loss == "robust":
-            raise ConfigError("--soft-labels with --loss robust: robust DPO already corrects for label noise "
-                              "with one rate for all pairs (the mean of 1 - p_chosen) -- use --loss sigmoid (or "
+        if self.loss_type not in LOSSES:
+            raise ConfigError(f"--loss-type {self.loss_type!r} is not a DPO loss cai offers -- use one of: {', '.join(LOSSES)}")
+        if self.soft_labels and self.loss_type == "robust":
+            raise ConfigError("--soft-labels with --loss-type robust: robust DPO already corrects for label noise "
+                              "with one rate for all pairs (the mean of 1 - p_chosen) -- use --loss-type sigmoid (or "
                               "ipo) with --soft-labels for per-pair confidences, or drop --soft-labels")
         if self.lora_r < 0:
             raise ConfigError(f"--lora-r {self.lora_r} -- use a rank >= 1 for LoRA, or 0 for full fine-tuning")
@@ -427,7 +427,7 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any
     args = TrlDPOConfig(
         output_dir=str(output_dir),
         beta=cfg.beta,
-        loss_type=[cfg.loss],
+        loss_type=[cfg.loss_type],
         label_smoothing=label_smoothing,
         max_length=cfg.max_length,
         truncation_mode="keep_start",
@@ -527,8 +527,8 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     if truncated:
         ctx.reporter.log(f"dpo: {truncated} pairs have an answer longer than --max-length {cfg.max_length}; "
                          "its end is cut")
-    label_smoothing = robust_label_noise([e["p_chosen"] for e in examples]) if cfg.loss == "robust" else 0.0
-    if cfg.loss == "robust":
+    label_smoothing = robust_label_noise([e["p_chosen"] for e in examples]) if cfg.loss_type == "robust" else 0.0
+    if cfg.loss_type == "robust":
         ctx.reporter.log(f"dpo: robust loss with label-noise rate {label_smoothing:.3f} (mean of 1 - p_chosen)")
 
     checkpoints = out / "checkpoints"
@@ -575,7 +575,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
         metrics[f"heldout_accuracy_{side}"] = evaluation.get(side, {}).get("eval_rewards/accuracies")
         metrics[f"heldout_margin_{side}"] = evaluation.get(side, {}).get("eval_rewards/margins")
     summary = (f"{counts['steps']} steps on {mix.summary()}"
-               f"{f', {len(dropped)} dropped' if dropped else ''}; loss {cfg.loss}"
+               f"{f', {len(dropped)} dropped' if dropped else ''}; loss {cfg.loss_type}"
                f"{' with soft labels' if cfg.soft_labels else ''}")
     accuracies = [f"{name} {metrics[f'heldout_accuracy_{side}']:.0%} of {counts[f'{side}_heldout']}"
                   for side, name in (("ai", "AI"), ("human", "human"))
