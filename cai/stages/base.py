@@ -120,9 +120,10 @@ def check_at_least_one(cfg: Any, *names: str) -> None:
     """Each named option of `cfg` (a batch size, a step or token count) is at least 1: 0 would crash deep
     in the engine or trainer (a range step of 0, no batches) or quietly do nothing. The error names the
     option as the CLI spells it, which also puts a recipe's error on the line that set it."""
+    flags = {f.name: option_flag(f) for f in dataclasses.fields(cfg)}
     for name in names:
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+            raise ConfigError(f"--{flags[name]} {getattr(cfg, name)} must be >= 1")
 
 
 def check_jsonl_out(out: str, stage: str) -> None:
