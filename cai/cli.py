@@ -50,9 +50,10 @@ from cai.stages.sft import SFTConfig
 COMMAND_ORDER = ("models", "constitution", "critique", "sft", "feedback", "pm", "rl", "dpo", "eval", "run")
 
 
-class _BareFlags:
-    """Flags are shown bare in --help (`--force`, not `--force <bool>`, which reads as if it took a value):
-    an empty metavar on every flag, the --help option included, through click's `get_params`."""
+class _Options:
+    """What every cai command and group adds to typer's: flags shown bare in --help (`--force`, not
+    `--force <bool>`, which reads as if it took a value), through an empty metavar on every flag, --help
+    included; and an option given under its old name (recipe.RENAMED) is refused naming the new one."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
@@ -61,12 +62,25 @@ class _BareFlags:
                 param.metavar = ""
         return params
 
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:  # click's NoSuchOption, typer's own copy of it, or anything else to re-raise
+            old = getattr(exc, "option_name", None) or ""
+            from cai.recipe import RENAMED
 
-class _Command(_BareFlags, TyperCommand):
+            stage = (ctx.command_path.split() + [""])[1]
+            new = RENAMED.get(stage, {}).get(old.removeprefix("--").replace("-", "_"), "").replace("_", "-")
+            if new and any(f"--{new}" in param.opts for param in self.params):
+                exc.message, exc.possibilities = f"{old} is renamed to --{new}", None
+            raise
+
+
+class _Command(_Options, TyperCommand):
     pass
 
 
-class _Group(_BareFlags, TyperGroup):
+class _Group(_Options, TyperGroup):
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)  # in the order they were added
         return sorted(names, key=lambda name: COMMAND_ORDER.index(name) if name in COMMAND_ORDER else len(COMMAND_ORDER))

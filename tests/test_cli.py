@@ -223,6 +223,16 @@ def test_a_choice_option_rejects_a_bad_value_naming_the_choices(args, choices):
     assert result.exit_code == 2 and "Invalid value for" in result.output and choices in result.output, result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["rl", "--policy", "m", "--prompts", "p.jsonl", "--out", "rl"], "--policy is renamed to --model"),
+    (["feedback", "--samples-temperature", "0.7"], "--samples-temperature is renamed to --temperature"),
+    (["pm", "train", "--batch-size", "4"], "--batch-size is renamed to --per-device-train-batch-size"),
+])
+def test_an_option_under_its_old_name_names_the_new_one(args, message):
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_help_lists_the_commands_in_pipeline_order():
     listed = re.findall(r"^│ (\w+) ", _help(), re.MULTILINE)
     assert listed == ["models", "constitution", "critique", "sft", "feedback", "pm", "rl", "dpo", "eval", "run"]
