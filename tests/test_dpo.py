@@ -233,7 +233,7 @@ def test_cai_dpo_raises_the_margin_writes_a_standalone_model_and_skips_a_rerun(t
     monkeypatch.setattr(records, "mix_preferences", spy)
     before = margins(tiny_model_dir, PROMPTS)
     args = ["dpo", "--model", tiny_model_dir, "--ai", str(ai_path), "--human", str(human_path), "--out", str(out),
-            "--soft-labels", "--lora-r", "8", "--lr", "1e-2", "--max-steps", "6", "--batch-size", "4",
+            "--soft-labels", "--lora-r", "8", "--lr", "1e-2", "--max-steps", "6", "--per-device-train-batch-size", "4",
             "--max-length", "64", "--save-steps", "3", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
