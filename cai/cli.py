@@ -42,12 +42,13 @@ from cai.stages.critique import CritiqueConfig
 from cai.stages.dpo import DPOConfig
 from cai.stages.evaluate import EvalConfig
 from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
+from cai.stages.filter import FilterConfig
 from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
 from cai.stages.rl import RLConfig
 from cai.stages.sft import SFTConfig
 
 # `cai --help` lists the commands in the order a run goes through them.
-COMMAND_ORDER = ("models", "constitution", "critique", "sft", "feedback", "pm", "rl", "dpo", "eval", "run")
+COMMAND_ORDER = ("models", "constitution", "critique", "sft", "feedback", "pm", "filter", "rl", "dpo", "eval", "run")
 
 
 class _Options:
@@ -575,14 +576,30 @@ def dpo(cfg: DPOConfig, json_output: bool) -> None:
     _run_stage(stage.run, cfg, json_output)
 
 
+@stage_command(app, "filter", FilterConfig, required=("prompts", "out"))
+def filter_command(cfg: FilterConfig, json_output: bool) -> None:
+    """Keep the verifiable prompts the policy solves sometimes and fails sometimes, for RL.
+
+    Example: cai filter --prompts data/maths_train.jsonl --model embedded:smollm2-135m-instruct
+    --k 4 --samples 8 --out runs/x/5-filter
+    """
+    from cai.stages.filter import run
+
+    _run_stage(run, cfg, json_output)
+
+
 @stage_command(app, "eval", EvalConfig, required=("models", "harmful", "benign", "out"),
                json_help="Print the result as one JSON document.", panels={
-    "Judge": "judge judge_method constitution principles head_to_head", "Speed": "precision batch_size"})
+    "Judge": "judge judge_method constitution principles head_to_head", "pass@k": "verifiable k samples temperature",
+    "Speed": "precision batch_size"})
 def eval_command(cfg: EvalConfig, json_output: bool) -> None:
-    """Measure harmlessness, over-refusal, PM score and head-to-head Elo of one or more models.
+    """Measure harmlessness, over-refusal, PM score, head-to-head Elo and pass@k of one or more models.
 
     Example: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/demo/5-rl/model
     --harmful data/eval_harmful.jsonl --benign data/eval_benign.jsonl --out eval/
+
+    Maths only: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/rlvr/5-rl/model
+    --harmful none --benign none --judge none --verifiable data/maths_heldout.jsonl --k 4 --samples 8 --out eval/
     """
     from cai.stages.evaluate import run
 
@@ -597,7 +614,7 @@ def _stage_list() -> str:
 
 @app.command("run", cls=_Command)
 def run_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, demo-dpo, qlora-1gpu, multi-gpu).")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, demo-dpo, rlvr, qlora-1gpu, multi-gpu).")],
     from_stage: Annotated[str | None, typer.Option("--from", help=f"Re-run this stage and every later one; "
                                                    f"earlier ones must have finished ({_stage_list()}).")] = None,
     only: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must exist).")] = None,

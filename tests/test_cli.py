@@ -13,6 +13,7 @@ from cai.stages.critique import CritiqueConfig
 from cai.stages.dpo import DPOConfig
 from cai.stages.evaluate import EvalConfig
 from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
+from cai.stages.filter import FilterConfig
 from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
 from cai.stages.rl import RLConfig
 from cai.stages.sft import SFTConfig
@@ -154,7 +155,7 @@ def test_importing_the_cli_does_not_load_torch():
 COMMAND_CONFIGS = {("critique",): CritiqueConfig, ("sft",): SFTConfig, ("feedback",): FeedbackConfig,
                    ("feedback", "eval"): FeedbackEvalConfig, ("pm", "train"): PMTrainConfig,
                    ("pm", "score"): PMScoreConfig, ("pm", "eval"): PMEvalConfig, ("rl",): RLConfig,
-                   ("dpo",): DPOConfig, ("eval",): EvalConfig}
+                   ("dpo",): DPOConfig, ("eval",): EvalConfig, ("filter",): FilterConfig}
 
 
 def _command(*path):
@@ -235,7 +236,7 @@ def test_an_option_under_its_old_name_names_the_new_one(args, message):
 
 def test_help_lists_the_commands_in_pipeline_order():
     listed = re.findall(r"^│ (\w+) ", _help(), re.MULTILINE)
-    assert listed == ["models", "constitution", "critique", "sft", "feedback", "pm", "rl", "dpo", "eval", "run"]
+    assert listed == ["models", "constitution", "critique", "sft", "feedback", "pm", "filter", "rl", "dpo", "eval", "run"]
 
 
 def test_progress_line_keeps_counts_and_throughput_on_one_line_at_80_columns(monkeypatch):
@@ -350,7 +351,8 @@ def _stage_config_fields():
 # The options that take a literal `none` (as a word for "no judge", "no PM", "full precision").
 TAKES_NONE = {"EvalConfig.judge", "EvalConfig.pm", "RLConfig.pm", "RLConfig.judge", "SFTConfig.quantize",
               "FeedbackConfig.quantize", "FeedbackEvalConfig.quantize", "PMTrainConfig.quantize",
-              "RLConfig.quantize", "DPOConfig.quantize", "EvalConfig.quantize"}
+              "RLConfig.quantize", "DPOConfig.quantize", "EvalConfig.quantize", "EvalConfig.harmful",
+              "EvalConfig.benign", "EvalConfig.verifiable"}
 
 
 def test_option_help_says_what_leaving_it_out_does_never_to_type_none():
