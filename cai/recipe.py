@@ -54,7 +54,7 @@ from typing import Any
 import yaml
 
 from cai.errors import ModelError, RecipeError, ResumeMismatch
-from cai.paths import bundled, local_or_bundled
+from cai.paths import bundled, local_or_bundled, read_input_text, yaml_loader
 
 # ----------------------------------------------------------------------------- the stage registry
 
@@ -246,20 +246,29 @@ def _missing_recipe_hint(path: Path) -> str:
     return f"did you mean recipes/{match[0]}.yaml?" if match else "see recipes/ for examples (recipes/smoke.yaml)"
 
 
+MAX_RECIPE_BYTES = 2**20  # a recipe is a page of YAML; 1 MB is far past any real one
+
+
 def _compose(path: Path) -> yaml.MappingNode:
     if not path.exists():
         raise RecipeError(f"{path}: no such recipe file -- {_missing_recipe_hint(path)}")
+    text = read_input_text(path, RecipeError, "recipe YAML file", MAX_RECIPE_BYTES)
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=yaml_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RecipeError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
                           f"({getattr(exc, 'problem', exc)}) -- check indentation and quoting") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply to read -- a recipe nests a few levels at most") from None
     if root is None:
         raise RecipeError(f"{path}:1: the recipe is empty -- see recipes/smoke.yaml for an example")
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{path}:1: a recipe is a YAML mapping (model:, stages:, data:, one mapping per stage)")
-    _check_keys(root, path)
+    try:
+        _check_keys(root, path)
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply to read -- a recipe nests a few levels at most") from None
     return root
 
 

@@ -15,6 +15,7 @@ is either a plain string (one user turn) or such a list; `as_messages` turns eit
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai import paths
 from cai.errors import RecordsError
 from cai.paths import local_or_bundled
 
@@ -37,11 +39,7 @@ Message = dict[str, str]
 # ----------------------------------------------------------------------------- reading
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise RecordsError(f"{path}: no such file -- check the path")
-    if path.is_dir():
-        raise RecordsError(f"{path}: is a directory -- give a file in it (JSONL, CSV or .txt)")
+JSONL_FILE = "JSONL file (one JSON object a line)"
 
 
 def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON object"
@@ -49,33 +47,48 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (`.jsonl.gz` too); a line
     that is not a JSON object fails with `file:line`, the last one included: a file cut short is an error,
     not a record to drop. (A torn line that a kill leaves in cai's own output is `RecordWriter`'s to
-    repair when the stage resumes; files written whole go through `write_jsonl`, which is atomic.)"""
-    path = Path(path)
-    _check_file(path)
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        import gzip
+    repair when the stage resumes; files written whole go through `write_jsonl`, which is atomic.)
 
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise RecordsError(f"{path}: not a complete gzip file ({exc}) -- download or compress it again") from None
-    lines = raw.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        is_last_unterminated = number == len(lines) and not raw.endswith(b"\n")
-        if number == 1:
-            line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, as some editors write
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            cut = " (the last line has no newline: was the file cut short?)" if is_last_unterminated else ""
-            raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}){cut} "
-                               f"-- {line_hint}") from None
-        if not isinstance(obj, dict):
-            raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} -- {line_hint}")
-        yield number, obj
+    The file is read a line at a time, each line at most CAI_MAX_LINE_MB and the whole (unpacked) at most
+    CAI_MAX_INPUT_MB, so a runaway line or file fails with its size instead of filling memory."""
+    path = Path(path)
+    line_cap, file_cap = paths.line_limit(), paths.input_limit()
+    with paths.open_input(path, RecordsError, JSONL_FILE) as handle:
+        stream = handle
+        if path.suffix.lower() == ".gz":
+            import gzip
+
+            stream = gzip.GzipFile(fileobj=handle)
+        number = total = 0
+        while True:
+            try:
+                line = stream.readline(line_cap + 1)
+            except (OSError, EOFError) as exc:  # a damaged or truncated .gz
+                raise RecordsError(f"{path}: not a complete gzip file ({exc}) -- download or compress it again"
+                                   ) from None
+            if not line:
+                return
+            number += 1
+            total += len(line)
+            if total > file_cap:
+                raise RecordsError(paths.too_big(path, -1, file_cap, "CAI_MAX_INPUT_MB", "the unpacked file"))
+            terminated = line.endswith(b"\n")
+            if len(line) > line_cap and not terminated:
+                raise RecordsError(paths.too_big(f"{path}:{number}", -1, line_cap, "CAI_MAX_LINE_MB", "the line"))
+            if not line.strip():
+                continue
+            text = paths.decode_utf8(line, path, RecordsError, first_line=number)  # a byte order mark is dropped
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                cut = "" if terminated else " (the last line has no newline: was the file cut short?)"
+                raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg}){cut} -- {line_hint}") from None
+            except RecursionError:
+                raise RecordsError(f"{path}:{number}: JSON nested too deeply to read -- {line_hint}, with "
+                                   "lists and objects nested a few levels at most") from None
+            if not isinstance(obj, dict):
+                raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} -- {line_hint}")
+            yield number, obj
 
 
 def stable_id(prefix: str, text: str) -> str:
@@ -183,6 +196,23 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     `id` get one derived from the prompt; a duplicate id fails naming both lines.
     """
     path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout too
+    records: list[dict[str, Any]] = []
+    for _, record in _prompt_records(path):
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise RecordsError(f"{path}: no records -- the file is empty")
+    return records
+
+
+def prompt_line(path: str | Path, record_id: str) -> int | None:
+    """The line of `path` that the prompt record `record_id` of `read_prompts(path)` came from."""
+    return next((number for number, record in _prompt_records(local_or_bundled(path)) if record["id"] == record_id),
+                None)
+
+
+def _prompt_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if path.suffix.lower() == ".csv":
         rows = _read_csv(path)
     elif path.suffix.lower() == ".txt":
@@ -190,7 +220,6 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     else:
         rows = read_jsonl(path, line_hint='each line must be one JSON object like {"prompt": "..."} '
                                           "(for one prompt per line of plain text, name the file .txt)")
-    records: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}
     for number, row in rows:
         where = f"{path}:{number}"
@@ -205,12 +234,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
             raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
                                "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
         check_unique_id(first_line, record["id"], number, where)
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
-    if not records:
-        raise RecordsError(f"{path}: no records -- the file is empty")
-    return records
+        yield number, record
 
 
 def check_unique_id(first_line: dict[str, int], record_id: Any, number: int, where: str) -> None:
@@ -231,18 +255,17 @@ def _has_id(value: Any) -> bool:
 def _read_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """One prompt per non-blank line. Lines end at "\n" (or "\r\n") only: `str.splitlines` would also
     split a prompt at the Unicode separators some text holds (U+2028, form feeds)."""
-    _check_file(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = paths.read_input_text(path, RecordsError, "prompt file (JSONL, CSV or .txt)")
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             yield number, {"prompt": line.removesuffix("\r")}
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    _check_file(path)
-    # utf-8-sig: spreadsheet programs start "CSV UTF-8" files with a byte order mark, which would
+    # The byte order mark that spreadsheet programs start "CSV UTF-8" files with is dropped; it would
     # otherwise stick to the first column's name.
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    text = paths.read_input_text(path, RecordsError, "CSV file with a header line")
+    with io.StringIO(text, newline="") as handle:
         # strict: a quote left open (a file cut short, a stray quote) is an error; otherwise the csv
         # module reads every line after it into one field, several prompts silently becoming one.
         reader = csv.DictReader(handle, strict=True)
@@ -493,7 +516,7 @@ class RecordWriter:
             if line.strip():
                 try:
                     obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                     if terminated:
                         raise RecordsError(f"{self.path}:{number}: not valid JSON -- this file was not written "
                                            "by cai, or was edited; fix or remove that line") from None

@@ -362,10 +362,13 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
             if not todo:
                 continue
             from cai.engine import Engine, Sampling
+            from cai.models import check_prompts_fit
 
             ctx.reporter.log(f"eval: answering {len(todo)} prompts with {label} ({reference})")
             engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
                                            device=ctx.device, precision=cfg.precision)
+            for kind, source in (("harmful", cfg.harmful), ("benign", cfg.benign)):
+                check_prompts_fit(engine, [r for k, r in todo if k == kind], source, cfg.max_new_tokens)
             task = ctx.reporter.task(f"eval: answers of {label}", total=len(todo))
             sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
             for chunk in _chunks(todo, cfg.batch_size):

@@ -1,0 +1,175 @@
+"""Inputs a careless user or an attacker gives: each fails at once with one line naming the file (and line)
+and the fix, exit code 1 from the CLI, never a traceback, never unbounded memory or time."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import yaml
+
+from cai import constitution as c
+from cai import records
+from cai.errors import ConfigError, RecipeError, RecordsError
+from cai.recipe import load as load_recipe
+
+CONSTITUTION = c.bundled("constitutions/short.yaml")
+
+
+def cai_main(monkeypatch, capsys, *argv: str) -> str:
+    """Run `cai ARGV` in this process; its stderr, after asserting exit 1 with one `error:` line."""
+    import cai.cli
+
+    monkeypatch.setattr(sys, "argv", ["cai", *argv])
+    with pytest.raises(SystemExit) as exited:
+        cai.cli.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- bounded inputs ---------------------------------------------------------------------------------
+
+
+def test_a_jsonl_line_over_the_limit_fails_naming_its_line_the_limit_and_how_to_raise_it(tmp_path, monkeypatch):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n' + json.dumps({"prompt": "x" * (5 * 2**20)}) + "\n")
+    with pytest.raises(RecordsError) as raised:
+        records.read_prompts(path)
+    assert str(raised.value).startswith(f"{path}:2: the line is over the 4 MB limit")
+    assert "CAI_MAX_LINE_MB=" in str(raised.value)
+    monkeypatch.setenv("CAI_MAX_LINE_MB", "8")
+    assert len(records.read_prompts(path)) == 2
+    monkeypatch.setenv("CAI_MAX_LINE_MB", "lots")
+    with pytest.raises(ConfigError, match="CAI_MAX_LINE_MB='lots' is not a size"):
+        records.read_prompts(path)
+
+
+def test_an_input_file_over_the_limit_fails_and_a_gz_counts_unpacked(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAI_MAX_INPUT_MB", "0.01")  # 10 KB
+    lines = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(1000))  # ~26 KB
+    for name, data in (("p.jsonl", lines.encode()), ("p.jsonl.gz", gzip.compress(lines.encode())),
+                       ("p.txt", lines.encode()), ("p.csv", b"prompt\n" + lines.encode().replace(b'"', b""))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(RecordsError) as raised:
+            records.read_prompts(path)
+        assert str(raised.value).startswith(f"{path}: ") and "over the 0.01 MB limit" in str(raised.value)
+        assert "CAI_MAX_INPUT_MB=" in str(raised.value)
+
+
+def test_a_device_or_a_pipe_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "prompts.jsonl"
+    os.mkfifo(fifo)
+    # A writer that gives one prompt and closes, so a reader that opens the pipe gets a record, not a hang.
+    writer = threading.Thread(target=lambda: fifo.write_text('{"prompt": "hi"}\n'), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(RecordsError, match=r"not a regular file .* save a stream to a file first"):
+            records.read_prompts(fifo)
+    finally:
+        with open(fifo, "rb"):  # let the writer finish
+            pass
+        writer.join(5)
+    # /dev/zero is endless: a reader that opens it eats memory until it dies (here: 1 GB of address space).
+    for reader in ("records.read_prompts('/dev/zero')", "constitution.load('/dev/zero')",
+                   "recipe.load('/dev/zero')"):
+        code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+                f"from cai import constitution, records, recipe\nfrom cai.errors import CaiError\n"
+                f"try:\n    {reader}\nexcept CaiError as exc:\n    print(exc)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.stdout.startswith("/dev/zero: not a regular file"), (reader, result.stdout, result.stderr[-300:])
+
+
+def test_a_constitution_over_its_size_limit_is_one_problem(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text(CONSTITUTION.read_text() + "# padding\n" * 120_000)
+    problems = c.validate(path)
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: the file is 1.") and "over the 1 MB limit" in problems[0]
+    assert "split it or trim it" in problems[0]
+
+
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML built without libyaml")
+def test_yaml_is_read_with_the_c_loader_and_errors_keep_their_line(tmp_path, monkeypatch):
+    loaders = []
+    compose = yaml.compose
+    monkeypatch.setattr(yaml, "compose", lambda text, Loader: loaders.append(Loader) or compose(text, Loader=Loader))
+    assert c.load(CONSTITUTION).critique_principles
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: embedded:tiny-random\nstages: [critique]\ncritique:\n  revisions: [1,\n")
+    with pytest.raises(RecipeError, match=rf"^{recipe}:5: not valid YAML"):
+        load_recipe(recipe)
+    assert loaders == [yaml.CSafeLoader, yaml.CSafeLoader]
+    bad = tmp_path / "c.yaml"
+    bad.write_text(CONSTITUTION.read_text().replace("critique_principles:", "critique_principles:\n  - id: [", 1))
+    assert ":" in c.validate(bad)[0] and c.validate(bad)[0].split(":")[1].isdigit()
+
+
+# -- one line, never a traceback ----------------------------------------------------------------------
+
+
+def test_an_invalid_utf8_byte_in_a_recipe_names_its_line(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"model: embedded:tiny-random\n# caf\xff\nstages: [critique]\n")
+    err = cai_main(monkeypatch, capsys, "run", str(recipe), "--name", "t")
+    assert err.startswith(f"error: {recipe}:2: byte 0xff is not UTF-8 text -- save the file as UTF-8"), err
+
+
+@pytest.mark.parametrize("name", ["p.csv", "p.txt", "p.jsonl"])
+def test_an_invalid_utf8_byte_in_a_prompt_file_names_its_line(tmp_path, monkeypatch, capsys, name):
+    path = tmp_path / name
+    body = {"p.csv": b"prompt\nhello\nbad \xff\n", "p.txt": b"hello\nbad \xff\n",
+            "p.jsonl": b'{"prompt": "hello"}\n{"prompt": "bad \xff"}\n'}[name]
+    path.write_bytes(body)
+    line = 3 if name == "p.csv" else 2
+    err = cai_main(monkeypatch, capsys, "critique", "--prompts", str(path), "--out", str(tmp_path / "o.jsonl"),
+                   "-m", "embedded:tiny-random")
+    assert err.startswith(f"error: {path}:{line}: byte 0xff is not UTF-8 text -- save the file as UTF-8"), err
+
+
+def test_a_jsonl_line_nested_100000_deep_is_one_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    err = cai_main(monkeypatch, capsys, "critique", "--prompts", str(path), "--out", str(tmp_path / "o.jsonl"),
+                   "-m", "embedded:tiny-random")
+    assert err.startswith(f"error: {path}:2: JSON nested too deeply to read"), err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: embedded:tiny-random\nstages: [critique]\ncritique:\n  x: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(RecipeError, match=rf"^{deep}"):
+        load_recipe(deep)
+
+
+def test_a_model_whose_pickle_the_safe_loader_refuses_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    state["note"] = threading.Lock  # a class: weights_only loading refuses to build it
+    torch.save(state, model / "pytorch_model.bin")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    err = cai_main(monkeypatch, capsys, "critique", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                   "-m", str(model))
+    assert err.startswith(f"error: {model}: pytorch_model.bin holds Python objects beyond tensors"), err
+    assert "use a model saved as safetensors" in err
+
+
+def test_a_prompt_longer_than_the_context_stops_before_generating(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "' + "word " * 3000 + '"}\n')
+    err = cai_main(monkeypatch, capsys, "critique", "--prompts", str(path), "--out", str(tmp_path / "o.jsonl"),
+                   "-m", "embedded:tiny-random", "--max-new-tokens", "8")
+    # The tiny model reads 2,048 tokens.
+    assert err.startswith(f"error: {path}:2: prompt 'b' is ") and "over the 2,040 that fit" in err, err
+    assert "--max-new-tokens 8" in err and "shorten or remove it" in err
+    assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_text()
