@@ -79,7 +79,10 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
                 continue
             text = paths.decode_utf8(line, path, RecordsError, first_line=number)  # a byte order mark is dropped
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, parse_constant=_refuse_constant)
+            except _NonFinite as exc:
+                raise RecordsError(f"{path}:{number}: {exc} is not a number JSON allows -- write a number, or "
+                                   "null where a value is missing") from None
             except json.JSONDecodeError as exc:
                 cut = "" if terminated else " (the last line has no newline: was the file cut short?)"
                 raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg}){cut} -- {line_hint}") from None
@@ -89,6 +92,15 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
             if not isinstance(obj, dict):
                 raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} -- {line_hint}")
             yield number, obj
+
+
+class _NonFinite(ValueError):
+    """NaN or Infinity in a JSON line: Python's reader takes them, JSON does not, and a NaN compares false
+    with everything, so it would pass range checks and poison means."""
+
+
+def _refuse_constant(name: str):
+    raise _NonFinite(name)
 
 
 def stable_id(prefix: str, text: str) -> str:
@@ -226,30 +238,38 @@ def _prompt_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         prompt = _prompt_from_row(row, where)
         record = {k: v for k, v in row.items() if k not in (*PROMPT_COLUMNS, "messages", "chosen", "rejected")}
         record["prompt"] = prompt
-        record_id = row.get("id")
-        if not _has_id(record_id):
-            record_id = stable_id("p", json.dumps(prompt, sort_keys=True))
-        record["id"] = str(record_id)
-        if record["id"] in first_line and not _has_id(row.get("id")):
+        given_id = record_id(row.get("id"), where)
+        record["id"] = given_id or stable_id("p", json.dumps(prompt, sort_keys=True))
+        if record["id"] in first_line and given_id is None:
             raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
                                "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
         check_unique_id(first_line, record["id"], number, where)
         yield number, record
 
 
-def check_unique_id(first_line: dict[str, int], record_id: Any, number: int, where: str) -> None:
-    """Note `record_id` as seen on line `number` of a file being read; a RecordsError at `where` if an
-    earlier line had it (two outputs concatenated would otherwise count each record twice)."""
-    key = str(record_id)
+def check_unique_id(first_line: dict[str, int], value: Any, number: int, where: str) -> None:
+    """Note id `value` as seen on line `number` of a file being read; a RecordsError at `where` if an
+    earlier line had it (two outputs concatenated would otherwise count each record twice), or if it is no
+    id (see `record_id`)."""
+    key = record_id(value, where) or str(value)
     if key in first_line:
-        raise RecordsError(f"{where}: duplicate id {record_id!r} (first seen on line {first_line[key]}) -- ids "
+        raise RecordsError(f"{where}: duplicate id {value!r} (first seen on line {first_line[key]}) -- ids "
                            "must be unique; keep one of the two")
     first_line[key] = number
 
 
-def _has_id(value: Any) -> bool:
-    """Whether a row gives an id: JSON null and a blank CSV cell do not (an id is derived instead)."""
-    return value is not None and str(value).strip() != ""
+def record_id(value: Any, where: str) -> str | None:
+    """A record's `id` as text: a string as given, a whole number as its digits (datasets number their rows);
+    None for JSON null or a blank CSV cell (an id is derived instead). Anything else (a list, an object,
+    true, 1.5) is refused rather than turned into its Python repr."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise RecordsError(f"{where}: `id` must be text or a whole number, got {json.dumps(value)[:40]} -- write it "
+                       'as a string, e.g. "id": "p-1"')
 
 
 def _read_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -294,16 +314,24 @@ _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 def parse_transcript(text: str) -> list[Message]:
-    """Split an hh-rlhf transcript (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`) into messages."""
+    """Split an hh-rlhf transcript (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`) into messages.
+
+    Consecutive turns by one speaker (a transcript with no "Assistant:" between two "Human:" turns) are
+    joined into one turn, the texts a blank line apart: the words are all the person's, and chat templates
+    that require user and assistant to alternate (Llama 2's, Mistral's) raise on two user turns in a row."""
     text = text.replace("\r\n", "\n")  # a file that went through a Windows tool
     if not text.startswith("\n\n"):
         text = "\n\n" + text.lstrip("\n")
     parts = _TURN.split(text)
     if len(parts) < 3 or parts[0].strip():
         raise ValueError("not an hh-rlhf transcript: expected it to start with 'Human: '")
-    messages = []
+    messages: list[Message] = []
     for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+        role = "user" if speaker == "Human" else "assistant"
+        if messages and messages[-1]["role"] == role:  # two turns in a row by one speaker: one turn
+            messages[-1]["content"] += "\n\n" + content.strip()
+        else:
+            messages.append({"role": role, "content": content.strip()})
     return messages
 
 
@@ -370,9 +398,9 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
     p_chosen = float(p_chosen)
     if not 0.0 <= p_chosen <= 1.0:
         raise RecordsError(f"{where}: p_chosen={p_chosen} is not a probability -- use a value in [0, 1]")
-    given_id = extra.pop("id", None)
+    given_id = record_id(extra.pop("id", None), where)
     record = {
-        "id": str(given_id) if _has_id(given_id) else stable_id("pref", json.dumps([prompt, chosen, rejected])),
+        "id": given_id or stable_id("pref", json.dumps([prompt, chosen, rejected])),
         "prompt": prompt,
         "chosen": chosen,
         "rejected": rejected,

@@ -173,3 +173,63 @@ def test_a_prompt_longer_than_the_context_stops_before_generating(tmp_path, monk
     assert err.startswith(f"error: {path}:2: prompt 'b' is ") and "over the 2,040 that fit" in err, err
     assert "--max-new-tokens 8" in err and "shorten or remove it" in err
     assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_text()
+
+
+# -- smaller ones -------------------------------------------------------------------------------------
+
+
+def test_an_hh_rlhf_transcript_without_an_assistant_turn_is_one_user_turn(tmp_path, tiny_engine):
+    path = tmp_path / "p.jsonl"
+    lines = [{"chosen": "\n\nHuman: How do I pick a lock?\n\nHuman: It is my own door."},
+             {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nHuman: d\n\nAssistant: e"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    first, second = records.read_prompts(path)
+    assert first["prompt"] == "How do I pick a lock?\n\nIt is my own door."
+    assert [m["role"] for m in second["prompt"]] == ["user", "assistant", "user"]
+    assert second["prompt"][-1]["content"] == "c\n\nd"
+    assert tiny_engine.render(records.as_messages(first["prompt"])).count("<|im_start|>user") == 1
+
+
+@pytest.mark.parametrize(("value", "kept"), [('"p-1"', "p-1"), ("5", "5"), ("null", None)])
+def test_a_string_or_a_whole_number_is_an_id_and_null_derives_one(tmp_path, value, kept):
+    path = tmp_path / "p.jsonl"
+    path.write_text(f'{{"id": {value}, "prompt": "hi"}}\n')
+    record_id = records.read_prompts(path)[0]["id"]
+    assert record_id == kept if kept else record_id.startswith("p-")
+
+
+@pytest.mark.parametrize("value", ["[1]", '{"n": 1}', "true", "1.5"])
+def test_an_id_that_is_not_text_or_a_whole_number_is_refused(tmp_path, value):
+    prompts, prefs = tmp_path / "p.jsonl", tmp_path / "prefs.jsonl"
+    prompts.write_text(f'{{"prompt": "a"}}\n{{"id": {value}, "prompt": "hi"}}\n')
+    prefs.write_text(f'{{"id": {value}, "prompt": "hi", "chosen": "a", "rejected": "b"}}\n')
+    for path, read, line in ((prompts, records.read_prompts, 2), (prefs, records.read_preferences, 1)):
+        with pytest.raises(RecordsError) as raised:
+            read(path)
+        assert str(raised.value).startswith(f"{path}:{line}: `id` must be text or a whole number, got {value}")
+        assert 'write it as a string, e.g. "id": "p-1"' in str(raised.value)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused_anywhere_in_a_line(tmp_path, constant):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n'
+                    f'{{"prompt": "hi", "chosen": "a", "rejected": "b", "p_chosen": 0.9, "score": {constant}}}\n')
+    with pytest.raises(RecordsError, match=rf"^{path}:2: {constant} is not a number JSON allows -- write a number"):
+        records.read_preferences(path)
+
+
+def test_a_bad_run_name_is_blamed_on_where_it_was_given(tmp_path, monkeypatch, capsys):
+    smoke = c.bundled("recipes/smoke.yaml")
+    err = cai_main(monkeypatch, capsys, "run", str(smoke), "--name", "x y", "--runs-dir", str(tmp_path))
+    assert err == ("error: --name 'x y' is not a run name: letters, digits, - and _ only (it names runs/NAME) "
+                   "-- e.g. --name my-run")
+    named = tmp_path / "named.yaml"
+    named.write_text(smoke.read_text().replace("name: smoke", "name: x/y"))
+    with pytest.raises(RecipeError, match=rf"^{named}:4: name 'x/y' is not a run name.* -- e.g. name: my-run$"):
+        load_recipe(named, runs_dir=tmp_path)
+    assert load_recipe(named, name="ok_name-2", runs_dir=tmp_path).name == "ok_name-2"
+    dotted = tmp_path / "my.recipe.yaml"
+    dotted.write_text(smoke.read_text().replace("name: smoke", ""))
+    with pytest.raises(RecipeError, match=r"named after the recipe file.* add `name: my-run` to the recipe"):
+        load_recipe(dotted, runs_dir=tmp_path)
