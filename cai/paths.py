@@ -129,8 +129,8 @@ def decode_utf8(raw: bytes, where: str | Path, error: Callable[[str], Exception]
 
 
 def yaml_loader():
-    """PyYAML's C loader where libyaml is present (a 1 MB constitution: seconds instead of minutes), else
-    its pure-Python one; both keep the line of every node for file:line errors."""
+    """PyYAML's C loader where libyaml is present (bench/yaml_loader.py: a 1 MB constitution in 0.6 s
+    against 10 s, 17x), else its pure-Python one; both keep each node's line for file:line errors."""
     import yaml
 
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
