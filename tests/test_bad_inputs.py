@@ -72,10 +72,10 @@ def test_a_device_or_a_pipe_is_refused_without_reading_it(tmp_path):
     try:
         with pytest.raises(RecordsError, match=r"not a regular file .* save a stream to a file first"):
             records.read_prompts(fifo)
-    finally:
-        with open(fifo, "rb"):  # let the writer finish
-            pass
+    finally:  # a reader end that does not wait for a writer, so the writer finishes either way
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         writer.join(5)
+        os.close(reader)
     # /dev/zero is endless: a reader that opens it eats memory until it dies (here: 1 GB of address space).
     for reader in ("records.read_prompts('/dev/zero')", "constitution.load('/dev/zero')",
                    "recipe.load('/dev/zero')"):
