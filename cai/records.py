@@ -42,7 +42,7 @@ Message = dict[str, str]
 JSONL_FILE = "JSONL file (one JSON object a line)"
 
 
-def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON object"
+def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON object", allow_nan: bool = False
                ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (`.jsonl.gz` too); a line
     that is not a JSON object fails with `file:line`, the last one included: a file cut short is an error,
@@ -50,7 +50,8 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
     repair when the stage resumes; files written whole go through `write_jsonl`, which is atomic.)
 
     The file is read a line at a time, each line at most CAI_MAX_LINE_MB and the whole (unpacked) at most
-    CAI_MAX_INPUT_MB, so a runaway line or file fails with its size instead of filling memory."""
+    CAI_MAX_INPUT_MB, so a runaway line or file fails with its size instead of filling memory. NaN and
+    Infinity fail too, unless `allow_nan` (cai's own metric logs, where a diverged step logs NaN)."""
     path = Path(path)
     line_cap, file_cap = paths.line_limit(), paths.input_limit()
     with paths.open_input(path, RecordsError, JSONL_FILE) as handle:
@@ -79,7 +80,7 @@ def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON
                 continue
             text = paths.decode_utf8(line, path, RecordsError, first_line=number)  # a byte order mark is dropped
             try:
-                obj = json.loads(text, parse_constant=_refuse_constant)
+                obj = json.loads(text, parse_constant=None if allow_nan else _refuse_constant)
             except _NonFinite as exc:
                 raise RecordsError(f"{path}:{number}: {exc} is not a number JSON allows -- write a number, or "
                                    "null where a value is missing") from None

@@ -233,3 +233,10 @@ def test_a_bad_run_name_is_blamed_on_where_it_was_given(tmp_path, monkeypatch, c
     dotted.write_text(smoke.read_text().replace("name: smoke", ""))
     with pytest.raises(RecipeError, match=r"named after the recipe file.* add `name: my-run` to the recipe"):
         load_recipe(dotted, runs_dir=tmp_path)
+
+
+def test_cai_reads_back_its_own_metric_log_with_a_nan_step(tmp_path):
+    from cai.stages.rl import Monitor
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kl": 0.1}\n{"step": 2, "kl": NaN}\n')
+    assert [row["step"] for row in Monitor(tmp_path / "metrics.jsonl").history] == [1, 2]

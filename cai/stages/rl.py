@@ -276,7 +276,7 @@ class Monitor:
         self.batch_size = batch_size  # answers per step, to turn trl's mean length into tokens generated
         self.history: list[dict[str, Any]] = []
         if path.exists():
-            self.history = [record for _, record in read_jsonl(path)]
+            self.history = [record for _, record in read_jsonl(path, allow_nan=True)]
         self._write_all = lambda: write_jsonl(self.path, self.history)
         self.pending: dict[str, Any] = {}
         self.times: dict[str, float] = {"generate_s": 0.0, "reward_s": 0.0, "judge_s": 0.0}
