@@ -735,6 +735,8 @@ def rl_command(
     code_memory_mb: Annotated[int, typer.Option(help=help_of(RLConfig, "code_memory_mb"),
                                                 rich_help_panel=_RL_REWARDS)]
     = RLConfig.code_memory_mb,
+    unsafe_run_code: Annotated[bool, typer.Option("--unsafe-run-code", help=help_of(RLConfig, "unsafe_run_code"),
+                                                  rich_help_panel=_RL_REWARDS)] = False,
     judge: Annotated[str | None, typer.Option(help=help_of(RLConfig, "judge"), rich_help_panel=_RL_REWARDS)] = None,
     constitution: Annotated[str, typer.Option(help=help_of(RLConfig, "constitution"), rich_help_panel=_RL_REWARDS)]
     = RLConfig.constitution,
@@ -760,7 +762,7 @@ def rl_command(
                    prompts_per_step=prompts_per_step, max_steps=max_steps, lr=lr, max_new_tokens=max_new_tokens,
                    temperature=temperature, quantize=quantize, lora_r=lora_r, limit=limit,
                    length_target=length_target, code_timeout=code_timeout, code_memory_mb=code_memory_mb,
-                   judge=judge, constitution=constitution, judge_every=judge_every,
+                   unsafe_run_code=unsafe_run_code, judge=judge, constitution=constitution, judge_every=judge_every,
                    checkpoint_every=checkpoint_every, pm_batch_size=pm_batch_size, seed=seed, force=force)
     _run_stage(run, cfg, json_)
 

@@ -15,7 +15,9 @@ import time
 
 import pytest
 
+from cai.errors import MissingDependency
 from cai.rewards import CodeReward, extract_code, run_tests, sandbox_problem
+from cai.rewards import sandbox as sandbox_module
 
 
 def sandbox_or_skip() -> None:
@@ -28,12 +30,19 @@ def sandbox_or_skip() -> None:
     pytest.skip(f"{problem} (apt-get install bubblewrap)")
 
 
+@pytest.fixture(autouse=True)
+def sandbox(request):
+    if "without_bwrap" not in request.fixturenames:
+        sandbox_or_skip()
+
+
 @pytest.fixture
-def sandbox():
-    sandbox_or_skip()
-
-
-pytestmark = pytest.mark.usefixtures("sandbox")
+def without_bwrap(monkeypatch):
+    """As on a machine where bubblewrap is not installed."""
+    monkeypatch.setattr(sandbox_module, "_find_bwrap", lambda: None)
+    sandbox_problem.cache_clear()
+    yield
+    sandbox_problem.cache_clear()
 
 
 def answer(text: str) -> list[dict[str, str]]:
@@ -276,9 +285,10 @@ def test_no_process_the_code_starts_outlives_the_run(ending):
 
 
 def test_the_code_cannot_start_more_than_its_process_limit():
-    code = ("import threading\nstop = threading.Event()\n"
-            "for _ in range(200):\n    threading.Thread(target=stop.wait).start()\nstop.set()\n")
-    result = run_tests(code, "pass")
+    # Small stacks and a large address space: the process limit, not memory, is what stops it.
+    code = ("import threading\nthreading.stack_size(1 << 16)\nstop = threading.Event()\ntry:\n"
+            "    for _ in range(200):\n        threading.Thread(target=stop.wait).start()\nfinally:\n    stop.set()\n")
+    result = run_tests(code, "pass", memory_mb=4096)
     assert result.outcome == "error" and "thread" in result.detail
 
 
@@ -372,3 +382,37 @@ def test_a_test_module_with_test_functions_runs_each_of_them():
     failing = tests + "\ndef test_wrong():\n    assert add(1, 1) == 3\n"
     result = run_tests("def add(a, b):\n    return a + b\n", failing)
     assert result.outcome == "failed" and "tests.py:11" in result.detail
+
+
+# ----------------------------------------------------------------------------- no bubblewrap
+
+
+def test_code_rewards_refuse_without_bubblewrap_naming_what_to_install(without_bwrap):
+    with pytest.raises(MissingDependency, match=r"not installed -- install it \(apt-get install bubblewrap\), or "
+                                                r"pass --unsafe-run-code"):
+        CodeReward()
+    with pytest.raises(MissingDependency):
+        run_tests("def add(a, b):\n    return a + b\n", TESTS)
+
+
+def test_unsafe_run_code_runs_unsandboxed_and_says_so(without_bwrap):
+    reward = CodeReward(unsafe_run_code=True)
+    assert not reward.sandboxed and "UNSANDBOXED" in reward.warning
+    completions = [answer(fenced("def add(a, b):\n    return a + b")), answer(fenced("def add(a, b):\n    return 0"))]
+    assert reward([PROMPT] * 2, completions, tests=[TESTS, TESTS]) == [1.0, 0.0]
+
+
+def test_a_bubblewrap_that_cannot_start_a_sandbox_counts_as_none(monkeypatch, without_bwrap):
+    monkeypatch.setattr(sandbox_module, "_find_bwrap", lambda: "/bin/false")
+    assert "cannot start a sandbox" in sandbox_problem()
+    with pytest.raises(MissingDependency, match="cannot start a sandbox"):
+        CodeReward()
+
+
+def test_sandbox_tests_fail_in_ci_rather_than_skip(monkeypatch, without_bwrap):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the sandbox tests"):
+        sandbox_or_skip()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        sandbox_or_skip()

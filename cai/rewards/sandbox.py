@@ -1,13 +1,13 @@
 """Running a code answer against its tests in a bubblewrap sandbox (`run_tests`, `CodeReward`).
 
-Each run is one Python process inside bubblewrap (`bwrap`): new user, PID, network, mount, IPC and UTS
-namespaces, so it sees no network, no host process and only these host files, read-only: /usr, the
-library links, and the interpreter's own directories. Its one writable place is a size-capped tmpfs at
-/scratch. It starts with an empty environment, no capabilities, a session of its own, and limits on CPU
-seconds, address space, file size and process count; when cai runs as root it runs as a uid no
-user has. At the
-timeout bubblewrap is killed, which ends the sandbox's PID namespace and with it every process inside,
-those that called setsid included. docs/sandbox.md has the table of what this stops and what it does not.
+Each run is one Python process inside bubblewrap (`bwrap`): new PID, network, mount, IPC and UTS
+namespaces (and a user namespace, unless cai runs as root), so it sees no network, no host process and
+only these host files, read-only: /usr, the library links, and the interpreter's own directories. Its
+one writable place is a size-capped tmpfs at /scratch. It starts with an empty environment, no
+capabilities, a session of its own, and limits on CPU seconds, address space, file size and process
+count; started by root it runs as a uid no user has. At the timeout bubblewrap is killed, which ends the
+sandbox's PID namespace and with it every process inside, those that called setsid included.
+docs/sandbox.md has the table of what this stops and what it does not.
 
 Inside, the answer is imported as the module `solution`; the tests run as a module of their own, which
 sees the solution's public names but the builtins as they were before the solution ran (so `def len`
