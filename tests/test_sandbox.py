@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -214,10 +213,9 @@ def spawn(*argv, wait=True):
 
 
 def test_a_program_started_without_an_audit_event_cannot_write_outside(tmp_path):
-    code = SPAWN + f"spawn('/bin/sh', '-c', 'echo x > {tmp_path}/escaped; echo x > /escaped')\n"
+    code = SPAWN + f"spawn('/bin/sh', '-c', 'echo x > {tmp_path}/escaped')\n"
     run_tests(code, "pass")
     assert not (tmp_path / "escaped").exists()
-    assert not os.path.exists("/escaped")
 
 
 def in_trainer(code: str, tests: str, **env: str) -> subprocess.CompletedProcess:
@@ -230,7 +228,7 @@ def in_trainer(code: str, tests: str, **env: str) -> subprocess.CompletedProcess
 
 def test_the_code_cannot_kill_the_process_that_runs_it():
     # $PPID is the runner; the runner's parent is whoever called run_tests.
-    code = SPAWN + "spawn('/bin/sh', '-c', 'kill -9 $(cut -d\" \" -f4 /proc/$PPID/stat)')\nimport time\ntime.sleep(1)\n"
+    code = SPAWN + "spawn('/bin/sh', '-c', 'kill -9 $(cut -d\" \" -f4 /proc/$PPID/stat)')\nimport time\ntime.sleep(0.3)\n"
     trainer = in_trainer(code, "pass")
     assert trainer.returncode == 0, trainer.stderr
     assert trainer.stdout.strip() in ("passed", "error", "crashed")
@@ -276,7 +274,7 @@ def test_no_process_the_code_starts_outlives_the_run(ending):
                     f"        spawn('/usr/bin/setsid', '/bin/sh', '-c', 'sleep 60', '{marker}', wait=False)\n"
                     "    except OSError:\n        break\n"
                     + ("import time\ntime.sleep(60)\n" if ending == "timeout" else ""))
-    result = run_tests(code, "pass", timeout_s=3.0)
+    result = run_tests(code, "pass", timeout_s=2.0)
     assert result.outcome == ("timeout" if ending == "timeout" else "passed")
     deadline = time.monotonic() + 5
     while processes_with(marker) and time.monotonic() < deadline:
@@ -311,30 +309,14 @@ def test_mknod_and_setxattr_cannot_write_outside(tmp_path, call):
 
 
 def test_the_code_cannot_reach_a_listener_on_the_loopback_address():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(3)
-    port = server.getsockname()[1]
-    reached = []
-    waiter = threading.Thread(target=lambda: reached.append(_accept(server)))
-    waiter.start()
-    try:
-        code = SPAWN + f"spawn('/bin/bash', '-c', 'echo hello > /dev/tcp/127.0.0.1/{port}')\n"
-        run_tests(code, "pass")
-    finally:
-        waiter.join()
-        server.close()
-    assert reached == [None]
-
-
-def _accept(server: socket.socket) -> bytes | None:
-    try:
-        connection, _ = server.accept()
-    except OSError:  # timed out: nobody came
-        return None
-    with connection:
-        return connection.recv(100)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        run_tests(SPAWN + f"spawn('/bin/bash', '-c', 'echo hello > /dev/tcp/127.0.0.1/{port}')\n", "pass")
+        server.settimeout(0.2)  # the program was waited for: a connection it made is queued by now
+        with pytest.raises(TimeoutError):
+            server.accept()[0].close()
 
 
 # ----------------------------------------------------------------------------- reward hacks
