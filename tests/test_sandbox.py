@@ -354,6 +354,10 @@ def test_mbpp_style_asserts_pass_with_equal_values_of_builtin_types():
              "assert math.isclose(circle(1), 3.14159, rel_tol=0.001)\n")
     assert run_tests(code, tests).outcome == "passed"
     assert run_tests(code, tests.replace("'1')]}", "'2')]}")).outcome == "failed"
+    # A comparison inside an expression keeps Python's meaning: `(a == b)` here is an object with .all().
+    elementwise = ("class Vector(list):\n    def __eq__(self, other):\n        return Vector(x == y for x, y in zip(self, other))\n"
+                   "    def all(self):\n        return all(self)\n")
+    assert run_tests(elementwise, "assert (Vector([1, 2]) == [1, 2]).all()").outcome == "passed"
 
 
 def test_a_test_module_with_test_functions_runs_each_of_them():

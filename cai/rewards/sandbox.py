@@ -140,18 +140,21 @@ def _hook(root):
                     deny(event, args)
     return hook
 class _Strict(ast.NodeTransformer):
-    """`a == b` and `a != b` inside an assert become `__cai_compare__(("Eq",), a, b)`."""
+    """`assert a == b` and `assert a != b` (also under `and`, `or`, `not`) become
+    `assert __cai_compare__(("Eq",), a, b)`; a comparison inside a call, as in `(a == b).all()`, stays."""
     def visit_Assert(self, node):
-        node.test = _Compares().visit(node.test)
+        node.test = self.strict(node.test)
         return node
-class _Compares(ast.NodeTransformer):
-    def visit_Compare(self, node):
-        self.generic_visit(node)
-        if not any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
-            return node
-        names = ast.Tuple([ast.Constant(type(op).__name__) for op in node.ops], ast.Load())
-        call = ast.Call(ast.Name("__cai_compare__", ast.Load()), [names, node.left, *node.comparators], [])
-        return ast.copy_location(call, node)
+    def strict(self, node):
+        if isinstance(node, ast.BoolOp):
+            node.values = [self.strict(value) for value in node.values]
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            node.operand = self.strict(node.operand)
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+            names = ast.Tuple([ast.Constant(type(op).__name__) for op in node.ops], ast.Load())
+            call = ast.Call(ast.Name("__cai_compare__", ast.Load()), [names, node.left, *node.comparators], [])
+            return ast.copy_location(call, node)
+        return node
 def _comparisons(_type=type, _len=len, _zip=zip, _bool=bool, _isinstance=isinstance, _dict=dict, _deque=collections.deque,
                  _ops={"Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt, "GtE": operator.ge, "Is": operator.is_,
                        "IsNot": operator.is_not, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b}):
