@@ -218,6 +218,13 @@ def test_a_program_started_without_an_audit_event_cannot_write_outside(tmp_path)
     assert not (tmp_path / "escaped").exists()
 
 
+def test_scratch_is_the_only_place_a_program_can_write():
+    paths = ["/escaped", "/usr/escaped", "/dev/escaped", "/dev/shm/escaped", "/scratch/made"]
+    code = SPAWN + f"spawn('/bin/sh', '-c', 'for p in {' '.join(paths)}; do echo x > $p; done')\nimport os\n"
+    tests = "\n".join(f"assert os.path.exists({p!r}) == {p.startswith('/scratch/')}" for p in paths)
+    assert run_tests(code, "import os\n" + tests).outcome == "passed"
+
+
 def in_trainer(code: str, tests: str, **env: str) -> subprocess.CompletedProcess:
     """`run_tests` called from a process of its own (standing in for the RL trainer), with `env` planted."""
     script = ("import sys\nfrom cai.rewards import run_tests\n"

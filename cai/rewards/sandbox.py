@@ -347,7 +347,7 @@ def _bwrap_command(bwrap: str, as_root: bool) -> list[str]:
         command += ["--ro-bind", path, path]
     return command + ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(SCRATCH_MB << 20),
                       "--tmpfs", SCRATCH,
-                      "--remount-ro", "/", "--chdir", SCRATCH, "--"]
+                      "--remount-ro", "/", "--remount-ro", "/dev", "--chdir", SCRATCH, "--"]
 
 
 def run_tests(code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_file_mb: int = 16,
