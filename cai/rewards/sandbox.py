@@ -32,6 +32,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -374,8 +375,8 @@ def _run(code: str, tests: str, *, timeout_s: float, memory_mb: int, max_file_mb
     # No pipes the parent buffers: what the code prints goes nowhere (printing is no part of passing,
     # and a flood cannot fill the parent's memory); its errors, and the secret that proves a pass (on a
     # descriptor of its own), go to unnamed files the parent made, capped by the file-size limit.
-    with tempfile.TemporaryDirectory(prefix="cai-sandbox-") as workdir, \
-            tempfile.TemporaryFile() as proof_file, tempfile.TemporaryFile() as stderr_file:
+    workdir_context = nullcontext(SCRATCH) if sandboxed else tempfile.TemporaryDirectory(prefix="cai-sandbox-")
+    with workdir_context as workdir, tempfile.TemporaryFile() as proof_file, tempfile.TemporaryFile() as stderr_file:
         as_root = sandboxed and os.geteuid() == 0
         # A uid no one uses, fresh for each run: the process limit counts a uid's processes machine-wide.
         user = SANDBOX_UIDS[0] + secrets.randbelow(SANDBOX_UIDS[1] - SANDBOX_UIDS[0]) if as_root else 0
