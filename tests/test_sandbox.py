@@ -382,7 +382,7 @@ def test_a_test_module_with_test_functions_runs_each_of_them():
 
 def test_code_rewards_refuse_without_bubblewrap_naming_what_to_install(without_bwrap):
     with pytest.raises(MissingDependency, match=r"not installed -- install it \(apt-get install bubblewrap\), or "
-                                                r"pass --unsafe-run-code"):
+                                                r"\(cai rl\) pass --unsafe-run-code"):
         CodeReward()
     with pytest.raises(MissingDependency):
         run_tests("def add(a, b):\n    return a + b\n", TESTS)

@@ -456,8 +456,8 @@ def require_sandbox(unsafe: bool = False) -> str | None:
         return None
     if not unsafe:
         raise MissingDependency(f"the code reward runs answers in a sandbox, but {problem} -- install it "
-                                f"({INSTALL_HINT}), or pass --unsafe-run-code to run model-written code with no "
-                                "isolation at all")
+                                f"({INSTALL_HINT}), or (cai rl) pass --unsafe-run-code to run model-written code "
+                                "with no isolation at all")
     return (f"WARNING: --unsafe-run-code and {problem}: model-written code runs UNSANDBOXED with this user's "
             "rights (its files, network and processes); use a throwaway machine or container")
 
