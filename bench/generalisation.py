@@ -18,6 +18,7 @@ Variants (one factor each against `demo`, the demo recipe's SL settings on the o
   broad-half   broad, helpful fraction 0.5 instead of 0.75
   broad-e4     broad, 4 epochs instead of 2
   broad-r64    broad, LoRA rank 64 instead of 16
+  broad-c96    broad, 96 red-team prompts critiqued instead of --critique-limit
 Stages are cached under --out by their settings: a rerun or an added variant redoes only what is new.
 """
 
@@ -51,6 +52,7 @@ VARIANTS = {
     "broad-half": {"prompts": "broad", "helpful": "broad", "helpful_fraction": 0.5},
     "broad-e4": {"prompts": "broad", "helpful": "broad", "epochs": 4},
     "broad-r64": {"prompts": "broad", "helpful": "broad", "lora_r": 64},
+    "broad-c96": {"prompts": "broad", "helpful": "broad", "critique_limit": 96},
 }
 # The prompts written before the broadening: 330 red-team and 331 helpful prompts (ids below these). The
 # bundled red-team file interleaves the broadened prompts with them, so a --limit draws on every style.
@@ -108,11 +110,11 @@ def main() -> int:
 
     rows = {"base": evaluate_model("base", MODEL)}
     for name in names:
-        v = BASE_VARIANT | VARIANTS[name]
+        v = BASE_VARIANT | {"critique_limit": args.critique_limit} | VARIANTS[name]
         started = time.time()
-        critique_dir = out / f"critique-{v['prompts']}-{'primed' if v['prefix'] else 'unprimed'}-{args.critique_limit}"
+        critique_dir = out / f"critique-{v['prompts']}-{'primed' if v['prefix'] else 'unprimed'}-{v['critique_limit']}"
         critique.run(CritiqueConfig(prompts=prompt_file("red_team", v["prompts"], work), out=str(critique_dir / "records.jsonl"),
-                                    model=MODEL, revisions=1, limit=args.critique_limit, revision_prefix=v["prefix"],
+                                    model=MODEL, revisions=1, limit=v["critique_limit"], revision_prefix=v["prefix"],
                                     max_new_tokens=64, batch_size=16, chunk_size=48), ctx)
         sft_dir = out / f"sft-{name}"
         sft.run(SFTConfig(data=str(critique_dir / "records.jsonl"), out=str(sft_dir), model=MODEL,
