@@ -870,6 +870,11 @@ def eval_command(
     harmful: Annotated[str, typer.Option(help=help_of(EvalConfig, "harmful"))],
     benign: Annotated[str, typer.Option(help=help_of(EvalConfig, "benign"))],
     out: Annotated[str, typer.Option(help=help_of(EvalConfig, "out"))],
+    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", help=help_of(EvalConfig, "benchmarks"),
+                                                        rich_help_panel="Third-party sets")] = None,
+    harmbench_categories: Annotated[str, typer.Option(help=help_of(EvalConfig, "harmbench_categories"),
+                                                      rich_help_panel="Third-party sets")]
+    = EvalConfig.harmbench_categories,
     judge: Annotated[str, typer.Option(help=help_of(EvalConfig, "judge"), rich_help_panel="Judge")]
     = EvalConfig.judge,
     judge_method: Annotated[str, typer.Option(help=help_of(EvalConfig, "judge_method"), rich_help_panel="Judge")]
@@ -906,13 +911,15 @@ def eval_command(
 
     Example: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/demo/5-rl/model
     --harmful data/eval_harmful.jsonl --benign data/eval_benign.jsonl --out eval/
+    --benchmark harmbench_behaviors_text_test.csv --benchmark benign:xstest_prompts.csv
 
     Maths only: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/rlvr/5-rl/model
     --harmful none --benign none --judge none --verifiable data/maths_heldout.jsonl --k 4 --samples 8 --out eval/
     """
     from cai.stages.evaluate import EvalConfig, run
 
-    cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
+    cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, benchmarks=benchmark or [],
+                     harmbench_categories=harmbench_categories, judge=judge, judge_method=judge_method,
                      constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
                      verifiable=verifiable, k=k, samples=samples, sample_temperature=sample_temperature,
                      limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, precision=precision, seed=seed,
