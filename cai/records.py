@@ -350,6 +350,99 @@ def split_transcript_pair(chosen: str, rejected: str) -> tuple[list[Message], st
     return chosen_messages[:-1], chosen_messages[-1]["content"], rejected_messages[-1]["content"]
 
 
+# ----------------------------------------------------------------------------- third-party eval sets
+
+# The red-team and over-refusal sets people measure on, read as they are published. Each row counts on
+# one side of the harmless-helpful picture: a harmful request (refusing it is harmless) or a benign one
+# (refusing it is over-refusal). A `label` column (XSTest's safe/unsafe) decides per row; the red-team
+# sets (HarmBench, StrongREJECT, AdvBench) are harmful throughout.
+EVAL_SIDES = ("harmful", "benign")
+_LABEL_SIDES = {"safe": "benign", "benign": "benign", "unsafe": "harmful", "harmful": "harmful"}
+
+
+def eval_set_format(columns: list[str]) -> str:
+    """Which published format a table's columns are: harmbench, xstest, strongreject, advbench or prompts."""
+    if "Behavior" in columns:
+        return "harmbench"
+    if "forbidden_prompt" in columns:
+        return "strongreject"
+    if "goal" in columns:
+        return "advbench"
+    if "label" in columns:
+        return "xstest"
+    return "prompts"
+
+
+def split_eval_spec(spec: str) -> tuple[str | None, str]:
+    """`harmful:PATH` / `benign:PATH` -> (side, PATH); a bare PATH -> (None, PATH)."""
+    for side in EVAL_SIDES:
+        if spec.startswith(f"{side}:"):
+            return side, spec[len(side) + 1:]
+    return None, spec
+
+
+def read_eval_set(spec: str, limit: int | None = None,
+                  harmbench_categories: tuple[str, ...] = ("standard",)) -> list[dict[str, Any]]:
+    """Prompt records `{"id", "prompt", "category", "side"}` from a red-team or over-refusal set in its
+    published format (`spec` is PATH, or `harmful:PATH` / `benign:PATH`):
+
+    - HarmBench CSV: `Behavior`, rows whose `FunctionalCategory` is in `harmbench_categories` (empty: all),
+      `SemanticCategory` as the category, a `ContextString` put before the behaviour as HarmBench does;
+    - XSTest CSV: `prompt`, `label` safe/unsafe (the side), `type` (the category);
+    - StrongREJECT CSV: `forbidden_prompt`, `category`; AdvBench CSV: `goal`;
+    - any prompt file `read_prompts` reads, with a `label` column or a side prefix.
+
+    A side prefix keeps that side's rows of a labelled set (`benign:xstest.csv`, its safe prompts) and
+    names the side of an unlabelled one. `limit` applies after filtering."""
+    wanted, raw_path = split_eval_spec(spec)
+    path = local_or_bundled(raw_path)
+    suffix = path.suffix.lower()
+    rows = list(_read_csv(path) if suffix == ".csv" else _read_text(path) if suffix == ".txt" else read_jsonl(path))
+    kind = eval_set_format(list(rows[0][1]) if rows else [])
+    kept: list[dict[str, Any]] = []
+    first_line: dict[str, int] = {}
+    for number, row in rows:
+        where = f"{path}:{number}"
+        record = {"prompt": _prompt_from_row(row, where), "category": row.get("category")}
+        given_id = row.get("BehaviorID") if kind == "harmbench" else row.get("id")
+        record["id"] = str(given_id) if _has_id(given_id) else stable_id("p", json.dumps(record["prompt"]))
+        if kind == "harmbench":
+            functional = str(row.get("FunctionalCategory") or "").strip()
+            if harmbench_categories and functional and functional not in harmbench_categories:
+                continue
+            context = str(row.get("ContextString") or "").strip()
+            if context and isinstance(record["prompt"], str):
+                record["prompt"] = f"{context}\n\n---\n\n{record['prompt']}"
+            record["category"] = row.get("SemanticCategory") or record["category"]
+        if kind == "xstest":
+            record["category"] = row.get("type") or record["category"]
+        label = row.get("label")
+        if label is not None and str(label).strip():
+            side = _LABEL_SIDES.get(str(label).strip().lower())
+            if side is None:
+                raise RecordsError(f"{where}: label {label!r} -- use safe or unsafe (XSTest's labels)")
+        elif kind in ("harmbench", "strongreject", "advbench"):
+            side = "harmful"
+        elif wanted is None:
+            raise RecordsError(f"{path}: no `label` column says which prompts are harmful -- name the side: "
+                               f"harmful:{raw_path} or benign:{raw_path}")
+        else:
+            side = wanted
+        if wanted is not None and side != wanted:
+            if label is None and kind != "prompts":
+                raise RecordsError(f"{path}: a {kind} set holds harmful requests -- drop the '{wanted}:' prefix")
+            continue
+        check_unique_id(first_line, record["id"], number, where)
+        kept.append({**record, "side": side})
+        if limit is not None and len(kept) >= limit:
+            break
+    if not kept:
+        raise RecordsError(f"{path}: no {wanted + ' ' if wanted else ''}prompts left after filtering"
+                           + (f" (FunctionalCategory in {', '.join(harmbench_categories)})" if kind == "harmbench"
+                              else "") + " -- check the file and the side prefix")
+    return kept
+
+
 # ----------------------------------------------------------------------------- preferences
 
 
