@@ -5,7 +5,7 @@ CAI    := $(VENV)/bin/cai
 STAMP  := $(VENV)/.installed
 RECIPE ?= recipes/demo.yaml
 
-.PHONY: install test test-fast lint bench demo demo-rlvr smoke run clean
+.PHONY: install sandbox test test-fast lint bench demo demo-rlvr smoke run clean
 
 $(STAMP): pyproject.toml
 	@# A full disk otherwise surfaces as an obscure ensurepip or pip error halfway through.
@@ -24,10 +24,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+# The code reward runs answers in bubblewrap (docs/sandbox.md); as root on Debian/Ubuntu it is installed here.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && echo "make: installing bubblewrap (the code-reward sandbox)" \
+	  && apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
+	  || { echo "make: the code-reward sandbox needs bubblewrap: run 'sudo apt-get install bubblewrap' (or your \
+	system's package of it), then make again" >&2; exit 1; }
+
+test: install sandbox
 	$(PY) -m pytest -q -ra
 
-test-fast: install
+test-fast: install sandbox
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install

@@ -543,7 +543,8 @@ def pm_eval(cfg: PMEvalConfig, json_output: bool) -> None:
 
 
 @stage_command(app, "rl", RLConfig, required=("prompts", "out"), panels={
-    "Rewards and monitors": "reward length_target code_timeout code_memory_mb judge constitution judge_every",
+    "Rewards and monitors": "reward length_target code_timeout code_memory_mb unsafe_run_code judge constitution "
+                            "judge_every",
     "Training": "num_generations prompts_per_step max_steps lr max_new_tokens temperature quantize lora_r "
                 "save_steps pm_batch_size"})
 def rl(cfg: RLConfig, json_output: bool) -> None:
@@ -597,6 +598,7 @@ def eval_command(cfg: EvalConfig, json_output: bool) -> None:
 
     Example: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/demo/5-rl/model
     --harmful data/eval_harmful.jsonl --benign data/eval_benign.jsonl --out eval/
+    --benchmark harmbench_behaviors_text_test.csv --benchmark benign:xstest_prompts.csv
 
     Maths only: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/rlvr/5-rl/model
     --harmful none --benign none --judge none --verifiable data/maths_heldout.jsonl --k 4 --samples 8 --out eval/

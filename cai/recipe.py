@@ -12,13 +12,16 @@ the stage's command options, snake_case):
     critique: {revisions: 1, limit: 40}
     sft: {epochs: 2}
 
-Precedence (STYLE.md 3): the stage config's dataclass default, then what the pipeline wires in (the
+Precedence: the stage config's dataclass default, then what the pipeline wires in (the
 run-directory paths of upstream outputs, the recipe's `model`, `constitution`, `seed`...), then the
 recipe's stage mapping, then `--set stage.key=value` on the command line. Unknown keys, wrong types
 and missing files raise `RecipeError` naming `file:line`, the key and the closest valid key, before any
 model loads.
 
-The run directory (DESIGN.md "Run directory"):
+A recipe is code: `launch.command` runs the command line it gives (accelerate, torchrun) with the
+user's rights. Run only recipes you trust, as you would a script.
+
+The run directory:
 
     runs/NAME/recipe.yaml             the fully resolved recipe
     runs/NAME/1-critique/records.jsonl + manifest.json
@@ -54,7 +57,7 @@ from typing import Any
 import yaml
 
 from cai.errors import ModelError, RecipeError, ResumeMismatch
-from cai.paths import bundled, local_or_bundled
+from cai.paths import bundled, local_or_bundled, read_input_text, yaml_loader
 
 # ----------------------------------------------------------------------------- the stage registry
 
@@ -258,20 +261,27 @@ def _missing_recipe_hint(path: Path) -> str:
     return f"did you mean recipes/{match[0]}.yaml?" if match else "see recipes/ for examples (recipes/smoke.yaml)"
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+MAX_RECIPE_BYTES = 2**20  # a recipe is a page of YAML; 1 MB is far past any real one
+
+
 def _compose(path: Path) -> yaml.MappingNode:
     if not path.exists():
         raise RecipeError(f"{path}: no such recipe file -- {_missing_recipe_hint(path)}")
+    text = read_input_text(path, RecipeError, "recipe YAML file", MAX_RECIPE_BYTES)
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=yaml_loader())
+        _check_keys(root, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RecipeError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
                           f"({getattr(exc, 'problem', exc)}) -- check indentation and quoting") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply to read -- a recipe nests a few levels at most") from None
     if root is None:
         raise RecipeError(f"{path}:1: the recipe is empty -- see recipes/smoke.yaml for an example")
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{path}:1: a recipe is a YAML mapping (model:, stages:, data:, one mapping per stage)")
-    _check_keys(root, path)
     return root
 
 
@@ -529,9 +539,17 @@ class _Reader:
             "device": self.value("device", None, str | None),
             "launch": self.value("launch", None, dict | None),
         }
-        if "/" in top["name"] or top["name"] in ("", ".", ".."):
-            self.problems.at(self.node("name"), f"name {top['name']!r} must be a plain directory name "
-                                                "(letters, digits, - and _)")
+        if not RUN_NAME.fullmatch(top["name"]):
+            rule = f"{top['name']!r} is not a run name: letters, digits, - and _ only (it names runs/NAME)"
+            if name is not None:  # the flag wins over the recipe, so the flag is what to fix
+                self.problems.items.append((0, f"--name {rule} -- e.g. --name my-run"))
+            elif "name" in self.cli_top:
+                self.problems.cli(f"name={top['name']}", f"{rule} -- e.g. --set name=my-run")
+            elif self.node("name") is not None:
+                self.problems.at(self.node("name"), f"name {rule} -- e.g. name: my-run")
+            else:
+                self.problems.at(None, f"the run is named after the recipe file, and {rule} -- add `name: my-run` "
+                                       "to the recipe, or pass --name my-run")
         launch = top["launch"]
         if launch is not None:
             for key in launch:

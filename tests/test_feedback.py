@@ -111,6 +111,18 @@ def records_of(path):
     return [record for _, record in read_jsonl(path)]
 
 
+def same_up_to_rounding(a, b) -> bool:
+    """Equal records, probabilities to 1e-4: a resumed run scores its rows in other batches, and batch
+    position changes a model's rounding (~1e-7 in p_chosen)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_up_to_rounding(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_up_to_rounding(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 # ----------------------------------------------------------------------------- records
 
 
@@ -183,8 +195,8 @@ def test_a_killed_run_resumes_without_duplicates_and_matches_an_uninterrupted_ru
     feedback.run(config(prompts_file, out), StageContext())
     records = records_of(out)
     assert len(records) == len({r["id"] for r in records}) == 5
-    assert sorted(records, key=lambda r: r["id"]) == sorted(records_of(whole), key=lambda r: r["id"])
-    assert records_of(rejected_path(out)) == records_of(rejected_path(whole))
+    assert same_up_to_rounding(sorted(records, key=lambda r: r["id"]), sorted(records_of(whole), key=lambda r: r["id"]))
+    assert same_up_to_rounding(records_of(rejected_path(out)), records_of(rejected_path(whole)))
 
 
 def test_a_finished_run_is_skipped_without_calling_the_engine(monkeypatch, tmp_path, prompts_file, constitution):

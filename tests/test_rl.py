@@ -290,3 +290,23 @@ def test_a_resumed_run_draws_each_pass_over_the_prompts_in_the_same_order():
     resumed = orders(rl.epoch_seeded(RepeatSampler(list(range(12)), mini_repeat_count=2, seed=7)), [1, 2])
     assert resumed == uninterrupted[1:]
     assert uninterrupted[0] != uninterrupted[1]  # still shuffled afresh each pass
+
+
+def test_cli_refuses_a_code_reward_without_a_sandbox_before_loading_a_model(prompt_files, tmp_path, monkeypatch):
+    from cai.errors import MissingDependency
+    from cai.rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "_find_bwrap", lambda: None)
+    monkeypatch.setattr(rl, "build_reward", lambda *a, **k: pytest.fail("a reward was built"))
+    sandbox.sandbox_problem.cache_clear()
+    try:
+        args = ["rl", "--model", "no/such-model", "--prompts", str(prompt_files[1]), "--out", str(tmp_path / "rl"),
+                "--reward", "code:1", "--reward", "math:1"]
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, MissingDependency)
+        assert "apt-get install bubblewrap" in str(result.exception)
+        assert not (tmp_path / "rl" / "manifest.json").exists()
+        unsafe = runner.invoke(app, [*args, "--unsafe-run-code"])  # goes on, warns, then fails on the model
+        assert "UNSANDBOXED" in unsafe.stderr and not isinstance(unsafe.exception, MissingDependency)
+    finally:
+        sandbox.sandbox_problem.cache_clear()

@@ -293,6 +293,7 @@ def count_kept_previous(records: list[dict[str, Any]]) -> Counter:
 
 def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     from cai import constitution as c
+    from cai.models import check_prompts_fit
     from cai.records import RecordWriter, read_jsonl, read_prompts
 
     ctx = ctx or StageContext()
@@ -315,6 +316,7 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
         tokens = 0
         if pending:
             engine = build_engine(cfg, ctx.device)
+            check_prompts_fit(engine, pending, cfg.prompts, cfg.max_new_tokens, lambda p: c.answer_messages(cons, p))
 
             def on_tokens(n: int) -> None:
                 nonlocal tokens

@@ -300,6 +300,7 @@ def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task
 def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.judge import Comparison, Judge
+    from cai.models import check_prompts_fit
     from cai.records import RecordWriter, read_jsonl, read_prompts
 
     out, rejected_out = Path(cfg.out), rejected_path(cfg.out)
@@ -324,6 +325,7 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
             ctx.reporter.log(f"resuming: {len(items) - len(todo)} of {len(items)} prompts already done")
         if todo:
             policy = _load_engine(cfg.model, cfg, ctx)
+            check_prompts_fit(policy, todo, cfg.prompts, cfg.max_new_tokens)
             same = cfg.judge is None or cfg.judge == cfg.model
             judge_engine = policy if same else _load_engine(cfg.judge, cfg, ctx)
             judge = Judge(judge_engine, constitution, method=cfg.method, swap=cfg.swap, cot=cfg.cot,

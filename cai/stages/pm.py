@@ -44,7 +44,7 @@ from cai.records import (
     read_preferences,
     write_jsonl,
 )
-from cai.rewards import pm_directory
+from cai.rewards import PM_INFO, pm_directory
 from cai.stages.base import (
     StageContext,
     StageResult,
@@ -63,7 +63,6 @@ PAPER_HUMAN_COMPARISONS = 135_296
 PAPER_AI_COMPARISONS = 182_831
 PAPER_HUMAN_FRACTION = round(PAPER_HUMAN_COMPARISONS / (PAPER_HUMAN_COMPARISONS + PAPER_AI_COMPARISONS), 3)  # 0.425
 DEFAULT_MAX_LENGTH = 512  # tokens of conversation + response given to the PM
-PM_INFO = "cai-pm.json"  # written last into a saved PM directory: how it was trained (max_length, base)
 AI_SOURCE, HUMAN_SOURCE = "ai-harmless", "human-helpful"
 
 

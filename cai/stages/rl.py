@@ -78,6 +78,10 @@ class RLConfig:
     code_timeout: float = field(default=5.0, metadata={
         "help": "Seconds (wall clock) a code answer and its tests may run before scoring 0."})
     code_memory_mb: int = field(default=512, metadata={"help": "Address-space limit of a code run, in MiB."})
+    unsafe_run_code: bool = field(default=False, metadata={
+        "help": "Where bubblewrap cannot run, run code answers with NO isolation instead of refusing: the "
+                "model's code gets this user's files, network and processes. Only on a throwaway machine; "
+                "see docs/sandbox.md.", "hash": False})
     judge: str | None = field(default=None, metadata={
         "help": "Model for the held-back contrast judge that watches for PM hacking (never a reward). "
                 "Left out: the starting policy; none: no judge monitor."})
@@ -240,7 +244,8 @@ def build_reward(cfg: RLConfig, tokenizer, device: str, observers=()):
         elif name == "math":
             parts[name] = math_reward
         elif name == "code":
-            parts[name] = CodeReward(timeout_s=cfg.code_timeout, memory_mb=cfg.code_memory_mb)
+            parts[name] = CodeReward(timeout_s=cfg.code_timeout, memory_mb=cfg.code_memory_mb,
+                                     unsafe_run_code=cfg.unsafe_run_code)
         elif name == "format":
             parts[name] = FormatReward(stop_token_ids(tokenizer))
         elif name == "length":
@@ -276,7 +281,7 @@ class Monitor:
         self.batch_size = batch_size  # answers per step, to turn trl's mean length into tokens generated
         self.history: list[dict[str, Any]] = []
         if path.exists():
-            self.history = [record for _, record in read_jsonl(path)]
+            self.history = [record for _, record in read_jsonl(path, allow_nan=True)]
         self._write_all = lambda: write_jsonl(self.path, self.history)
         self.pending: dict[str, Any] = {}
         self.times: dict[str, float] = {"generate_s": 0.0, "reward_s": 0.0, "judge_s": 0.0}
@@ -435,6 +440,11 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
                      scratch=[out / "checkpoints"])  # removed once complete: a kill before resumes from them
     if (done := stage.previous()) is not None:
         return done
+    if "code" in cfg.weights:  # refuse before starting, and before any model loads, where no sandbox runs
+        from cai.rewards import require_sandbox
+
+        if (warning := require_sandbox(cfg.unsafe_run_code)) is not None:
+            ctx.reporter.log(warning)
     resuming = stage.start()
 
     from datasets import Dataset
