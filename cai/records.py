@@ -404,8 +404,8 @@ def read_eval_set(spec: str, limit: int | None = None,
     for number, row in rows:
         where = f"{path}:{number}"
         record = {"prompt": _prompt_from_row(row, where), "category": row.get("category")}
-        given_id = row.get("BehaviorID") if kind == "harmbench" else row.get("id")
-        record["id"] = str(given_id) if _has_id(given_id) else stable_id("p", json.dumps(record["prompt"]))
+        given_id = record_id(row.get("BehaviorID") if kind == "harmbench" else row.get("id"), where)
+        record["id"] = given_id or stable_id("p", json.dumps(record["prompt"]))
         if kind == "harmbench":
             functional = str(row.get("FunctionalCategory") or "").strip()
             if harmbench_categories and functional and functional not in harmbench_categories:

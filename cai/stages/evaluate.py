@@ -467,8 +467,12 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
             ctx.reporter.log(f"eval: answering {len(todo)} prompts with {label} ({reference})")
             engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
                                            device=ctx.device, precision=cfg.precision)
-            for kind, source in (("harmful", cfg.harmful), ("benign", cfg.benign)):
-                check_prompts_fit(engine, [r for k, r in todo if k == kind], source, cfg.max_new_tokens)
+            files = {benchmark_name(spec): split_eval_spec(spec)[1] for spec in cfg.benchmarks}
+            by_file: dict[str, list[dict[str, Any]]] = {}
+            for name, kind, record in todo:
+                by_file.setdefault(files[name] if name else getattr(cfg, kind), []).append(record)
+            for source, records in by_file.items():
+                check_prompts_fit(engine, records, source, cfg.max_new_tokens)
             task = ctx.reporter.task(f"eval: answers of {label}", total=len(todo))
             sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
             for chunk in _chunks(todo, cfg.batch_size):
