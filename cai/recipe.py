@@ -438,9 +438,13 @@ def _reference_problem(key: str, value: Any, run_dir: Path | None = None) -> str
 def _existing_path(value: str) -> Path | None:
     """A relative path is read from the current directory first, then from cai's bundled files. A hub
     dataset (`hf:...`) and a glob that matches are taken as given: their reader checks them."""
+    from cai.errors import RecordsError
     from cai.records import HUB_PREFIX, input_source
 
-    source = input_source(value)
+    try:
+        source = input_source(value)
+    except RecordsError:  # `OWNER/NAME` without `hf:`: reported as a missing file
+        return None
     if isinstance(source, str):
         return Path(value) if value.startswith(HUB_PREFIX) or glob.glob(os.path.expanduser(value)) else None
     path = source

@@ -759,7 +759,11 @@ def input_source(value: str | Path) -> Path | str:
     text = str(value)
     if text.startswith(HUB_PREFIX) or (any(char in text for char in _GLOB_CHARS) and not Path(text).exists()):
         return text
-    return local_or_bundled(value)
+    path = local_or_bundled(value)
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).suffix:  # a hub id
+        raise RecordsError(f"{text}: no such file -- for the hub dataset, write hf:{text}[/DATA_DIR][@SPLIT] "
+                           f"(e.g. hf:{text}@test)")
+    return path
 
 
 def locator(source: str | Path):

@@ -111,6 +111,8 @@ def test_a_hub_dataset_missing_from_the_cache_says_how_to_fetch_it(hub_cache):
         read_preferences("hf:team/prefs/helpful@test")
     with pytest.raises(RecordsError, match="expected hf:OWNER/NAME"):
         read_preferences("hf:prefs")
+    with pytest.raises(RecordsError, match=r"team/prefs: no such file -- for the hub dataset, write hf:team/prefs"):
+        read_prompts("team/prefs")
 
 
 def test_a_recipe_takes_hub_ids_and_globs_and_refuses_unmatched_globs(tmp_path, hub_cache):
