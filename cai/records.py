@@ -747,9 +747,9 @@ _BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json"
 def is_dataset_source(value: str | Path) -> bool:
     """Whether `value` is read through `datasets` (see above) rather than by cai's own readers."""
     text = str(value)
-    if text.startswith(HUB_PREFIX) or any(char in text for char in _GLOB_CHARS):
-        return True
     path = Path(text).expanduser()
+    if text.startswith(HUB_PREFIX) or (any(char in text for char in _GLOB_CHARS) and not path.exists()):
+        return True
     return path.suffix.lower() in TABLE_SUFFIXES or path.is_dir()
 
 

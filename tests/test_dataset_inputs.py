@@ -94,6 +94,9 @@ def test_a_glob_reads_every_matching_file(tmp_path):
     assert [r["prompt"] for r in read_prompts(str(tmp_path / "shards" / "*.parquet"))] == ["One?", "Two?", "Three?"]
     with pytest.raises(RecordsError, match="no file matches the pattern"):
         read_prompts(str(tmp_path / "shards" / "*.csv"))
+    named = tmp_path / "prompts[v2].jsonl"  # a file whose name looks like a pattern is that file
+    named.write_text('{"prompt": "Four?"}\n')
+    assert [r["prompt"] for r in read_prompts(named)] == ["Four?"]
 
 
 def test_a_hub_dataset_from_the_local_cache(hub_cache):
