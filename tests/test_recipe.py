@@ -1,4 +1,4 @@
-"""Recipes and the runner, on fake stages that follow the stage contract (StageRun manifests, RecordWriter)
+"""Recipes and the runner, on fake stages that follow the stage contract (Manifest manifests, RecordWriter)
 but do no ML: they copy their inputs into their outputs and count how often they did work."""
 
 import dataclasses
@@ -12,7 +12,8 @@ import yaml
 from cai import recipe as recipes
 from cai.errors import RecipeError
 from cai.records import RecordWriter, read_jsonl, read_prompts
-from cai.stages.base import NullReporter, StageResult, StageRun
+from cai.manifest import Manifest, StageResult
+from cai.stages.base import NullReporter
 
 CALLS: dict[str, int] = {}
 CRASH_AFTER: dict[str, int] = {}  # stage -> raise KeyboardInterrupt after this many records
@@ -119,7 +120,7 @@ def _fake_run(name: str):
         inputs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in INPUT_FIELDS}
         if name == "eval":
             inputs.update({f"model{i}": m.split("=", 1)[1] for i, m in enumerate(cfg.models)})
-        stage = StageRun(name, cfg, ctx.manifest_for(cfg.out), inputs=inputs, outputs=[cfg.out])
+        stage = Manifest(name, cfg, ctx.manifest_for(cfg.out), inputs=inputs, outputs=[cfg.out])
         if (done := stage.previous()) is not None:
             return done
         stage.start()

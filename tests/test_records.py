@@ -341,7 +341,7 @@ def test_hh_transcripts_with_windows_line_ends_are_still_transcripts(tmp_path):
 def test_a_bundled_data_path_is_found_from_any_directory_and_hashed_by_its_content(tmp_path, monkeypatch):
     """`cai critique --prompts data/red_team_prompts.jsonl` from outside a checkout (an installed cai)."""
     from cai.paths import bundled
-    from cai.stages.base import input_hash
+    from cai.manifest import input_hash
 
     expected = read_prompts(bundled("data/red_team_prompts.jsonl"))
     monkeypatch.chdir(tmp_path)

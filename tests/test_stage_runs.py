@@ -1,4 +1,4 @@
-"""StageRun manifests: when a new run may replace an earlier one, and what the refusal says."""
+"""Manifest manifests: when a new run may replace an earlier one, and what the refusal says."""
 
 import json
 from dataclasses import dataclass, field
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cai.errors import ResumeMismatch
-from cai.stages.base import StageRun, config_hash, default_manifest_path
+from cai.manifest import Manifest, default_manifest_path
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Config:
 
 
 def stage_run(out, cfg, force=False):
-    return StageRun("critique", cfg, default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
+    return Manifest("critique", cfg, default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
                     force=force)
 
 
@@ -104,7 +104,7 @@ def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
 def test_a_model_directory_retrained_in_place_is_a_new_input(tmp_path):
     import os
 
-    from cai.stages.base import input_hash
+    from cai.manifest import input_hash
 
     model = tmp_path / "model"
     model.mkdir()
@@ -162,13 +162,13 @@ def test_a_stage_refuses_an_input_whose_run_has_not_finished(tmp_path):
     from cai.errors import ConfigError
 
     records = tmp_path / "critique.jsonl"
-    upstream = StageRun("critique", OutConfig(out=str(records)), default_manifest_path(records), inputs={},
+    upstream = Manifest("critique", OutConfig(out=str(records)), default_manifest_path(records), inputs={},
                         outputs=[records])
     upstream.start()
     records.write_text('{"id": "a"}\n')
 
     def downstream(data):
-        return StageRun("sft", Config(), tmp_path / "sft" / "manifest.json", inputs={"data": data})
+        return Manifest("sft", Config(), tmp_path / "sft" / "manifest.json", inputs={"data": data})
 
     with pytest.raises(ConfigError, match=r"critique.jsonl: the run that writes it has not finished .* then sft"):
         downstream(str(records))
@@ -178,7 +178,7 @@ def test_a_stage_refuses_an_input_whose_run_has_not_finished(tmp_path):
     # A recipe's stage keeps its manifest in its directory, naming the file as its `out`.
     stage_dir = tmp_path / "3-feedback"
     prefs = stage_dir / "prefs.jsonl"
-    StageRun("feedback", OutConfig(out=str(prefs)), stage_dir / "manifest.json", inputs={}, outputs=[prefs]).start()
+    Manifest("feedback", OutConfig(out=str(prefs)), stage_dir / "manifest.json", inputs={}, outputs=[prefs]).start()
     prefs.write_text("{}\n")
     with pytest.raises(ConfigError, match="has not finished"):
         downstream([str(prefs)])
@@ -198,11 +198,11 @@ class InputConfig:
 
 
 def input_run(tmp_path, pairs, revisions=1):
-    return StageRun("pm-eval", InputConfig(pairs=str(pairs), revisions=revisions, out=str(tmp_path / "E")),
+    return Manifest("pm-eval", InputConfig(pairs=str(pairs), revisions=revisions, out=str(tmp_path / "E")),
                     tmp_path / "E" / "manifest.json", inputs={"pairs": str(pairs)}, outputs=[tmp_path / "E"])
 
 
-def test_an_input_counts_by_content_and_file_name_and_old_manifests_still_match(tmp_path):
+def test_an_input_counts_by_content_and_file_name(tmp_path):
     line = '{"prompt": "hi", "chosen": "hello", "rejected": "go away"}\n'
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "pairs.jsonl").write_text(line)
@@ -213,12 +213,8 @@ def test_an_input_counts_by_content_and_file_name_and_old_manifests_still_match(
     assert input_run(tmp_path, tmp_path / "b" / "pairs.jsonl").previous() is not None
     (tmp_path / "b" / "other.jsonl").write_text(line)  # same content, another name: pm eval labels by it
     assert input_run(tmp_path, tmp_path / "b" / "other.jsonl").previous() is None
-    # A manifest written before inputs counted this way (its hash over the full paths) still matches.
-    legacy = input_run(tmp_path, tmp_path / "b" / "pairs.jsonl")
-    manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
-    manifest["config_hash"] = legacy.legacy_hash
-    (tmp_path / "E" / "manifest.json").write_text(json.dumps(manifest))
-    assert legacy.previous() is not None
+    (tmp_path / "b" / "pairs.jsonl").write_text(line + line)  # same name, other content
+    assert input_run(tmp_path, tmp_path / "b" / "pairs.jsonl").previous() is None
 
 
 @dataclass
@@ -229,7 +225,7 @@ class EvalLikeConfig:
 
 def eval_run(tmp_path, models):
     inputs = {f"model:{m.split('=', 1)[0]}": m.split("=", 1)[1] for m in models}
-    return StageRun("eval", EvalLikeConfig(models=models, out=str(tmp_path / "E")), tmp_path / "E" / "manifest.json",
+    return Manifest("eval", EvalLikeConfig(models=models, out=str(tmp_path / "E")), tmp_path / "E" / "manifest.json",
                     inputs=inputs, outputs=[tmp_path / "E"])
 
 
@@ -249,32 +245,6 @@ def test_a_moved_run_keeps_a_finished_eval_whose_models_are_labelled_paths(tmp_p
     # The labels and their order still count: they name the report's columns and its baseline.
     assert eval_run(tmp_path, [moved[0], moved[2], moved[1]]).previous() is None
     assert eval_run(tmp_path, [moved[0], "sft=" + moved[1][3:], moved[2]]).previous() is None
-    # A manifest written before such lists counted by content (its hash over the full paths) still matches.
-    older = eval_run(tmp_path, moved)
-    manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
-    manifest["config_hash"] = older.single_input_hash
-    (tmp_path / "E" / "manifest.json").write_text(json.dumps(manifest))
-    assert older.previous() is not None
-
-
-@dataclass
-class ScopeConfig:
-    limit: int | None = field(default=None, metadata={"hash": False, "scope": True})
-    revisions: int = 1
-
-
-def test_a_manifest_written_while_a_scope_field_still_counted_in_the_hash_still_matches(tmp_path):
-    """eval's --limit became a scope field: its finished runs must not all be redone after the upgrade."""
-    out = tmp_path / "eval.jsonl"
-    first = stage_run(out, ScopeConfig(limit=2))
-    first.start()
-    out.write_text("{}\n")
-    first.complete({"records": out}, {"records": 1}, "1 record")
-    manifest = json.loads(default_manifest_path(out).read_text())
-    manifest["config_hash"] = config_hash(ScopeConfig(limit=2), count_scope=True)
-    default_manifest_path(out).write_text(json.dumps(manifest))
-    assert stage_run(out, ScopeConfig(limit=2)).previous() is not None
-    assert stage_run(out, ScopeConfig(limit=2, revisions=2)).previous() is None
 
 
 def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):
@@ -284,8 +254,8 @@ def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):
     work.mkdir()
     (work / "prompts.jsonl").write_text('{"id": "1", "prompt": "hi"}\n')
     cfg = OutConfig(out=str(work))
-    StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")}).start()
-    resumed = StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")})
+    Manifest("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")}).start()
+    resumed = Manifest("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")})
     assert resumed.start() is True
 
 
@@ -293,7 +263,7 @@ def test_scratch_outlives_a_kill_before_the_manifest_and_goes_once_it_is_complet
     out, checkpoints = tmp_path / "model", tmp_path / "model" / "checkpoints"
 
     def run():
-        return StageRun("sft", Config(), default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
+        return Manifest("sft", Config(), default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
                         scratch=[checkpoints])
 
     run().start()

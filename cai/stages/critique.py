@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_jsonl_out,
     check_limit,
@@ -297,14 +296,14 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
 
     ctx = ctx or StageContext()
     out = Path(cfg.out)
-    stage = StageRun("critique", cfg, ctx.manifest_for(out), outputs=[out], force=cfg.force,
-                     inputs={"prompts": cfg.prompts, "constitution": c.resolve_path(cfg.constitution),
-                             "model": cfg.model})
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("critique", cfg, ctx.manifest_for(out), outputs=[out], force=cfg.force,
+                        inputs={"prompts": cfg.prompts, "constitution": c.resolve_path(cfg.constitution),
+                                "model": cfg.model})
+    if (done := manifest.previous()) is not None:
         return done
     cons = c.load(cfg.constitution)
     prompts = read_prompts(cfg.prompts, limit=cfg.limit)
-    stage.start()
+    manifest.start()
 
     with RecordWriter(out) as writer:
         resumed = len(writer.done_ids)
@@ -339,5 +338,5 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     summary = (f"{len(records)} records ({written} new, {resumed} resumed), {cfg.revisions} round{'s' if cfg.revisions != 1 else ''} each; "
                f"{sum(kept.values())} of {total_rounds} revisions kept the previous answer"
                + (f" ({kept_text})" if kept_text else "") + f"; {tokens} tokens generated")
-    return stage.complete(outputs={"records": out}, counts=counts, summary=summary,
+    return manifest.complete(outputs={"records": out}, counts=counts, summary=summary,
                           metrics={"tokens_generated": tokens})

@@ -28,17 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
+from cai.manifest import Manifest, StageResult, labelled
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.paths import bundled
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     check_limit,
     engine_progress,
-    labelled,
     none_as_missing,
 )
 
@@ -347,11 +345,11 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                               "constitution": str(constitution_module.resolve_path(cfg.constitution))}
     inputs.update({f"model:{label}": reference for label, reference in models})
     paths = {name: out / f"{name}.jsonl" for name in ("answers", "judgments", "pm_scores")}
-    stage = StageRun("eval", cfg, ctx.manifest_for(out), inputs=inputs,
-                     outputs=[*paths.values(), out / "metrics.json"], force=cfg.force)
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("eval", cfg, ctx.manifest_for(out), inputs=inputs,
+                        outputs=[*paths.values(), out / "metrics.json"], force=cfg.force)
+    if (done := manifest.previous()) is not None:
         return done
-    stage.start()
+    manifest.start()
     out.mkdir(parents=True, exist_ok=True)
     sampling_items = [(kind, record) for kind in ("harmful", "benign") for record in prompts[kind]]
 
@@ -474,4 +472,4 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     flat = {f"{label}.{key}": value for label, values in m.items() for key, value in values.items()
             if isinstance(value, float)}
     flat.update({f"elo.{label}": value for label, value in metrics.get("elo", {}).items()})
-    return stage.complete(outputs=outputs, counts=counts, summary=summary, metrics=flat)
+    return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=flat)

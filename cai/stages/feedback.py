@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError, RecordsError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_jsonl_out,
     check_limit,
@@ -302,15 +301,15 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
 
     out, rejected_out = Path(cfg.out), rejected_path(cfg.out)
     constitution_file = constitution_module.resolve_path(cfg.constitution)
-    stage = StageRun("feedback", cfg, ctx.manifest_for(out),
-                     inputs={"prompts": cfg.prompts, "policy": cfg.policy, "judge": cfg.judge or cfg.policy,
-                             "constitution": constitution_file},
-                     outputs=[out, rejected_out], force=cfg.force)
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("feedback", cfg, ctx.manifest_for(out),
+                        inputs={"prompts": cfg.prompts, "policy": cfg.policy, "judge": cfg.judge or cfg.policy,
+                                "constitution": constitution_file},
+                        outputs=[out, rejected_out], force=cfg.force)
+    if (done := manifest.previous()) is not None:
         return done
     constitution = constitution_module.load(constitution_file)
     constitution.check_judge_principles(cfg.principles)
-    resuming = stage.start()
+    resuming = manifest.start()
     items = read_prompts(cfg.prompts, cfg.limit)
 
     method = cfg.method
@@ -373,7 +372,7 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     summary = (f"{len(records)} pairs labelled ({method}); position consistency "
                f"{consistency}; mean |p - 0.5| {_fmt(stats['mean_margin'], 3)}; "
                f"skipped pairs: {skipped_text}" + (f"; judging {rate:.2f} comparisons/s" if rate else ""))
-    return stage.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
+    return manifest.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
                           metrics={**stats, "method": method, "judge_comparisons_per_s": rate})
 
 

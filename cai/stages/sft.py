@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError, RecordsError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.paths import local_or_bundled
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     last_checkpoint,
@@ -308,14 +307,13 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
 
     ctx = ctx or StageContext()
     out = Path(cfg.out)
-    has_output = out.is_dir() and any(out.iterdir())
-    stage = StageRun("sft", cfg, ctx.manifest_for(out), outputs=[out] if has_output else [], force=cfg.force,
-                     inputs={"data": cfg.data, "helpful": cfg.helpful, "model": cfg.model}, scratch=[out / CHECKPOINTS])
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("sft", cfg, ctx.manifest_for(out), outputs=[out], force=cfg.force,
+                        inputs={"data": cfg.data, "helpful": cfg.helpful, "model": cfg.model}, scratch=[out / CHECKPOINTS])
+    if (done := manifest.previous()) is not None:
         return done
     records = _read_critique_records(cfg.data)
     helpful_prompts = read_prompts(cfg.helpful) if cfg.helpful else []
-    resuming = stage.start()
+    resuming = manifest.start()
     started = time.time()
     device = ctx.device or default_device()
 
@@ -400,4 +398,4 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     outputs = {"model": out}
     if rejected:
         outputs["rejected"] = out / REJECTED
-    return stage.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
+    return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
