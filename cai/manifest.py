@@ -84,8 +84,8 @@ def lock(target: str | Path, fix: str = "choose another --out") -> Path:
     for `unlock`. The lock file `.NAME.lock` sits beside `target`, never inside it, so discarding an
     output never removes a lock someone holds; the OS releases the lock when its process ends, however it
     ends, and a stale file only records the last holder's pid."""
-    target = Path(target).expanduser().resolve()
-    key = target.with_name(f".{target.name}.lock")
+    target = Path(target).expanduser()
+    key = target.resolve().with_name(f".{target.resolve().name}.lock")
     if key in _held:
         _held[key][1] += 1
         return key

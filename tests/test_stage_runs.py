@@ -373,3 +373,144 @@ def test_every_process_of_a_multi_gpu_run_stops_at_the_step_one_of_them_was_inte
     others_asked.append(True)  # the other process took a Ctrl-C; this one did not
     control = trainer.callback.on_step_end(args, None, TrainerControl())
     assert control.should_save and control.should_training_stop and stop.requested
+
+
+# ----------------------------------------------------------------------------- one writer per output
+
+GATED_CRITIQUE = """
+import pathlib, sys, time
+from cai.stages import critique
+real = critique.critique_chunk
+def gated(*args, **kwargs):  # holds the run, lock taken and manifest partial, until the test says go
+    while not pathlib.Path(sys.argv[1]).exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+critique.critique_chunk = gated
+from cai.cli import app
+app(sys.argv[2:], prog_name="cai")
+"""
+
+
+def test_a_second_cai_writing_the_same_output_stops_at_once_and_the_first_finishes_intact(tmp_path,
+                                                                                           tiny_model_dir):
+    """Two `cai critique --out same.jsonl` at once both ran: 24 lines, 12 unique ids, a manifest saying
+    `records: 24`. The second now stops before any work, naming the first one's pid."""
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    prompts, out, go = tmp_path / "prompts.jsonl", tmp_path / "same.jsonl", tmp_path / "go"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"request {i}"}) + "\n" for i in range(12)))
+    command = ["critique", "--prompts", str(prompts), "--out", str(out), "--model", tiny_model_dir,
+               "--max-new-tokens", "4", "--chunk-size", "4"]
+    first = subprocess.Popen([sys.executable, "-c", GATED_CRITIQUE, str(go), *command],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        manifest = default_manifest_path(out)
+        deadline = time.monotonic() + 120
+        while not manifest.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(manifest.read_text())["status"] == "partial"
+        second = CliRunner().invoke(app, command)
+        assert second.exit_code == 1, second.output
+        message = str(second.exception)
+        assert message.startswith(f"another cai (pid {first.pid}) is writing {out} -- ") and "\n" not in message
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    ids = [record["id"] for _, record in read_jsonl(out)]
+    assert len(ids) == 12 and len(set(ids)) == 12
+    written = json.loads(default_manifest_path(out).read_text())
+    assert written["status"] == "complete" and written["counts"]["records"] == 12
+
+
+HOLD_LOCK = """
+import sys, time
+from cai.manifest import lock
+lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from cai.manifest import OutputBusy, lock, unlock
+
+    out = tmp_path / "records.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputBusy, match=f"another cai \\(pid {holder.pid}\\) is writing {out}"):
+            lock(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".records.jsonl.lock").exists()  # left behind, naming a dead process
+    key = lock(out)  # and yet free
+    unlock(key)
+
+
+def test_cai_run_holds_its_run_directory_while_its_stages_lock_their_outputs(tmp_path):
+    """One process takes the run directory and then a stage's output inside it (no deadlock); another
+    process asking for the run directory meanwhile is refused, and gets it once it is released."""
+    import os
+    import subprocess
+    import sys
+
+    from cai.manifest import lock, unlock
+
+    run_dir = tmp_path / "runs" / "x"
+    outer = lock(run_dir, fix="choose another --name")
+    records = run_dir / "1-critique" / "records.jsonl"
+    stage = Manifest("critique", OutConfig(out=str(records)), run_dir / "1-critique" / "manifest.json", inputs={})
+    stage.start()
+    probe = [sys.executable, "-c", "import sys; from cai.manifest import lock; lock(sys.argv[1], 'choose another --name')"]
+    refused = subprocess.run([*probe, str(run_dir)], capture_output=True, text=True)
+    assert f"another cai (pid {os.getpid()}) is writing {run_dir} -- wait for it to finish, or choose another --name" \
+        in refused.stderr
+    assert subprocess.run([*probe, str(records)], capture_output=True, text=True).returncode != 0
+    unlock(outer)
+    stage.release()
+    assert subprocess.run([*probe, str(run_dir)], capture_output=True, text=True).returncode == 0
+    assert subprocess.run([*probe, str(records)], capture_output=True, text=True).returncode == 0
+
+
+# ----------------------------------------------------------------------------- --force never removes inputs
+
+
+def test_force_does_not_remove_an_input_inside_the_output_directory(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    data = tmp_path / "D" / "c.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"id": "a", "prompt": "hi", "final": "hello"}\n')
+    result = CliRunner().invoke(app, ["sft", "--data", str(data), "--out", str(data.parent), "--force",
+                                      "--model", tiny_model_dir])
+    assert result.exit_code == 1 and f"--out {data.parent} holds the input {data} (data)" in str(result.exception)
+    assert data.read_text() == '{"id": "a", "prompt": "hi", "final": "hello"}\n'
+
+
+def test_an_output_that_is_an_input_is_refused_with_or_without_force(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "p1", "prompt": "hi"}\n')
+    for force in ([], ["--force"]):
+        result = CliRunner().invoke(app, ["critique", "--prompts", str(prompts), "--out", str(prompts),
+                                          "--model", tiny_model_dir, *force])
+        assert result.exit_code == 1
+        assert str(result.exception).startswith(f"--out {prompts} is also the input prompts: writing would overwrite")
+        assert prompts.read_text() == '{"id": "p1", "prompt": "hi"}\n'
