@@ -11,8 +11,8 @@ import yaml
 
 from cai import recipe as recipes
 from cai.errors import RecipeError
-from cai.records import RecordWriter, read_jsonl, read_prompts
 from cai.manifest import Manifest, StageResult
+from cai.records import RecordWriter, read_jsonl, read_prompts
 from cai.stages.base import NullReporter
 
 CALLS: dict[str, int] = {}

@@ -7,6 +7,7 @@ import pytest
 
 from cai.errors import ResumeMismatch
 from cai.manifest import Manifest, default_manifest_path
+from cai.records import read_jsonl
 
 
 @dataclass

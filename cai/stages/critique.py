@@ -292,7 +292,7 @@ def count_kept_previous(records: list[dict[str, Any]]) -> Counter:
 
 def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     from cai import constitution as c
-    from cai.records import RecordWriter, read_jsonl, read_prompts
+    from cai.records import Resume, read_prompts
 
     ctx = ctx or StageContext()
     out = Path(cfg.out)
@@ -305,31 +305,23 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     prompts = read_prompts(cfg.prompts, limit=cfg.limit)
     manifest.start()
 
-    with RecordWriter(out) as writer:
-        resumed = len(writer.done_ids)
-        pending = [p for p in prompts if p["id"] not in writer.done_ids]
-        if resumed:
-            ctx.reporter.log(f"resuming: {resumed} records already in {out}, {len(pending)} prompts to go")
-        task = ctx.reporter.task("critique", total=len(pending), unit="prompts")
-        tokens = 0
-        if pending:
-            engine = build_engine(cfg, ctx.device)
+    tokens = 0
 
-            def on_tokens(n: int) -> None:
-                nonlocal tokens
-                tokens += n
-                task.advance(0, n)
+    def on_tokens(n: int) -> None:
+        nonlocal tokens
+        tokens += n
+        task.advance(0, n)
 
-            for start in range(0, len(pending), cfg.chunk_size):
-                chunk = pending[start:start + cfg.chunk_size]
-                for record in critique_chunk(engine, cons, chunk, cfg, on_tokens):
-                    writer.append(record)
-                task.advance(len(chunk))
+    with Resume(out, prompts, cfg.chunk_size) as resume:
+        if resume.done:
+            ctx.reporter.log(f"resuming: {resume.done} records already in {out}, {len(resume.todo)} prompts to go")
+        task = ctx.reporter.task("critique", total=len(resume.todo), unit="prompts")
+        engine = build_engine(cfg, ctx.device) if resume.todo else None
+        for chunk in resume:
+            resume.write(critique_chunk(engine, cons, chunk, cfg, on_tokens))
+            task.advance(len(chunk))
         task.close()
-        written = writer.written
-
-    wanted = {p["id"] for p in prompts}
-    records = [r for _, r in read_jsonl(out) if r["id"] in wanted]
+    records, written, resumed = resume.records(), resume.writer.written, resume.done
     kept = count_kept_previous(records)
     total_rounds = sum(len(r["rounds"]) for r in records)
     counts = {"records": len(records), "written": written, "resumed": resumed, "rounds": total_rounds,
@@ -339,4 +331,4 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
                f"{sum(kept.values())} of {total_rounds} revisions kept the previous answer"
                + (f" ({kept_text})" if kept_text else "") + f"; {tokens} tokens generated")
     return manifest.complete(outputs={"records": out}, counts=counts, summary=summary,
-                          metrics={"tokens_generated": tokens})
+                             metrics={"tokens_generated": tokens})

@@ -321,15 +321,10 @@ def pm_scorer(reference: str, device: str | None, batch_size: int) -> Callable[[
 # ----------------------------------------------------------------------------- run
 
 
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.models import check_reference
-    from cai.records import RecordWriter, as_messages, read_jsonl, read_prompts
+    from cai.records import Resume, as_messages, read_prompts
 
     out = Path(cfg.out)
     models = [parse_model(m) for m in cfg.models]
@@ -354,35 +349,35 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     sampling_items = [(kind, record) for kind in ("harmful", "benign") for record in prompts[kind]]
 
     # 1. answers, model by model (one model in memory at a time)
-    with RecordWriter(paths["answers"]) as writer:
-        for label, reference in models:
-            todo = [(kind, r) for kind, r in sampling_items if f"{label}/{kind}/{r['id']}" not in writer.done_ids]
-            if not todo:
-                continue
-            from cai.engine import Engine, Sampling
+    answers = []
+    for label, reference in models:
+        with Resume(paths["answers"], sampling_items, cfg.batch_size,
+                    key=lambda item, label=label: f"{label}/{item[0]}/{item[1]['id']}") as resume:
+            if resume.todo:
+                from cai.engine import Engine, Sampling
 
-            ctx.reporter.log(f"eval: answering {len(todo)} prompts with {label} ({reference})")
-            engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
-                                           device=ctx.device, precision=cfg.precision)
-            task = ctx.reporter.task(f"eval: answers of {label}", total=len(todo))
-            sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-            for chunk in _chunks(todo, cfg.batch_size):
-                generations = engine.generate_chat([as_messages(r["prompt"]) for _, r in chunk], sampling,
-                                                   progress=engine_progress(task))
-                for (kind, record), generation in zip(chunk, generations, strict=True):
-                    writer.append({"id": f"{label}/{kind}/{record['id']}", "model": label, "prompt_kind": kind,
-                                   "prompt_id": record["id"], "prompt": record["prompt"],
-                                   "category": record.get("category"), "answer": generation.text,
-                                   "tokens": generation.num_tokens, "finished": generation.finished,
-                                   "refusal": is_refusal(generation.text),
-                                   "refusal_phrase": refusal_match(generation.text)})
-            task.close()
-            del engine
-            gc.collect()
-    answers = [record for _, record in read_jsonl(paths["answers"]) if record["model"] in labels]
+                ctx.reporter.log(f"eval: answering {len(resume.todo)} prompts with {label} ({reference})")
+                engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
+                                               device=ctx.device, precision=cfg.precision)
+                task = ctx.reporter.task(f"eval: answers of {label}", total=len(resume.todo))
+                sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+                for chunk in resume:
+                    generations = engine.generate_chat([as_messages(r["prompt"]) for _, r in chunk], sampling,
+                                                       progress=engine_progress(task))
+                    resume.write({"id": f"{label}/{kind}/{record['id']}", "model": label, "prompt_kind": kind,
+                                  "prompt_id": record["id"], "prompt": record["prompt"],
+                                  "category": record.get("category"), "answer": generation.text,
+                                  "tokens": generation.num_tokens, "finished": generation.finished,
+                                  "refusal": is_refusal(generation.text), "refusal_phrase": refusal_match(generation.text)}
+                                 for (kind, record), generation in zip(chunk, generations, strict=True))
+                task.close()
+                del engine
+                gc.collect()
+        answers += resume.records()
     by_key = {(a["model"], a["prompt_kind"], a["prompt_id"]): a for a in answers}
 
     # 2. the judge: each harmful answer against a refusal, and every pair of models head to head
+    judgments = []
     if cfg.judge:
         wanted: list[tuple[str, dict[str, Any]]] = []
         for label in labels:
@@ -401,19 +396,19 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                                         "b": b, "prompt": record["prompt"],
                                         "response_a": by_key[(a, kind, record["id"])]["answer"],
                                         "response_b": by_key[(b, kind, record["id"])]["answer"]}))
-        with RecordWriter(paths["judgments"]) as writer:
-            todo = [(item_id, item) for item_id, item in wanted if item_id not in writer.done_ids]
-            if todo:
-                ctx.reporter.log(f"eval: judging {len(todo)} comparisons with {cfg.judge}")
+        with Resume(paths["judgments"], wanted, cfg.batch_size, key=lambda item: item[0]) as resume:
+            if resume.todo:
+                ctx.reporter.log(f"eval: judging {len(resume.todo)} comparisons with {cfg.judge}")
                 judge = make_judge(cfg, ctx)
-                task = ctx.reporter.task("eval: judging", total=len(todo), unit="comparisons")
-                for chunk in _chunks(todo, cfg.batch_size):
+                task = ctx.reporter.task("eval: judging", total=len(resume.todo), unit="comparisons")
+                for chunk in resume:
                     # An empty answer gives the judge nothing to read: the comparison is kept, unjudged.
                     judged = [(item_id, item) for item_id, item in chunk
                               if item["response_a"].strip() and item["response_b"].strip()]
                     p_a = judge([(item["prompt"], item["response_a"], item["response_b"], item_id)
                                  for item_id, item in judged]) if judged else []
                     verdicts = dict(zip([item_id for item_id, _ in judged], p_a, strict=True))
+                    records = []
                     for item_id, item in chunk:
                         record = {"id": item_id, **{k: v for k, v in item.items()
                                                     if k not in ("prompt", "response_a", "response_b")}}
@@ -421,28 +416,28 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                             record["p_a"] = float(verdicts[item_id])
                         else:
                             record.update(p_a=None, dropped="empty-answer")
-                        writer.append(record)
+                        records.append(record)
+                    resume.write(records)
                     task.advance(len(chunk))
                 task.close()
                 del judge
                 gc.collect()
-    judgments = [r for _, r in read_jsonl(paths["judgments"])] if paths["judgments"].exists() else []
+        judgments = resume.records()
 
     # 3. the preference model's score of every answer
+    pm_scores = []
     if cfg.pm:
-        with RecordWriter(paths["pm_scores"]) as writer:
-            todo = [a for a in answers if a["id"] not in writer.done_ids]
-            if todo:
+        with Resume(paths["pm_scores"], answers, cfg.batch_size) as resume:
+            if resume.todo:
                 score = pm_scorer(cfg.pm, ctx.device, cfg.batch_size)
-                task = ctx.reporter.task("eval: PM scores", total=len(todo))
-                for chunk in _chunks(todo, cfg.batch_size):
+                task = ctx.reporter.task("eval: PM scores", total=len(resume.todo))
+                for chunk in resume:
                     values = score([a["prompt"] for a in chunk], [a["answer"] for a in chunk])
-                    for answer, value in zip(chunk, values, strict=True):
-                        writer.append({"id": answer["id"], "model": answer["model"],
-                                       "prompt_kind": answer["prompt_kind"], "score": value})
+                    resume.write({"id": answer["id"], "model": answer["model"], "prompt_kind": answer["prompt_kind"],
+                                  "score": value} for answer, value in zip(chunk, values, strict=True))
                     task.advance(len(chunk))
                 task.close()
-    pm_scores = [r for _, r in read_jsonl(paths["pm_scores"])] if paths["pm_scores"].exists() else []
+        pm_scores = resume.records()
 
     # 4. metrics and the report
     metrics = summarize(labels, answers, judgments, pm_scores)

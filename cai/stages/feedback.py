@@ -297,7 +297,7 @@ def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task
 def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.judge import Comparison, Judge
-    from cai.records import RecordWriter, read_jsonl, read_prompts
+    from cai.records import RecordWriter, Resume, read_jsonl, read_prompts
 
     out, rejected_out = Path(cfg.out), rejected_path(cfg.out)
     constitution_file = constitution_module.resolve_path(cfg.constitution)
@@ -314,12 +314,11 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
 
     method = cfg.method
     judged, judge_seconds = 0, 0.0  # comparisons judged in this run, and the time spent judging them
-    with RecordWriter(out) as writer, RecordWriter(rejected_out) as rejected_writer:
-        finished = writer.done_ids | rejected_writer.done_ids
-        todo = [item for item in items if item["id"] not in finished]
+    chunk_size = max(1, cfg.batch_size)  # records reach the file after every chunk
+    with RecordWriter(rejected_out) as rejected, Resume(out, items, chunk_size, skip=rejected.done_ids) as resume:
         if resuming:
-            ctx.reporter.log(f"resuming: {len(items) - len(todo)} of {len(items)} prompts already done")
-        if todo:
+            ctx.reporter.log(f"resuming: {resume.done} of {len(items)} prompts already done")
+        if resume.todo:
             policy = _load_engine(cfg.policy, cfg, ctx)
             same = cfg.judge is None or cfg.judge == cfg.policy
             judge_engine = policy if same else _load_engine(cfg.judge, cfg, ctx)
@@ -329,18 +328,16 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
             method = judge.method
             if cfg.method == "auto":
                 ctx.reporter.log(f"judge method: {method} (auto, chosen by the judge's size)")
-            sampling_task = ctx.reporter.task("sampling answer pairs", total=2 * len(todo), unit="answers")
-            judging_task = None  # created when judging starts, so its rate does not count the first sampling
-            chunk_size = max(1, cfg.batch_size)  # records reach the file after every chunk
-            for start in range(0, len(todo), chunk_size):
-                chunk = todo[start:start + chunk_size]
+            sampling_task = ctx.reporter.task("sampling answer pairs", total=2 * len(resume.todo), unit="answers")
+            judging_task, total = None, len(resume.todo)  # created when judging starts, so its rate does not count the first sampling
+            for chunk in resume:
                 pairs = _sample_pairs(policy, chunk, cfg, sampling_task)
                 if judging_task is None:
-                    judging_task = ctx.reporter.task(f"judging ({method})", total=len(todo), unit="comparisons")
+                    judging_task = ctx.reporter.task(f"judging ({method})", total=total, unit="comparisons")
                 labelled = [(item, pair) for item, pair in zip(chunk, pairs, strict=True) if isinstance(pair, tuple)]
                 for item, pair in zip(chunk, pairs, strict=True):
                     if isinstance(pair, str):
-                        rejected_writer.append({"id": item["id"], "prompt": item["prompt"], "reason": pair})
+                        rejected.append({"id": item["id"], "prompt": item["prompt"], "reason": pair})
                         judging_task.advance(1)
                 comparisons = [Comparison(item["prompt"], a, b,
                                           constitution.sample_judge_principles(item["id"], cfg.principles, cfg.seed))
@@ -349,12 +346,11 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
                 verdicts = judge.compare(comparisons, progress=engine_progress(judging_task))
                 judge_seconds += time.perf_counter() - started
                 judged += len(comparisons)
-                for (item, (a, b)), verdict in zip(labelled, verdicts, strict=True):
-                    writer.append(preference_record(item, a, b, verdict, method))
+                resume.write(preference_record(item, a, b, verdict, method)
+                             for (item, (a, b)), verdict in zip(labelled, verdicts, strict=True))
             sampling_task.close()
             judging_task.close()
-
-    records = [record for _, record in read_jsonl(out)] if out.exists() else []
+    records = resume.records()
     set_aside = [record for _, record in read_jsonl(rejected_out)] if rejected_out.exists() else []
     if records and method == "auto":  # resumed with nothing left to do: the records say which method ran
         method = records[0].get("method", method)
@@ -373,7 +369,7 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
                f"{consistency}; mean |p - 0.5| {_fmt(stats['mean_margin'], 3)}; "
                f"skipped pairs: {skipped_text}" + (f"; judging {rate:.2f} comparisons/s" if rate else ""))
     return manifest.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
-                          metrics={**stats, "method": method, "judge_comparisons_per_s": rate})
+                             metrics={**stats, "method": method, "judge_comparisons_per_s": rate})
 
 
 # ----------------------------------------------------------------------------- feedback eval

@@ -506,4 +506,4 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
                + (f"; {metrics['generation_share']:.0%} of step time generating" if "generation_share" in metrics else "")
                + (f"; {len(warnings)} hacking warning(s)" if warnings else "; no hacking warnings"))
     return manifest.complete(outputs={"model": str(model_dir), "metrics": str(out / "metrics.jsonl")},
-                          counts=counts, summary=summary, metrics=metrics)
+                             counts=counts, summary=summary, metrics=metrics)

@@ -181,25 +181,17 @@ def _read_critique_records(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def answer_helpful(engine, prompts: list[dict[str, Any]], cache, answers: dict[str, str], cfg: "SFTConfig",
-                   task) -> None:
-    """Answer the prompts not yet in `answers` (id -> answer) with the starting model (greedy), in batches,
-    appending each to `cache` (a RecordWriter of the cache file) and to `answers`."""
+def answer_helpful(engine, prompts: list[dict[str, Any]], cfg: "SFTConfig", task) -> list[dict[str, Any]]:
+    """The starting model's answers (greedy) to `prompts`, as helpful-answer cache records."""
     from cai.engine import Sampling
     from cai.records import as_messages
     from cai.stages.critique import clean_text
 
     sampling = Sampling(max_new_tokens=cfg.helpful_max_new_tokens, temperature=0.0)
-    todo = [p for p in prompts if p["id"] not in answers]
-    for start in range(0, len(todo), cfg.generation_batch_size):
-        batch = todo[start:start + cfg.generation_batch_size]
-        outputs = engine.generate_chat([as_messages(p["prompt"]) for p in batch], sampling,
-                                       progress=lambda items, tokens: task.advance(items, tokens))
-        for prompt, output in zip(batch, outputs, strict=True):
-            answer = clean_text(output.text, "answer", output.finished)
-            cache.append({"id": prompt["id"], "prompt": prompt["prompt"], "answer": answer,
-                          "finished": output.finished, "model": cfg.model})
-            answers[prompt["id"]] = answer
+    outputs = engine.generate_chat([as_messages(p["prompt"]) for p in prompts], sampling,
+                                   progress=lambda items, tokens: task.advance(items, tokens))
+    return [{"id": prompt["id"], "prompt": prompt["prompt"], "answer": clean_text(output.text, "answer", output.finished),
+             "finished": output.finished, "model": cfg.model} for prompt, output in zip(prompts, outputs, strict=True)]
 
 
 def fit_length(examples: list[dict[str, Any]], tokenizer, max_length: int,
@@ -303,7 +295,7 @@ def report_callback(reporter):
 def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     from cai.engine import Engine
     from cai.models import default_device, load_causal_lm, save_standalone
-    from cai.records import RecordWriter, read_jsonl, read_prompts, write_jsonl
+    from cai.records import Resume, read_prompts, write_jsonl
 
     ctx = ctx or StageContext()
     out = Path(cfg.out)
@@ -340,19 +332,20 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     batch, answered, helpful = chosen, 0, []
     if chosen:
         engine = Engine(model, tokenizer, batch_size=cfg.generation_batch_size)
-        with RecordWriter(out / HELPFUL_CACHE) as cache:  # opened first: it mends a line torn by a kill
-            answers = {row["id"]: row["answer"] for _, row in read_jsonl(cache.path)} if cache.done_ids else {}
+        with Resume(out / HELPFUL_CACHE, [], cfg.generation_batch_size) as cache:  # read once for every round
             while batch:
+                cache.add(batch)
                 task = ctx.reporter.task("helpful answers" + (" (replacing those left out)" if answered else ""),
                                          total=len(batch), unit="prompts")
-                answer_helpful(engine, batch, cache, answers, cfg, task)
+                for chunk in cache:
+                    cache.write(answer_helpful(engine, chunk, cfg, task))
                 task.close()
                 answered += len(batch)
                 new = []
                 for prompt in batch:
-                    if answers[prompt["id"]].strip():
-                        new.append({"id": prompt["id"], "source": "helpful",
-                                    **example(prompt["prompt"], answers[prompt["id"]])})
+                    answer = cache.by_id[str(prompt["id"])]["answer"]
+                    if answer.strip():
+                        new.append({"id": prompt["id"], "source": "helpful", **example(prompt["prompt"], answer)})
                     else:
                         rejected.append({"id": prompt["id"], "source": "helpful", "reason": "empty-helpful-answer"})
                 new, new_truncated = fit_length(new, tokenizer, cfg.max_length, rejected)
