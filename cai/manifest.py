@@ -114,11 +114,6 @@ def unlock(key: Path) -> None:
             del _held[key]
 
 
-def _training_rank() -> int:
-    """This process's rank in a multi-process launch (torchrun, accelerate set RANK); 0 otherwise."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 # ----------------------------------------------------------------------------- hashing
 
 
@@ -220,15 +215,18 @@ def _stored(value: Any) -> Any:
 # ----------------------------------------------------------------------------- the manifest
 
 
-def read_result(path: Path) -> StageResult | None:
-    """The result a complete manifest at `path` records, with its outputs where they are now (those inside
-    the manifest's directory are stored relative to it, so a moved run directory still finds them); None
-    when there is no complete manifest."""
+def _read(path: Path) -> dict[str, Any] | None:
     try:
-        manifest = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if manifest.get("status") != "complete":
+
+
+def read_result(path: Path) -> StageResult | None:
+    """The result the complete manifest at `path` records, its outputs where they are now (those inside the
+    manifest's directory are stored relative to it, so a moved run directory still finds them); None when
+    there is no complete manifest."""
+    if (manifest := _read(path)) is None or manifest.get("status") != "complete":
         return None
     return StageResult(stage=manifest.get("stage", ""), counts=manifest.get("counts", {}),
                        outputs={name: str(Path(path).parent / out) for name, out in manifest.get("outputs", {}).items()},
@@ -249,12 +247,11 @@ class Manifest:
     def __init__(self, stage: str, cfg: Any, path: str | Path, inputs: dict[str, Any],
                  outputs: list[str | Path] = (), force: bool = False, scratch: list[str | Path] = ()):
         self.stage, self.cfg, self.path, self.force = stage, cfg, Path(path), force
-        self.outputs = [Path(p) for p in outputs]
-        self.scratch = [Path(p) for p in scratch]
+        self.outputs, self.scratch = [Path(p) for p in outputs], [Path(p) for p in scratch]
         self.started = time.time()
         references = {name: _paths(value) for name, value in inputs.items()}
-        self._input_files = [(name, Path(r)) for name, refs in references.items() for r in refs if Path(r).exists()]
-        for name, given in self._input_files:
+        self.input_files = [(name, Path(r)) for name, refs in references.items() for r in refs if Path(r).exists()]
+        for name, given in self.input_files:
             if any(output.resolve() == given.resolve() for output in self.outputs):
                 raise ConfigError(f"--out {given} is also the input {name}: writing would overwrite it -- "
                                   "choose another --out")
@@ -262,9 +259,9 @@ class Manifest:
                 raise ConfigError(f"{given}: the run that writes it has not finished ({manifest} says partial), "
                                   f"so it holds only part of its output -- run that command again to finish it, "
                                   f"then {stage}")
-        # One process writes an output; the other ranks of a multi-GPU launch run beside the one that locked it.
+        # One process writes an output: the other ranks of a multi-GPU launch (RANK > 0) run beside rank 0.
         out = getattr(cfg, "out", None) or (self.outputs[0] if self.outputs else self.path)
-        key = lock(out) if _training_rank() == 0 else None
+        key = lock(out) if int(os.environ.get("RANK") or 0) == 0 else None
         self.release = weakref.finalize(self, unlock, key) if key else lambda: None
         self.inputs = {name: input_hash(value) for name, value in inputs.items()}
         named = {r for refs in references.values() for r in refs}
@@ -272,46 +269,31 @@ class Manifest:
                         and (refs := _paths(_stored(getattr(cfg, f.name)))) and all(r in named for r in refs)}
         self.counted = {f.name: self._compared(f.name, _stored(getattr(cfg, f.name)))
                         for f in dataclasses.fields(cfg) if f.metadata.get("hash", True)}
+        self.scope = {f.name: _stored(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("scope")}
         text = json.dumps(self.counted, sort_keys=True, default=str)
         self.config_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def _compared(self, name: str, value: Any) -> Any:
         return file_names(value) if name in self.by_name else value
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
     def changes(self, previous: dict[str, Any]) -> list[str]:
-        """What differs from the run that wrote `previous`: "NAME: OLD -> NEW" per option that counts, "INPUT
-        changed" per input whose content differs, and each scope field asking for less than it covered."""
-        before = previous.get("config", {})
-        changes = []
-        if previous.get("config_hash") != self.config_hash or previous.get("inputs") != self.inputs:
-            changes = [f"{name}: {before[name]!r} -> {_stored(getattr(self.cfg, name))!r}"
-                       for name, now in self.counted.items() if name in before and self._compared(name, before[name]) != now]
-            inputs = previous.get("inputs") or {}
-            changes += [f"{name} changed" for name in sorted(set(inputs) | set(self.inputs))
-                        if inputs.get(name) != self.inputs.get(name)]
-            changes = changes or ["written by another cai version"]
-        for name in self._scope_fields():
-            old, new = before.get(name), _stored(getattr(self.cfg, name))
-            if new is not None and (old is None or new < old):
-                changes.append(f"{name}: {old!r} -> {new!r}")
-        return changes
-
-    def _scope_fields(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self.cfg) if f.metadata.get("scope")]
+        """What differs from the run that wrote `previous`: "NAME: OLD -> NEW" per option that counts (a field
+        it does not know of counts as unchanged), "INPUT changed" per input whose content differs, and each
+        scope field asking for less than it covered."""
+        before, inputs = previous.get("config", {}), previous.get("inputs") or {}
+        changes = [f"{name}: {before[name]!r} -> {_stored(getattr(self.cfg, name))!r}"
+                   for name, now in self.counted.items() if name in before and self._compared(name, before[name]) != now]
+        changes += [f"{name} changed" for name in sorted(set(inputs) | set(self.inputs))
+                    if inputs.get(name) != self.inputs.get(name)]
+        return changes + [f"{name}: {before.get(name)!r} -> {new!r}" for name, new in self.scope.items()
+                          if new is not None and (before.get(name) is None or new < before[name])]
 
     def previous(self) -> StageResult | None:
         """The earlier result when a complete manifest matches these options, inputs and scope and its
         outputs are still there; else None."""
-        previous, result = self._read(), read_result(self.path)
-        if (self.force or result is None or self.changes(previous)
-                or any(previous.get("config", {}).get(name) != _stored(getattr(self.cfg, name))
-                       for name in self._scope_fields())
+        result = read_result(self.path)
+        if (self.force or result is None or self.changes(previous := _read(self.path))
+                or any(previous.get("config", {}).get(name) != value for name, value in self.scope.items())
                 or not all(Path(path).exists() for path in result.outputs.values())):
             return None
         self._remove_scratch()  # left by a kill between the manifest and their removal
@@ -328,11 +310,11 @@ class Manifest:
         command again after a kill); a complete one is extended (a larger --limit, a deleted output) or, with
         --force, started over. Starting over never removes an input.
         """
-        previous = self._read()
+        previous = _read(self.path)
         changes = self.changes(previous) if previous is not None else None
         resuming = changes == [] and not (self.force and previous.get("status") == "complete")
         if not resuming and self._holds_work():
-            for name, given in self._input_files:
+            for name, given in self.input_files:
                 for output in self.outputs:
                     if output.resolve() in given.resolve().parents:
                         raise ConfigError(f"--out {output} holds the input {given} ({name}): starting over would "
@@ -349,7 +331,7 @@ class Manifest:
         if changes is None:
             return ResumeMismatch(f"{where}: exists but has no manifest, so cai cannot tell how it was made -- "
                                   "pass --force to overwrite it, or choose another --out")
-        if all(change.split(":")[0] in self._scope_fields() for change in changes):
+        if all(change.split(":")[0] in self.scope for change in changes):
             return ResumeMismatch(
                 f"{where}: holds the {self.stage} output of a larger run ({'; '.join(changes)}); a smaller --limit "
                 "would not remove its records -- leave --limit as it was to keep them, pass --force to start over "
@@ -362,12 +344,9 @@ class Manifest:
         """Whether any output holds something: a non-empty file, or a directory with a file besides this
         manifest."""
         own = {self.path.resolve(), self.path.with_name(self.path.name + ".tmp").resolve()}
-        for path in self.outputs:
-            if path.is_file() and path.stat().st_size > 0:
-                return True
-            if path.is_dir() and any(p.is_file() and p.resolve() not in own for p in path.rglob("*")):
-                return True
-        return False
+        return any((path.is_file() and path.stat().st_size > 0)
+                   or (path.is_dir() and any(p.is_file() and p.resolve() not in own for p in path.rglob("*")))
+                   for path in self.outputs)
 
     def _remove_scratch(self) -> None:
         for path in self.scratch:
@@ -377,10 +356,8 @@ class Manifest:
                  metrics: dict[str, Any] | None = None) -> StageResult:
         """Write the complete manifest (after every output), remove the scratch, release the output."""
         here = self.path.parent.absolute()
-        stored = {}
-        for name, path in outputs.items():
-            path = Path(path).absolute()
-            stored[name] = os.path.relpath(path, here) if path == here or here in path.parents else str(path)
+        stored = {name: os.path.relpath(path, here) if path == here or here in path.parents else str(path)
+                  for name, path in ((name, Path(p).absolute()) for name, p in outputs.items())}
         self._write("complete", outputs=stored, counts=counts, summary=summary, metrics=metrics or {})
         self._remove_scratch()
         self.release()
