@@ -80,24 +80,31 @@ os.register_at_fork(after_in_child=_held.clear)  # a forked child holds none of 
 def lock(target: str | Path, fix: str = "choose another --out") -> Path:
     """Take the exclusive lock on `target` (an output file or directory, or a run directory) for this
     process, or raise OutputBusy naming the process that holds it. The same process may take it again
-    (`cai run` holds its run directory while each stage locks its output inside it). Returns the key
-    for `unlock`. The lock file `.NAME.lock` sits beside `target`, never inside it, so discarding an
-    output never removes a lock someone holds; the OS releases the lock when its process ends, however it
-    ends, and a stale file only records the last holder's pid."""
+    (`cai run` holds its run directory while each stage locks its output inside it). Returns the key for
+    `unlock`. The lock is an flock on `.NAME.lock` beside `target` (never inside it, where discarding the
+    output would remove it): the OS releases it when its process ends, however it ends, so a file left by a
+    killed process blocks nothing."""
     target = Path(target).expanduser()
     key = target.resolve().with_name(f".{target.resolve().name}.lock")
     if key in _held:
         _held[key][1] += 1
         return key
     key.parent.mkdir(parents=True, exist_ok=True)
-    handle = key.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        handle.close()
-        raise OutputBusy(f"another cai (pid {holder}) is writing {target} -- wait for it to finish, or {fix}") from None
+    while True:
+        handle = key.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise OutputBusy(f"another cai (pid {holder}) is writing {target} -- wait for it to finish, or {fix}") from None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(key)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # its holder removed the file while this one waited to lock it: lock the new one
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
@@ -110,7 +117,8 @@ def unlock(key: Path) -> None:
     if entry is not None:
         entry[1] -= 1
         if entry[1] == 0:
-            entry[0].close()  # releases the lock; the file stays, so no holder ever locks a file unlinked under it
+            key.unlink(missing_ok=True)  # while still locked, so whoever locks next locks a file at this path
+            entry[0].close()
             del _held[key]
 
 

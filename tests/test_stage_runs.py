@@ -458,6 +458,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     assert (tmp_path / ".records.jsonl.lock").exists()  # left behind, naming a dead process
     key = lock(out)  # and yet free
     unlock(key)
+    assert not (tmp_path / ".records.jsonl.lock").exists()  # a released lock leaves no file
 
 
 def test_cai_run_holds_its_run_directory_while_its_stages_lock_their_outputs(tmp_path):
