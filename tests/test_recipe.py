@@ -120,10 +120,10 @@ def _fake_run(name: str):
         inputs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in INPUT_FIELDS}
         if name == "eval":
             inputs.update({f"model{i}": m.split("=", 1)[1] for i, m in enumerate(cfg.models)})
-        stage = Manifest(name, cfg, ctx.manifest_for(cfg.out), inputs=inputs, outputs=[cfg.out])
-        if (done := stage.previous()) is not None:
+        manifest = Manifest(name, cfg, ctx.manifest_for(cfg.out), inputs=inputs, outputs=[cfg.out])
+        if (done := manifest.previous()) is not None:
             return done
-        stage.start()
+        manifest.start()
         CALLS[name] = CALLS.get(name, 0) + 1
         out = Path(cfg.out)
         if out.suffix == ".jsonl":
@@ -133,14 +133,14 @@ def _fake_run(name: str):
                     if name in CRASH_AFTER and writer.written >= CRASH_AFTER[name]:
                         raise KeyboardInterrupt
                     writer.append({"id": record["id"], "prompt": record["prompt"], "n": index,
-                                   "made_by": stage.config_hash, "from": stage.inputs})
+                                   "made_by": manifest.config_hash, "from": manifest.inputs})
             count = len(writer.done_ids)
         else:
             model = out if out.name == "model" or name == "eval" else out / "model"  # as pm and rl write
             model.mkdir(parents=True, exist_ok=True)
             (model / "config.json").write_text(json.dumps({"stage": name, **{k: str(v) for k, v in inputs.items()}}))
             count = 1
-        return stage.complete(outputs={"out": out}, counts={"records": count}, summary=f"{name} did {count}")
+        return manifest.complete(outputs={"out": out}, counts={"records": count}, summary=f"{name} did {count}")
 
     return run
 
@@ -614,3 +614,26 @@ def test_a_non_scalar_key_is_a_problem_with_its_line(tmp_path):
     recipe.write_text("name: x\nsft:\n  [a, b]: 1\n")
     with pytest.raises(RecipeError, match=r"r.yaml:3: a key must be a plain name"):
         recipes.load(recipe, runs_dir=tmp_path)
+
+
+def test_a_second_run_of_the_same_run_directory_stops_before_any_stage(tmp_path, prompts):
+    """Two `cai run r.yaml --name X` at once both ran critique, then both failed at sft on duplicate ids."""
+    import subprocess
+    import sys
+
+    from cai.manifest import OutputBusy
+
+    path = write_recipe(tmp_path, "", prompts)
+    run_dir = tmp_path / "runs" / "t"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cai.manifest import lock; "
+                               "lock(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputBusy, match=f"another cai \\(pid {holder.pid}\\) is writing .*choose another --name"):
+            run(path)
+        assert CALLS == {} and not (run_dir / "1-critique").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not any(o.skipped for o in run(path).outcomes)  # the killed holder leaves nothing that blocks

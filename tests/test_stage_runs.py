@@ -17,40 +17,40 @@ class Config:
     batch_size: int = field(default=8, metadata={"hash": False})
 
 
-def stage_run(out, cfg, force=False):
+def manifest_for(out, cfg, force=False):
     return Manifest("critique", cfg, default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
                     force=force)
 
 
 def test_a_run_that_failed_before_writing_anything_is_replaced_without_force(tmp_path):
     out = tmp_path / "critique.jsonl"
-    stage_run(out, Config(revisions=1)).start()  # then failed: a mistyped model, say
-    assert stage_run(out, Config(revisions=2)).start() is False  # the corrected command starts fresh
+    manifest_for(out, Config(revisions=1)).start()  # then failed: a mistyped model, say
+    assert manifest_for(out, Config(revisions=2)).start() is False  # the corrected command starts fresh
     out.write_text("")  # an output file opened but empty holds nothing either
-    assert stage_run(out, Config(revisions=3)).start() is False
+    assert manifest_for(out, Config(revisions=3)).start() is False
 
 
 def test_a_directory_holding_only_its_manifest_holds_nothing(tmp_path):
     out = tmp_path / "model"
-    stage_run(out, Config(revisions=1)).start()
+    manifest_for(out, Config(revisions=1)).start()
     assert (out / "manifest.json").exists()
-    stage_run(out, Config(revisions=2)).start()
+    manifest_for(out, Config(revisions=2)).start()
     (out / "checkpoint-1").mkdir()
     (out / "checkpoint-1" / "weights.bin").write_bytes(b"x")
     with pytest.raises(ResumeMismatch):
-        stage_run(out, Config(revisions=3)).start()
+        manifest_for(out, Config(revisions=3)).start()
 
 
 def test_the_refusal_names_the_output_and_what_changed(tmp_path):
     out = tmp_path / "critique.jsonl"
-    stage_run(out, Config(revisions=1)).start()
+    manifest_for(out, Config(revisions=1)).start()
     out.write_text('{"id": "a"}\n')
     with pytest.raises(ResumeMismatch) as refused:
-        stage_run(out, Config(revisions=2, batch_size=4)).start()
+        manifest_for(out, Config(revisions=2, batch_size=4)).start()
     message = str(refused.value)
     assert message.startswith(f"{out}: ") and "revisions: 1 -> 2" in message and "--force" in message
     assert "temperature" not in message and "batch_size" not in message  # unchanged / not counted
-    stage_run(out, Config(revisions=2), force=True).start()
+    manifest_for(out, Config(revisions=2), force=True).start()
     assert not out.exists()  # discarded
 
 
@@ -62,20 +62,20 @@ class ScopedConfig:
 
 def test_a_finished_run_with_another_scope_is_resumed_not_skipped_nor_refused(tmp_path):
     out = tmp_path / "critique.jsonl"
-    finished = stage_run(out, ScopedConfig(limit=2))
+    finished = manifest_for(out, ScopedConfig(limit=2))
     finished.start()
     out.write_text('{"id": "a"}\n{"id": "b"}\n')
     finished.complete(outputs={"records": out}, counts={}, summary="2 records")
-    assert stage_run(out, ScopedConfig(limit=2)).previous() is not None  # same scope: skipped
-    wider = stage_run(out, ScopedConfig(limit=4))
+    assert manifest_for(out, ScopedConfig(limit=2)).previous() is not None  # same scope: skipped
+    wider = manifest_for(out, ScopedConfig(limit=4))
     assert wider.previous() is None and wider.start() is True and out.read_text().count("\n") == 2
     with pytest.raises(ResumeMismatch, match="revisions: 1 -> 2"):
-        stage_run(out, ScopedConfig(revisions=2, limit=4)).start()
+        manifest_for(out, ScopedConfig(revisions=2, limit=4)).start()
 
 
 
 def finished_run(out, cfg):
-    run = stage_run(out, cfg)
+    run = manifest_for(out, cfg)
     run.start()
     out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n{"id": "d"}\n')
     run.complete(outputs={"records": out}, counts={"records": 4}, summary="4 records")
@@ -85,19 +85,19 @@ def finished_run(out, cfg):
 def test_a_smaller_limit_than_a_finished_run_is_refused_as_its_records_would_stay(tmp_path, before, after):
     out = tmp_path / "critique.jsonl"
     finished_run(out, ScopedConfig(limit=before))
-    smaller = stage_run(out, ScopedConfig(limit=after))
+    smaller = manifest_for(out, ScopedConfig(limit=after))
     assert smaller.previous() is None
     with pytest.raises(ResumeMismatch, match=f"larger run \\(limit: {before} -> 2\\).*--force"):
         smaller.start()
     assert out.read_text().count("\n") == 4  # nothing lost
-    assert stage_run(out, ScopedConfig(limit=after), force=True).start() is False and not out.exists()
+    assert manifest_for(out, ScopedConfig(limit=after), force=True).start() is False and not out.exists()
 
 
 def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
     out = tmp_path / "critique.jsonl"
     finished_run(out, ScopedConfig(limit=4))
     out.unlink()
-    again = stage_run(out, ScopedConfig(limit=4))
+    again = manifest_for(out, ScopedConfig(limit=4))
     assert again.previous() is None  # not "already complete; skipped" with no file behind it
     assert again.start() is True  # rebuilds what is missing
 
@@ -473,15 +473,15 @@ def test_cai_run_holds_its_run_directory_while_its_stages_lock_their_outputs(tmp
     run_dir = tmp_path / "runs" / "x"
     outer = lock(run_dir, fix="choose another --name")
     records = run_dir / "1-critique" / "records.jsonl"
-    stage = Manifest("critique", OutConfig(out=str(records)), run_dir / "1-critique" / "manifest.json", inputs={})
-    stage.start()
+    manifest = Manifest("critique", OutConfig(out=str(records)), run_dir / "1-critique" / "manifest.json", inputs={})
+    manifest.start()
     probe = [sys.executable, "-c", "import sys; from cai.manifest import lock; lock(sys.argv[1], 'choose another --name')"]
     refused = subprocess.run([*probe, str(run_dir)], capture_output=True, text=True)
     assert f"another cai (pid {os.getpid()}) is writing {run_dir} -- wait for it to finish, or choose another --name" \
         in refused.stderr
     assert subprocess.run([*probe, str(records)], capture_output=True, text=True).returncode != 0
     unlock(outer)
-    stage.release()
+    manifest.release()
     assert subprocess.run([*probe, str(run_dir)], capture_output=True, text=True).returncode == 0
     assert subprocess.run([*probe, str(records)], capture_output=True, text=True).returncode == 0
 
