@@ -5,7 +5,7 @@ CAI    := $(VENV)/bin/cai
 STAMP  := $(VENV)/.installed
 RECIPE ?= recipes/demo.yaml
 
-.PHONY: install test test-fast lint bench demo smoke run clean
+.PHONY: install test test-fast lint bench demo demo-rlvr smoke run clean
 
 $(STAMP): pyproject.toml
 	@# A full disk otherwise surfaces as an obscure ensurepip or pip error halfway through.
@@ -31,13 +31,17 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check cai tests bench
+	$(VENV)/bin/ruff check cai tests bench scripts
 
 bench: install
 	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 demo: install
 	$(CAI) run recipes/demo.yaml
+
+# GRPO on maths problems with an exact reward: held-out pass@1 before and after (recipes/rlvr.yaml).
+demo-rlvr: install
+	$(CAI) run recipes/rlvr.yaml
 
 smoke: install
 	$(CAI) run recipes/smoke.yaml

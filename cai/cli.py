@@ -33,6 +33,7 @@ from cai.stages.critique import CritiqueConfig
 from cai.stages.dpo import DPOConfig
 from cai.stages.evaluate import EvalConfig
 from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
+from cai.stages.filter import FilterConfig
 from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
 from cai.stages.rl import RLConfig
 from cai.stages.sft import SFTConfig
@@ -831,6 +832,36 @@ def dpo(
 
 
 
+@app.command("filter")
+def filter_command(
+    prompts: Annotated[str, typer.Option(help=help_of(FilterConfig, "prompts"))],
+    out: Annotated[str, typer.Option(help=help_of(FilterConfig, "out"))],
+    policy: Annotated[str, typer.Option(help=help_of(FilterConfig, "policy"))] = FilterConfig.policy,
+    k: Annotated[int, typer.Option("--k", help=help_of(FilterConfig, "k"))] = FilterConfig.k,
+    samples: Annotated[int, typer.Option(help=help_of(FilterConfig, "samples"))] = FilterConfig.samples,
+    temperature: Annotated[float, typer.Option(help=help_of(FilterConfig, "temperature"))] = FilterConfig.temperature,
+    max_new_tokens: Annotated[int, typer.Option(help=help_of(FilterConfig, "max_new_tokens"))]
+    = FilterConfig.max_new_tokens,
+    limit: Annotated[int | None, typer.Option(help=help_of(FilterConfig, "limit"))] = None,
+    precision: Annotated[str, typer.Option(help=help_of(FilterConfig, "precision"))] = FilterConfig.precision,
+    batch_size: Annotated[int, typer.Option(help=help_of(FilterConfig, "batch_size"))] = FilterConfig.batch_size,
+    seed: Annotated[int, typer.Option(help=help_of(FilterConfig, "seed"))] = FilterConfig.seed,
+    force: Annotated[bool, typer.Option("--force", help=help_of(FilterConfig, "force"))] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+) -> None:
+    """Keep the verifiable prompts the policy solves sometimes and fails sometimes, for RL.
+
+    Example: cai filter --prompts data/maths_train.jsonl --policy embedded:smollm2-135m-instruct
+    --k 4 --samples 8 --out runs/x/5-filter
+    """
+    from cai.stages.filter import FilterConfig, run
+
+    cfg = FilterConfig(prompts=prompts, out=out, policy=policy, k=k, samples=samples, temperature=temperature,
+                       max_new_tokens=max_new_tokens, limit=limit, precision=precision, batch_size=batch_size,
+                       seed=seed, force=force)
+    _run_stage(run, cfg, json_output)
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[list[str], typer.Option("--model", "-m", help=help_of(EvalConfig, "models"))],
@@ -849,6 +880,13 @@ def eval_command(
                                                help=help_of(EvalConfig, "head_to_head"),
                                                rich_help_panel="Judge")] = EvalConfig.head_to_head,
     pm: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "pm"))] = None,
+    verifiable: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "verifiable"),
+                                                   rich_help_panel="pass@k")] = None,
+    k: Annotated[int, typer.Option("--k", help=help_of(EvalConfig, "k"), rich_help_panel="pass@k")] = EvalConfig.k,
+    samples: Annotated[int, typer.Option(help=help_of(EvalConfig, "samples"), rich_help_panel="pass@k")]
+    = EvalConfig.samples,
+    sample_temperature: Annotated[float, typer.Option(help=help_of(EvalConfig, "sample_temperature"),
+                                                      rich_help_panel="pass@k")] = EvalConfig.sample_temperature,
     limit: Annotated[int | None, typer.Option(help=help_of(EvalConfig, "limit"))] = None,
     max_new_tokens: Annotated[int, typer.Option(help=help_of(EvalConfig, "max_new_tokens"))]
     = EvalConfig.max_new_tokens,
@@ -862,15 +900,19 @@ def eval_command(
     force: Annotated[bool, typer.Option("--force", help=help_of(EvalConfig, "force"))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
-    """Measure harmlessness, over-refusal, PM score and head-to-head Elo of one or more models.
+    """Measure harmlessness, over-refusal, PM score, head-to-head Elo and pass@k of one or more models.
 
     Example: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/demo/5-rl/model
     --harmful data/eval_harmful.jsonl --benign data/eval_benign.jsonl --out eval/
+
+    Maths only: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/rlvr/5-rl/model
+    --harmful none --benign none --judge none --verifiable data/maths_heldout.jsonl --k 4 --samples 8 --out eval/
     """
     from cai.stages.evaluate import EvalConfig, run
 
     cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
                      constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
+                     verifiable=verifiable, k=k, samples=samples, sample_temperature=sample_temperature,
                      limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, precision=precision, seed=seed,
                      batch_size=batch_size, examples=examples, force=force)
     _run_stage(run, cfg, json_output)
@@ -884,7 +926,7 @@ def _stage_list() -> str:
 
 @app.command("run")
 def run_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, demo-dpo, qlora-1gpu, multi-gpu).")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, demo-dpo, rlvr, qlora-1gpu, multi-gpu).")],
     from_stage: Annotated[str | None, typer.Option("--from", help=f"Re-run this stage and every later one; "
                                                    f"earlier ones must have finished ({_stage_list()}).")] = None,
     only: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must exist).")] = None,

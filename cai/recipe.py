@@ -67,7 +67,8 @@ class StageSpec:
     `model` / `judge` / `constitution` (top-level keys), `data.KEY` (a prompt or preference file),
     `out.STAGE` (that stage's output in the run directory; the recipe must run STAGE or set the field),
     `out?.STAGE` (the same, left at the field's default when the recipe does not run STAGE),
-    `models` (eval's model list: base plus the output of each policy stage the recipe runs).
+    `models` (eval's model list: base plus the output of each policy stage the recipe runs),
+    `A|B` (the first of A and B that gives a value: rl reads the filter's prompts when the recipe runs it).
     Wired values are defaults: the recipe's stage mapping may override any of them except `out`.
     """
 
@@ -106,14 +107,17 @@ STAGES: tuple[StageSpec, ...] = (
                       "constitution": "constitution"}),
     StageSpec("pm", "4-pm", "cai.stages.pm", "", product="model", config="PMTrainConfig", function="run_train",
               wiring={"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
+    StageSpec("filter", "5-filter", "cai.stages.filter", "", product="prompts.jsonl",
+              wiring={"prompts": "data.rl_prompts", "policy": "out?.sft|model"}),
     StageSpec("rl", "5-rl", "cai.stages.rl", "", product="model",
-              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "data.rl_prompts",
+              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "out?.filter|data.rl_prompts",
                       "constitution": "constitution"}),
     StageSpec("dpo", "5-dpo", "cai.stages.dpo", "model",
               {"policy": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
     StageSpec("eval", "6-eval", "cai.stages.evaluate", "",
               {"models": "models", "harmful": "data.eval_harmful", "benign": "data.eval_benign",
-               "judge": "judge", "constitution": "constitution", "pm": "out?.pm"}),
+               "verifiable": "data.eval_verifiable", "judge": "judge", "constitution": "constitution",
+               "pm": "out?.pm"}),
 )
 
 DEFAULT_STAGES = ["critique", "sft", "feedback", "pm", "rl", "eval"]
@@ -127,6 +131,7 @@ DATA_KEYS = {
     "rl_prompts": (None, "prompts for RL rollouts (a file or a list); null = red_team and helpful"),
     "eval_harmful": ("data/eval_harmful.jsonl", "held-out harmful requests for eval"),
     "eval_benign": ("data/eval_benign.jsonl", "held-out benign requests for eval (over-refusal)"),
+    "eval_verifiable": (None, "held-out problems with `answer`/`tests` for eval's pass@k; null = none"),
 }
 
 TOP_LEVEL = {
@@ -152,7 +157,7 @@ RUNNER_FIELDS = ("out", "force")
 # Stage fields that name an input, checked when a recipe's stage section or --set gives them, as the
 # top-level `model`, `judge`, `constitution` and `data` are: a typo must fail at load, not after the runner
 # has discarded that stage's finished output to redo it with the new value.
-INPUT_FILE_FIELDS = ("prompts", "data", "ai", "human", "helpful", "harmful", "benign")
+INPUT_FILE_FIELDS = ("prompts", "data", "ai", "human", "helpful", "harmful", "benign", "verifiable")
 MODEL_FIELDS = ("model", "policy", "judge", "pm")
 
 
@@ -577,7 +582,7 @@ class _Reader:
                 files += data[key] if isinstance(data[key], list) else [data[key]] if data[key] is not None else []
             data["rl_prompts"] = files or None
         needed = {source.split(".", 1)[1] for spec in self.registry if spec.name in order
-                  for source in spec.wiring.values() if source.startswith("data.")}
+                  for sources in spec.wiring.values() for source in sources.split("|") if source.startswith("data.")}
         for key in list(data):
             if data[key] is None:
                 continue
@@ -670,7 +675,7 @@ class _Reader:
                 report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
                 continue
             if check_files and (spec.wiring.get(key, "").startswith("data.") or key in INPUT_FILE_FIELDS) \
-                    and isinstance(converted, str | list):
+                    and isinstance(converted, str | list) and str(converted).lower() != "none":  # eval's none
                 files = converted if isinstance(converted, list) else [converted]
                 found = [_existing_path(str(file)) for file in files]
                 missing = [file for file, path in zip(files, found, strict=True) if path is None]
@@ -757,6 +762,11 @@ def _fit(value: Any, tp: Any) -> Any:
 
 
 def _wired_value(source: str, top: dict[str, Any], order: list[str], output_of: Callable[[str], Path]) -> Any:
+    if "|" in source:  # "out?.filter|data.rl_prompts": the first source that gives a value
+        for each in source.split("|"):
+            if (value := _wired_value(each, top, order, output_of)) is not _MISSING:
+                return value
+        return _MISSING
     if source in ("model", "constitution"):
         return top[source]
     if source == "judge":
@@ -871,8 +881,8 @@ def _run_selected(recipe: Recipe, reporter, from_stage: str | None, only: str | 
             raise RecipeError(f"stage {planned.spec.name} has not finished in {recipe.run_dir} -- run "
                               f"`{_run_command(recipe)}` (without --from/--only) first")
     if only:
-        upstream = {source.split(".", 1)[1] for source in recipe.stage(only).spec.wiring.values()
-                    if source.startswith(("out.", "out?."))}
+        upstream = {source.split(".", 1)[1] for sources in recipe.stage(only).spec.wiring.values()
+                    for source in sources.split("|") if source.startswith(("out.", "out?."))}
         for planned in recipe.stages:
             if planned.spec.name in upstream and not _complete(planned.manifest_path):
                 raise RecipeError(f"--only {only}: stage {planned.spec.name} has not finished in {recipe.run_dir} "
@@ -956,16 +966,30 @@ def _record_outcomes(recipe: Recipe, outcomes: list[StageOutcome]) -> None:
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """Three lines for a person: refusal of harmful requests, over-refusal of benign ones, and Elo."""
+    """Lines for a person: refusal of harmful requests, over-refusal of benign ones and Elo, for the prompt
+    kinds the eval had; greedy pass@1 and pass@k on verifiable problems, with the last model's ratio to the first."""
     models = metrics.get("models", {})
     labels = list(models)
 
-    def series(key: str) -> str:
-        parts = [f"{label} {models[label][key] * 100:.0f}%" for label in labels if models[label].get(key) is not None]
+    def series(key: str, values=lambda label: models[label]) -> str:
+        parts = [f"{label} {values(label)[key] * 100:.0f}%" for label in labels if values(label).get(key) is not None]
         return " -> ".join(parts) if parts else "n/a"
 
-    lines = [f"harmful requests refused: {series('harmful_refusal_rate')}",
-             f"benign requests refused (over-refusal): {series('benign_refusal_rate')}"]
+    verifiable = {label: models[label].get("verifiable") or {} for label in labels}
+    lines = []
+    for key, title in (("harmful_refusal_rate", "harmful requests refused"),
+                       ("benign_refusal_rate", "benign requests refused (over-refusal)")):
+        if series(key) != "n/a" or not any(verifiable.values()):
+            lines.append(f"{title}: {series(key)}")
+    if any(verifiable.values()):
+        first, last = verifiable[labels[0]].get("pass@1"), verifiable[labels[-1]].get("pass@1")
+        ratio = f" ({last / first:.2f}x)" if first and last is not None and len(labels) > 1 else ""
+        lines.append(f"verifiable problems solved, greedy pass@1: {series('pass@1', verifiable.get)}{ratio}")
+        k = next((v["k"] for v in verifiable.values() if "k" in v), None)
+        if k is not None:
+            lines.append(f"pass@{k} (from {verifiable[labels[0]].get('n')} samples): "
+                         f"{series('pass@k', verifiable.get)}; all@{k}: {series('all@k', verifiable.get)}")
+        return lines
     elo = metrics.get("elo") or {}
     if elo:
         lines.append("harmlessness Elo (judge): " + ", ".join(f"{label} {elo[label]:.0f}" for label in labels

@@ -6,6 +6,7 @@ What it shows, from `cai eval`'s metrics and answers:
   harmful requests refused; helpfulness = share of benign requests not refused), and beside it the
   judge's and the PM's view when those were measured;
 - Elo ratings from head-to-head judge comparisons;
+- accuracy on verifiable problems per model (greedy pass@1, sampled pass@k and all@k) when measured;
 - reward and KL curves over RL steps when a model came with a training log (`metrics.jsonl`);
 - example answers side by side (HTML-escaped: model output is never trusted as markup).
 """
@@ -84,6 +85,34 @@ def plot_pareto(metrics: dict[str, Any], path: Path) -> Path:
         if points:
             axis.legend(fontsize=8, loc="lower left")
     fig.suptitle("Harmlessness vs helpfulness (up and right is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(metrics: dict[str, Any], path: Path) -> Path | None:
+    """Bars of pass@1 (greedy), pass@k and all@k per model, on the verifiable problems."""
+    labels = metrics["labels"]
+    found = {label: metrics["models"][label].get("verifiable") for label in labels}
+    if not any(found.values()):
+        return None
+    k = next(v["k"] for v in found.values() if v and "k" in v) if any(v and "k" in v for v in found.values()) else None
+    series = [("pass@1", "pass@1 (greedy)")]
+    if k is not None:
+        series += [("pass@k", f"pass@{k} (sampled)"), ("all@k", f"all@{k}: solved in all {k} tries")]
+    plt = _figure()
+    fig, axis = plt.subplots(figsize=(5.5, 3.8))
+    width = 0.8 / len(series)
+    for index, (key, title) in enumerate(series):
+        values = [(found[label] or {}).get(key, math.nan) for label in labels]
+        positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        axis.bar(positions, values, width=width, label=title)
+    axis.set_xticks(range(len(labels)), labels)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("share of problems solved")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -170,6 +199,13 @@ def metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
         if all(v is None for v in values):
             continue
         rows.append([title, *[_fmt(v, kind) for v in values]])
+    verifiable = [metrics["models"][label].get("verifiable") or {} for label in labels]
+    k = next((v["k"] for v in verifiable if "k" in v), None)
+    for key, title in (("pass@1", "verifiable problems solved, greedy: pass@1"),
+                       ("pass@k", f"solved in at least one of {k} tries: pass@{k}"),
+                       ("all@k", f"solved in all {k} tries: all@{k}")):
+        if any(key in v for v in verifiable):
+            rows.append([title, *[_fmt(v.get(key), "pct") for v in verifiable]])
     for key, title in (("elo", "Elo, harmful prompts (judge)"), ("elo_benign", "Elo, benign prompts (judge)")):
         if metrics.get(key):
             rows.append([title, *[_fmt(metrics[key].get(label), "int") for label in labels]])
@@ -230,17 +266,24 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], answers: list[dic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = metrics["labels"]
-    plots: dict[str, Path] = {"pareto": plot_pareto(metrics, out / "pareto.png")}
+    plots: dict[str, Path] = {}
+    if any(metrics["models"][label].get("harmlessness") is not None or
+           metrics["models"][label].get("helpfulness") is not None for label in labels):
+        plots["pareto"] = plot_pareto(metrics, out / "pareto.png")
+    if (accuracy := plot_accuracy(metrics, out / "accuracy.png")) is not None:
+        plots["accuracy"] = accuracy
     if (elo := plot_elo(metrics, out / "elo.png")) is not None:
         plots["elo"] = elo
     if (curve := plot_curves(curves or {}, out / "training_curves.png")) is not None:
         plots["training_curves"] = curve
     header = ["metric", *labels]
     rows = metric_rows(metrics)
-    grids = {kind: example_grid(answers, labels, kind, examples) for kind in ("harmful", "benign")}
+    grids = {kind: example_grid(answers, labels, kind, examples) for kind in ("harmful", "benign", "verifiable")}
     captions = {
         "pareto": "Harmlessness (harmful requests refused) against helpfulness (benign requests answered), "
                   "per model; arrows follow the pipeline order.",
+        "accuracy": "Share of the verifiable problems each model solves: greedy (pass@1), in at least one of k "
+                    "sampled tries (pass@k, unbiased estimate from n samples) and in all k (all@k).",
         "elo": "Elo ratings from head-to-head comparisons by the constitution judge (order swapped, soft wins, "
                "Bradley-Terry fit; 1000 = average).",
         "training_curves": "Reward and KL over training steps, from the training log beside the model.",

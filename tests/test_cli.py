@@ -298,7 +298,8 @@ def _stage_config_fields():
 # The options that take a literal `none` (as a word for "no judge", "no PM", "full precision").
 TAKES_NONE = {"EvalConfig.judge", "EvalConfig.pm", "RLConfig.pm", "RLConfig.judge", "SFTConfig.quantize",
               "FeedbackConfig.quantize", "FeedbackEvalConfig.quantize", "PMTrainConfig.quantize",
-              "RLConfig.quantize", "DPOConfig.quantize", "EvalConfig.quantize"}
+              "RLConfig.quantize", "DPOConfig.quantize", "EvalConfig.quantize", "EvalConfig.harmful",
+              "EvalConfig.benign", "EvalConfig.verifiable"}
 
 
 def test_option_help_says_what_leaving_it_out_does_never_to_type_none():

@@ -381,3 +381,62 @@ def test_eval_cli(tmp_path, tiny_model_dir, stub_judge):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["stage"] == "eval" and data["counts"]["answers"] == 4
+
+
+# ----------------------------------------------------------------------------- pass@k on verifiable problems
+
+
+class MathsEngine(FakeEngine):
+    """Answers "What is N?" problems: greedy right when N is even; sampled right when the sample's seed is
+    even, for `good` only (`bad` is always off by one)."""
+
+    def generate_chat(self, conversations, sampling, seeds=None, progress=None):
+        from cai.engine import Generation
+
+        FakeEngine.asked += len(conversations)
+        texts = []
+        for i, conversation in enumerate(conversations):
+            value = int(conversation[-1]["content"].split()[2].rstrip("?"))
+            right = value % 2 == 0 if sampling.temperature == 0 else (seeds[i] % 2 == 0)
+            right = right and self.reference == "good"
+            texts.append(f"The answer is {value if right else value + 1}.")
+        return [Generation(text=t, num_tokens=5, finished=True) for t in texts]
+
+
+def test_eval_reports_greedy_pass_at_1_and_sampled_pass_at_k(tmp_path, monkeypatch):
+    import cai.engine
+    from cai import passk
+
+    monkeypatch.setattr(cai.engine, "Engine", MathsEngine)
+    problems = tmp_path / "maths.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"m{i}", "prompt": f"What is {i}?", "answer": str(i)}) + "\n"
+                                for i in range(6)))
+    cfg = EvalConfig(models=["base=bad", "rl=good"], harmful="none", benign="none", verifiable=str(problems),
+                     judge="none", k=2, samples=5, out=str(tmp_path / "eval"), batch_size=4)
+    result = evaluate.run(cfg, StageContext(reporter=NullReporter(), device="cpu"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    samples = [r for _, r in read_jsonl(tmp_path / "eval" / "samples.jsonl")]
+    assert len(samples) == 2 * 6 * 5
+    good = {}
+    for row in samples:
+        if row["prefix"] == "rl/":
+            good.setdefault(row["prompt_id"], []).append(int(row["score"]))
+            # each sample is scored by its own seed, whatever batch it was drawn in
+            assert row["score"] == float(passk.sample_seed(row["prompt_id"], row["sample"]) % 2 == 0)
+    rl, base = metrics["models"]["rl"]["verifiable"], metrics["models"]["base"]["verifiable"]
+    assert rl["pass@1"] == pytest.approx(0.5) and base["pass@1"] == 0.0  # greedy: 0, 2, 4 right
+    expected = sum(1 - math.comb(5 - sum(v), 2) / math.comb(5, 2) for v in good.values()) / 6
+    assert rl["pass@k"] == pytest.approx(expected, abs=1e-9) and base["pass@k"] == 0.0
+    assert (rl["k"], rl["n"], base["never_solved"]) == (2, 5, 6)
+    assert metrics["models"]["rl"]["harmful_refusal_rate"] is None
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "pass@2" in report and (tmp_path / "eval" / "accuracy.png").exists()
+    assert not (tmp_path / "eval" / "pareto.png").exists()
+    assert "pass@1 base 0% -> rl 50%" in result.summary
+
+
+def test_eval_config_checks_pass_at_k_options():
+    with pytest.raises(ConfigError, match="--samples 2 is fewer than --k 4"):
+        EvalConfig(verifiable="maths.jsonl", k=4, samples=2)
+    with pytest.raises(ConfigError, match="no prompts"):
+        EvalConfig(harmful="none", benign="none")

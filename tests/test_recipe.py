@@ -92,6 +92,14 @@ class FakeRlConfig:
 
 
 @dataclass
+class FakeFilterConfig:
+    prompts: str = _f("")
+    policy: str = _f("")
+    seed: int = _f(0)
+    out: str = _f("", hash_=False)
+
+
+@dataclass
 class FakeDpoConfig:
     policy: str = _f("")
     ai: str = _f("")
@@ -105,6 +113,7 @@ class FakeEvalConfig:
     models: list[str] = _f(list)
     harmful: str = _f("")
     benign: str = _f("")
+    verifiable: str | None = _f(None)
     judge: str | None = _f(None)
     constitution: str = _f("default")
     pm: str | None = _f(None)
@@ -146,7 +155,7 @@ def _fake_run(name: str):
 
 
 FAKES = {"critique": FakeCritiqueConfig, "sft": FakeSftConfig, "feedback": FakeFeedbackConfig, "pm": FakePmConfig,
-         "rl": FakeRlConfig, "dpo": FakeDpoConfig, "eval": FakeEvalConfig}
+         "filter": FakeFilterConfig, "rl": FakeRlConfig, "dpo": FakeDpoConfig, "eval": FakeEvalConfig}
 REGISTRY = tuple(dataclasses.replace(spec, loader=(lambda n=spec.name: (FAKES[n], _fake_run(n))))
                  for spec in recipes.STAGES)
 
@@ -204,6 +213,22 @@ def test_wiring_and_precedence(tmp_path, prompts):
                                                   f"rl={run_dir / '5-rl' / 'model'}"]
     assert recipe.stage("eval").config.pm == str(run_dir / "4-pm" / "model")
     assert FakeCritiqueConfig().revisions == 1  # defaults untouched
+
+
+def test_rl_reads_the_filtered_prompts_when_the_recipe_filters(tmp_path, prompts):
+    run_dir = (tmp_path / "runs" / "t").resolve()
+    path = write_recipe(tmp_path, "stages: [filter, rl, eval]\nrl:\n  policy: base-model\n  pm: none\n", prompts)
+    path.write_text(path.read_text().replace("data:\n", f"data:\n  rl_prompts: {prompts}\n"
+                                                         f"  eval_verifiable: {prompts}\n"))
+    recipe = load(path)
+    assert [s.spec.name for s in recipe.stages] == ["filter", "rl", "eval"]
+    assert recipe.stage("filter").config.policy == "base-model"  # no sft: the recipe's model
+    assert recipe.stage("filter").config.prompts == str(prompts.resolve())
+    assert recipe.stage("rl").config.prompts == [str(run_dir / "5-filter" / "prompts.jsonl")]
+    assert recipe.stage("eval").config.verifiable == str(prompts.resolve())
+    # Without the filter, rl reads data.rl_prompts as before.
+    path.write_text(path.read_text().replace("stages: [filter, rl, eval]", "stages: [rl, eval]"))
+    assert load(path).stage("rl").config.prompts == [str(prompts.resolve())]
 
 
 def test_unknown_key_names_file_line_and_closest_key(tmp_path, prompts):
@@ -614,6 +639,14 @@ def test_a_non_scalar_key_is_a_problem_with_its_line(tmp_path):
     recipe.write_text("name: x\nsft:\n  [a, b]: 1\n")
     with pytest.raises(RecipeError, match=r"r.yaml:3: a key must be a plain name"):
         recipes.load(recipe, runs_dir=tmp_path)
+
+
+def test_summary_of_a_maths_eval_gives_pass_at_k_and_the_ratio():
+    lines = recipes.summary_lines({"models": {
+        "base": {"harmful_refusal_rate": None, "verifiable": {"pass@1": 0.2, "pass@k": 0.5, "all@k": 0.05, "k": 4, "n": 8}},
+        "rl": {"harmful_refusal_rate": None, "verifiable": {"pass@1": 0.35, "pass@k": 0.6, "all@k": 0.1, "k": 4, "n": 8}}}})
+    assert lines == ["verifiable problems solved, greedy pass@1: base 20% -> rl 35% (1.75x)",
+                     "pass@4 (from 8 samples): base 50% -> rl 60%; all@4: base 5% -> rl 10%"]
 
 
 def test_a_second_run_of_the_same_run_directory_stops_before_any_stage(tmp_path, prompts):

@@ -12,8 +12,11 @@ appended to `answers.jsonl` as they finish, so a killed eval resumes). Then:
   Every pair of models is compared on the same prompts (head to head, order swapped); the soft win
   counts become Elo ratings (`elo_from_wins`, Bradley-Terry maximum likelihood), as the CAI paper reports.
 - **PM score** (`--pm`): the mean preference-model score of each model's answers.
+- **pass@k** (`--verifiable`): on problems with an `answer` (maths) or `tests` (code), checked with the
+  RL rewards, the greedy answer gives pass@1 and `--samples` sampled answers give the unbiased pass@k
+  and all@k (solved in every one of k tries) of `cai.passk`.
 
-Outputs in `--out`: answers.jsonl, judgments.jsonl, pm_scores.jsonl, metrics.json, report.html,
+Outputs in `--out`: answers.jsonl, judgments.jsonl, pm_scores.jsonl, samples.jsonl, metrics.json, report.html,
 report.md and the report's plots (*.png).
 """
 
@@ -48,10 +51,19 @@ class EvalConfig:
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL], metadata={
         "help": "Models to evaluate, each LABEL=REF or REF (embedded:NAME, hub id or directory); the first "
                 "is the baseline in the report. Repeat --model for several."})
-    harmful: str = field(default=str(bundled("data/eval_harmful.jsonl")), metadata={
-        "help": "Harmful prompts (JSONL/CSV with a prompt column, or .txt, one per line): refusing them is the harmless outcome."})
-    benign: str = field(default=str(bundled("data/eval_benign.jsonl")), metadata={
-        "help": "Benign prompts: refusing them is over-refusal."})
+    harmful: str | None = field(default=str(bundled("data/eval_harmful.jsonl")), metadata={
+        "help": "Harmful prompts (JSONL/CSV with a prompt column, or .txt, one per line): refusing them is the "
+                "harmless outcome. none: no harmful prompts."})
+    benign: str | None = field(default=str(bundled("data/eval_benign.jsonl")), metadata={
+        "help": "Benign prompts: refusing them is over-refusal. none: no benign prompts."})
+    verifiable: str | None = field(default=None, metadata={
+        "help": "Problems with an `answer` (maths) or `tests` (code), e.g. data/maths_heldout.jsonl: each model's "
+                "greedy pass@1 and sampled pass@k on them. Left out (or none): skip."})
+    k: int = field(default=4, metadata={"help": "Tries in pass@k (and in all@k: solved in every one of k tries)."})
+    samples: int = field(default=8, metadata={
+        "help": "Answers sampled per verifiable problem (n >= k) for the unbiased pass@k estimate."})
+    sample_temperature: float = field(default=1.0, metadata={
+        "help": "Temperature of the sampled answers for pass@k (> 0; pass@1 is greedy)."})
     out: str = field(default="eval", metadata={
         "help": "Output directory (answers.jsonl, metrics.json, report.html...).", "hash": False})
     judge: str | None = field(default=DEFAULT_MODEL, metadata={
@@ -95,7 +107,16 @@ class EvalConfig:
         if self.judge_method not in JUDGE_METHODS:
             raise ConfigError(f"--judge-method {self.judge_method!r} -- use one of {', '.join(JUDGE_METHODS)}")
         self.judge, self.pm = none_as_missing(self.judge), none_as_missing(self.pm)
-        check_at_least_one(self, "principles", "max_new_tokens")
+        self.harmful, self.benign = none_as_missing(self.harmful), none_as_missing(self.benign)
+        self.verifiable = none_as_missing(self.verifiable)
+        if not (self.harmful or self.benign or self.verifiable):
+            raise ConfigError("eval has no prompts: --harmful, --benign and --verifiable are all none -- give at least one")
+        check_at_least_one(self, "principles", "max_new_tokens", "k")
+        if self.samples < self.k:
+            raise ConfigError(f"--samples {self.samples} is fewer than --k {self.k}: pass@k is estimated from at "
+                              f"least k answers -- give --samples {self.k} or more")
+        if not self.sample_temperature > 0:
+            raise ConfigError(f"--sample-temperature {self.sample_temperature}: sampling needs a temperature > 0")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -222,8 +243,12 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(labels: list[str], answers: list[dict[str, Any]], judgments: list[dict[str, Any]],
-              pm_scores: list[dict[str, Any]]) -> dict[str, Any]:
-    """metrics.json from the records: per-model rates and means, win rates and Elo."""
+              pm_scores: list[dict[str, Any]], sampled: dict[str, dict[str, list[float]]] | None = None,
+              k: int = 1) -> dict[str, Any]:
+    """metrics.json from the records: per-model rates and means, win rates and Elo, and on verifiable
+    problems greedy pass@1 with pass@k and all@k from the `sampled` scores (label -> problem id -> scores)."""
+    from cai import passk
+
     models: dict[str, dict[str, Any]] = {}
     for label in labels:
         mine = [a for a in answers if a["model"] == label]
@@ -248,6 +273,9 @@ def summarize(labels: list[str], answers: list[dict[str, Any]], judgments: list[
             "mean_answer_tokens": _mean([float(a["tokens"]) for a in mine]),
             "truncated_rate": _mean([float(not a["finished"]) for a in mine]),
         }
+        greedy = {a["prompt_id"]: float(a["correct"]) for a in mine if a["prompt_kind"] == "verifiable"}
+        if greedy:
+            models[label]["verifiable"] = passk.summarize(greedy, (sampled or {}).get(label, {}), k)
     metrics: dict[str, Any] = {"labels": labels, "models": models}
     for kind, key in (("harmful", "elo"), ("benign", "elo_benign")):
         wins = win_matrix(labels, judgments, kind)
@@ -324,7 +352,8 @@ def pm_scorer(reference: str, device: str | None, batch_size: int) -> Callable[[
 def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.models import check_reference
-    from cai.records import Resume, as_messages, read_prompts
+    from cai.passk import check_answers, score_answers
+    from cai.records import RecordWriter, Resume, as_messages, read_prompts
 
     out = Path(cfg.out)
     models = [parse_model(m) for m in cfg.models]
@@ -335,18 +364,21 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
 
         pm_directory(cfg.pm)
     labels = [label for label, _ in models]
-    prompts = {"harmful": read_prompts(cfg.harmful, cfg.limit), "benign": read_prompts(cfg.benign, cfg.limit)}
-    inputs: dict[str, Any] = {"harmful": cfg.harmful, "benign": cfg.benign, "pm": cfg.pm, "judge": cfg.judge,
+    prompts = {kind: read_prompts(path, cfg.limit) if path else [] for kind, path in
+               (("harmful", cfg.harmful), ("benign", cfg.benign), ("verifiable", cfg.verifiable))}
+    check_answers(prompts["verifiable"], cfg.verifiable)
+    inputs: dict[str, Any] = {"harmful": cfg.harmful, "benign": cfg.benign, "verifiable": cfg.verifiable,
+                              "pm": cfg.pm, "judge": cfg.judge,
                               "constitution": str(constitution_module.resolve_path(cfg.constitution))}
     inputs.update({f"model:{label}": reference for label, reference in models})
-    paths = {name: out / f"{name}.jsonl" for name in ("answers", "judgments", "pm_scores")}
+    paths = {name: out / f"{name}.jsonl" for name in ("answers", "judgments", "pm_scores", "samples")}
     manifest = Manifest("eval", cfg, ctx.manifest_for(out), inputs=inputs,
                         outputs=[*paths.values(), out / "metrics.json"], force=cfg.force)
     if (done := manifest.previous()) is not None:
         return done
     manifest.start()
     out.mkdir(parents=True, exist_ok=True)
-    sampling_items = [(kind, record) for kind in ("harmful", "benign") for record in prompts[kind]]
+    sampling_items = [(kind, record) for kind in ("harmful", "benign", "verifiable") for record in prompts[kind]]
 
     # 1. answers, model by model (one model in memory at a time)
     answers = []
@@ -364,17 +396,43 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                 for chunk in resume:
                     generations = engine.generate_chat([as_messages(r["prompt"]) for _, r in chunk], sampling,
                                                        progress=engine_progress(task))
+                    checked = [(record, g.text) for (kind, record), g in zip(chunk, generations, strict=True)
+                               if kind == "verifiable"]
+                    correct = iter(score_answers([r for r, _ in checked], [t for _, t in checked]) if checked else [])
                     resume.write({"id": f"{label}/{kind}/{record['id']}", "model": label, "prompt_kind": kind,
                                   "prompt_id": record["id"], "prompt": record["prompt"],
                                   "category": record.get("category"), "answer": generation.text,
                                   "tokens": generation.num_tokens, "finished": generation.finished,
-                                  "refusal": is_refusal(generation.text), "refusal_phrase": refusal_match(generation.text)}
+                                  "refusal": is_refusal(generation.text), "refusal_phrase": refusal_match(generation.text),
+                                  **({"correct": next(correct)} if kind == "verifiable" else {})}
                                  for (kind, record), generation in zip(chunk, generations, strict=True))
                 task.close()
                 del engine
                 gc.collect()
         answers += resume.records()
     by_key = {(a["model"], a["prompt_kind"], a["prompt_id"]): a for a in answers}
+
+    # 1b. pass@k: `samples` sampled answers to each verifiable problem, model by model
+    sampled: dict[str, dict[str, list[float]]] = {}
+    if prompts["verifiable"]:
+        from cai.passk import engine_sampler, sample_scores
+
+        with RecordWriter(paths["samples"]) as writer:
+            for label, reference in models:
+                def make_sampler(label=label, reference=reference):
+                    from cai.engine import Engine
+
+                    ctx.reporter.log(f"eval: sampling {cfg.samples} answers to each problem with {label} ({reference})")
+                    engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
+                                                   device=ctx.device, precision=cfg.precision)
+                    return engine_sampler(engine, cfg.max_new_tokens, cfg.sample_temperature, cfg.seed)
+
+                task = ctx.reporter.task(f"eval: pass@{cfg.k} samples of {label}",
+                                         total=cfg.samples * len(prompts["verifiable"]))
+                sampled[label] = sample_scores(prompts["verifiable"], make_sampler, cfg.samples, cfg.batch_size,
+                                               writer, prefix=f"{label}/", progress=task.advance)
+                task.close()
+                gc.collect()
 
     # 2. the judge: each harmful answer against a refusal, and every pair of models head to head
     judgments = []
@@ -440,7 +498,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
         pm_scores = resume.records()
 
     # 4. metrics and the report
-    metrics = summarize(labels, answers, judgments, pm_scores)
+    metrics = summarize(labels, answers, judgments, pm_scores, sampled, cfg.k)
     metrics["models_references"] = dict(models)
     metrics["judge"] = cfg.judge
     metrics["judge_method"] = cfg.judge_method if cfg.judge else None
@@ -455,16 +513,31 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                                                           if reference in curves}, examples=cfg.examples)
     first, last = labels[0], labels[-1]
     m = metrics["models"]
-    summary = (f"{len(labels)} models, {len(prompts['harmful'])} harmful + {len(prompts['benign'])} benign prompts; "
-               f"harmful refused {first} {m[first]['harmful_refusal_rate']:.0%} -> {last} "
-               f"{m[last]['harmful_refusal_rate']:.0%}, benign refused {first} {m[first]['benign_refusal_rate']:.0%} "
-               f"-> {last} {m[last]['benign_refusal_rate']:.0%}")
+
+    def change(name: str, value: Any) -> str:
+        if first == last:
+            return f"{name} {first} {value(m[first])}"
+        return f"{name} {first} {value(m[first])} -> {last} {value(m[last])}"
+
+    parts = [f"{len(labels)} models, {len(prompts['harmful'])} harmful + {len(prompts['benign'])} benign + "
+             f"{len(prompts['verifiable'])} verifiable prompts"]
+    if prompts["harmful"]:
+        parts.append(change("harmful refused", lambda x: f"{x['harmful_refusal_rate']:.0%}"))
+    if prompts["benign"]:
+        parts.append(change("benign refused", lambda x: f"{x['benign_refusal_rate']:.0%}"))
+    if prompts["verifiable"]:
+        parts.append(change("pass@1", lambda x: f"{x['verifiable']['pass@1']:.0%}"))
+        parts.append(change(f"pass@{cfg.k}", lambda x: f"{x['verifiable']['pass@k']:.0%}"))
+    summary = "; ".join(parts)
     outputs = {"metrics": out / "metrics.json", **{k: v for k, v in paths.items() if v.exists()}, **written}
     counts = {"models": len(labels), "harmful_prompts": len(prompts["harmful"]),
-              "benign_prompts": len(prompts["benign"]), "answers": len(answers), "judgments": len(judgments),
+              "benign_prompts": len(prompts["benign"]), "verifiable_prompts": len(prompts["verifiable"]),
+              "answers": len(answers), "judgments": len(judgments),
               "judgments_dropped/empty-answer": sum(1 for j in judgments if j.get("dropped") == "empty-answer"),
               "pm_scores": len(pm_scores)}
     flat = {f"{label}.{key}": value for label, values in m.items() for key, value in values.items()
             if isinstance(value, float)}
+    flat.update({f"{label}.{key}": value for label, values in m.items()
+                 for key, value in values.get("verifiable", {}).items() if isinstance(value, float)})
     flat.update({f"elo.{label}": value for label, value in metrics.get("elo", {}).items()})
     return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=flat)

@@ -315,6 +315,8 @@ class Monitor:
             "reward": logs.get("reward"),
             "reward_std": logs.get("reward_std"),
             **{key: value for key, value in logs.items() if key.startswith("reward_") and key != "reward_std"},
+            # Groups whose answers all scored the same: their advantages are zero and they teach nothing.
+            "frac_reward_zero_std": logs.get("frac_reward_zero_std"),
             "kl": logs.get("kl"),
             "mean_length": mean_length,
             "generated_tokens": round(mean_length * self.batch_size) if mean_length is not None else None,
