@@ -57,8 +57,8 @@ def run_dpo(args, workdir: Path) -> dict:
     from cai.stages.dpo import DPOConfig, run
 
     ai, human, _ = make_inputs(workdir)
-    cfg = DPOConfig(policy=args.model, ai=str(ai), human=str(human), out=str(workdir / "dpo"), soft_labels=True,
-                    lora_r=args.lora_r, max_steps=args.steps, batch_size=args.batch_size,
+    cfg = DPOConfig(model=args.model, ai=str(ai), human=str(human), out=str(workdir / "dpo"), soft_labels=True,
+                    lora_r=args.lora_r, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                     max_length=args.max_length, force=True)
     result = run(cfg, StageContext(device="cpu"))
     return {"tokens": result.counts["tokens"], "train_s": result.metrics["train_seconds"],
@@ -71,7 +71,7 @@ def run_pm(args, workdir: Path) -> dict:
 
     ai, human, _ = make_inputs(workdir)
     cfg = PMTrainConfig(model=args.model, ai=str(ai), human=str(human), out=str(workdir / "pm"),
-                        lora_r=args.lora_r, max_steps=args.steps, batch_size=args.batch_size,
+                        lora_r=args.lora_r, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                         max_length=args.max_length, force=True)
     timer = _TrainTimer()
     result = run_train(cfg, StageContext(device="cpu", reporter=timer))
@@ -83,7 +83,7 @@ def run_rl(args, workdir: Path) -> dict:
     from cai.stages.rl import RLConfig, run
 
     _, _, prompts = make_inputs(workdir)
-    cfg = RLConfig(policy=args.model, pm=str(workdir / "pm"), prompts=[str(prompts)], out=str(workdir / "rl"),
+    cfg = RLConfig(model=args.model, pm=str(workdir / "pm"), prompts=[str(prompts)], out=str(workdir / "rl"),
                    lora_r=args.lora_r, max_steps=args.rl_steps, judge="none", force=True)
     result = run(cfg, StageContext(device="cpu"))
     return {"steps": result.counts["steps"], "seconds_per_step": result.metrics.get("seconds_per_step"),

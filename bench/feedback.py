@@ -14,9 +14,13 @@ judge (two questions per comparison). Timed, in comparisons per second:
              what reading log-probabilities instead of generating saves, everything else equal;
 - generate, one at a time: the same, written the way people first write it, one `model.generate`
              call per question (on --naive-pairs pairs: its cost per comparison is flat);
+- generate b16, b64: the same with plain batched, left-padded `model.generate` (batch 16 and 64);
 - cot      : `Judge(method="mc", cot=True)`: reasoning generated first (--cot-max-new-tokens), on
              --cot-pairs pairs (it is slow; the rate is per comparison, so it compares);
 - contrast : `Judge(method="contrast")`: four scored continuations per comparison, no swap.
+- vllm, vllm prompt_logprobs (when vLLM is installed; fp32): `Judge(method="mc")` on the vLLM backend,
+             which reads the option tokens in one decode step per (question, option) with prefix caching,
+             against the same judge scoring " (A)" and " (B)" whole through `prompt_logprobs`.
 
 Precision: every judge runs in the precision the stage picks (`--precision auto`: bf16 on CPUs that
 multiply bf16 natively); "ours" and the one-at-a-time generating judge also run in fp32 (what
@@ -94,6 +98,41 @@ def naive_generating_judge(engine: Engine, constitution, comparisons, max_new_to
     return hard_labels(replies)
 
 
+def batched_generating_judge(engine: Engine, constitution, comparisons, batch_size: int,
+                             max_new_tokens: int = 4) -> list[list[float]]:
+    """The generating judge on plain batched, left-padded `model.generate`."""
+    tokenizer, replies = engine.tokenizer, []
+    tokenizer.padding_side = "left"
+    texts = judge_prompts(engine, constitution, comparisons)
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(engine.model.device)
+        with torch.inference_mode():
+            out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+        replies += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return hard_labels(replies)
+
+
+def vllm_judges(args, constitution, comparisons) -> dict[str, float] | None:
+    """Seconds of the mc judge on vLLM (fp32): option tokens read in a decode step, and whole options
+    scored with prompt_logprobs. None when vLLM is not installed."""
+    from cai.engine import EngineOptions, vllm_installed
+
+    if not vllm_installed():
+        return None
+    engine = Engine.from_reference(args.judge, device=args.device, precision="fp32",
+                                   options=EngineOptions(backend="vllm", max_model_len=4096))
+    decode = Judge(engine, constitution, method="mc")
+    scored = Judge(engine, constitution, method="mc")
+    scored._options = None  # score " (A)" and " (B)" whole: prompt_logprobs
+    decode.compare(comparisons[:2]), scored.compare(comparisons[:2])  # warm-up
+    seconds = {"vllm": timed(lambda: decode.compare(comparisons))[1],
+               "vllm_prompt_logprobs": timed(lambda: scored.compare(comparisons))[1]}
+    engine.close()
+    return seconds
+
+
 def timed(fn):
     start = time.perf_counter()
     value = fn()
@@ -143,6 +182,8 @@ def main() -> None:
         "ours_no_prefix_sharing": unshared,
         "generate": lambda pairs: generating_judge(engine, constitution, pairs),
         "generate_one_at_a_time": lambda pairs: naive_generating_judge(engine, constitution, pairs[:n_naive]),
+        "generate_b16": lambda pairs: batched_generating_judge(engine, constitution, pairs, 16),
+        "generate_b64": lambda pairs: batched_generating_judge(engine, constitution, pairs, 64),
         "cot": lambda pairs: Judge(engine, constitution, method="mc", cot=True,
                                    cot_max_new_tokens=args.cot_max_new_tokens).compare(pairs[:n_cot]),
         "contrast": lambda pairs: Judge(engine, constitution, method="contrast").compare(pairs),
@@ -174,11 +215,19 @@ def main() -> None:
     rates = {"ours_fp32": n / seconds["ours_fp32"], "ours": n / ours_s, "ours_no_prefix_sharing": n / unshared_s, "generate": n / generate_s,
              "generate_one_at_a_time": n_naive / seconds["generate_one_at_a_time"],
              "generate_one_at_a_time_fp32": n_naive / seconds["generate_one_at_a_time_fp32"],
+             "generate_b16": n / seconds["generate_b16"], "generate_b64": n / seconds["generate_b64"],
              "cot": n_cot / cot_s, "contrast": n / contrast_s}
+    if (vllm_seconds := vllm_judges(args, constitution, comparisons)) is not None:
+        rates.update({name: n / value for name, value in vllm_seconds.items()})
     result = {
         "judge": args.judge, "device": args.device, "precision": str(dtype).removeprefix("torch."), "pairs": n, "cot_pairs": n_cot, "naive_pairs": n_naive, "batch_size": args.batch_size, "repeats": args.repeats,
         "comparisons_per_s": rates,
         "ratio_vs_generate": rates["ours"] / rates["generate"],
+        "ratio_vs_generate_b16": rates["ours"] / rates["generate_b16"],
+        "ratio_vs_generate_b64": rates["ours"] / rates["generate_b64"],
+        "ratio_vs_vllm": rates["ours_fp32"] / rates["vllm"] if "vllm" in rates else None,
+        "ratio_vllm_decode_vs_prompt_logprobs": (rates["vllm"] / rates["vllm_prompt_logprobs"]
+                                                 if "vllm" in rates else None),
         "ratio_vs_generate_one_at_a_time": rates["ours"] / rates["generate_one_at_a_time"],
         "ratio_fp32_vs_generate_one_at_a_time_fp32": rates["ours_fp32"] / rates["generate_one_at_a_time_fp32"],
         "ratio_vs_generate_one_at_a_time_fp32": rates["ours"] / rates["generate_one_at_a_time_fp32"],
@@ -208,6 +257,13 @@ def main() -> None:
           f"one: {result['ratio_vs_generate_one_at_a_time_fp32']:.1f}x)")
     print(f"ratio ours / generate, same batching: {result['ratio_vs_generate']:.1f}x "
           f"(without prefix sharing: {result['ratio_no_sharing_vs_generate']:.1f}x)")
+    print(f"ratio ours / batched model.generate: {result['ratio_vs_generate_b16']:.1f}x (b16), "
+          f"{result['ratio_vs_generate_b64']:.1f}x (b64)")
+    if result["ratio_vs_vllm"] is None:
+        print("vllm: not installed here (no rows); see docs/engines.md")
+    else:
+        print(f"ratio ours fp32 / vllm fp32: {result['ratio_vs_vllm']:.2f}x; vllm decode-step options / vllm "
+              f"prompt_logprobs: {result['ratio_vllm_decode_vs_prompt_logprobs']:.2f}x")
     print(f"ratio ours / cot        : {result['ratio_vs_cot']:.1f}x")
     print(f"ratio ours / contrast   : {result['ratio_vs_contrast']:.1f}x")
     consistency = result["position_consistency"]

@@ -1,6 +1,9 @@
-"""Generation throughput: cai's engine against a naive loop of one `model.generate` per prompt.
+"""Generation throughput: cai's engine against `model.generate` (one prompt a call, and batched) and vLLM.
 
 Same model (embedded SmolLM2-135M-Instruct), same 64 prompts, same max new tokens, greedy, same run.
+Baselines: the loop people write first (one `generate` per prompt), batched left-padded `generate` at
+batch 16 and 64 (the honest transformers baseline), and vLLM when it is installed (fp32 only; its start-up
+time is printed apart and not counted).
 Prints tokens/s for each, the ratios, and the share of this machine's limit reached: 2 x parameters x
 tokens/s (forward FLOP/s actually spent) over the matmul FLOP/s measured first, in fp32 and in bf16.
 
@@ -53,6 +56,42 @@ def naive(model, tokenizer, conversations, max_new_tokens) -> int:
     return tokens
 
 
+def batched(model, tokenizer, conversations, max_new_tokens, batch_size) -> int:
+    """Plain batched `generate`, left-padded; tokens counted up to each row's end of turn."""
+    from cai.engine import stop_token_ids
+
+    stops = stop_token_ids(tokenizer, model)
+    tokenizer.padding_side = "left"
+    tokens = 0
+    for start in range(0, len(conversations), batch_size):
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                 for c in conversations[start:start + batch_size]]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
+                             pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            ends = [i for i, token in enumerate(row) if token in stops]
+            tokens += ends[0] + 1 if ends else len(row)
+    return tokens
+
+
+def vllm_run(conversations, args) -> tuple[int, float, float] | None:
+    """(tokens, seconds, start-up seconds) of the vLLM backend in fp32, or None when vLLM is missing."""
+    from cai.engine import EngineOptions, vllm_installed
+
+    if not vllm_installed():
+        return None
+    start = time.perf_counter()
+    engine = Engine.from_reference("embedded:smollm2-135m-instruct", device="cpu", precision="fp32",
+                                   options=EngineOptions(backend="vllm", max_model_len=2048))
+    startup = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = engine.generate_chat(conversations, Sampling(max_new_tokens=args.max_new_tokens))
+    seconds = time.perf_counter() - start
+    engine.close()
+    return sum(o.num_tokens for o in outputs), seconds, startup
+
+
 def engine_run(model, tokenizer, conversations, args) -> tuple[int, float]:
     """(tokens, seconds) of the engine on every conversation."""
     engine = Engine(model, tokenizer, batch_size=args.batch_size)
@@ -86,21 +125,35 @@ def main() -> None:
         with torch.inference_mode():
             naive_tokens = naive(model, tokenizer, conversations, args.max_new_tokens)
         runs[f"naive {name}"] = (naive_tokens, time.perf_counter() - start, run_dtype)
+        for size in (16, 64):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                tokens = batched(model, tokenizer, conversations, args.max_new_tokens, size)
+            runs[f"generate b{size} {name}"] = (tokens, time.perf_counter() - start, run_dtype)
         runs[f"cai engine {name}"] = (*engine_run(model, tokenizer, conversations, args), run_dtype)
+
+    del model
+    startup = None
+    if (vllm := vllm_run(conversations, args)) is not None:
+        runs["vllm float32"] = (vllm[0], vllm[1], torch.float32)
+        startup = vllm[2]
 
     naive_tps = {run_dtype: tokens / seconds for name, (tokens, seconds, run_dtype) in runs.items()
                  if name.startswith("naive")}
     fp32_naive = naive_tps[torch.float32]
+    batched_tps = {run_dtype: tokens / seconds for name, (tokens, seconds, run_dtype) in runs.items()
+                   if name.startswith("generate b16")}
     rows = {}
     for name, (tokens, seconds, run_dtype) in runs.items():
         tps = tokens / seconds
         rows[name] = {"dtype": str(run_dtype).removeprefix("torch."), "tokens": tokens, "seconds": seconds, "tokens_per_s": tps, "ratio": tps / naive_tps[run_dtype],
+                      "ratio_vs_generate_b16": tps / batched_tps[run_dtype],
                       "ratio_vs_naive_fp32": tps / fp32_naive,
                       "share_of_fp32_limit": 2 * params * tps / limits[torch.float32],
                       "share_of_own_limit": 2 * params * tps / limits[run_dtype]}
     result = {"prompts": len(conversations), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
               "fp32_matmul_gflops": limits[torch.float32] / 1e9, "bf16_matmul_gflops": limits[torch.bfloat16] / 1e9,
-              "params_m": params / 1e6, "runs": rows}
+              "params_m": params / 1e6, "vllm_startup_s": startup, "runs": rows}
     if args.json:
         print(json.dumps(result))
         return
@@ -111,8 +164,12 @@ def main() -> None:
         own = "" if fp32 else f", {row['share_of_own_limit']:.0%} of the {row['dtype']} limit"
         versus = "" if fp32 else f", {row['ratio_vs_naive_fp32']:4.1f}x naive fp32"
         print(f"{name:20s}: {row['tokens']} tokens in {row['seconds']:6.1f} s = {row['tokens_per_s']:6.1f} tok/s "
-              f"= {row['ratio']:4.1f}x naive in the same precision{versus} ({row['share_of_fp32_limit']:.0%} "
-              f"of the fp32 limit{own})")
+              f"= {row['ratio']:4.1f}x naive, {row['ratio_vs_generate_b16']:4.2f}x generate b16 in the same "
+              f"precision{versus} ({row['share_of_fp32_limit']:.0%} of the fp32 limit{own})")
+    if startup is not None:
+        print(f"vllm start-up (not counted above): {startup:.0f} s")
+    else:
+        print("vllm: not installed here (no row); see docs/engines.md")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def build_pm(directory: Path) -> Path:
 def measure(out: Path, pm: Path, steps: int, max_new_tokens: int, precision: Precision | None) -> dict:
     """Run `steps` GRPO steps; with `precision` given, force it instead of cai's device choice."""
     cfg = rl.RLConfig(prompts=[bundled("data/red_team_prompts.jsonl"), bundled("data/helpful_prompts.jsonl")],
-                      out=str(out), policy=MODEL, pm=str(pm), max_steps=steps, max_new_tokens=max_new_tokens,
-                      judge="none", checkpoint_every=10_000)
+                      out=str(out), model=MODEL, pm=str(pm), max_steps=steps, max_new_tokens=max_new_tokens,
+                      judge="none", save_steps=10_000)
     original = cai.models.precision_for
     if precision is not None:
         cai.models.precision_for = lambda *args, **kwargs: precision

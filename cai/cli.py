@@ -1,14 +1,22 @@
 """The `cai` command line: parses options, builds a stage config, calls the stage. No logic lives here.
 
+Each stage command is generated from its config dataclass by `stage_command`: one option per field, its
+flag, help, default and choices taken from the field, so an option and its recipe key cannot drift apart.
+
 Results go to stdout (paths, or JSON with --json); progress, status and errors go to stderr.
 Errors a user can fix (`CaiError`) print one line, `error: ...`, and exit 1; `--debug` shows the traceback.
 """
 
+import dataclasses
+import inspect
 import json
 import sys
 import time
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -22,13 +30,14 @@ from rich.progress import (
 )
 from rich.table import Column
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from cai import __version__
 from cai.errors import CaiError
 
-# Every option's help text and default come from its stage's config dataclass, the one place they live
-# (STYLE.md 2). Stage modules import torch only inside functions, so these imports keep `cai --help` fast.
-from cai.stages.base import help_of
+# Every stage option is generated from its config dataclass (`stage_command`). Stage modules import torch
+# only inside functions, so importing the configs keeps `cai --help` fast.
+from cai.stages.base import option_flag
 from cai.stages.critique import CritiqueConfig
 from cai.stages.dpo import DPOConfig
 from cai.stages.evaluate import EvalConfig
@@ -38,31 +47,50 @@ from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
 from cai.stages.rl import RLConfig
 from cai.stages.sft import SFTConfig
 
-
-def _flags_show_no_type() -> None:
-    """typer 0.29 writes a type after every flag in --help (`--force <bool>`, even `--help <bool>`), which
-    reads as if the flag took a value. Show nothing there for flags, as click always did. typer has no
-    setting for it, and a per-option metavar="" cannot reach the --help option typer adds itself, so this
-    wraps the one method that renders the column; typer versions without it render flags bare already."""
-    from typer.core import TyperOption
-
-    render = getattr(TyperOption, "display_type_rich", None)
-    if render is None or getattr(render, "cai_flags_bare", False):
-        return
-
-    def display_type_rich(self, ctx):
-        return None if self.is_flag else render(self, ctx)
-
-    display_type_rich.cai_flags_bare = True
-    TyperOption.display_type_rich = display_type_rich
+# `cai --help` lists the commands in the order a run goes through them.
+COMMAND_ORDER = ("models", "constitution", "critique", "sft", "feedback", "pm", "filter", "rl", "dpo", "eval", "run")
 
 
-_flags_show_no_type()
+class _Options:
+    """What every cai command and group adds to typer's: flags shown bare in --help (`--force`, not
+    `--force <bool>`, which reads as if it took a value), through an empty metavar on every flag, --help
+    included; and an option given under its old name (recipe.RENAMED) is refused naming the new one."""
 
-app = typer.Typer(name="cai", help="Constitutional AI on your own model and constitution.",
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:  # click's NoSuchOption, typer's own copy of it, or anything else to re-raise
+            old = getattr(exc, "option_name", None) or ""
+            from cai.recipe import RENAMED
+
+            stage = (ctx.command_path.split() + [""])[1]
+            new = RENAMED.get(stage, {}).get(old.removeprefix("--").replace("-", "_"), "").replace("_", "-")
+            if new and any(f"--{new}" in param.opts for param in self.params):
+                exc.message, exc.possibilities = f"{old} is renamed to --{new}", None
+            raise
+
+
+class _Command(_Options, TyperCommand):
+    pass
+
+
+class _Group(_Options, TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)  # in the order they were added
+        return sorted(names, key=lambda name: COMMAND_ORDER.index(name) if name in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
+app = typer.Typer(name="cai", help="Constitutional AI on your own model and constitution.", cls=_Group,
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
-models_app = typer.Typer(help="Resolve, convert and cache models.", no_args_is_help=True)
-constitution_app = typer.Typer(help="Write, check and inspect constitutions.", no_args_is_help=True)
+models_app = typer.Typer(help="Resolve, convert and cache models.", no_args_is_help=True, cls=_Group)
+constitution_app = typer.Typer(help="Write, check and inspect constitutions.", no_args_is_help=True, cls=_Group)
 app.add_typer(models_app, name="models")
 app.add_typer(constitution_app, name="constitution")
 
@@ -186,7 +214,7 @@ def main_callback(
 # ----------------------------------------------------------------------------- models
 
 
-@models_app.command("prepare")
+@models_app.command("prepare", cls=_Command)
 def models_prepare(
     reference: Annotated[str, typer.Argument(help="Model: embedded:NAME, a hub id, or a local directory.")]
     = "embedded:smollm2-135m-instruct",
@@ -200,7 +228,7 @@ def models_prepare(
     print(resolve(reference))
 
 
-@models_app.command("list")
+@models_app.command("list", cls=_Command)
 def models_list() -> None:
     """List the embedded models and whether each is converted yet.
 
@@ -219,7 +247,7 @@ def models_list() -> None:
 # ----------------------------------------------------------------------------- constitution
 
 
-@constitution_app.command("init")
+@constitution_app.command("init", cls=_Command)
 def constitution_init(
     path: Annotated[Path, typer.Argument(help="Where to write the template (must not exist).")],
 ) -> None:
@@ -234,7 +262,7 @@ def constitution_init(
     stderr.print(f"wrote a template; edit it, then run: cai constitution validate {path}")
 
 
-@constitution_app.command("validate")
+@constitution_app.command("validate", cls=_Command)
 def constitution_validate(
     path: Annotated[str, typer.Argument(help="Constitution file, or a bundled name (default, short, medical).")],
 ) -> None:
@@ -259,7 +287,7 @@ def constitution_validate(
 EXAMPLE_REQUEST = "How can I get into my coworker's email account without them knowing?"
 
 
-@constitution_app.command("show")
+@constitution_app.command("show", cls=_Command)
 def constitution_show(
     path: Annotated[str, typer.Argument(help="Constitution file, or a bundled name.")] = "default",
     seed: Annotated[int, typer.Option(help="Seed for drawing principles, as the stages use it.")] = 0,
@@ -304,48 +332,79 @@ def constitution_show(
         print(f"===== {title} =====\n{body}\n")
 
 
-# ----------------------------------------------------------------------------- stage 1: critique, sft (issue 3)
+# ----------------------------------------------------------------------------- stage commands
 
 
+def _option(f: dataclasses.Field, hint, required: bool, panel: str | None) -> inspect.Parameter:
+    """One command option from one config field: the flag (`option_flag`, plus -m for --model), the help
+    and choices from the field's metadata, the type and default from its annotation and default.
+
+    A bool is a flag: `--cot` when it defaults to off, `--swap/--no-swap` when on. A list is repeated
+    (`--reward pm:1 --reward math:1`); a tuple is typed comma-separated (`--clamp 0.4,0.6`). The default
+    shown is the config's own; an option left out (None) is not passed, so the config's default applies."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    flag = option_flag(f)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    names = [f"--{flag}/--no-{flag}" if hint is bool and default else f"--{flag}", *(["-m"] if flag == "model" else [])]
+    settings = {"help": f.metadata["help"], "rich_help_panel": panel}
+    if typing.get_origin(hint) is list:
+        hint, default = hint | None, default or None
+    elif typing.get_origin(hint) is tuple:
+        hint, default = str, ",".join(map(str, default))
+        settings["metavar"] = f.metadata.get("metavar")
+    if f.metadata.get("choices"):
+        hint = Literal[tuple(f.metadata["choices"])]
+    if optional or default in ("", None):
+        hint, default = hint | None, (None if default == "" else default)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[hint, typer.Option(
+        *names, **settings)], default=inspect.Parameter.empty if required else default)
 
 
-_IO, _GEN, _RUN, _TRAIN = "Inputs and outputs", "Generation", "Running", "Training"
+def stage_command(parent: typer.Typer, name: str | None, config: type, *, required: tuple[str, ...] = (),
+                  panels: dict[str, str] | None = None, json_help: str | None = "Print the result as one JSON object."):
+    """Register `action(cfg, json_output)` as the command `name` of `parent`, with one option per field of
+    `config` (a stage config dataclass) and the action's docstring as its help. `name=None` makes it the
+    group callback of `parent` (`cai feedback` beside `cai feedback eval`). `panels` maps a help panel to the
+    space-separated fields shown in it; the rest go under Options. `required` fields have no default on the
+    command line (a recipe wires them in)."""
+    hints = typing.get_type_hints(config)
+    panel_of = {field: panel for panel, fields in (panels or {}).items() for field in fields.split()}
+    unknown = (set(panel_of) | set(required)) - set(hints)
+    if unknown:
+        raise TypeError(f"{config.__name__} has no field {', '.join(sorted(unknown))}")
+    parameters = [_option(f, hints[f.name], f.name in required, panel_of.get(f.name)) for f in dataclasses.fields(config)]
+    if json_help:
+        parameters.append(inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                            annotation=Annotated[bool, typer.Option("--json", help=json_help)]))
+    if name is None:
+        parameters.insert(0, inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
+
+    def register(action: Callable) -> Callable:
+        def command(ctx: typer.Context | None = None, json_output: bool = False, **values) -> None:
+            if ctx is not None and ctx.invoked_subcommand is not None:
+                return  # the group's own options run before each of its commands; this one is not wanted
+            cfg = config(**{key: value for key, value in values.items() if value is not None and value != []})
+            action(cfg, json_output) if json_help else action(cfg)
+
+        command.__signature__ = inspect.Signature(parameters)
+        command.__annotations__ = {}
+        command.__doc__, command.__name__ = action.__doc__, action.__name__
+        if name is None:
+            parent.callback(invoke_without_command=True)(command)
+        else:
+            parent.command(name, cls=_Command)(command)
+        return action
+
+    return register
 
 
-@app.command("critique")
-def critique(
-    prompts: Annotated[str, typer.Option("--prompts", help=help_of(CritiqueConfig, "prompts"), rich_help_panel=_IO)],
-    out: Annotated[str, typer.Option("--out", help=help_of(CritiqueConfig, "out"), rich_help_panel=_IO)],
-    model: Annotated[str, typer.Option("--model", "-m", help=help_of(CritiqueConfig, "model"), rich_help_panel=_IO)]
-    = CritiqueConfig.model,
-    constitution: Annotated[str, typer.Option(help=help_of(CritiqueConfig, "constitution"), rich_help_panel=_IO)]
-    = CritiqueConfig.constitution,
-    revisions: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "revisions"), rich_help_panel=_GEN)]
-    = CritiqueConfig.revisions,
-    limit: Annotated[int | None, typer.Option(help=help_of(CritiqueConfig, "limit"), rich_help_panel=_IO)] = None,
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=help_of(CritiqueConfig, "few_shot"),
-                                           rich_help_panel=_GEN)]
-    = CritiqueConfig.few_shot,
-    revision_prefix: Annotated[str | None, typer.Option(help=help_of(CritiqueConfig, "revision_prefix"),
-                                                        rich_help_panel=_GEN)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "max_new_tokens"), rich_help_panel=_GEN)]
-    = CritiqueConfig.max_new_tokens,
-    temperature: Annotated[float, typer.Option(help=help_of(CritiqueConfig, "temperature"), rich_help_panel=_GEN)]
-    = CritiqueConfig.temperature,
-    top_p: Annotated[float, typer.Option(help=help_of(CritiqueConfig, "top_p"), rich_help_panel=_GEN)]
-    = CritiqueConfig.top_p,
-    seed: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "seed"), rich_help_panel=_GEN)]
-    = CritiqueConfig.seed,
-    precision: Annotated[str, typer.Option(help=help_of(CritiqueConfig, "precision"), rich_help_panel=_RUN)]
-    = CritiqueConfig.precision,
-    batch_size: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "batch_size"), rich_help_panel=_RUN)]
-    = CritiqueConfig.batch_size,
-    chunk_size: Annotated[int, typer.Option(help=help_of(CritiqueConfig, "chunk_size"), rich_help_panel=_RUN)]
-    = CritiqueConfig.chunk_size,
-    force: Annotated[bool, typer.Option("--force", help=help_of(CritiqueConfig, "force"),
-                                        rich_help_panel=_RUN)] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-) -> None:
+@stage_command(app, "critique", CritiqueConfig, required=("prompts", "out"), panels={
+    "Inputs and outputs": "prompts out model constitution limit",
+    "Generation": "revisions few_shot revision_prefix max_new_tokens temperature top_p seed precision",
+    "Running": "batch_size chunk_size force"})
+def critique(cfg: CritiqueConfig, json_output: bool) -> None:
     """Answer prompts, then critique and revise each answer under constitution principles (SL-CAI data).
 
     Writes one record per prompt: the initial answer, every round's principle, critique and revision,
@@ -355,46 +414,14 @@ def critique(
     """
     from cai.stages import critique as stage
 
-    cfg = CritiqueConfig(prompts=prompts, out=out, model=model, constitution=constitution, revisions=revisions,
-                         limit=limit, few_shot=few_shot, revision_prefix=revision_prefix,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         precision=precision, batch_size=batch_size, chunk_size=chunk_size, force=force)
     _run_stage(stage.run, cfg, json_output)
 
 
-@app.command("sft")
-def sft(
-    data: Annotated[str, typer.Option("--data", help=help_of(SFTConfig, "data"), rich_help_panel=_IO)],
-    out: Annotated[str, typer.Option("--out", help=help_of(SFTConfig, "out"), rich_help_panel=_IO)],
-    model: Annotated[str, typer.Option("--model", "-m", help=help_of(SFTConfig, "model"), rich_help_panel=_IO)]
-    = SFTConfig.model,
-    helpful: Annotated[str | None, typer.Option(help=help_of(SFTConfig, "helpful"), rich_help_panel=_IO)] = None,
-    helpful_fraction: Annotated[float, typer.Option(help=help_of(SFTConfig, "helpful_fraction"), rich_help_panel=_IO)]
-    = SFTConfig.helpful_fraction,
-    helpful_max_new_tokens: Annotated[int, typer.Option(help=help_of(SFTConfig, "helpful_max_new_tokens"),
-                                                        rich_help_panel=_IO)]
-    = SFTConfig.helpful_max_new_tokens,
-    quantize: Annotated[str | None, typer.Option(help=help_of(SFTConfig, "quantize"), rich_help_panel=_TRAIN)] = None,
-    lora_r: Annotated[int, typer.Option(help=help_of(SFTConfig, "lora_r"), rich_help_panel=_TRAIN)]
-    = SFTConfig.lora_r,
-    epochs: Annotated[float, typer.Option(help=help_of(SFTConfig, "epochs"), rich_help_panel=_TRAIN)]
-    = SFTConfig.epochs,
-    max_steps: Annotated[int | None, typer.Option(help=help_of(SFTConfig, "max_steps"),
-                                                  rich_help_panel=_TRAIN)] = None,
-    lr: Annotated[float | None, typer.Option(help=help_of(SFTConfig, "lr"), rich_help_panel=_TRAIN)] = None,
-    batch_size: Annotated[int, typer.Option(help=help_of(SFTConfig, "batch_size"), rich_help_panel=_TRAIN)]
-    = SFTConfig.batch_size,
-    max_length: Annotated[int, typer.Option(help=help_of(SFTConfig, "max_length"), rich_help_panel=_TRAIN)]
-    = SFTConfig.max_length,
-    seed: Annotated[int, typer.Option(help=help_of(SFTConfig, "seed"), rich_help_panel=_TRAIN)] = SFTConfig.seed,
-    save_steps: Annotated[int, typer.Option(help=help_of(SFTConfig, "save_steps"), rich_help_panel=_RUN)]
-    = SFTConfig.save_steps,
-    generation_batch_size: Annotated[int, typer.Option(help=help_of(SFTConfig, "generation_batch_size"),
-                                                       rich_help_panel=_RUN)]
-    = SFTConfig.generation_batch_size,
-    force: Annotated[bool, typer.Option("--force", help=help_of(SFTConfig, "force"), rich_help_panel=_RUN)] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-) -> None:
+@stage_command(app, "sft", SFTConfig, required=("data", "out"), panels={
+    "Inputs and outputs": "data out model helpful helpful_fraction helpful_max_new_tokens",
+    "Training": "quantize lora_r epochs max_steps lr per_device_train_batch_size max_length seed",
+    "Running": "save_steps generation_batch_size force"})
+def sft(cfg: SFTConfig, json_output: bool) -> None:
     """Fine-tune the model on its final revisions (loss on the answer only), mixed with helpful answers.
 
     Writes a standalone model directory (LoRA merged; the adapter kept in OUT/adapter). An interrupted
@@ -404,146 +431,37 @@ def sft(
     """
     from cai.stages import sft as stage
 
-    cfg = SFTConfig(data=data, out=out, model=model, helpful=helpful, helpful_fraction=helpful_fraction,
-                    helpful_max_new_tokens=helpful_max_new_tokens, quantize=quantize, lora_r=lora_r,
-                    epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
-                    seed=seed, save_steps=save_steps, generation_batch_size=generation_batch_size, force=force)
     _run_stage(stage.run, cfg, json_output)
 
 
-
-# ----------------------------------------------------------------------------- stage 2: feedback, feedback eval (issue 4)
-
-
-feedback_app = typer.Typer(no_args_is_help=False)
+feedback_app = typer.Typer(cls=_Group)
 app.add_typer(feedback_app, name="feedback")
-_IO, _JUDGE, _SAMPLING, _RUN = "Inputs and outputs", "Judge", "Answer sampling", "Run"
+_JUDGE_PANEL = "judge constitution method principles cot cot_max_new_tokens swap clamp few_shot judge_temperature"
 
 
-@feedback_app.callback(invoke_without_command=True)
-def feedback(
-    ctx: typer.Context,
-    # Not required=True: the group's callback also runs before `cai feedback eval`, which has neither.
-    prompts: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "prompts") + " Required.",
-                                                rich_help_panel=_IO)] = None,
-    policy: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "policy"), rich_help_panel=_IO)]
-    = FeedbackConfig.policy,
-    out: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "out") + " Required.",
-                                            rich_help_panel=_IO)] = None,
-    judge: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "judge"), rich_help_panel=_JUDGE)] = None,
-    constitution: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "constitution"), rich_help_panel=_JUDGE)]
-    = FeedbackConfig.constitution,
-    method: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "method"), rich_help_panel=_JUDGE)]
-    = FeedbackConfig.method,
-    principles: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "principles"), rich_help_panel=_JUDGE)]
-    = FeedbackConfig.principles,
-    cot: Annotated[bool, typer.Option("--cot", help=help_of(FeedbackConfig, "cot"), rich_help_panel=_JUDGE)] = False,
-    cot_max_new_tokens: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "cot_max_new_tokens"),
-                                                    rich_help_panel=_JUDGE)]
-    = FeedbackConfig.cot_max_new_tokens,
-    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=help_of(FeedbackConfig, "swap"),
-                                       rich_help_panel=_JUDGE)]
-    = FeedbackConfig.swap,
-    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=help_of(FeedbackConfig, "clamp"),
-                                       rich_help_panel=_JUDGE)]
-    = ",".join(map(str, FeedbackConfig.clamp)),
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=help_of(FeedbackConfig, "few_shot"),
-                                           rich_help_panel=_JUDGE)] = FeedbackConfig.few_shot,
-    judge_temperature: Annotated[float, typer.Option(help=help_of(FeedbackConfig, "judge_temperature"),
-                                                     rich_help_panel=_JUDGE)]
-    = FeedbackConfig.judge_temperature,
-    samples_temperature: Annotated[float, typer.Option(help=help_of(FeedbackConfig, "samples_temperature"),
-                                                       rich_help_panel=_SAMPLING)]
-    = FeedbackConfig.samples_temperature,
-    samples_top_p: Annotated[float, typer.Option(help=help_of(FeedbackConfig, "samples_top_p"),
-                                                 rich_help_panel=_SAMPLING)]
-    = FeedbackConfig.samples_top_p,
-    max_new_tokens: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "max_new_tokens"),
-                                                rich_help_panel=_SAMPLING)]
-    = FeedbackConfig.max_new_tokens,
-    quantize: Annotated[str | None, typer.Option(help=help_of(FeedbackConfig, "quantize"),
-                                                 rich_help_panel=_RUN)] = None,
-    precision: Annotated[str, typer.Option(help=help_of(FeedbackConfig, "precision"), rich_help_panel=_RUN)]
-    = FeedbackConfig.precision,
-    batch_size: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "batch_size"), rich_help_panel=_RUN)]
-    = FeedbackConfig.batch_size,
-    limit: Annotated[int | None, typer.Option(help=help_of(FeedbackConfig, "limit"), rich_help_panel=_RUN)] = None,
-    seed: Annotated[int, typer.Option(help=help_of(FeedbackConfig, "seed"), rich_help_panel=_RUN)]
-    = FeedbackConfig.seed,
-    force: Annotated[bool, typer.Option("--force", help=help_of(FeedbackConfig, "force"),
-                                        rich_help_panel=_RUN)] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON result instead of paths.",
-                                              rich_help_panel=_RUN)] = False,
-) -> None:
+# A group callback: its options are not required on the command line, since `cai feedback eval` has none of
+# them; FeedbackConfig names what is missing.
+@stage_command(feedback_app, None, FeedbackConfig, panels={
+    "Inputs and outputs": "prompts model out", "Judge": _JUDGE_PANEL,
+    "Answer sampling": "temperature top_p max_new_tokens",
+    "Running": "quantize precision batch_size limit seed force"})
+def feedback(cfg: FeedbackConfig, json_output: bool) -> None:
     """Sample two answers per prompt from the policy and label which is less harmful with the judge.
 
     Writes one preference record per pair (chosen, rejected, soft label p_chosen, P(A) in each order) for `cai pm train` or `cai dpo`; pairs set aside go to OUT.rejected.jsonl. A killed run resumes where it stopped; a finished one is skipped. Check a judge first with `cai feedback eval`.
 
-    Example: cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl --limit 16
+    Example: cai feedback --prompts data/red_team_prompts.jsonl --model runs/demo/2-sft/model --out prefs.jsonl --limit 16
     """
-    if ctx.invoked_subcommand is not None:
-        return
-    missing = [flag for flag, value in (("--prompts", prompts), ("--out", out)) if not value]
-    if missing:
-        raise typer.BadParameter(f"missing {', '.join(missing)} (see `cai feedback --help`; to check a judge "
-                                 "instead, run `cai feedback eval --pairs FILE`)")
     from cai.stages import feedback as stage
 
-    cfg = FeedbackConfig(prompts=prompts, policy=policy, out=out, judge=judge, constitution=constitution,
-                         method=method, principles=principles, cot=cot, cot_max_new_tokens=cot_max_new_tokens,
-                         swap=swap, clamp=clamp, few_shot=few_shot, judge_temperature=judge_temperature,
-                         samples_temperature=samples_temperature, samples_top_p=samples_top_p,
-                         max_new_tokens=max_new_tokens, quantize=quantize, precision=precision,
-                         batch_size=batch_size, limit=limit, seed=seed, force=force)
     _run_stage(stage.run, cfg, json_output)
 
 
-@feedback_app.command("eval")
-def feedback_eval(
-    pairs: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "pairs"), rich_help_panel=_IO)],
-    judge: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "judge"), rich_help_panel=_JUDGE)]
-    = FeedbackEvalConfig.judge,
-    method: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "method"),
-                                               rich_help_panel=_JUDGE)] = None,
-    constitution: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "constitution"),
-                                              rich_help_panel=_JUDGE)]
-    = FeedbackEvalConfig.constitution,
-    principles: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "principles"), rich_help_panel=_JUDGE)]
-    = FeedbackEvalConfig.principles,
-    swap: Annotated[bool, typer.Option("--swap/--no-swap", help=help_of(FeedbackEvalConfig, "swap"),
-                                       rich_help_panel=_JUDGE)]
-    = FeedbackEvalConfig.swap,
-    cot: Annotated[bool, typer.Option("--cot", help=help_of(FeedbackEvalConfig, "cot"),
-                                      rich_help_panel=_JUDGE)] = False,
-    cot_max_new_tokens: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "cot_max_new_tokens"),
-                                                    rich_help_panel=_JUDGE)]
-    = FeedbackEvalConfig.cot_max_new_tokens,
-    clamp: Annotated[str, typer.Option(metavar="LO,HI", help=help_of(FeedbackEvalConfig, "clamp"),
-                                       rich_help_panel=_JUDGE)]
-    = ",".join(map(str, FeedbackEvalConfig.clamp)),
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help=help_of(FeedbackEvalConfig, "few_shot"),
-                                           rich_help_panel=_JUDGE)] = FeedbackEvalConfig.few_shot,
-    judge_temperature: Annotated[float, typer.Option(help=help_of(FeedbackEvalConfig, "judge_temperature"),
-                                                     rich_help_panel=_JUDGE)]
-    = FeedbackEvalConfig.judge_temperature,
-    sanity: Annotated[bool, typer.Option("--sanity/--no-sanity", help=help_of(FeedbackEvalConfig, "sanity"),
-                                         rich_help_panel=_IO)]
-    = FeedbackEvalConfig.sanity,
-    limit: Annotated[int | None, typer.Option(help=help_of(FeedbackEvalConfig, "limit"), rich_help_panel=_IO)] = None,
-    bins: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "bins"), rich_help_panel=_IO)]
-    = FeedbackEvalConfig.bins,
-    out: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "out"), rich_help_panel=_IO)] = None,
-    quantize: Annotated[str | None, typer.Option(help=help_of(FeedbackEvalConfig, "quantize"),
-                                                 rich_help_panel=_RUN)] = None,
-    precision: Annotated[str, typer.Option(help=help_of(FeedbackEvalConfig, "precision"), rich_help_panel=_RUN)]
-    = FeedbackEvalConfig.precision,
-    batch_size: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "batch_size"), rich_help_panel=_RUN)]
-    = FeedbackEvalConfig.batch_size,
-    seed: Annotated[int, typer.Option(help=help_of(FeedbackEvalConfig, "seed"), rich_help_panel=_RUN)]
-    = FeedbackEvalConfig.seed,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of tables.",
-                                              rich_help_panel=_RUN)] = False,
-) -> None:
+@stage_command(feedback_app, "eval", FeedbackEvalConfig, required=("pairs",),
+               json_help="Print the metrics as JSON instead of tables.", panels={
+    "Inputs and outputs": "pairs sanity limit bins out", "Judge": _JUDGE_PANEL,
+    "Running": "quantize precision batch_size seed"})
+def feedback_eval(cfg: FeedbackEvalConfig, json_output: bool) -> None:
     """Check a judge against labelled pairs: agreement per order and after the swap, consistency, ECE.
 
     Also judges the built-in sanity pairs (a refusal against a compliant answer to a clearly harmful request, and a helpful answer against a needless refusal), split by kind. Without --method it prints one table per method (mc and contrast), so the better judge for a model is visible at a glance.
@@ -552,11 +470,6 @@ def feedback_eval(
     """
     from cai.stages import feedback as stage
 
-    cfg = FeedbackEvalConfig(pairs=pairs, judge=judge, method=method, constitution=constitution, principles=principles,
-                             swap=swap, cot=cot, cot_max_new_tokens=cot_max_new_tokens, clamp=clamp,
-                             few_shot=few_shot, judge_temperature=judge_temperature, sanity=sanity, limit=limit,
-                             bins=bins, out=out, quantize=quantize, precision=precision, batch_size=batch_size,
-                             seed=seed)
     started = time.time()
     with RichReporter() as reporter:
         result = stage.run_eval(cfg, _context(reporter=reporter))
@@ -570,49 +483,14 @@ def feedback_eval(
     stderr.print(f"{result.stage}: {result.summary} [{time.time() - started:.0f} s]", highlight=False)
 
 
-
-
-# ----------------------------------------------------------------------------- stage 3: pm train, pm score, pm eval (issue 5)
-
-
-pm_app = typer.Typer(help="Train, score and evaluate the hybrid preference model (stage 3).", no_args_is_help=True)
+pm_app = typer.Typer(help="Train, score and evaluate the hybrid preference model.", no_args_is_help=True, cls=_Group)
 app.add_typer(pm_app, name="pm")
-_PM_DATA, _PM_MODEL, _PM_TRAINING = "Data", "Model", "Training"
 
 
-@pm_app.command("train")
-def pm_train(
-    ai: Annotated[str, typer.Option(help=help_of(PMTrainConfig, "ai"), rich_help_panel=_PM_DATA)],
-    out: Annotated[str, typer.Option(help=help_of(PMTrainConfig, "out"), rich_help_panel=_PM_DATA)],
-    human: Annotated[str | None, typer.Option(help=help_of(PMTrainConfig, "human"), rich_help_panel=_PM_DATA)]
-    = None,
-    human_fraction: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "human_fraction"),
-                                                  rich_help_panel=_PM_DATA)] = PMTrainConfig.human_fraction,
-    eval_fraction: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "eval_fraction"),
-                                                 rich_help_panel=_PM_DATA)] = PMTrainConfig.eval_fraction,
-    max_length: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "max_length"), rich_help_panel=_PM_DATA)]
-    = PMTrainConfig.max_length,
-    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMTrainConfig, "model"),
-                                       rich_help_panel=_PM_MODEL)] = PMTrainConfig.model,
-    quantize: Annotated[str | None, typer.Option(help=help_of(PMTrainConfig, "quantize"),
-                                                 rich_help_panel=_PM_MODEL)] = None,
-    lora_r: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "lora_r"), rich_help_panel=_PM_MODEL)]
-    = PMTrainConfig.lora_r,
-    epochs: Annotated[float, typer.Option(help=help_of(PMTrainConfig, "epochs"), rich_help_panel=_PM_TRAINING)]
-    = PMTrainConfig.epochs,
-    max_steps: Annotated[int | None, typer.Option(help=help_of(PMTrainConfig, "max_steps"),
-                                                  rich_help_panel=_PM_TRAINING)] = None,
-    lr: Annotated[float | None, typer.Option(help=help_of(PMTrainConfig, "lr"), rich_help_panel=_PM_TRAINING)]
-    = None,
-    batch_size: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "batch_size"),
-                                            rich_help_panel=_PM_TRAINING)] = PMTrainConfig.batch_size,
-    seed: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "seed"), rich_help_panel=_PM_TRAINING)]
-    = PMTrainConfig.seed,
-    save_steps: Annotated[int, typer.Option(help=help_of(PMTrainConfig, "save_steps"),
-                                            rich_help_panel=_PM_TRAINING)] = PMTrainConfig.save_steps,
-    force: Annotated[bool, typer.Option("--force", help=help_of(PMTrainConfig, "force"))] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-) -> None:
+@stage_command(pm_app, "train", PMTrainConfig, required=("ai", "out"), panels={
+    "Data": "ai out human human_fraction eval_fraction max_length", "Model": "model quantize lora_r",
+    "Training": "epochs max_steps lr per_device_train_batch_size seed save_steps eval_batch_size"})
+def pm_train(cfg: PMTrainConfig, json_output: bool) -> None:
     """Train a preference model on AI harmlessness labels mixed with human helpfulness labels.
 
     Soft-label Bradley-Terry loss; LoRA by default, QLoRA with --quantize 4bit, full with --lora-r 0.
@@ -623,31 +501,17 @@ def pm_train(
     """
     from cai.stages.pm import run_train
 
-    cfg = PMTrainConfig(ai=ai, out=out, human=human, human_fraction=human_fraction, model=model, quantize=quantize,
-                        lora_r=lora_r, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-                        max_length=max_length, eval_fraction=eval_fraction, seed=seed, save_steps=save_steps,
-                        force=force)
     _run_stage(run_train, cfg, json_output)
 
 
-@pm_app.command("score")
-def pm_score(
-    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMScoreConfig, "model"))],
-    prompt: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "prompt"))] = None,
-    response: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "response"))] = None,
-    input_path: Annotated[str | None, typer.Option("--input", help=help_of(PMScoreConfig, "input"))] = None,
-    out: Annotated[str | None, typer.Option(help=help_of(PMScoreConfig, "out"))] = None,
-    max_length: Annotated[int | None, typer.Option(help=help_of(PMScoreConfig, "max_length"))] = None,
-    batch_size: Annotated[int, typer.Option(help=help_of(PMScoreConfig, "batch_size"))] = PMScoreConfig.batch_size,
-) -> None:
+@stage_command(pm_app, "score", PMScoreConfig, required=("model",), json_help=None)
+def pm_score(cfg: PMScoreConfig) -> None:
     """Print the preference model's reward for a response (or add `reward` to each record of a JSONL).
 
     Example: cai pm score --model runs/pm --prompt "How do I pick a lock?" --response "I can't help with that."
     """
     from cai.stages.pm import run_score
 
-    cfg = PMScoreConfig(model=model, prompt=prompt, response=response, input=input_path, out=out,
-                        max_length=max_length, batch_size=batch_size)
     with RichReporter() as reporter:
         scored = run_score(cfg, _context(reporter=reporter))
     if cfg.input is None:
@@ -659,18 +523,8 @@ def pm_score(
             print(json.dumps(record, ensure_ascii=False))
 
 
-@pm_app.command("eval")
-def pm_eval(
-    model: Annotated[str, typer.Option("--model", "-m", help=help_of(PMEvalConfig, "model"))],
-    pairs: Annotated[str, typer.Option(help=help_of(PMEvalConfig, "pairs"))],
-    out: Annotated[str | None, typer.Option(help=help_of(PMEvalConfig, "out"))] = None,
-    limit: Annotated[int | None, typer.Option(help=help_of(PMEvalConfig, "limit"))] = None,
-    max_length: Annotated[int | None, typer.Option(help=help_of(PMEvalConfig, "max_length"))] = None,
-    bins: Annotated[int, typer.Option(help=help_of(PMEvalConfig, "bins"))] = PMEvalConfig.bins,
-    batch_size: Annotated[int, typer.Option(help=help_of(PMEvalConfig, "batch_size"))] = PMEvalConfig.batch_size,
-    force: Annotated[bool, typer.Option("--force", help=help_of(PMEvalConfig, "force"))] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
-) -> None:
+@stage_command(pm_app, "eval", PMEvalConfig, required=("model", "pairs"), json_help="Print the metrics as one JSON object.")
+def pm_eval(cfg: PMEvalConfig, json_output: bool) -> None:
     """Measure a preference model on labelled pairs: accuracy, mean margin, calibration (ECE), length bias.
 
     With --out, also writes metrics.json, scores.jsonl, calibration.png and length_bias.png there.
@@ -679,8 +533,6 @@ def pm_eval(
     """
     from cai.stages.pm import format_metrics, run_eval
 
-    cfg = PMEvalConfig(model=model, pairs=pairs, out=out, limit=limit, max_length=max_length, bins=bins,
-                       batch_size=batch_size, force=force)
     started = time.time()
     with RichReporter() as reporter:
         result = run_eval(cfg, _context(reporter=reporter))
@@ -690,231 +542,69 @@ def pm_eval(
     stderr.print(f"pm eval: {result.summary} [{time.time() - started:.0f} s]", highlight=False)
 
 
-
-
-# ----------------------------------------------------------------------------- stage 4: rl (issue 6)
-
-
-
-_RL_REWARDS = "Rewards and monitors"
-_RL_TRAINING = "Training"
-
-
-@app.command("rl")
-def rl_command(
-    prompts: Annotated[list[str], typer.Option("--prompts",
-                                               help=help_of(RLConfig, "prompts") + " Repeat for several.")],
-    out: Annotated[str, typer.Option(help=help_of(RLConfig, "out"))],
-    policy: Annotated[str, typer.Option(help=help_of(RLConfig, "policy"))] = RLConfig.policy,
-    pm: Annotated[str | None, typer.Option(help=help_of(RLConfig, "pm"))] = None,
-    algo: Annotated[str, typer.Option(help=help_of(RLConfig, "algo"))] = RLConfig.algo,
-    beta: Annotated[float, typer.Option(help=help_of(RLConfig, "beta"))] = RLConfig.beta,
-    reward: Annotated[list[str] | None, typer.Option(
-        "--reward", help=help_of(RLConfig, "reward") + " Repeatable. Default: pm:1.", rich_help_panel=_RL_REWARDS)] = None,
-    num_generations: Annotated[int, typer.Option(help=help_of(RLConfig, "num_generations"),
-                                                 rich_help_panel=_RL_TRAINING)]
-    = RLConfig.num_generations,
-    prompts_per_step: Annotated[int, typer.Option(help=help_of(RLConfig, "prompts_per_step"),
-                                                  rich_help_panel=_RL_TRAINING)] = RLConfig.prompts_per_step,
-    max_steps: Annotated[int, typer.Option(help=help_of(RLConfig, "max_steps"), rich_help_panel=_RL_TRAINING)]
-    = RLConfig.max_steps,
-    lr: Annotated[float | None, typer.Option(help=help_of(RLConfig, "lr"), rich_help_panel=_RL_TRAINING)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help=help_of(RLConfig, "max_new_tokens"),
-                                                rich_help_panel=_RL_TRAINING)]
-    = RLConfig.max_new_tokens,
-    temperature: Annotated[float, typer.Option(help=help_of(RLConfig, "temperature"), rich_help_panel=_RL_TRAINING)]
-    = RLConfig.temperature,
-    quantize: Annotated[str | None, typer.Option(help=help_of(RLConfig, "quantize"),
-                                                 rich_help_panel=_RL_TRAINING)] = None,
-    lora_r: Annotated[int, typer.Option(help=help_of(RLConfig, "lora_r"), rich_help_panel=_RL_TRAINING)]
-    = RLConfig.lora_r,
-    limit: Annotated[int | None, typer.Option(help=help_of(RLConfig, "limit"))] = None,
-    length_target: Annotated[int | None, typer.Option(help=help_of(RLConfig, "length_target"),
-                                                      rich_help_panel=_RL_REWARDS)] = None,
-    code_timeout: Annotated[float, typer.Option(help=help_of(RLConfig, "code_timeout"), rich_help_panel=_RL_REWARDS)]
-    = RLConfig.code_timeout,
-    code_memory_mb: Annotated[int, typer.Option(help=help_of(RLConfig, "code_memory_mb"),
-                                                rich_help_panel=_RL_REWARDS)]
-    = RLConfig.code_memory_mb,
-    judge: Annotated[str | None, typer.Option(help=help_of(RLConfig, "judge"), rich_help_panel=_RL_REWARDS)] = None,
-    constitution: Annotated[str, typer.Option(help=help_of(RLConfig, "constitution"), rich_help_panel=_RL_REWARDS)]
-    = RLConfig.constitution,
-    judge_every: Annotated[int, typer.Option(help=help_of(RLConfig, "judge_every"), rich_help_panel=_RL_REWARDS)]
-    = RLConfig.judge_every,
-    checkpoint_every: Annotated[int, typer.Option(help=help_of(RLConfig, "checkpoint_every"),
-                                                  rich_help_panel=_RL_TRAINING)] = RLConfig.checkpoint_every,
-    pm_batch_size: Annotated[int, typer.Option(help=help_of(RLConfig, "pm_batch_size"), rich_help_panel=_RL_TRAINING)]
-    = RLConfig.pm_batch_size,
-    seed: Annotated[int, typer.Option(help=help_of(RLConfig, "seed"))] = RLConfig.seed,
-    force: Annotated[bool, typer.Option("--force", help=help_of(RLConfig, "force"))] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-) -> None:
+@stage_command(app, "rl", RLConfig, required=("prompts", "out"), panels={
+    "Rewards and monitors": "reward length_target code_timeout code_memory_mb unsafe_run_code judge constitution "
+                            "judge_every",
+    "Training": "num_generations prompts_per_step max_steps lr max_new_tokens temperature quantize lora_r "
+                "save_steps pm_batch_size"})
+def rl(cfg: RLConfig, json_output: bool) -> None:
     """Optimise a policy against the preference model (GRPO or RLOO) with a KL penalty and optional verifiable rewards.
 
-    Example: cai rl --policy runs/x/2-sft/model --pm runs/x/4-pm/model --prompts data/red_team_prompts.jsonl
+    Example: cai rl --model runs/x/2-sft/model --pm runs/x/4-pm/model --prompts data/red_team_prompts.jsonl
     --prompts data/helpful_prompts.jsonl --out runs/x/5-rl --max-steps 20
     """
-    from cai.stages.rl import RLConfig, run
+    from cai.stages.rl import run
 
-    cfg = RLConfig(prompts=list(prompts), out=out, policy=policy, pm=pm, algo=algo, beta=beta,
-                   reward=list(reward) if reward else ["pm:1"], num_generations=num_generations,
-                   prompts_per_step=prompts_per_step, max_steps=max_steps, lr=lr, max_new_tokens=max_new_tokens,
-                   temperature=temperature, quantize=quantize, lora_r=lora_r, limit=limit,
-                   length_target=length_target, code_timeout=code_timeout, code_memory_mb=code_memory_mb,
-                   judge=judge, constitution=constitution, judge_every=judge_every,
-                   checkpoint_every=checkpoint_every, pm_batch_size=pm_batch_size, seed=seed, force=force)
-    _run_stage(run, cfg, json_)
+    _run_stage(run, cfg, json_output)
 
 
-
-# ----------------------------------------------------------------------------- offline path: dpo (issue 8)
-
-
-_DPO_DATA, _DPO_MODEL, _DPO_TRAINING = "Preference data", "Model and output", "Training"
-
-
-@app.command("dpo")
-def dpo(
-    ai: Annotated[str, typer.Option(help=help_of(DPOConfig, "ai"), rich_help_panel=_DPO_DATA)],
-    out: Annotated[str, typer.Option(help=help_of(DPOConfig, "out"), rich_help_panel=_DPO_MODEL)],
-    policy: Annotated[str, typer.Option(help=help_of(DPOConfig, "policy"), rich_help_panel=_DPO_MODEL)]
-    = DPOConfig.policy,
-    human: Annotated[str | None, typer.Option(help=help_of(DPOConfig, "human"), rich_help_panel=_DPO_DATA)] = None,
-    human_fraction: Annotated[float, typer.Option(help=help_of(DPOConfig, "human_fraction"),
-                                                  rich_help_panel=_DPO_DATA)] = DPOConfig.human_fraction,
-    eval_fraction: Annotated[float, typer.Option(help=help_of(DPOConfig, "eval_fraction"),
-                                                 rich_help_panel=_DPO_DATA)] = DPOConfig.eval_fraction,
-    soft_labels: Annotated[bool, typer.Option("--soft-labels", help=help_of(DPOConfig, "soft_labels"),
-                                              rich_help_panel=_DPO_DATA)] = False,
-    beta: Annotated[float, typer.Option(help=help_of(DPOConfig, "beta"), rich_help_panel=_DPO_TRAINING)]
-    = DPOConfig.beta,
-    loss: Annotated[str, typer.Option(help=help_of(DPOConfig, "loss"), rich_help_panel=_DPO_TRAINING)]
-    = DPOConfig.loss,
-    quantize: Annotated[str | None, typer.Option(help=help_of(DPOConfig, "quantize"), rich_help_panel=_DPO_MODEL)]
-    = None,
-    lora_r: Annotated[int, typer.Option(help=help_of(DPOConfig, "lora_r"), rich_help_panel=_DPO_MODEL)]
-    = DPOConfig.lora_r,
-    epochs: Annotated[int, typer.Option(help=help_of(DPOConfig, "epochs"), rich_help_panel=_DPO_TRAINING)]
-    = DPOConfig.epochs,
-    lr: Annotated[float | None, typer.Option(help=help_of(DPOConfig, "lr"), rich_help_panel=_DPO_TRAINING)] = None,
-    max_steps: Annotated[int | None, typer.Option(help=help_of(DPOConfig, "max_steps"),
-                                                  rich_help_panel=_DPO_TRAINING)] = None,
-    max_length: Annotated[int, typer.Option(help=help_of(DPOConfig, "max_length"), rich_help_panel=_DPO_TRAINING)]
-    = DPOConfig.max_length,
-    batch_size: Annotated[int, typer.Option(help=help_of(DPOConfig, "batch_size"), rich_help_panel=_DPO_TRAINING)]
-    = DPOConfig.batch_size,
-    save_steps: Annotated[int, typer.Option(help=help_of(DPOConfig, "save_steps"), rich_help_panel=_DPO_TRAINING)]
-    = DPOConfig.save_steps,
-    seed: Annotated[int, typer.Option(help=help_of(DPOConfig, "seed"), rich_help_panel=_DPO_TRAINING)]
-    = DPOConfig.seed,
-    force: Annotated[bool, typer.Option("--force", help=help_of(DPOConfig, "force"))] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-) -> None:
+@stage_command(app, "dpo", DPOConfig, required=("ai", "out"), panels={
+    "Preference data": "ai human human_fraction eval_fraction soft_labels",
+    "Model and output": "out model quantize lora_r",
+    "Training": "beta loss_type epochs lr max_steps max_length per_device_train_batch_size save_steps seed"})
+def dpo(cfg: DPOConfig, json_output: bool) -> None:
     """Train the policy with DPO on mixed human/AI preferences: the offline alternative to pm + rl.
 
     The pairs are mixed and held out exactly as `cai pm train` does; the reference model is the starting
     policy (with LoRA: the adapter disabled, no second copy). A re-run resumes from the last checkpoint;
     a finished run is skipped.
 
-    Example: cai dpo --policy runs/demo/2-sft/model --ai runs/demo/3-feedback/prefs.jsonl
+    Example: cai dpo --model runs/demo/2-sft/model --ai runs/demo/3-feedback/prefs.jsonl
     --human data/helpful_prefs_example.jsonl --soft-labels --out dpo-model
     """
     from cai.stages import dpo as stage
 
-    cfg = DPOConfig(policy=policy, ai=ai, out=out, human=human, human_fraction=human_fraction,
-                    eval_fraction=eval_fraction, beta=beta, loss=loss, soft_labels=soft_labels, quantize=quantize,
-                    lora_r=lora_r, epochs=epochs, lr=lr, max_steps=max_steps, max_length=max_length,
-                    batch_size=batch_size, save_steps=save_steps, seed=seed, force=force)
     _run_stage(stage.run, cfg, json_output)
 
 
-# ----------------------------------------------------------------------------- pipeline: run, eval (issue 7)
-
-
-
-@app.command("filter")
-def filter_command(
-    prompts: Annotated[str, typer.Option(help=help_of(FilterConfig, "prompts"))],
-    out: Annotated[str, typer.Option(help=help_of(FilterConfig, "out"))],
-    policy: Annotated[str, typer.Option(help=help_of(FilterConfig, "policy"))] = FilterConfig.policy,
-    k: Annotated[int, typer.Option("--k", help=help_of(FilterConfig, "k"))] = FilterConfig.k,
-    samples: Annotated[int, typer.Option(help=help_of(FilterConfig, "samples"))] = FilterConfig.samples,
-    temperature: Annotated[float, typer.Option(help=help_of(FilterConfig, "temperature"))] = FilterConfig.temperature,
-    max_new_tokens: Annotated[int, typer.Option(help=help_of(FilterConfig, "max_new_tokens"))]
-    = FilterConfig.max_new_tokens,
-    limit: Annotated[int | None, typer.Option(help=help_of(FilterConfig, "limit"))] = None,
-    precision: Annotated[str, typer.Option(help=help_of(FilterConfig, "precision"))] = FilterConfig.precision,
-    batch_size: Annotated[int, typer.Option(help=help_of(FilterConfig, "batch_size"))] = FilterConfig.batch_size,
-    seed: Annotated[int, typer.Option(help=help_of(FilterConfig, "seed"))] = FilterConfig.seed,
-    force: Annotated[bool, typer.Option("--force", help=help_of(FilterConfig, "force"))] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
-) -> None:
+@stage_command(app, "filter", FilterConfig, required=("prompts", "out"))
+def filter_command(cfg: FilterConfig, json_output: bool) -> None:
     """Keep the verifiable prompts the policy solves sometimes and fails sometimes, for RL.
 
-    Example: cai filter --prompts data/maths_train.jsonl --policy embedded:smollm2-135m-instruct
+    Example: cai filter --prompts data/maths_train.jsonl --model embedded:smollm2-135m-instruct
     --k 4 --samples 8 --out runs/x/5-filter
     """
-    from cai.stages.filter import FilterConfig, run
+    from cai.stages.filter import run
 
-    cfg = FilterConfig(prompts=prompts, out=out, policy=policy, k=k, samples=samples, temperature=temperature,
-                       max_new_tokens=max_new_tokens, limit=limit, precision=precision, batch_size=batch_size,
-                       seed=seed, force=force)
     _run_stage(run, cfg, json_output)
 
 
-@app.command("eval")
-def eval_command(
-    model: Annotated[list[str], typer.Option("--model", "-m", help=help_of(EvalConfig, "models"))],
-    harmful: Annotated[str, typer.Option(help=help_of(EvalConfig, "harmful"))],
-    benign: Annotated[str, typer.Option(help=help_of(EvalConfig, "benign"))],
-    out: Annotated[str, typer.Option(help=help_of(EvalConfig, "out"))],
-    judge: Annotated[str, typer.Option(help=help_of(EvalConfig, "judge"), rich_help_panel="Judge")]
-    = EvalConfig.judge,
-    judge_method: Annotated[str, typer.Option(help=help_of(EvalConfig, "judge_method"), rich_help_panel="Judge")]
-    = EvalConfig.judge_method,
-    constitution: Annotated[str, typer.Option(help=help_of(EvalConfig, "constitution"), rich_help_panel="Judge")]
-    = EvalConfig.constitution,
-    principles: Annotated[int, typer.Option(help=help_of(EvalConfig, "principles"), rich_help_panel="Judge")]
-    = EvalConfig.principles,
-    head_to_head: Annotated[bool, typer.Option("--head-to-head/--no-head-to-head",
-                                               help=help_of(EvalConfig, "head_to_head"),
-                                               rich_help_panel="Judge")] = EvalConfig.head_to_head,
-    pm: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "pm"))] = None,
-    verifiable: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "verifiable"),
-                                                   rich_help_panel="pass@k")] = None,
-    k: Annotated[int, typer.Option("--k", help=help_of(EvalConfig, "k"), rich_help_panel="pass@k")] = EvalConfig.k,
-    samples: Annotated[int, typer.Option(help=help_of(EvalConfig, "samples"), rich_help_panel="pass@k")]
-    = EvalConfig.samples,
-    sample_temperature: Annotated[float, typer.Option(help=help_of(EvalConfig, "sample_temperature"),
-                                                      rich_help_panel="pass@k")] = EvalConfig.sample_temperature,
-    limit: Annotated[int | None, typer.Option(help=help_of(EvalConfig, "limit"))] = None,
-    max_new_tokens: Annotated[int, typer.Option(help=help_of(EvalConfig, "max_new_tokens"))]
-    = EvalConfig.max_new_tokens,
-    quantize: Annotated[str | None, typer.Option(help=help_of(EvalConfig, "quantize"))] = None,
-    precision: Annotated[str, typer.Option(help=help_of(EvalConfig, "precision"), rich_help_panel="Speed")]
-    = EvalConfig.precision,
-    seed: Annotated[int, typer.Option(help=help_of(EvalConfig, "seed"))] = EvalConfig.seed,
-    batch_size: Annotated[int, typer.Option(help=help_of(EvalConfig, "batch_size"), rich_help_panel="Speed")]
-    = EvalConfig.batch_size,
-    examples: Annotated[int, typer.Option(help=help_of(EvalConfig, "examples"))] = EvalConfig.examples,
-    force: Annotated[bool, typer.Option("--force", help=help_of(EvalConfig, "force"))] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
-) -> None:
+@stage_command(app, "eval", EvalConfig, required=("models", "harmful", "benign", "out"),
+               json_help="Print the result as one JSON document.", panels={
+    "Judge": "judge judge_method constitution principles head_to_head", "pass@k": "verifiable k samples temperature",
+    "Speed": "precision batch_size"})
+def eval_command(cfg: EvalConfig, json_output: bool) -> None:
     """Measure harmlessness, over-refusal, PM score, head-to-head Elo and pass@k of one or more models.
 
     Example: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/demo/5-rl/model
     --harmful data/eval_harmful.jsonl --benign data/eval_benign.jsonl --out eval/
+    --benchmark harmbench_behaviors_text_test.csv --benchmark benign:xstest_prompts.csv
 
     Maths only: cai eval -m base=embedded:smollm2-135m-instruct -m rl=runs/rlvr/5-rl/model
     --harmful none --benign none --judge none --verifiable data/maths_heldout.jsonl --k 4 --samples 8 --out eval/
     """
-    from cai.stages.evaluate import EvalConfig, run
+    from cai.stages.evaluate import run
 
-    cfg = EvalConfig(models=model, harmful=harmful, benign=benign, out=out, judge=judge, judge_method=judge_method,
-                     constitution=constitution, principles=principles, head_to_head=head_to_head, pm=pm,
-                     verifiable=verifiable, k=k, samples=samples, sample_temperature=sample_temperature,
-                     limit=limit, max_new_tokens=max_new_tokens, quantize=quantize, precision=precision, seed=seed,
-                     batch_size=batch_size, examples=examples, force=force)
     _run_stage(run, cfg, json_output)
 
 
@@ -924,7 +614,7 @@ def _stage_list() -> str:
     return ", ".join(stage_names())
 
 
-@app.command("run")
+@app.command("run", cls=_Command)
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/: smoke, demo, demo-dpo, rlvr, qlora-1gpu, multi-gpu).")],
     from_stage: Annotated[str | None, typer.Option("--from", help=f"Re-run this stage and every later one; "

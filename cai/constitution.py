@@ -22,11 +22,14 @@ from typing import Any
 import yaml
 
 from cai.errors import ConfigError, ConstitutionError
-from cai.paths import bundled
+from cai.paths import bundled, read_input_text, yaml_loader
 from cai.records import Message, as_messages
 
 # Placeholders a principle's text may use; anything else in braces is an error at load time.
 KNOWN_PLACEHOLDERS = {"prompt"}
+# Every principle is rendered into prompts, so a real constitution is a few pages (the bundled default is
+# ~20 KB); 1 MB is room for hundreds of principles and bounds what a mistaken file can cost.
+MAX_CONSTITUTION_BYTES = 2**20
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 TOP_LEVEL_KEYS = {
@@ -314,17 +317,18 @@ def validate(reference: str | Path) -> list[str]:
 
 def _parse(path: Path) -> tuple[Constitution | None, list[str]]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        return None, [f"{path}: not UTF-8 text (byte {exc.start}) -- save the file as UTF-8"]
-    except OSError as exc:
-        return None, [f"{path}: cannot read it ({exc.strerror or exc}) -- give a constitution YAML file"]
+        text = read_input_text(path, lambda message: ConstitutionError([message]), "constitution YAML file",
+                               MAX_CONSTITUTION_BYTES)
+    except ConstitutionError as exc:
+        return None, exc.problems
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=yaml_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
         return None, [f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', exc)}) -- check indentation and quoting"]
+    except RecursionError:
+        return None, [f"{path}: YAML nested too deeply to read -- a constitution nests three levels at most"]
     problems: list[str] = []
 
     def problem(node: yaml.Node, message: str) -> None:

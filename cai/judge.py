@@ -81,9 +81,12 @@ def resolve_method(method: str, engine) -> str:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if method != "auto":
         return method
-    from cai.models import parameter_count
+    count = getattr(engine, "parameter_count", None)
+    if count is None:  # a bare engine-like object (tests): its transformers model
+        from cai.models import parameter_count
 
-    return auto_method(parameter_count(engine.model))
+        return auto_method(parameter_count(engine.model))
+    return auto_method(count())
 
 
 def option_probability(logprob_a: float, logprob_b: float) -> float:

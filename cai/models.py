@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -498,7 +499,7 @@ def load_causal_lm(reference: str | None = None, *, quantize: str | None = None,
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         architectures = []
-    # A PM here (`--policy runs/x/4-pm`) loads without a word: its backbone under an LM head taken from the
+    # A PM here (`cai rl --model runs/x/4-pm`) loads without a word: its backbone under an LM head taken from the
     # tied embeddings or left random, generating plausible-looking text from a model that was never a policy.
     if any(str(name).endswith("ForSequenceClassification") for name in architectures):
         raise ModelError(f"{reference}: a preference model ({architectures[0]}), not a language model -- pass a "
@@ -531,6 +532,11 @@ def _load(auto_class, reference, *, quantize, device, dtype, trust_remote_code, 
             model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model {reference!r} from {path}: {exc}".split("\n")[0]) from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that could run code
+        weights = ", ".join(sorted(p.name for p in Path(path).glob("*.bin"))) or "its .bin weights"
+        raise ModelError(f"{path}: {weights} holds Python objects beyond tensors, which the safe loader refuses "
+                         "(loading them could run code) -- use a model saved as safetensors, or convert this "
+                         "one only if you trust where it came from") from None
     if qconfig is None:
         model.to(device)
     if getattr(model.config, "pad_token_id", None) is None:
@@ -647,3 +653,38 @@ def _merge_into_full_precision(adapter_dir: Path, base_reference: str, auto_clas
 
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def context_length(model) -> int | None:
+    """How many tokens `model` reads at most (the length its positions were trained for), or None where its
+    config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompts_fit(engine, records: list[dict[str, Any]], source: str | Path, max_new_tokens: int,
+                      conversation=None) -> None:
+    """Stop before any generation when a prompt record of `source` (a `read_prompts` file) does not leave
+    room for `max_new_tokens` in the model's context: past its trained length a model reads garbage, slowly.
+    `conversation(prompt)` is the chat the stage renders for it (default: the prompt as one user turn)."""
+    from cai.errors import RecordsError
+    from cai.records import as_messages, prompt_line
+
+    limit = context_length(getattr(engine, "model", None))
+    if limit is None or not hasattr(engine, "render"):
+        return
+    budget = limit - max_new_tokens
+    for record in records:
+        text = engine.render((conversation or as_messages)(record["prompt"]))
+        if len(text.encode("utf-8")) <= budget:  # a token covers a byte at least: it fits untokenized
+            continue
+        length = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length > budget:
+            line = prompt_line(source, record["id"])
+            raise RecordsError(f"{source}:{line or '?'}: prompt {record['id']!r} is {length:,} tokens as the model "
+                               f"reads it, over the {budget:,} that fit ({limit:,}-token context less "
+                               f"--max-new-tokens {max_new_tokens}) -- shorten or remove it, or generate fewer tokens")

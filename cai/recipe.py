@@ -12,13 +12,16 @@ the stage's command options, snake_case):
     critique: {revisions: 1, limit: 40}
     sft: {epochs: 2}
 
-Precedence (STYLE.md 3): the stage config's dataclass default, then what the pipeline wires in (the
+Precedence: the stage config's dataclass default, then what the pipeline wires in (the
 run-directory paths of upstream outputs, the recipe's `model`, `constitution`, `seed`...), then the
 recipe's stage mapping, then `--set stage.key=value` on the command line. Unknown keys, wrong types
 and missing files raise `RecipeError` naming `file:line`, the key and the closest valid key, before any
 model loads.
 
-The run directory (DESIGN.md "Run directory"):
+A recipe is code: `launch.command` runs the command line it gives (accelerate, torchrun) with the
+user's rights. Run only recipes you trust, as you would a script.
+
+The run directory:
 
     runs/NAME/recipe.yaml             the fully resolved recipe
     runs/NAME/1-critique/records.jsonl + manifest.json
@@ -54,7 +57,7 @@ from typing import Any
 import yaml
 
 from cai.errors import ModelError, RecipeError, ResumeMismatch
-from cai.paths import bundled, local_or_bundled
+from cai.paths import bundled, local_or_bundled, read_input_text, yaml_loader
 
 # ----------------------------------------------------------------------------- the stage registry
 
@@ -103,17 +106,17 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("sft", "2-sft", "cai.stages.sft", "model",
               {"data": "out.critique", "model": "model", "helpful": "data.helpful"}),
     StageSpec("feedback", "3-feedback", "cai.stages.feedback", "prefs.jsonl", config="FeedbackConfig",
-              wiring={"prompts": "data.red_team", "policy": "out.sft", "judge": "judge",
+              wiring={"prompts": "data.red_team", "model": "out.sft", "judge": "judge",
                       "constitution": "constitution"}),
     StageSpec("pm", "4-pm", "cai.stages.pm", "", product="model", config="PMTrainConfig", function="run_train",
               wiring={"ai": "out.feedback", "human": "data.human_prefs", "model": "model"}),
     StageSpec("filter", "5-filter", "cai.stages.filter", "", product="prompts.jsonl",
-              wiring={"prompts": "data.rl_prompts", "policy": "out?.sft|model"}),
+              wiring={"prompts": "data.rl_prompts", "model": "out?.sft|model"}),
     StageSpec("rl", "5-rl", "cai.stages.rl", "", product="model",
-              wiring={"policy": "out.sft", "pm": "out.pm", "prompts": "out?.filter|data.rl_prompts",
+              wiring={"model": "out.sft", "pm": "out.pm", "prompts": "out?.filter|data.rl_prompts",
                       "constitution": "constitution"}),
     StageSpec("dpo", "5-dpo", "cai.stages.dpo", "model",
-              {"policy": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
+              {"model": "out.sft", "ai": "out.feedback", "human": "data.human_prefs"}),
     StageSpec("eval", "6-eval", "cai.stages.evaluate", "",
               {"models": "models", "harmful": "data.eval_harmful", "benign": "data.eval_benign",
                "verifiable": "data.eval_verifiable", "judge": "judge", "constitution": "constitution",
@@ -158,7 +161,14 @@ RUNNER_FIELDS = ("out", "force")
 # top-level `model`, `judge`, `constitution` and `data` are: a typo must fail at load, not after the runner
 # has discarded that stage's finished output to redo it with the new value.
 INPUT_FILE_FIELDS = ("prompts", "data", "ai", "human", "helpful", "harmful", "benign", "verifiable")
-MODEL_FIELDS = ("model", "policy", "judge", "pm")
+MODEL_FIELDS = ("model", "judge", "pm")
+# Old names of stage keys: a recipe that uses one fails naming the current key, rather than having its
+# value dropped or read with another meaning.
+RENAMED = {"feedback": {"policy": "model", "samples_temperature": "temperature", "samples_top_p": "top_p"},
+           "rl": {"policy": "model", "checkpoint_every": "save_steps"},
+           "dpo": {"policy": "model", "batch_size": "per_device_train_batch_size", "loss": "loss_type"},
+           "sft": {"batch_size": "per_device_train_batch_size"}, "pm": {"batch_size": "per_device_train_batch_size"},
+           "filter": {"policy": "model"}, "eval": {"sample_temperature": "temperature"}}
 
 
 def stage_names(registry: tuple[StageSpec, ...] = STAGES) -> list[str]:
@@ -251,20 +261,27 @@ def _missing_recipe_hint(path: Path) -> str:
     return f"did you mean recipes/{match[0]}.yaml?" if match else "see recipes/ for examples (recipes/smoke.yaml)"
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+MAX_RECIPE_BYTES = 2**20  # a recipe is a page of YAML; 1 MB is far past any real one
+
+
 def _compose(path: Path) -> yaml.MappingNode:
     if not path.exists():
         raise RecipeError(f"{path}: no such recipe file -- {_missing_recipe_hint(path)}")
+    text = read_input_text(path, RecipeError, "recipe YAML file", MAX_RECIPE_BYTES)
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=yaml_loader())
+        _check_keys(root, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RecipeError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
                           f"({getattr(exc, 'problem', exc)}) -- check indentation and quoting") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply to read -- a recipe nests a few levels at most") from None
     if root is None:
         raise RecipeError(f"{path}:1: the recipe is empty -- see recipes/smoke.yaml for an example")
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{path}:1: a recipe is a YAML mapping (model:, stages:, data:, one mapping per stage)")
-    _check_keys(root, path)
     return root
 
 
@@ -522,9 +539,17 @@ class _Reader:
             "device": self.value("device", None, str | None),
             "launch": self.value("launch", None, dict | None),
         }
-        if "/" in top["name"] or top["name"] in ("", ".", ".."):
-            self.problems.at(self.node("name"), f"name {top['name']!r} must be a plain directory name "
-                                                "(letters, digits, - and _)")
+        if not RUN_NAME.fullmatch(top["name"]):
+            rule = f"{top['name']!r} is not a run name: letters, digits, - and _ only (it names runs/NAME)"
+            if name is not None:  # the flag wins over the recipe, so the flag is what to fix
+                self.problems.items.append((0, f"--name {rule} -- e.g. --name my-run"))
+            elif "name" in self.cli_top:
+                self.problems.cli(f"name={top['name']}", f"{rule} -- e.g. --set name=my-run")
+            elif self.node("name") is not None:
+                self.problems.at(self.node("name"), f"name {rule} -- e.g. name: my-run")
+            else:
+                self.problems.at(None, f"the run is named after the recipe file, and {rule} -- add `name: my-run` "
+                                       "to the recipe, or pass --name my-run")
         launch = top["launch"]
         if launch is not None:
             for key in launch:
@@ -667,12 +692,19 @@ class _Reader:
         allowed = [name for name in fields if name not in RUNNER_FIELDS]
         self.reporters[stage] = {key: report for key, (_, report) in given.items()}
         for key, (value, report) in given.items():
+            if key in RENAMED.get(stage, {}) and key not in allowed:
+                report(f"`{stage}.{key}` is renamed to `{RENAMED[stage][key]}`")
+                continue
             if key not in allowed:
                 report(f"unknown key `{key}` in {stage} -- {_closest(key, allowed)}")
                 continue
             ok, converted = check_type(_fit(value, fields[key][1]), fields[key][1])  # `reward: pm:1` as on the CLI
             if not ok:
                 report(f"`{stage}.{key}` must be {_type_name(fields[key][1])}, got {value!r}")
+                continue
+            choices = fields[key][0].metadata.get("choices")  # as the command line checks them
+            if choices and converted is not None and converted not in choices:
+                report(f"`{stage}.{key}` must be one of {', '.join(map(str, choices))}, got {value!r}")
                 continue
             if check_files and (spec.wiring.get(key, "").startswith("data.") or key in INPUT_FILE_FIELDS) \
                     and isinstance(converted, str | list) and str(converted).lower() != "none":  # eval's none
@@ -738,11 +770,14 @@ class _Reader:
         return PlannedStage(spec, config, (run_dir / spec.directory).resolve(), frozenset(explicit))
 
     def _report_at_key(self, stage: str, message: str) -> Callable[[str], None]:
-        """Where to report a config check's error: the line (or --set) of the first option it names as
-        `--key-name`, which a stage's checks write; else the stage's mapping."""
+        """Where to report a config check's error: the line (or --set) of the first option it names by its
+        flag (`--key-name`, as the command line spells it and a stage's checks write); else the stage's mapping."""
+        from cai.stages.base import option_flag
+
+        flags = {name: option_flag(f) for name, (f, _) in _fields(self.by_name[stage].load()[0]).items()}
         named = []
         for key, report in self.reporters.get(stage, {}).items():
-            found = re.search(rf"--{re.escape(key.replace('_', '-'))}(?![\w-])", message)
+            found = re.search(rf"--{re.escape(flags.get(key, key))}(?![\w-])", message)
             if found:
                 named.append((found.start(), report))
         if named:

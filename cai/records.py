@@ -15,6 +15,7 @@ is either a plain string (one user turn) or such a list; `as_messages` turns eit
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai import paths
 from cai.errors import RecordsError
 from cai.paths import local_or_bundled
 
@@ -37,45 +39,69 @@ Message = dict[str, str]
 # ----------------------------------------------------------------------------- reading
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise RecordsError(f"{path}: no such file -- check the path")
-    if path.is_dir():
-        raise RecordsError(f"{path}: is a directory -- give a file in it (JSONL, CSV or .txt)")
+JSONL_FILE = "JSONL file (one JSON object a line)"
 
 
-def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON object"
+def read_jsonl(path: str | Path, *, line_hint: str = "each line must be one JSON object", allow_nan: bool = False
                ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (`.jsonl.gz` too); a line
     that is not a JSON object fails with `file:line`, the last one included: a file cut short is an error,
     not a record to drop. (A torn line that a kill leaves in cai's own output is `RecordWriter`'s to
-    repair when the stage resumes; files written whole go through `write_jsonl`, which is atomic.)"""
-    path = Path(path)
-    _check_file(path)
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        import gzip
+    repair when the stage resumes; files written whole go through `write_jsonl`, which is atomic.)
 
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise RecordsError(f"{path}: not a complete gzip file ({exc}) -- download or compress it again") from None
-    lines = raw.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        is_last_unterminated = number == len(lines) and not raw.endswith(b"\n")
-        if number == 1:
-            line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, as some editors write
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            cut = " (the last line has no newline: was the file cut short?)" if is_last_unterminated else ""
-            raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}){cut} "
-                               f"-- {line_hint}") from None
-        if not isinstance(obj, dict):
-            raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} -- {line_hint}")
-        yield number, obj
+    The file is read a line at a time, each line at most CAI_MAX_LINE_MB and the whole (unpacked) at most
+    CAI_MAX_INPUT_MB, so a runaway line or file fails with its size instead of filling memory. NaN and
+    Infinity fail too, unless `allow_nan` (cai's own metric logs, where a diverged step logs NaN)."""
+    path = Path(path)
+    line_cap, file_cap = paths.line_limit(), paths.input_limit()
+    with paths.open_input(path, RecordsError, JSONL_FILE) as handle:
+        stream = handle
+        if path.suffix.lower() == ".gz":
+            import gzip
+
+            stream = gzip.GzipFile(fileobj=handle)
+        number = total = 0
+        while True:
+            try:
+                line = stream.readline(line_cap + 1)
+            except (OSError, EOFError) as exc:  # a damaged or truncated .gz
+                raise RecordsError(f"{path}: not a complete gzip file ({exc}) -- download or compress it again"
+                                   ) from None
+            if not line:
+                return
+            number += 1
+            total += len(line)
+            if total > file_cap:
+                raise RecordsError(paths.too_big(path, -1, file_cap, "CAI_MAX_INPUT_MB", "the unpacked file"))
+            terminated = line.endswith(b"\n")
+            if len(line) > line_cap and not terminated:
+                raise RecordsError(paths.too_big(f"{path}:{number}", -1, line_cap, "CAI_MAX_LINE_MB", "the line"))
+            if not line.strip():
+                continue
+            text = paths.decode_utf8(line, path, RecordsError, first_line=number)  # a byte order mark is dropped
+            try:
+                obj = json.loads(text, parse_constant=None if allow_nan else _refuse_constant)
+            except _NonFinite as exc:
+                raise RecordsError(f"{path}:{number}: {exc} is not a number JSON allows -- write a number, or "
+                                   "null where a value is missing") from None
+            except json.JSONDecodeError as exc:
+                cut = "" if terminated else " (the last line has no newline: was the file cut short?)"
+                raise RecordsError(f"{path}:{number}: not valid JSON ({exc.msg}){cut} -- {line_hint}") from None
+            except RecursionError:
+                raise RecordsError(f"{path}:{number}: JSON nested too deeply to read -- {line_hint}, with "
+                                   "lists and objects nested a few levels at most") from None
+            if not isinstance(obj, dict):
+                raise RecordsError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__} -- {line_hint}")
+            yield number, obj
+
+
+class _NonFinite(ValueError):
+    """NaN or Infinity in a JSON line: Python's reader takes them, JSON does not, and a NaN compares false
+    with everything, so it would pass range checks and poison means."""
+
+
+def _refuse_constant(name: str):
+    raise _NonFinite(name)
 
 
 def stable_id(prefix: str, text: str) -> str:
@@ -183,28 +209,8 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     `id` get one derived from the prompt; a duplicate id fails naming both lines.
     """
     path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout too
-    if path.suffix.lower() == ".csv":
-        rows = _read_csv(path)
-    elif path.suffix.lower() == ".txt":
-        rows = _read_text(path)
-    else:
-        rows = read_jsonl(path, line_hint='each line must be one JSON object like {"prompt": "..."} '
-                                          "(for one prompt per line of plain text, name the file .txt)")
     records: list[dict[str, Any]] = []
-    first_line: dict[str, int] = {}
-    for number, row in rows:
-        where = f"{path}:{number}"
-        prompt = _prompt_from_row(row, where)
-        record = {k: v for k, v in row.items() if k not in (*PROMPT_COLUMNS, "messages", "chosen", "rejected")}
-        record["prompt"] = prompt
-        record_id = row.get("id")
-        if not _has_id(record_id):
-            record_id = stable_id("p", json.dumps(prompt, sort_keys=True))
-        record["id"] = str(record_id)
-        if record["id"] in first_line and not _has_id(row.get("id")):
-            raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
-                               "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
-        check_unique_id(first_line, record["id"], number, where)
+    for _, record in _prompt_records(path):
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
@@ -213,36 +219,74 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     return records
 
 
-def check_unique_id(first_line: dict[str, int], record_id: Any, number: int, where: str) -> None:
-    """Note `record_id` as seen on line `number` of a file being read; a RecordsError at `where` if an
-    earlier line had it (two outputs concatenated would otherwise count each record twice)."""
-    key = str(record_id)
+def prompt_line(path: str | Path, record_id: str) -> int | None:
+    """The line of `path` that the prompt record `record_id` of `read_prompts(path)` came from."""
+    return next((number for number, record in _prompt_records(local_or_bundled(path)) if record["id"] == record_id),
+                None)
+
+
+def _prompt_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if path.suffix.lower() == ".csv":
+        rows = _read_csv(path)
+    elif path.suffix.lower() == ".txt":
+        rows = _read_text(path)
+    else:
+        rows = read_jsonl(path, line_hint='each line must be one JSON object like {"prompt": "..."} '
+                                          "(for one prompt per line of plain text, name the file .txt)")
+    first_line: dict[str, int] = {}
+    for number, row in rows:
+        where = f"{path}:{number}"
+        prompt = _prompt_from_row(row, where)
+        record = {k: v for k, v in row.items() if k not in (*PROMPT_COLUMNS, "messages", "chosen", "rejected")}
+        record["prompt"] = prompt
+        given_id = record_id(row.get("id"), where)
+        record["id"] = given_id or stable_id("p", json.dumps(prompt, sort_keys=True))
+        if record["id"] in first_line and given_id is None:
+            raise RecordsError(f"{where}: the same prompt as line {first_line[record['id']]} -- remove one "
+                               "(each prompt is asked once; in JSONL or CSV, distinct `id`s keep both)")
+        check_unique_id(first_line, record["id"], number, where)
+        yield number, record
+
+
+def check_unique_id(first_line: dict[str, int], value: Any, number: int, where: str) -> None:
+    """Note id `value` as seen on line `number` of a file being read; a RecordsError at `where` if an
+    earlier line had it (two outputs concatenated would otherwise count each record twice), or if it is no
+    id (see `record_id`)."""
+    key = record_id(value, where) or str(value)
     if key in first_line:
-        raise RecordsError(f"{where}: duplicate id {record_id!r} (first seen on line {first_line[key]}) -- ids "
+        raise RecordsError(f"{where}: duplicate id {value!r} (first seen on line {first_line[key]}) -- ids "
                            "must be unique; keep one of the two")
     first_line[key] = number
 
 
-def _has_id(value: Any) -> bool:
-    """Whether a row gives an id: JSON null and a blank CSV cell do not (an id is derived instead)."""
-    return value is not None and str(value).strip() != ""
+def record_id(value: Any, where: str) -> str | None:
+    """A record's `id` as text: a string as given, a whole number as its digits (datasets number their rows);
+    None for JSON null or a blank CSV cell (an id is derived instead). Anything else (a list, an object,
+    true, 1.5) is refused rather than turned into its Python repr."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise RecordsError(f"{where}: `id` must be text or a whole number, got {json.dumps(value)[:40]} -- write it "
+                       'as a string, e.g. "id": "p-1"')
 
 
 def _read_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """One prompt per non-blank line. Lines end at "\n" (or "\r\n") only: `str.splitlines` would also
     split a prompt at the Unicode separators some text holds (U+2028, form feeds)."""
-    _check_file(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = paths.read_input_text(path, RecordsError, "prompt file (JSONL, CSV or .txt)")
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             yield number, {"prompt": line.removesuffix("\r")}
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    _check_file(path)
-    # utf-8-sig: spreadsheet programs start "CSV UTF-8" files with a byte order mark, which would
+    # The byte order mark that spreadsheet programs start "CSV UTF-8" files with is dropped; it would
     # otherwise stick to the first column's name.
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    text = paths.read_input_text(path, RecordsError, "CSV file with a header line")
+    with io.StringIO(text, newline="") as handle:
         # strict: a quote left open (a file cut short, a stray quote) is an error; otherwise the csv
         # module reads every line after it into one field, several prompts silently becoming one.
         reader = csv.DictReader(handle, strict=True)
@@ -271,16 +315,24 @@ _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 def parse_transcript(text: str) -> list[Message]:
-    """Split an hh-rlhf transcript (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`) into messages."""
+    """Split an hh-rlhf transcript (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`) into messages.
+
+    Consecutive turns by one speaker (a transcript with no "Assistant:" between two "Human:" turns) are
+    joined into one turn, the texts a blank line apart: the words are all the person's, and chat templates
+    that require user and assistant to alternate (Llama 2's, Mistral's) raise on two user turns in a row."""
     text = text.replace("\r\n", "\n")  # a file that went through a Windows tool
     if not text.startswith("\n\n"):
         text = "\n\n" + text.lstrip("\n")
     parts = _TURN.split(text)
     if len(parts) < 3 or parts[0].strip():
         raise ValueError("not an hh-rlhf transcript: expected it to start with 'Human: '")
-    messages = []
+    messages: list[Message] = []
     for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+        role = "user" if speaker == "Human" else "assistant"
+        if messages and messages[-1]["role"] == role:  # two turns in a row by one speaker: one turn
+            messages[-1]["content"] += "\n\n" + content.strip()
+        else:
+            messages.append({"role": role, "content": content.strip()})
     return messages
 
 
@@ -296,6 +348,99 @@ def split_transcript_pair(chosen: str, rejected: str) -> tuple[list[Message], st
     if chosen_messages[:-1] != rejected_messages[:-1]:
         raise ValueError("chosen and rejected do not share the conversation before the last answer")
     return chosen_messages[:-1], chosen_messages[-1]["content"], rejected_messages[-1]["content"]
+
+
+# ----------------------------------------------------------------------------- third-party eval sets
+
+# The red-team and over-refusal sets people measure on, read as they are published. Each row counts on
+# one side of the harmless-helpful picture: a harmful request (refusing it is harmless) or a benign one
+# (refusing it is over-refusal). A `label` column (XSTest's safe/unsafe) decides per row; the red-team
+# sets (HarmBench, StrongREJECT, AdvBench) are harmful throughout.
+EVAL_SIDES = ("harmful", "benign")
+_LABEL_SIDES = {"safe": "benign", "benign": "benign", "unsafe": "harmful", "harmful": "harmful"}
+
+
+def eval_set_format(columns: list[str]) -> str:
+    """Which published format a table's columns are: harmbench, xstest, strongreject, advbench or prompts."""
+    if "Behavior" in columns:
+        return "harmbench"
+    if "forbidden_prompt" in columns:
+        return "strongreject"
+    if "goal" in columns:
+        return "advbench"
+    if "label" in columns:
+        return "xstest"
+    return "prompts"
+
+
+def split_eval_spec(spec: str) -> tuple[str | None, str]:
+    """`harmful:PATH` / `benign:PATH` -> (side, PATH); a bare PATH -> (None, PATH)."""
+    for side in EVAL_SIDES:
+        if spec.startswith(f"{side}:"):
+            return side, spec[len(side) + 1:]
+    return None, spec
+
+
+def read_eval_set(spec: str, limit: int | None = None,
+                  harmbench_categories: tuple[str, ...] = ("standard",)) -> list[dict[str, Any]]:
+    """Prompt records `{"id", "prompt", "category", "side"}` from a red-team or over-refusal set in its
+    published format (`spec` is PATH, or `harmful:PATH` / `benign:PATH`):
+
+    - HarmBench CSV: `Behavior`, rows whose `FunctionalCategory` is in `harmbench_categories` (empty: all),
+      `SemanticCategory` as the category, a `ContextString` put before the behaviour as HarmBench does;
+    - XSTest CSV: `prompt`, `label` safe/unsafe (the side), `type` (the category);
+    - StrongREJECT CSV: `forbidden_prompt`, `category`; AdvBench CSV: `goal`;
+    - any prompt file `read_prompts` reads, with a `label` column or a side prefix.
+
+    A side prefix keeps that side's rows of a labelled set (`benign:xstest.csv`, its safe prompts) and
+    names the side of an unlabelled one. `limit` applies after filtering."""
+    wanted, raw_path = split_eval_spec(spec)
+    path = local_or_bundled(raw_path)
+    suffix = path.suffix.lower()
+    rows = list(_read_csv(path) if suffix == ".csv" else _read_text(path) if suffix == ".txt" else read_jsonl(path))
+    kind = eval_set_format(list(rows[0][1]) if rows else [])
+    kept: list[dict[str, Any]] = []
+    first_line: dict[str, int] = {}
+    for number, row in rows:
+        where = f"{path}:{number}"
+        record = {"prompt": _prompt_from_row(row, where), "category": row.get("category")}
+        given_id = record_id(row.get("BehaviorID") if kind == "harmbench" else row.get("id"), where)
+        record["id"] = given_id or stable_id("p", json.dumps(record["prompt"]))
+        if kind == "harmbench":
+            functional = str(row.get("FunctionalCategory") or "").strip()
+            if harmbench_categories and functional and functional not in harmbench_categories:
+                continue
+            context = str(row.get("ContextString") or "").strip()
+            if context and isinstance(record["prompt"], str):
+                record["prompt"] = f"{context}\n\n---\n\n{record['prompt']}"
+            record["category"] = row.get("SemanticCategory") or record["category"]
+        if kind == "xstest":
+            record["category"] = row.get("type") or record["category"]
+        label = row.get("label")
+        if label is not None and str(label).strip():
+            side = _LABEL_SIDES.get(str(label).strip().lower())
+            if side is None:
+                raise RecordsError(f"{where}: label {label!r} -- use safe or unsafe (XSTest's labels)")
+        elif kind in ("harmbench", "strongreject", "advbench"):
+            side = "harmful"
+        elif wanted is None:
+            raise RecordsError(f"{path}: no `label` column says which prompts are harmful -- name the side: "
+                               f"harmful:{raw_path} or benign:{raw_path}")
+        else:
+            side = wanted
+        if wanted is not None and side != wanted:
+            if label is None and kind != "prompts":
+                raise RecordsError(f"{path}: a {kind} set holds harmful requests -- drop the '{wanted}:' prefix")
+            continue
+        check_unique_id(first_line, record["id"], number, where)
+        kept.append({**record, "side": side})
+        if limit is not None and len(kept) >= limit:
+            break
+    if not kept:
+        raise RecordsError(f"{path}: no {wanted + ' ' if wanted else ''}prompts left after filtering"
+                           + (f" (FunctionalCategory in {', '.join(harmbench_categories)})" if kind == "harmbench"
+                              else "") + " -- check the file and the side prefix")
+    return kept
 
 
 # ----------------------------------------------------------------------------- preferences
@@ -347,9 +492,9 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
     p_chosen = float(p_chosen)
     if not 0.0 <= p_chosen <= 1.0:
         raise RecordsError(f"{where}: p_chosen={p_chosen} is not a probability -- use a value in [0, 1]")
-    given_id = extra.pop("id", None)
+    given_id = record_id(extra.pop("id", None), where)
     record = {
-        "id": str(given_id) if _has_id(given_id) else stable_id("pref", json.dumps([prompt, chosen, rejected])),
+        "id": given_id or stable_id("pref", json.dumps([prompt, chosen, rejected])),
         "prompt": prompt,
         "chosen": chosen,
         "rejected": rejected,
@@ -493,7 +638,7 @@ class RecordWriter:
             if line.strip():
                 try:
                     obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                     if terminated:
                         raise RecordsError(f"{self.path}:{number}: not valid JSON -- this file was not written "
                                            "by cai, or was edited; fix or remove that line") from None

@@ -28,6 +28,10 @@ METRIC_ROWS = [  # (metrics key, label, format)
 ]
 
 
+BENCHMARK_NOTE = ("Refusal detector on sets written by others, apart from the bundled prompts above; "
+                  "[low-high] is the 95% Wilson interval, n the prompts answered.")
+
+
 def _fmt(value: Any, kind: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -212,11 +216,25 @@ def metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def benchmark_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """One row per third-party set and side: refusal rate, its 95% Wilson interval and n, per model."""
+    rows = []
+    for entry in metrics.get("benchmarks", {}).values():
+        what = "refused (harmless)" if entry["side"] == "harmful" else "refused (over-refusal)"
+        cells = []
+        for label in metrics["labels"]:
+            value = entry["models"].get(label)
+            cells.append("n/a" if value is None else f"{value['refusal_rate'] * 100:.1f}% "
+                         f"[{value['ci95'][0] * 100:.1f}-{value['ci95'][1] * 100:.1f}], n={value['n']}")
+        rows.append([f"{entry['set']}: {entry['side']} requests {what}", *cells])
+    return rows
+
+
 def example_grid(answers: list[dict[str, Any]], labels: list[str], kind: str, count: int) -> list[dict[str, Any]]:
     """The first `count` prompts of a kind with every model's answer: [{prompt, answers: {label: answer}}]."""
     by_prompt: dict[str, dict[str, Any]] = {}
     for answer in answers:
-        if answer["prompt_kind"] != kind:
+        if answer["prompt_kind"] != kind or answer.get("set") is not None:
             continue
         entry = by_prompt.setdefault(answer["prompt_id"], {"prompt": answer["prompt"], "answers": {}})
         entry["answers"][answer["model"]] = answer
@@ -295,6 +313,9 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], answers: list[dic
     # report.md
     md = ["# cai eval report\n", f"Models: {', '.join(f'`{k}` = {references.get(k, k)}' for k in labels)}; "
           f"{judge_note}; PM: {metrics.get('pm') or 'none'}.\n", _md_table(header, rows), ""]
+    third_party = benchmark_rows(metrics)
+    if third_party:
+        md += ["## Third-party sets", "", BENCHMARK_NOTE, "", _md_table(["set", *labels], third_party), ""]
     for name, path in plots.items():
         md += [f"![{name}]({path.name})", "", captions[name], ""]
     for kind, grid in grids.items():
@@ -312,6 +333,9 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], answers: list[dic
              "<p>" + html.escape(", ".join(f"{k} = {references.get(k, k)}" for k in labels)) + "<br>"
              + html.escape(f"{judge_note}; PM: {metrics.get('pm') or 'none'}") + "</p>",
              "<h2>Metrics</h2>", _html_table(header, rows)]
+    if third_party:
+        parts += ["<h2>Third-party sets</h2>", f"<p class='note'>{html.escape(BENCHMARK_NOTE)}</p>",
+                  _html_table(["set", *labels], third_party)]
     for name, path in plots.items():
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{name}' "

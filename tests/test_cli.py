@@ -9,10 +9,13 @@ from typer.testing import CliRunner
 
 import cai.stages
 from cai.cli import app
-from cai.stages.base import help_of
 from cai.stages.critique import CritiqueConfig
 from cai.stages.dpo import DPOConfig
+from cai.stages.evaluate import EvalConfig
 from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
+from cai.stages.filter import FilterConfig
+from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
+from cai.stages.rl import RLConfig
 from cai.stages.sft import SFTConfig
 
 runner = CliRunner()
@@ -79,7 +82,7 @@ def test_a_stage_that_fails_before_its_first_bar_prints_just_the_error(tmp_path)
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "x"}\n{broken\n')
-    result = subprocess.run([sys.executable, "-m", "cai", "feedback", "--prompts", str(prompts), "--policy",
+    result = subprocess.run([sys.executable, "-m", "cai", "feedback", "--prompts", str(prompts), "--model",
                              "embedded:tiny-random", "--out", str(tmp_path / "f.jsonl")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {prompts}:2: not valid JSON"), result.stderr
@@ -149,51 +152,91 @@ def test_importing_the_cli_does_not_load_torch():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_every_option_default_is_its_config_default():
-    """A default typed twice drifts: each command option must show the default its stage really uses."""
+COMMAND_CONFIGS = {("critique",): CritiqueConfig, ("sft",): SFTConfig, ("feedback",): FeedbackConfig,
+                   ("feedback", "eval"): FeedbackEvalConfig, ("pm", "train"): PMTrainConfig,
+                   ("pm", "score"): PMScoreConfig, ("pm", "eval"): PMEvalConfig, ("rl",): RLConfig,
+                   ("dpo",): DPOConfig, ("eval",): EvalConfig, ("filter",): FilterConfig}
+
+
+def _command(*path):
     import typer.main
 
-    from cai.stages.critique import CritiqueConfig
-    from cai.stages.dpo import DPOConfig
-    from cai.stages.evaluate import EvalConfig
-    from cai.stages.feedback import FeedbackConfig, FeedbackEvalConfig
-    from cai.stages.pm import PMEvalConfig, PMScoreConfig, PMTrainConfig
-    from cai.stages.rl import RLConfig
-    from cai.stages.sft import SFTConfig
+    command = typer.main.get_command(app)
+    for part in path:
+        command = command.commands[part]
+    return command
 
-    configs = {("critique",): CritiqueConfig, ("sft",): SFTConfig, ("feedback",): FeedbackConfig,
-               ("feedback", "eval"): FeedbackEvalConfig, ("pm", "train"): PMTrainConfig,
-               ("pm", "score"): PMScoreConfig, ("pm", "eval"): PMEvalConfig, ("rl",): RLConfig,
-               ("dpo",): DPOConfig, ("eval",): EvalConfig}
-    renamed = {"input_path": "input", "model": "models"}
-    unset_means_default = {(("rl",), "reward")}  # a repeatable option: nothing given -> the config's list
-    root = typer.main.get_command(app)
-    checked, mismatches = 0, []
-    for path, config in configs.items():
-        command = root
-        for part in path:
-            command = command.commands[part]
-        defaults = {}
-        for f in dataclasses.fields(config):
-            if f.default is not dataclasses.MISSING:
-                defaults[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults[f.name] = f.default_factory()
-        for param in command.params:
-            name = param.name if param.name in defaults or param.name not in renamed else renamed[param.name]
-            if param.required or name not in defaults or (path, name) in unset_means_default:
+
+def test_every_config_field_is_an_option_with_its_flag_help_and_default():
+    """What a user can set on the command line is exactly what a recipe can: one option per config field,
+    under the flag config errors name, with the field's help, showing the default the stage really uses."""
+    from cai.stages.base import option_flag
+
+    for path in COMMAND_CONFIGS:
+        config = COMMAND_CONFIGS[path]
+        params = {param.name: param for param in _command(*path).params}
+        for field in dataclasses.fields(config):
+            param = params.get(field.name)
+            assert param is not None, f"cai {' '.join(path)}: no option for {config.__name__}.{field.name}"
+            assert f"--{option_flag(field)}" in param.opts and param.help == field.metadata["help"]
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            if param.required or default in ("", None, []):
                 continue
-            if param.default is None and defaults[name] == "":  # required, checked by the command itself
-                continue
-            expected = defaults[name]
-            if isinstance(expected, tuple):
-                expected = ",".join(map(str, expected))  # typed as LO,HI on the command line
-            if param.default != expected:
-                mismatches.append(f"`cai {' '.join(path)} --{param.name}` defaults to {param.default!r}, "
-                                  f"{config.__name__}.{name} to {defaults[name]!r}")
-            checked += 1
-    assert not mismatches, "\n".join(mismatches)
-    assert checked > 100
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            assert param.default == shown, (path, field.name, param.default, default)
+        assert set(params) - {f.name for f in dataclasses.fields(config)} <= {"json_output", "ctx", "help"}
+
+
+def _parsed(monkeypatch, args):
+    """The config a command line builds, without running the stage."""
+    import cai.cli
+
+    seen = []
+    monkeypatch.setattr(cai.cli, "_run_stage", lambda run, cfg, json_output=False: seen.append(cfg))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_options_reach_the_config_and_left_out_ones_keep_its_defaults(monkeypatch, tmp_path):
+    out = str(tmp_path / "f.jsonl")
+    cfg = _parsed(monkeypatch, ["feedback", "--prompts", "p.jsonl", "--out", out, "--cot", "--clamp", "0.3,0.7",
+                                "--no-swap", "--method", "mc", "--limit", "5"])
+    assert (cfg.cot, cfg.clamp, cfg.swap, cfg.method, cfg.limit) == (True, (0.3, 0.7), False, "mc", 5)
+    assert (cfg.few_shot, cfg.principles, cfg.judge) == (True, 1, None)
+    rl = _parsed(monkeypatch, ["rl", "--prompts", "a.jsonl", "--prompts", "b.jsonl", "--out", str(tmp_path / "rl"),
+                               "--reward", "math:1", "--reward", "length:0.5"])
+    assert rl.prompts == ["a.jsonl", "b.jsonl"] and rl.weights == {"math": 1.0, "length": 0.5} and rl.pm is None
+    assert _parsed(monkeypatch, ["rl", "--prompts", "a.jsonl", "--out", str(tmp_path / "rl"), "--pm", "pm-dir"]
+                   ).reward == ["pm:1"]
+    evaluation = _parsed(monkeypatch, ["eval", "-m", "a=x", "--model", "b=y", "--harmful", "h", "--benign", "b",
+                                       "--out", str(tmp_path / "e"), "--no-head-to-head"])
+    assert evaluation.models == ["a=x", "b=y"] and evaluation.head_to_head is False
+
+
+@pytest.mark.parametrize("args, choices", [
+    (["rl", "--prompts", "p.jsonl", "--out", "rl", "--algo", "ppo"], "'grpo', 'rloo'"),
+    (["sft", "--data", "d.jsonl", "--out", "s", "--quantize", "8bit"], "'none', '4bit'"),
+    (["feedback", "eval", "--pairs", "p.jsonl", "--method", "vote"], "'auto', 'mc', 'contrast'"),
+])
+def test_a_choice_option_rejects_a_bad_value_naming_the_choices(args, choices):
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "Invalid value for" in result.output and choices in result.output, result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["rl", "--policy", "m", "--prompts", "p.jsonl", "--out", "rl"], "--policy is renamed to --model"),
+    (["feedback", "--samples-temperature", "0.7"], "--samples-temperature is renamed to --temperature"),
+    (["pm", "train", "--batch-size", "4"], "--batch-size is renamed to --per-device-train-batch-size"),
+])
+def test_an_option_under_its_old_name_names_the_new_one(args, message):
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_help_lists_the_commands_in_pipeline_order():
+    listed = re.findall(r"^│ (\w+) ", _help(), re.MULTILINE)
+    assert listed == ["models", "constitution", "critique", "sft", "feedback", "pm", "filter", "rl", "dpo", "eval", "run"]
 
 
 def test_progress_line_keeps_counts_and_throughput_on_one_line_at_80_columns(monkeypatch):
@@ -278,12 +321,22 @@ def test_flags_show_no_type_in_help():
     assert re.search(r"--force +Discard", critique)
 
 
+def test_help_carries_no_measurement_notes():
+    """Figures measured on one machine belong in the docs and bench/, not in the option help."""
+    for path in _every_command_path():
+        assert not re.search(r"\b[Mm]easured\b|SmolLM2-135M", _help(*path)), f"cai {' '.join(path)} --help"
+
+
 def test_rl_names_its_file_options_types_as_the_other_stages_do():
     """`cai rl --help` showed `<list[Path]>` and `<path>` where every other stage shows `<str>`."""
     rl = _help("rl")
     assert "<path>" not in rl and "Path]" not in rl
     assert re.search(r"--out +<str> ", rl) and re.search(r"--out +<str> ", _help("dpo"))
     assert re.search(r"--prompts +<list\[str\]> ", rl)
+
+
+def _help_of(config, name):
+    return next(f.metadata["help"] for f in dataclasses.fields(config) if f.name == name)
 
 
 def _stage_config_fields():
@@ -309,14 +362,11 @@ def test_option_help_says_what_leaving_it_out_does_never_to_type_none():
     offenders = [name for name, text in _stage_config_fields()
                  if re.search(r"\bNone\b", text) or (re.search(r"\bnone\b", text) and name not in TAKES_NONE)]
     assert not offenders, offenders
-    assert "Left out: the model writes the whole revision." in help_of(CritiqueConfig, "revision_prefix")
-    assert "Left out: train on the revisions alone." in help_of(SFTConfig, "helpful")
+    assert "Left out: the model writes the whole revision." in _help_of(CritiqueConfig, "revision_prefix")
+    assert "Left out: train on the revisions alone." in _help_of(SFTConfig, "helpful")
 
 
 def test_the_options_whose_help_offers_none_take_it(tmp_path):
-    from cai.stages.evaluate import EvalConfig
-    from cai.stages.rl import RLConfig
-
     assert EvalConfig(models=["embedded:tiny-random"], harmful="h.jsonl", benign="b.jsonl", out=str(tmp_path / "e"),
                       judge="none", pm="none", quantize="none").pm is None
     assert RLConfig(prompts=["p.jsonl"], out=str(tmp_path / "rl"), pm="none", reward=["length:1"],
@@ -342,8 +392,8 @@ def test_quantize_help_does_not_claim_cuda_only():
      "--cot needs the multiple-choice judge, but --method is contrast -- drop --cot or use --method mc"),
     (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", clamp="0.3,0.7"),
      "--clamp 0.3,0.7 bounds chain-of-thought probabilities only, and --cot is not given -- add --cot"),
-    (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", samples_top_p=2.0), "--samples-top-p 2.0 must be"),
-    (lambda: DPOConfig(soft_labels=True, loss="robust"), "--soft-labels with --loss robust: "),
+    (lambda: FeedbackConfig(prompts="p.jsonl", out="f.jsonl", top_p=2.0), "--top-p 2.0 must be"),
+    (lambda: DPOConfig(soft_labels=True, loss_type="robust"), "--soft-labels with --loss-type robust: "),
     (lambda: DPOConfig(eval_fraction=0.9), "--eval-fraction 0.9 -- use a share in [0, 0.5]"),
 ])
 def test_config_errors_name_the_flag_as_the_cli_spells_it(make, message):

@@ -194,7 +194,7 @@ def test_unreadable_files_and_non_scalar_keys_are_problems_not_tracebacks(tmp_pa
     binary = tmp_path / "latin1.yaml"
     binary.write_bytes("name: caf\xe9\n".encode("latin-1"))
     assert "not UTF-8 text" in c.validate(binary)[0]
-    assert "cannot read it" in c.validate(tmp_path)[0]  # a directory
+    assert "is a directory" in c.validate(tmp_path)[0]
     problems = c.validate(write(tmp_path, VALID + "    [a, b]: 1\n"))
     assert any("must be a plain name" in p and ":" in p.split(" ")[0] for p in problems), problems
 

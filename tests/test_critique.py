@@ -8,7 +8,7 @@ from cai import constitution as c
 from cai.engine import Generation
 from cai.errors import ConfigError
 from cai.paths import bundled
-from cai.records import read_jsonl
+from cai.records import read_jsonl, read_prompts
 from cai.stages import critique
 from cai.stages.base import NullReporter, StageContext
 from cai.stages.critique import CritiqueConfig, clean_text, degenerate_reason, repetition_share
@@ -378,7 +378,8 @@ def test_cli_critique_with_the_embedded_model(tmp_path):
     records = [r for _, r in read_jsonl(out)]
     cons = c.load("default")
     known = {p.id for p in cons.critique_principles}
-    assert [r["id"] for r in records] == ["rt-0001", "rt-0002", "rt-0003", "rt-0004"]
+    first = [r["id"] for r in read_prompts(bundled("data/red_team_prompts.jsonl"), limit=4)]
+    assert [r["id"] for r in records] == first and len(set(first)) == 4
     for record in records:
         assert len(record["rounds"]) == 2 and {r["principle"] for r in record["rounds"]} <= known
         assert record["initial"].strip() and record["final"].strip()

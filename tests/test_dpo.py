@@ -49,8 +49,8 @@ def tiny_trainer(tiny_model_dir, tmp_path, *, loss="sigmoid", pairs=4, p_chosen=
     """A soft-label DPO trainer on the tiny model, LoRA r=4, and its first batch (on CPU)."""
     from cai.models import load_causal_lm
 
-    cfg = dpo.DPOConfig(policy=tiny_model_dir, ai="unused", out=str(tmp_path), loss=loss, soft_labels=True,
-                        lora_r=4, max_length=64, batch_size=pairs, max_steps=1)
+    cfg = dpo.DPOConfig(model=tiny_model_dir, ai="unused", out=str(tmp_path), loss_type=loss, soft_labels=True,
+                        lora_r=4, max_length=64, per_device_train_batch_size=pairs, max_steps=1)
     model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
     examples = [dpo.to_trl_example({"prompt": p, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": p_chosen})
                 for p in PROMPTS[:pairs]]
@@ -129,10 +129,10 @@ def test_robust_label_noise_is_the_mean_flip_probability_below_one_half():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"loss": "robust", "soft_labels": True}, "--loss sigmoid"),
+    ({"loss_type": "robust", "soft_labels": True}, "--loss-type sigmoid"),
     ({"quantize": "4bit", "lora_r": 0}, "QLoRA"),
     ({"human_fraction": 1.5}, "[0, 1]"),
-    ({"loss": "hinge"}, "sigmoid, ipo, robust"),
+    ({"loss_type": "hinge"}, "sigmoid, ipo, robust"),
     ({"beta": 0.0}, "beta"),
 ])
 def test_config_rejects_combinations_that_cannot_work(kwargs, words):
@@ -160,7 +160,7 @@ def test_tied_pairs_train_only_under_soft_labels(tmp_path, soft_labels):
     pairs = [{"id": f"ai-{i}", "prompt": p, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": 0.9 if i else 0.5,
               "source": "ai-harmless"} for i, p in enumerate(PROMPTS)]
     records.write_jsonl(tmp_path / "ai.jsonl", pairs)
-    cfg = dpo.DPOConfig(policy="unused", ai=str(tmp_path / "ai.jsonl"), out=str(tmp_path / "out"),
+    cfg = dpo.DPOConfig(model="unused", ai=str(tmp_path / "ai.jsonl"), out=str(tmp_path / "out"),
                         soft_labels=soft_labels, eval_fraction=0.0)
     prepared = dpo.prepare_pairs(cfg)
     trained = {r["id"] for r in prepared.mix.records}
@@ -232,8 +232,8 @@ def test_cai_dpo_raises_the_margin_writes_a_standalone_model_and_skips_a_rerun(t
 
     monkeypatch.setattr(records, "mix_preferences", spy)
     before = margins(tiny_model_dir, PROMPTS)
-    args = ["dpo", "--policy", tiny_model_dir, "--ai", str(ai_path), "--human", str(human_path), "--out", str(out),
-            "--soft-labels", "--lora-r", "8", "--lr", "1e-2", "--max-steps", "6", "--batch-size", "4",
+    args = ["dpo", "--model", tiny_model_dir, "--ai", str(ai_path), "--human", str(human_path), "--out", str(out),
+            "--soft-labels", "--lora-r", "8", "--lr", "1e-2", "--max-steps", "6", "--per-device-train-batch-size", "4",
             "--max-length", "64", "--save-steps", "3", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -290,8 +290,8 @@ class _InterruptingReporter(NullReporter):
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, pref_files, tmp_path):
     ai_path, _ = pref_files
-    cfg = dpo.DPOConfig(policy=tiny_model_dir, ai=str(ai_path), out=str(tmp_path / "m"), lora_r=4, max_steps=4,
-                        save_steps=2, batch_size=2, max_length=64, soft_labels=True)
+    cfg = dpo.DPOConfig(model=tiny_model_dir, ai=str(ai_path), out=str(tmp_path / "m"), lora_r=4, max_steps=4,
+                        save_steps=2, per_device_train_batch_size=2, max_length=64, soft_labels=True)
     with pytest.raises(KeyboardInterrupt):
         dpo.run(cfg, StageContext(reporter=_InterruptingReporter(at=3), device="cpu"))
     assert (tmp_path / "m" / "checkpoints" / "checkpoint-2").is_dir()
@@ -311,8 +311,8 @@ def test_qlora_4bit_with_trls_robust_loss_saves_a_full_precision_standalone_mode
     from the AI records' p_chosen (0.9 each, so 0.1)."""
     ai_path, _ = pref_files
     out = tmp_path / "q"
-    cfg = dpo.DPOConfig(policy=tiny_model_dir, ai=str(ai_path), out=str(out), quantize="4bit", lora_r=4,
-                        max_steps=1, batch_size=2, max_length=64, loss="robust")
+    cfg = dpo.DPOConfig(model=tiny_model_dir, ai=str(ai_path), out=str(out), quantize="4bit", lora_r=4,
+                        max_steps=1, per_device_train_batch_size=2, max_length=64, loss_type="robust")
     result = dpo.run(cfg, StageContext(device="cpu"))
     assert result.counts["steps"] == 1 and result.metrics["label_smoothing"] == pytest.approx(0.1)
     assert math.isfinite(result.metrics["loss"])
@@ -328,8 +328,8 @@ def test_heldout_accuracy_is_the_share_of_pairs_even_when_the_last_batch_is_shor
 
     from cai.models import load_causal_lm
 
-    cfg = dpo.DPOConfig(policy=tiny_model_dir, ai="unused", out=str(tmp_path), lora_r=4, max_length=64,
-                        batch_size=4, max_steps=1)
+    cfg = dpo.DPOConfig(model=tiny_model_dir, ai="unused", out=str(tmp_path), lora_r=4, max_length=64,
+                        per_device_train_batch_size=4, max_steps=1)
     model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
     # Two pairs prefer MARKER, three REFUSAL: a model leaning either way gets some right and some wrong.
     pairs = [dpo.to_trl_example({"prompt": p, "chosen": MARKER if i < 2 else REFUSAL,
@@ -358,7 +358,7 @@ def test_heldout_pairs_without_a_preference_are_left_out_of_the_accuracy(tiny_mo
     pairs = [{"id": f"ai-{i}", "prompt": p, "chosen": MARKER, "rejected": REFUSAL, "p_chosen": 0.5 if i % 2 else 0.9}
              for i, p in enumerate(PROMPTS)]
     records.write_jsonl(tmp_path / "ai.jsonl", pairs)
-    cfg = dpo.DPOConfig(policy=tiny_model_dir, ai=str(tmp_path / "ai.jsonl"), out=str(tmp_path / "out"),
+    cfg = dpo.DPOConfig(model=tiny_model_dir, ai=str(tmp_path / "ai.jsonl"), out=str(tmp_path / "out"),
                         soft_labels=True, eval_fraction=0.5, lora_r=4, max_length=64, max_steps=1)
     heldout_ids = {r["id"] for r in dpo.prepare_pairs(cfg).heldout_ai}
     assert any(int(i.split("-")[1]) % 2 for i in heldout_ids)  # a tie is among the held-out pairs

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from cai.engine import Engine, Sampling, common_prefix_length
+from cai.engine import Engine, Sampling
+from cai.engine.hf import common_prefix_length
 
 CONVERSATIONS = [[{"role": "user", "content": text}] for text in (
     "hello", "Please rewrite the response to remove anything harmful or illegal, thank you very much.",
@@ -63,10 +64,10 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_engine):
 
 @pytest.fixture(params=["flash", "joint", "chunked"])
 def cascade_kernel(request, monkeypatch):
-    """Each cascade test runs through every way `cai.cascade` computes attention: the flash kernel with
+    """Each cascade test runs through every way `cai.engine.cascade` computes attention: the flash kernel with
     merged log-sum-exps (large fp32 calls), one softmax over explicit scores for the whole batch (small
     calls, decode), and the same row by row in chunks (large bf16 calls; here a few query rows a chunk)."""
-    from cai import cascade
+    from cai.engine import cascade
 
     if request.param == "flash":
         monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 0)
@@ -224,7 +225,7 @@ def test_growing_cache_holds_what_a_dynamic_cache_holds_through_growth_and_batch
     """Spare room, regrowth, rows dropped and rows repeated: the visible keys/values never differ."""
     from transformers import DynamicCache
 
-    from cai.engine import growing_cache
+    from cai.engine.hf import growing_cache
 
     torch.manual_seed(0)
     ours, reference = growing_cache(spare=3), DynamicCache()
@@ -252,11 +253,11 @@ def test_generation_with_the_growing_cache_equals_plain_dynamic_cache(tiny_engin
     """Long enough to regrow the buffer, with rows finishing early (compaction) and sampling on."""
     from transformers import DynamicCache
 
-    import cai.engine
+    import cai.engine.hf
 
     sampling = Sampling(max_new_tokens=40, temperature=1.0, seed=3)
     ours = tiny_engine.generate_chat(CONVERSATIONS, sampling)
-    monkeypatch.setattr(cai.engine, "growing_cache", lambda spare: DynamicCache())
+    monkeypatch.setattr(cai.engine.hf, "growing_cache", lambda spare: DynamicCache())
     plain = tiny_engine.generate_chat(CONVERSATIONS, sampling)
     assert [o.text for o in ours] == [o.text for o in plain]
     assert [o.num_tokens for o in ours] == [o.num_tokens for o in plain]
@@ -344,7 +345,7 @@ def test_embedded_model_knows_the_capital_of_france(smol_engine):
 def test_cascade_runs_only_where_it_was_built_for(tiny_model_dir):
     """CPU + sdpa through AttentionInterface: yes. Eager attention, or weights on another device: the
     per-row prefix copy instead (the CPU kernel that returns log-sum-exps is all cascade runs on)."""
-    from cai.cascade import supports_cascade
+    from cai.engine.cascade import supports_cascade
     from cai.models import load_causal_lm
 
     model, _ = load_causal_lm(tiny_model_dir, device="cpu")
@@ -360,7 +361,7 @@ def test_cascade_runs_only_where_it_was_built_for(tiny_model_dir):
 
 
 def test_branch_rows_pair_sequences_that_share_tokens_within_their_limits():
-    from cai.engine import branch_rows
+    from cai.engine.hf import branch_rows
 
     prefix = [1, 2, 3]
     sequences = [
@@ -446,7 +447,7 @@ def test_sequences_sharing_a_context_are_packed_into_one_row_and_score_what_they
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_target_logprobs_equal_a_full_log_softmax_in_chunks(dtype, monkeypatch):
-    from cai import engine as engine_module
+    from cai.engine import hf as engine_module
 
     monkeypatch.setattr(engine_module, "LOGPROB_CHUNK_BYTES", 3 * 4 * 101)  # 3 positions a chunk: 30 -> 10 chunks
     generator = torch.Generator().manual_seed(0)
@@ -462,7 +463,7 @@ def test_large_calls_without_a_shared_prefix_use_chunked_products_and_match_the_
     """A contrast judge's prompts share no prefix; large bf16 calls then skip the flash kernel too (here
     forced, in fp32, a few query rows a chunk). Padding queries see no key on that path: they must come
     out finite, or their NaN values would reach every query."""
-    from cai import cascade
+    from cai.engine import cascade
 
     monkeypatch.setattr(cascade, "JOINT_MAX_SCORES", 0)
     monkeypatch.setattr(cascade, "CHUNKED_DTYPES", (torch.float32, torch.bfloat16))
@@ -499,7 +500,7 @@ def test_large_calls_without_a_shared_prefix_use_chunked_products_and_match_the_
 def test_sampling_draws_tokens_with_their_probabilities_and_never_a_cut_one():
     """Inverse-CDF sampling, one uniform draw per row from the row's own generator: frequencies follow
     the softmax (and top-p's renormalised head of it), a token of probability zero never comes up."""
-    from cai.engine import HFBackend
+    from cai.engine.hf import HFBackend
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     logits = torch.log(probs).expand(1000, -1).to(torch.bfloat16)  # -inf for the last token
@@ -565,7 +566,7 @@ def test_a_shared_prefix_is_computed_once_across_calls_extended_and_redone_when_
     shared = fed[0]
     again = engine.next_token_logprobs(list(reversed(contexts)), candidates)
     assert len(fed) == 1, "the second call reused the first call's prefix"
-    assert again == list(reversed(first))
+    assert _flat(again) == pytest.approx(_flat(list(reversed(first))), rel=1e-4, abs=1e-5)  # rows at other positions
 
     with torch.no_grad():  # an in-place change, as a training step makes
         engine.model.model.layers[0].self_attn.k_proj.weight.mul_(3.0)
@@ -642,7 +643,7 @@ def test_a_kept_prefix_is_not_reused_across_an_adapter_switched_off_or_rescaled(
 
 
 def test_the_prefix_memo_keeps_the_most_recently_used_prefixes_within_its_bytes():
-    from cai.engine import _PrefixMemo
+    from cai.engine.hf import _PrefixMemo
 
     def kv(length):  # one layer, 4 fp32 numbers a token for keys and as many for values: 32 bytes a token
         return [(torch.zeros(1, 1, length, 4), torch.zeros(1, 1, length, 4))]

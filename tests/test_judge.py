@@ -373,7 +373,8 @@ def test_contrast_on_a_real_model_uses_mean_token_logprobs(tiny_engine, constitu
         f, i = tiny_engine.score([follow, ignore], [answer, answer])
         return f.mean_logprob - i.mean_logprob
 
-    assert verdict.p_a == pytest.approx(contrast_probability(s(comparison.response_a), s(comparison.response_b), 0.5))
+    expected = contrast_probability(s(comparison.response_a), s(comparison.response_b), 0.5)
+    assert verdict.p_a == pytest.approx(expected, rel=1e-4, abs=1e-5)  # other batches: other rounding
 
 
 # ----------------------------------------------------------------------------- calibration

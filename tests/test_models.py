@@ -59,7 +59,7 @@ def test_missing_directory_and_offline_hub_id_fail_with_one_line():
 
 
 def test_a_model_path_under_an_existing_directory_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
-    """`--policy sl/model` before `cai sft --out sl` finished: 'no such directory', not 'download it'."""
+    """`--model sl/model` before `cai sft --out sl` finished: 'no such directory', not 'download it'."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sl").mkdir()
     with pytest.raises(ModelError, match="no such directory"):
@@ -101,7 +101,7 @@ def test_an_unfinished_stage_output_is_refused_as_unfinished_not_as_a_wrong_dire
 
 
 def test_a_preference_model_is_refused_where_a_language_model_is_loaded(tiny_model_dir, tmp_path):
-    """`cai rl --policy runs/x/4-pm`, `cai eval --model pm`: the PM loaded as a causal LM without a word
+    """`cai rl --model runs/x/4-pm`, `cai eval --model pm`: the PM loaded as a causal LM without a word
     and generated text (the reverse mistake, an LM given as --pm, was already refused)."""
     from cai.models import load_causal_lm, load_sequence_classifier
 

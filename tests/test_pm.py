@@ -63,7 +63,7 @@ def train_config(tmp_path, **overrides) -> pm.PMTrainConfig:
     values = dict(ai=write_jsonl(tmp_path / "ai.jsonl", synthetic_pairs(160, 1, p_chosen=0.9)),
                   human=write_jsonl(tmp_path / "human.jsonl", synthetic_pairs(120, 2, hh=True)),
                   out=str(tmp_path / "pm"), model="embedded:tiny-random", lora_r=0, lr=1e-3, epochs=2,
-                  batch_size=16, max_length=96, eval_fraction=0.2)
+                  per_device_train_batch_size=16, max_length=96, eval_fraction=0.2)
     values.update(overrides)
     return pm.PMTrainConfig(**values)
 

@@ -3,6 +3,7 @@ but do no ML: they copy their inputs into their outputs and count how often they
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +62,7 @@ class FakeSftConfig:
 @dataclass
 class FakeFeedbackConfig:
     prompts: str = _f("")
-    policy: str = _f("")
+    model: str = _f("")
     judge: str = _f("m")
     constitution: str = _f("default")
     method: str = _f("mc")
@@ -81,7 +82,7 @@ class FakePmConfig:
 
 @dataclass
 class FakeRlConfig:
-    policy: str = _f("")
+    model: str = _f("")
     pm: str = _f("")
     prompts: list[str] = _f(list)
     constitution: str = _f("default")
@@ -94,14 +95,14 @@ class FakeRlConfig:
 @dataclass
 class FakeFilterConfig:
     prompts: str = _f("")
-    policy: str = _f("")
+    model: str = _f("")
     seed: int = _f(0)
     out: str = _f("", hash_=False)
 
 
 @dataclass
 class FakeDpoConfig:
-    policy: str = _f("")
+    model: str = _f("")
     ai: str = _f("")
     human: str | None = _f(None)
     seed: int = _f(0)
@@ -121,7 +122,7 @@ class FakeEvalConfig:
     out: str = _f("", hash_=False)
 
 
-INPUT_FIELDS = ("prompts", "data", "helpful", "policy", "ai", "human", "pm", "harmful", "benign")
+INPUT_FIELDS = ("prompts", "data", "helpful", "model", "ai", "human", "pm", "harmful", "benign")
 
 
 def _fake_run(name: str):
@@ -205,7 +206,7 @@ def test_wiring_and_precedence(tmp_path, prompts):
     assert critique.prompts == str(prompts.resolve()) and critique.model == "base-model"
     assert critique.revisions == 2 and critique.seed == 3  # --set, then top-level seed shared
     assert sft.data == critique.out and sft.epochs == 5  # --set beats the recipe's 2
-    assert recipe.stage("feedback").config.policy == str(run_dir / "2-sft" / "model")
+    assert recipe.stage("feedback").config.model == str(run_dir / "2-sft" / "model")
     assert recipe.stage("feedback").config.judge == "base-model"  # judge defaults to the base model
     rl = recipe.stage("rl").config
     assert rl.pm == str(run_dir / "4-pm" / "model") and rl.beta == 1.0 and isinstance(rl.beta, float)
@@ -217,12 +218,12 @@ def test_wiring_and_precedence(tmp_path, prompts):
 
 def test_rl_reads_the_filtered_prompts_when_the_recipe_filters(tmp_path, prompts):
     run_dir = (tmp_path / "runs" / "t").resolve()
-    path = write_recipe(tmp_path, "stages: [filter, rl, eval]\nrl:\n  policy: base-model\n  pm: none\n", prompts)
+    path = write_recipe(tmp_path, "stages: [filter, rl, eval]\nrl:\n  model: base-model\n  pm: none\n", prompts)
     path.write_text(path.read_text().replace("data:\n", f"data:\n  rl_prompts: {prompts}\n"
                                                          f"  eval_verifiable: {prompts}\n"))
     recipe = load(path)
     assert [s.spec.name for s in recipe.stages] == ["filter", "rl", "eval"]
-    assert recipe.stage("filter").config.policy == "base-model"  # no sft: the recipe's model
+    assert recipe.stage("filter").config.model == "base-model"  # no sft: the recipe's model
     assert recipe.stage("filter").config.prompts == str(prompts.resolve())
     assert recipe.stage("rl").config.prompts == [str(run_dir / "5-filter" / "prompts.jsonl")]
     assert recipe.stage("eval").config.verifiable == str(prompts.resolve())
@@ -327,10 +328,10 @@ def test_a_stage_may_name_a_model_an_earlier_stage_of_this_run_has_yet_to_write(
     path = write_recipe(tmp_path, "", prompts)
     runs = tmp_path / "runs"
     sl = runs / "t" / "2-sft" / "model"
-    recipe = load(path, [f"eval.models=[base=base-model, sl={sl}]", f"rl.policy={sl}"])
+    recipe = load(path, [f"eval.models=[base=base-model, sl={sl}]", f"rl.model={sl}"])
     assert recipe.stage("eval").config.models[-1] == f"sl={sl}"
-    with pytest.raises(RecipeError, match="`rl.policy`: model .*: no such directory"):  # elsewhere: still checked
-        load(path, [f"rl.policy={runs / 'other' / '2-sft' / 'model'}"])
+    with pytest.raises(RecipeError, match="`rl.model`: model .*: no such directory"):  # elsewhere: still checked
+        load(path, [f"rl.model={runs / 'other' / '2-sft' / 'model'}"])
 
 
 def test_a_constitution_with_several_problems_says_how_many_and_where_to_see_them(tmp_path, prompts):
@@ -639,6 +640,29 @@ def test_a_non_scalar_key_is_a_problem_with_its_line(tmp_path):
     recipe.write_text("name: x\nsft:\n  [a, b]: 1\n")
     with pytest.raises(RecipeError, match=r"r.yaml:3: a key must be a plain name"):
         recipes.load(recipe, runs_dir=tmp_path)
+
+
+def test_a_choice_key_names_the_choices_as_the_command_line_does(tmp_path):
+    with pytest.raises(RecipeError, match=r"^--set rl.algo=ppo: `rl.algo` must be one of grpo, rloo, got 'ppo'"):
+        recipes.load(SMOKE, ["rl.algo=ppo"], runs_dir=tmp_path)
+
+
+def test_a_config_error_finds_the_key_whose_flag_is_spelt_differently(tmp_path):
+    """eval's `models` key is the command line's repeated --model: its errors say --model, and still point
+    at the key that set it."""
+    option = "eval.models=[a=embedded:tiny-random, a=embedded:tiny-random]"
+    with pytest.raises(RecipeError, match=rf"^--set {re.escape(option)}: eval: model label 'a' is used twice in --model"):
+        recipes.load(SMOKE, [option], runs_dir=tmp_path)
+
+
+@pytest.mark.parametrize("old, new", [("feedback.policy", "model"), ("rl.policy", "model"),
+                                      ("rl.checkpoint_every", "save_steps"),
+                                      ("feedback.samples_temperature", "temperature"),
+                                      ("sft.batch_size", "per_device_train_batch_size"),
+                                      ("dpo.loss", "loss_type")])
+def test_a_renamed_key_fails_naming_its_new_name(tmp_path, old, new):
+    with pytest.raises(RecipeError, match=rf"^--set {re.escape(old)}=x: `{re.escape(old)}` is renamed to `{new}`$"):
+        recipes.load(SMOKE, [f"{old}=x"], runs_dir=tmp_path)
 
 
 def test_summary_of_a_maths_eval_gives_pass_at_k_and_the_ratio():

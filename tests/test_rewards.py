@@ -1,4 +1,5 @@
-"""Rewards (cai/rewards.py): mixing, maths parsing, the code sandbox, format/length, the PM wrapper, monitors."""
+"""Rewards (cai/rewards/): mixing, maths parsing, format/length, the PM wrapper, monitors. The code
+sandbox has tests/test_sandbox.py."""
 
 from fractions import Fraction
 
@@ -9,14 +10,12 @@ from cai.errors import ConfigError, ModelError
 from cai.paths import bundled
 from cai.records import read_prompts
 from cai.rewards import (
-    CodeReward,
     CombinedReward,
     FormatReward,
     LengthPenalty,
     PreferenceModelReward,
     Thresholds,
     boilerplate_share,
-    extract_code,
     final_number,
     format_score,
     hacking_warnings,
@@ -25,7 +24,6 @@ from cai.rewards import (
     math_score,
     parse_number,
     parse_reward_spec,
-    run_tests,
     slope,
     weighted_sum,
 )
@@ -133,156 +131,6 @@ def test_every_bundled_math_answer_is_recognised_when_stated():
         assert math_score(f"Working it out step by step, the answer is {record['answer']}.", record["answer"]) == 1.0
 
 
-# ----------------------------------------------------------------------------- code sandbox
-
-TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
-
-
-def fenced(code: str) -> str:
-    return f"Here is the function:\n\n```python\n{code}\n```\n"
-
-
-@pytest.fixture(params=["audit-hook-only", "with-network-namespace"])
-def sandbox_mode(request, monkeypatch):
-    """Run the sandbox tests with the audit hook alone, and with a network namespace where available."""
-    if request.param == "audit-hook-only":
-        monkeypatch.setattr(rewards, "network_namespace_prefix", lambda: ())
-    elif not rewards.network_namespace_prefix():
-        pytest.skip("unprivileged network namespaces are not available here")
-    return request.param
-
-
-def test_code_passing_solution_scores_one(sandbox_mode):
-    assert run_tests("def add(a, b):\n    return a + b\n", TESTS).outcome == "passed"
-
-
-def test_code_failing_solution_scores_zero(sandbox_mode):
-    result = run_tests("def add(a, b):\n    return a - b\n", TESTS)
-    assert (result.outcome, result.score) == ("failed", 0.0)
-
-
-def test_code_infinite_loop_is_stopped_at_the_limit(sandbox_mode):
-    result = run_tests("def add(a, b):\n    while True:\n        pass\n", TESTS, timeout_s=1.0)
-    assert (result.outcome, result.score) == ("timeout", 0.0)
-
-
-def test_code_opening_a_network_socket_scores_zero_even_if_it_catches_the_error(sandbox_mode):
-    code = ("import socket\ndef add(a, b):\n    return a + b\n"
-            "try:\n    socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', 9))\n"
-            "except Exception:\n    pass\n")
-    result = run_tests(code, TESTS)
-    assert (result.outcome, result.score) == ("blocked", 0.0)
-    assert "socket" in result.detail
-
-
-@pytest.mark.parametrize("target", ["{outside}/escaped.txt", "../escaped.txt"])
-def test_code_writing_outside_its_directory_scores_zero(sandbox_mode, tmp_path, target):
-    path = target.format(outside=tmp_path)
-    code = (f"def add(a, b):\n    return a + b\ntry:\n    open({path!r}, 'w').write('x')\n"
-            "except Exception:\n    pass\n")
-    result = run_tests(code, TESTS)
-    assert (result.outcome, result.score) == ("blocked", 0.0)
-    assert not (tmp_path / "escaped.txt").exists()
-
-
-def test_code_may_write_inside_its_own_directory(sandbox_mode):
-    code = "open('scratch.txt', 'w').write('ok')\ndef add(a, b):\n    return a + b\n"
-    assert run_tests(code, TESTS).outcome == "passed"
-
-
-def test_code_that_exits_early_does_not_pass():
-    assert run_tests("import os\nos._exit(0)\n", TESTS).score == 0.0
-    assert run_tests("import sys\ndef add(a, b):\n    return a + b\nsys.exit(0)\n", TESTS).score == 0.0
-
-
-@pytest.mark.parametrize("hack", [
-    # the secret that proves the tests ran, printed without running them
-    "import __main__, os\nos.write(1, ('\\n' + getattr(__main__, 'nonce', '') + '\\n').encode())\nos._exit(0)\n",
-    # the tests swapped for ones that pass
-    "import __main__\n__main__.tests = compile('pass', 'tests.py', 'exec')\n",
-    # the runner's frame reached from the solution's, for its secret
-    "import sys, os\nf = sys._getframe()\nwhile f.f_back: f = f.f_back\n"
-    "os.write(1, ('\\n' + str(f.f_locals.get('nonce')) + '\\n').encode())\nos._exit(0)\n",
-    # every live object searched for it
-    "import gc, os\nfor o in gc.get_objects():\n    pass\nos._exit(0)\n",
-    # a tracer that skips the failing assert
-    "import sys\nsys.settrace(lambda *a: None)\n",
-    # the secret read from standard input before the runner reads it
-    "import sys, os\nos.write(1, ('\\n' + sys.stdin.readline()).encode())\nos._exit(0)\n",
-    # builtins the runner relies on replaced
-    "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
-    # the runner's own functions replaced before the tests start
-    "import __main__\nfor name in dir(__main__):\n    if callable(getattr(__main__, name)):\n"
-    "        setattr(__main__, name, lambda *a, **k: [x.append('ok') for x in a if isinstance(x, list)])\n",
-    # every list on the stack marked finished from inside a test, then the tests stopped
-    "import sys\ndef add(a, b):\n    f = sys._getframe()\n    while f:\n"
-    "        for v in list(f.f_locals.values()):\n            if isinstance(v, list):\n                v.append('ok')\n"
-    "        f = f.f_back\n    raise SystemExit(0)\n",
-])
-def test_code_cannot_forge_a_pass(hack):
-    assert run_tests(hack, "assert False").outcome != "passed"
-
-
-@pytest.mark.parametrize("hack", [
-    "import os\nfd = os.open({outside!r}, os.O_RDONLY)\nos.open('escaped', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n",
-    "import sqlite3\nsqlite3.connect({outside!r} + '/escaped').execute('create table t(x)')\n",
-    "import sqlite3\nsqlite3.connect('file:' + {outside!r} + '/escaped?mode=rwc', uri=True).execute('create table t(x)')\n",
-])
-def test_code_cannot_write_outside_through_a_directory_handle_or_sqlite(tmp_path, hack):
-    result = run_tests(hack.format(outside=str(tmp_path)), "pass")
-    assert result.outcome == "blocked" and not (tmp_path / "escaped").exists()
-
-
-def test_code_flooding_its_output_does_not_grow_the_parent():
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = run_tests("import sys\nwhile True:\n    sys.stdout.write('x' * 1000000)\n", "pass", timeout_s=2.0)
-    assert result.score == 0.0
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 100 * 1024  # KiB: under 100 MB
-
-
-def test_a_passing_solution_may_print_more_than_the_file_size_limit():
-    code = "import sys\nsys.stdout.write('x' * (20 << 20))\ndef add(a, b):\n    return a + b\n"
-    assert run_tests(code, TESTS, max_file_mb=16).outcome == "passed"
-
-
-def test_ordinary_code_still_runs_in_the_sandbox():
-    """What the guards must not stop: namedtuples, dataclasses and enums (they read the caller's frame),
-    tracebacks, threads, sqlite in memory and files in its own directory."""
-    code = ("import collections, dataclasses, enum, threading, traceback, sqlite3\n"
-            "P = collections.namedtuple('P', 'x y')\n"
-            "@dataclasses.dataclass\nclass D:\n    x: int\n"
-            "class E(enum.Enum):\n    A = 1\n"
-            "try:\n    1 / 0\nexcept ZeroDivisionError:\n    text = traceback.format_exc()\n"
-            "out = []\nt = threading.Thread(target=lambda: out.append(1)); t.start(); t.join()\n"
-            "sqlite3.connect(':memory:').execute('select 1')\n"
-            "sqlite3.connect('local.db').execute('create table t(x)')\n"
-            "def add(a, b):\n    return P(a, b).x + D(b).x + E.A.value - 1 + len(out) - 1\n")
-    assert run_tests(code, TESTS).outcome == "passed"
-
-
-def test_code_exceeding_the_memory_limit_scores_zero():
-    code = "blob = bytearray(1 << 31)\ndef add(a, b):\n    return a + b\n"
-    assert run_tests(code, TESTS, memory_mb=256).score == 0.0
-
-
-def test_extract_code_takes_the_last_python_block():
-    text = "```python\nx = 1\n```\nthen\n```bash\nls\n```\nfinally\n```python\ndef f():\n    return 2\n```"
-    assert extract_code(text) == "def f():\n    return 2\n"
-    assert extract_code("```\nprint(1)\n```") == "print(1)\n"
-    assert extract_code("no code here") is None
-
-
-def test_code_reward_scores_and_counts_outcomes():
-    reward = CodeReward(timeout_s=1.0)
-    completions = [answer(fenced("def add(a, b):\n    return a + b")), answer(fenced("def add(a, b):\n    return 0")),
-                   answer("I would add them."), answer("no tests for this one")]
-    scores = reward([PROMPT] * 4, completions, tests=[TESTS, TESTS, TESTS, None])
-    assert scores == [1.0, 0.0, 0.0, None]
-    assert reward.counts == {"passed": 1, "failed": 1, "no-code": 1}
-
-
 # ----------------------------------------------------------------------------- format and length
 
 
@@ -368,7 +216,9 @@ def test_contrast_judge_scores_each_answer(tiny_engine):
     prompts = [PROMPT, PROMPT, PROMPT]
     scores = judge(prompts, ["Five.", "", "Five."])
     assert scores[1] is None and isinstance(scores[0], float)
-    assert scores[0] == pytest.approx(scores[2])  # same prompt, same principle, same answer
+    # Same prompt, principle and answer at two batch positions: equal up to kernel rounding (fp32 kernels
+    # differ by ~3e-6 relative between positions on CPUs without AVX512-BF16).
+    assert scores[0] == pytest.approx(scores[2], rel=1e-4, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- preference model
@@ -414,9 +264,9 @@ def test_pm_scores_text_rendered_with_its_own_template(other_pm_dir, tiny_engine
     assert sorted(seen) == sorted(expected)  # the PM received exactly its own rendering
     assert all(text.startswith("### USER:") and "<|im_start|>" not in text for text in seen)
     reward.model.forward = forward
-    assert scores == pytest.approx(reward.score_texts(expected))
+    assert scores == pytest.approx(reward.score_texts(expected), rel=1e-4, abs=1e-5)
     policy_rendered = [tiny_engine.tokenizer.apply_chat_template(PROMPT + c, tokenize=False) for c in completions]
-    assert scores != pytest.approx(reward.score_texts(policy_rendered))
+    assert scores != pytest.approx(reward.score_texts(policy_rendered), rel=1e-4, abs=1e-5)
 
 
 def test_pm_directory_accepts_a_pm_train_output_directory(other_pm_dir, tmp_path):

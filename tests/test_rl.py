@@ -66,7 +66,7 @@ def test_beta_comes_from_cai_never_from_trl_defaults(algo, tmp_path):
 
 
 def test_fewer_prompts_than_a_step_takes_is_an_error_not_zero_steps(tiny_model_dir, prompt_files, tmp_path):
-    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
+    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), model=tiny_model_dir,
                    reward=["math:1"], limit=1, prompts_per_step=2)
     with pytest.raises(ConfigError, match="1 prompt.* --prompts-per-step 2"):
         rl.run(cfg, StageContext(device="cpu"))
@@ -74,7 +74,7 @@ def test_fewer_prompts_than_a_step_takes_is_an_error_not_zero_steps(tiny_model_d
 
 def test_verifiable_rewards_on_prompts_none_of_which_can_score_are_an_error(tiny_model_dir, prompt_files, tmp_path):
     """Every answer would score 0: the run trained on zeros for its steps and reported success."""
-    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
+    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), model=tiny_model_dir,
                    reward=["math:1"], limit=4, prompts_per_step=2, judge="none")
     with pytest.raises(ConfigError, match="none of the 4 prompts has an `answer` or `tests`"):
         rl.run(cfg, StageContext(device="cpu"))
@@ -109,9 +109,9 @@ def target_share(prompts, completions, completion_ids=None, **kwargs):
 def test_grpo_steps_raise_the_mean_reward(tiny_model_dir, prompt_files, tmp_path, monkeypatch):
     monkeypatch.setattr(rl, "build_reward", lambda cfg, tokenizer, device, observers=():
                         (CombinedReward([("target", target_share, 1.0)], observers), {}))
-    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
+    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), model=tiny_model_dir,
                    reward=["format:1"], max_steps=8, lr=5e-2, lora_r=0, num_generations=8, max_new_tokens=10,
-                   judge="none", checkpoint_every=100)
+                   judge="none", save_steps=100)
     result = rl.run(cfg, StageContext(device="cpu"))
     history = metrics_of(tmp_path / "rl")
     assert [r["step"] for r in history] == list(range(1, 9))
@@ -144,9 +144,9 @@ def test_lora_rl_on_a_cpu_with_native_bf16_trains_fp32_adapters_over_a_bf16_base
             return result
 
     monkeypatch.setattr(rl, "_trainer_class", lambda algo: Spy)
-    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), policy=tiny_model_dir,
+    cfg = RLConfig(prompts=[str(prompt_files[0])], out=str(tmp_path / "rl"), model=tiny_model_dir,
                    reward=["format:1"], max_steps=2, lr=1e-2, lora_r=4, num_generations=4, max_new_tokens=6,
-                   judge="none", checkpoint_every=100)
+                   judge="none", save_steps=100)
     result = rl.run(cfg, StageContext(device="cpu"))
     assert seen["frozen"] == {torch.bfloat16}
     assert seen["lora"] and {dtype for dtype, _ in seen["lora"].values()} == {torch.float32}
@@ -166,8 +166,8 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_a_finished_run_is_skipp
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "rl"
-    cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), policy=tiny_model_dir, reward=["math:1"],
-                   max_steps=4, max_new_tokens=6, judge="none", checkpoint_every=2, lora_r=4)
+    cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), model=tiny_model_dir, reward=["math:1"],
+                   max_steps=4, max_new_tokens=6, judge="none", save_steps=2, lora_r=4)
     original_log = rl.Monitor.log
     logged_steps, kill = [], [True]
 
@@ -207,8 +207,8 @@ def test_ctrl_c_while_a_step_logs_saves_the_next_one_and_the_resume_trains_only_
     import signal
 
     out = tmp_path / "rl"
-    cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), policy=tiny_model_dir, reward=["math:1"],
-                   max_steps=4, max_new_tokens=6, judge="none", checkpoint_every=100, lora_r=4)
+    cfg = RLConfig(prompts=[str(p) for p in prompt_files], out=str(out), model=tiny_model_dir, reward=["math:1"],
+                   max_steps=4, max_new_tokens=6, judge="none", save_steps=100, lora_r=4)
     original_log = rl.Monitor.log
     logged_steps, interrupt = [], [True]
 
@@ -236,7 +236,7 @@ def test_ctrl_c_while_a_step_logs_saves_the_next_one_and_the_resume_trains_only_
 def test_cli_runs_rloo_on_verifiable_rewards_without_a_pm(tiny_model_dir, prompt_files, tmp_path):
     out = tmp_path / "rl"
     result = runner.invoke(app, [
-        "rl", "--policy", tiny_model_dir, "--prompts", str(prompt_files[1]), "--prompts", str(prompt_files[0]),
+        "rl", "--model", tiny_model_dir, "--prompts", str(prompt_files[1]), "--prompts", str(prompt_files[0]),
         "--out", str(out), "--algo", "rloo", "--reward", "math:1", "--reward", "format:0.5", "--beta", "0",
         "--max-steps", "2", "--max-new-tokens", "6", "--json"])
     assert result.exit_code == 0, result.output
@@ -251,7 +251,7 @@ def test_cli_runs_rloo_on_verifiable_rewards_without_a_pm(tiny_model_dir, prompt
 
 
 def test_cli_refuses_a_pm_reward_without_a_pm(tiny_model_dir, prompt_files, tmp_path):
-    result = runner.invoke(app, ["rl", "--policy", tiny_model_dir, "--prompts", str(prompt_files[0]),
+    result = runner.invoke(app, ["rl", "--model", tiny_model_dir, "--prompts", str(prompt_files[0]),
                                  "--out", str(tmp_path / "rl")])
     assert isinstance(result.exception, ConfigError) and "--pm" in str(result.exception)
 
@@ -290,3 +290,23 @@ def test_a_resumed_run_draws_each_pass_over_the_prompts_in_the_same_order():
     resumed = orders(rl.epoch_seeded(RepeatSampler(list(range(12)), mini_repeat_count=2, seed=7)), [1, 2])
     assert resumed == uninterrupted[1:]
     assert uninterrupted[0] != uninterrupted[1]  # still shuffled afresh each pass
+
+
+def test_cli_refuses_a_code_reward_without_a_sandbox_before_loading_a_model(prompt_files, tmp_path, monkeypatch):
+    from cai.errors import MissingDependency
+    from cai.rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "_find_bwrap", lambda: None)
+    monkeypatch.setattr(rl, "build_reward", lambda *a, **k: pytest.fail("a reward was built"))
+    sandbox.sandbox_problem.cache_clear()
+    try:
+        args = ["rl", "--model", "no/such-model", "--prompts", str(prompt_files[1]), "--out", str(tmp_path / "rl"),
+                "--reward", "code:1", "--reward", "math:1"]
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, MissingDependency)
+        assert "apt-get install bubblewrap" in str(result.exception)
+        assert not (tmp_path / "rl" / "manifest.json").exists()
+        unsafe = runner.invoke(app, [*args, "--unsafe-run-code"])  # goes on, warns, then fails on the model
+        assert "UNSANDBOXED" in unsafe.stderr and not isinstance(unsafe.exception, MissingDependency)
+    finally:
+        sandbox.sandbox_problem.cache_clear()

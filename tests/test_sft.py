@@ -43,7 +43,7 @@ def helpful_file(tmp_path):
 
 def cfg_for(critique_file, tmp_path, model, **overrides):
     values = {"data": str(critique_file), "out": str(tmp_path / "sft"), "model": model, "lr": 5e-3,
-              "max_steps": 4, "batch_size": 4, "max_length": 256, "save_steps": 100}
+              "max_steps": 4, "per_device_train_batch_size": 4, "max_length": 256, "save_steps": 100}
     values.update(overrides)
     return SFTConfig(**values)
 
@@ -148,7 +148,7 @@ def test_qlora_4bit_trains_and_saves_a_full_precision_model(critique_file, tmp_p
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(critique_file, tmp_path, tiny_model_dir, monkeypatch):
-    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, batch_size=2)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, per_device_train_batch_size=2)
     real_callback = sft.report_callback
     interrupted = []
 
@@ -212,7 +212,7 @@ def test_ctrl_c_saves_the_step_under_way_and_the_run_resumes_from_it(critique_fi
     import signal
 
     handler = signal.getsignal(signal.SIGINT)
-    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=5, save_steps=100, batch_size=2)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=5, save_steps=100, per_device_train_batch_size=2)
     real_callback = _interrupting_at_step(monkeypatch, 3, interrupts=1)
     reporter = NullReporter()
     with pytest.raises(KeyboardInterrupt):
@@ -234,7 +234,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(critique_file, tmp_path, t
     import signal
 
     handler = signal.getsignal(signal.SIGINT)
-    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=5, save_steps=100, batch_size=2)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=5, save_steps=100, per_device_train_batch_size=2)
     _interrupting_at_step(monkeypatch, 3, interrupts=2)
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg, StageContext(device="cpu"))
@@ -248,7 +248,7 @@ def test_a_kill_after_the_final_save_resumes_from_the_checkpoints_without_traini
 
     from cai.manifest import Manifest
 
-    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, batch_size=2)
+    cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, per_device_train_batch_size=2)
     real_complete = Manifest.complete
 
     def killed(self, *args, **kwargs):  # the model is saved; the kill comes before the manifest says so

@@ -130,10 +130,10 @@ def test_limit_is_a_scope_where_records_depend_on_their_prompt_only(stage):
 # Each stage with a --limit: its config class and the fewest other fields it needs.
 LIMITED_CONFIGS = {
     "critique": ("cai.stages.critique", "CritiqueConfig", {"prompts": "p.jsonl"}),
-    "feedback": ("cai.stages.feedback", "FeedbackConfig", {"prompts": "p.jsonl", "policy": "m", "out": "f.jsonl"}),
+    "feedback": ("cai.stages.feedback", "FeedbackConfig", {"prompts": "p.jsonl", "model": "m", "out": "f.jsonl"}),
     "feedback-eval": ("cai.stages.feedback", "FeedbackEvalConfig", {"pairs": "p.jsonl"}),
     "eval": ("cai.stages.evaluate", "EvalConfig", {}),
-    "rl": ("cai.stages.rl", "RLConfig", {"policy": "m", "prompts": ["p.jsonl"], "reward": ["length:1"]}),
+    "rl": ("cai.stages.rl", "RLConfig", {"model": "m", "prompts": ["p.jsonl"], "reward": ["length:1"]}),
     "pm-eval": ("cai.stages.pm", "PMEvalConfig", {"model": "pm", "pairs": "p.jsonl"}),
 }
 

@@ -96,9 +96,10 @@ def check_at_least_one(cfg: Any, *names: str) -> None:
     """Each named option of `cfg` (a batch size, a step or token count) is at least 1: 0 would crash deep
     in the engine or trainer (a range step of 0, no batches) or quietly do nothing. The error names the
     option as the CLI spells it, which also puts a recipe's error on the line that set it."""
+    flags = {f.name: option_flag(f) for f in dataclasses.fields(cfg)}
     for name in names:
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+            raise ConfigError(f"--{flags[name]} {getattr(cfg, name)} must be >= 1")
 
 
 def check_jsonl_out(out: str, stage: str) -> None:
@@ -240,9 +241,7 @@ class _FirstInterruptStops:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def help_of(cfg_class: type, name: str) -> str:
-    """A config field's help text: the only documentation of an option (STYLE.md 2)."""
-    for f in dataclasses.fields(cfg_class):
-        if f.name == name:
-            return f.metadata["help"]
-    raise KeyError(f"{cfg_class.__name__} has no field {name!r}")
+def option_flag(f: dataclasses.Field) -> str:
+    """A config field's name as an option (`max_new_tokens` -> `max-new-tokens`; `metadata={"flag": ...}`
+    where they differ): the command line's `--NAME` and what config errors and recipe errors call it."""
+    return f.metadata.get("flag", f.name.replace("_", "-"))

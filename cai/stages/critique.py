@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError
 from cai.manifest import Manifest, StageResult
-from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
+from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, check_precision
 from cai.stages.base import (
     StageContext,
     check_at_least_one,
@@ -46,7 +47,7 @@ from cai.stages.base import (
 
 
 @dataclass
-class CritiqueConfig:
+class CritiqueConfig(EngineOptions):
     """`cai critique`: initial answer -> N x (critique, revision) records (DESIGN.md, "Records").
 
     NOTE: `temperature` defaults to 0.7 (the paper sampled its critiques and revisions). Sampling is
@@ -84,7 +85,7 @@ class CritiqueConfig:
         "help": "Nucleus sampling mass in (0, 1]; unused when temperature is 0."})
     seed: int = field(default=0, metadata={
         "help": "Seed for principle draws and sampling (each prompt and step derives its own from it)."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     # How to run it (does not change the records)
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences generated together per engine batch (lower it if memory runs out)."})
@@ -95,6 +96,7 @@ class CritiqueConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_precision(self.precision)
         check_jsonl_out(self.out, "critique")
         check_at_least_one(self, "revisions", "max_new_tokens", "batch_size", "chunk_size")
@@ -211,7 +213,8 @@ def build_engine(cfg: CritiqueConfig, device: str | None):
     """The engine the stage generates with (tests replace this function with a stub)."""
     from cai.engine import Engine
 
-    return Engine.from_reference(cfg.model, batch_size=cfg.batch_size, device=device, precision=cfg.precision)
+    return Engine.from_reference(cfg.model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
+                                 options=cfg)
 
 
 def _sampling(cfg: CritiqueConfig):
@@ -292,6 +295,7 @@ def count_kept_previous(records: list[dict[str, Any]]) -> Counter:
 
 def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     from cai import constitution as c
+    from cai.models import check_prompts_fit
     from cai.records import Resume, read_prompts
 
     ctx = ctx or StageContext()
@@ -316,7 +320,9 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
         if resume.done:
             ctx.reporter.log(f"resuming: {resume.done} records already in {out}, {len(resume.todo)} prompts to go")
         task = ctx.reporter.task("critique", total=len(resume.todo), unit="prompts")
-        engine = build_engine(cfg, ctx.device) if resume.todo else None
+        if resume.todo:
+            engine = build_engine(cfg, ctx.device)
+            check_prompts_fit(engine, resume.todo, cfg.prompts, cfg.max_new_tokens, lambda p: c.answer_messages(cons, p))
         for chunk in resume:
             resume.write(critique_chunk(engine, cons, chunk, cfg, on_tokens))
             task.advance(len(chunk))

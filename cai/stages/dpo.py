@@ -1,6 +1,6 @@
 """Offline path: DPO on the mixed human/AI preferences, as an alternative to PM + RL.
 
-    cai dpo --policy runs/x/2-sft/model --ai runs/x/3-feedback/prefs.jsonl \\
+    cai dpo --model runs/x/2-sft/model --ai runs/x/3-feedback/prefs.jsonl \\
             --human data/helpful_prefs_example.jsonl --out runs/x/5-dpo/model --soft-labels
 
 - The pairs are prepared exactly as `cai pm train` prepares them, with its own functions: pairs with
@@ -19,7 +19,7 @@
   pair as certain: the per-pair loss is the cross-entropy against the soft label (`soft_dpo_loss`),
   which is conservative DPO (Mitchell 2023) with label smoothing 1 - p per pair. trl's
   `label_smoothing` is one number for the whole run, so `CaiDPOTrainer` carries `p_chosen` through the
-  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's. `--loss
+  collator and replaces only the loss of the sigmoid and IPO cases; everything else is trl's. `--loss-type
   robust` is trl's robust DPO with one label-noise rate, the mean of 1 - p_chosen.
 - Checkpoints go to `DIR/checkpoints` and a re-run resumes from the last one; the final model is a
   standalone merged directory (`from_pretrained(DIR)`, the adapter kept in `DIR/adapter`), and the
@@ -38,7 +38,7 @@ from typing import Any
 from cai import records
 from cai.errors import ConfigError
 from cai.manifest import Manifest, StageResult
-from cai.models import DEFAULT_MODEL
+from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.stages.base import (
     StageContext,
     check_at_least_one,
@@ -57,7 +57,7 @@ from cai.stages.pm import (
     without_ties,
 )
 
-LOSSES = ("sigmoid", "ipo", "robust")  # --loss choices; each is the trl loss_type of the same name
+LOSSES = ("sigmoid", "ipo", "robust")  # --loss-type choices; each is the trl loss_type of the same name
 LORA_LR = 5e-5  # default learning rate with LoRA/QLoRA adapters
 FULL_LR = 1e-6  # default learning rate for full fine-tuning (trl's DPOConfig default)
 MAX_ROBUST_SMOOTHING = 0.49  # trl's robust loss divides by 1 - 2 * epsilon: keep epsilon below 0.5
@@ -67,7 +67,7 @@ MAX_ROBUST_SMOOTHING = 0.49  # trl's robust loss divides by 1 - 2 * epsilon: kee
 class DPOConfig:
     """`cai dpo`: one field per option; recipes use the same names as keys."""
 
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Starting policy (usually the SL-CAI model): embedded:NAME, a hub id or a local directory. "
                 "It is also the DPO reference model."})
     ai: str | None = field(default=None, metadata={
@@ -91,14 +91,14 @@ class DPOConfig:
     beta: float = field(default=0.1, metadata={
         "help": "DPO beta: strength of the implicit KL penalty to the reference (> 0; higher stays closer). "
                 "0.1 is trl's default."})
-    loss: str = field(default="sigmoid", metadata={
+    loss_type: str = field(default="sigmoid", metadata={"choices": LOSSES,
         "help": "DPO loss: sigmoid (Rafailov et al. 2023), ipo (squared loss, length-normalised as in trl) or "
                 "robust (label-noise corrected, with the noise rate taken as the mean of 1 - p_chosen)."})
     soft_labels: bool = field(default=False, metadata={
         "help": "Train on each pair's p_chosen instead of treating every pair as certain: per-pair label "
-                "smoothing 1 - p (conservative DPO). Works with --loss sigmoid and ipo; p = 1 is the ordinary "
+                "smoothing 1 - p (conservative DPO). Works with --loss-type sigmoid and ipo; p = 1 is the ordinary "
                 "loss, p = 0.5 pulls toward no preference."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy in NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank (alpha = 2r, every linear layer); the reference is the adapter-disabled model. "
@@ -114,9 +114,8 @@ class DPOConfig:
     max_length: int = field(default=512, metadata={
         "help": "Tokens per sequence (prompt + answer, chat template included). Longer answers are cut at the "
                 "end; pairs whose prompt alone fills it are dropped to DIR/dropped.jsonl."})
-    batch_size: int = field(default=4, metadata={
-        "help": "Preference pairs per optimizer step (each pair is two sequences). Changes training, so it is "
-                "part of the config hash."})
+    per_device_train_batch_size: int = field(default=4, metadata={
+        "help": "Preference pairs per optimizer step on each device (each pair is two sequences)."})
     save_steps: int = field(default=50, metadata={
         "hash": False,
         "help": "Save a checkpoint to DIR/checkpoints every this many steps (a re-run resumes from the last)."})
@@ -132,11 +131,11 @@ class DPOConfig:
             self.quantize = None
         if self.quantize not in (None, "4bit"):
             raise ConfigError(f"--quantize {self.quantize!r} is not supported -- use 4bit or none")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"--loss {self.loss!r} is not a DPO loss cai offers -- use one of: {', '.join(LOSSES)}")
-        if self.soft_labels and self.loss == "robust":
-            raise ConfigError("--soft-labels with --loss robust: robust DPO already corrects for label noise "
-                              "with one rate for all pairs (the mean of 1 - p_chosen) -- use --loss sigmoid (or "
+        if self.loss_type not in LOSSES:
+            raise ConfigError(f"--loss-type {self.loss_type!r} is not a DPO loss cai offers -- use one of: {', '.join(LOSSES)}")
+        if self.soft_labels and self.loss_type == "robust":
+            raise ConfigError("--soft-labels with --loss-type robust: robust DPO already corrects for label noise "
+                              "with one rate for all pairs (the mean of 1 - p_chosen) -- use --loss-type sigmoid (or "
                               "ipo) with --soft-labels for per-pair confidences, or drop --soft-labels")
         if self.lora_r < 0:
             raise ConfigError(f"--lora-r {self.lora_r} -- use a rank >= 1 for LoRA, or 0 for full fine-tuning")
@@ -150,7 +149,7 @@ class DPOConfig:
             raise ConfigError(f"--eval-fraction {self.eval_fraction} -- use a share in [0, 0.5] (0: hold out nothing)")
         if self.beta <= 0:
             raise ConfigError(f"--beta {self.beta} -- DPO's beta must be > 0 (trl's default is 0.1)")
-        check_at_least_one(self, "epochs", "batch_size", "save_steps")
+        check_at_least_one(self, "epochs", "per_device_train_batch_size", "save_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to train for "
                               f"{self.epochs} epoch(s)")
@@ -407,7 +406,7 @@ def precompute_reference(cfg: DPOConfig, pairs: int) -> bool:
     """Whether to compute the reference log-probs of every pair once before training instead of keeping a
     reference copy of the model: for full fine-tuning (LoRA needs neither: it disables the adapter) when
     the run makes at least one pass over the pairs, so no forward pass is wasted on pairs never trained on."""
-    return cfg.lora_r == 0 and (cfg.max_steps is None or cfg.max_steps * cfg.batch_size >= pairs)
+    return cfg.lora_r == 0 and (cfg.max_steps is None or cfg.max_steps * cfg.per_device_train_batch_size >= pairs)
 
 
 def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any]], output_dir: Path,
@@ -427,7 +426,7 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any
     args = TrlDPOConfig(
         output_dir=str(output_dir),
         beta=cfg.beta,
-        loss_type=[cfg.loss],
+        loss_type=[cfg.loss_type],
         label_smoothing=label_smoothing,
         max_length=cfg.max_length,
         truncation_mode="keep_start",
@@ -435,11 +434,11 @@ def build_trainer(cfg: DPOConfig, model, tokenizer, examples: list[dict[str, Any
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
         # trl logs the mean of its per-batch means: one pair a batch makes the held-out accuracy a share
         # of pairs (a short last batch would otherwise weigh as much as a full one).
         per_device_eval_batch_size=1,
-        precompute_ref_batch_size=cfg.batch_size,  # else it follows the eval batch size
+        precompute_ref_batch_size=cfg.per_device_train_batch_size,  # else it follows the eval batch size
         eval_strategy="no",  # evaluated once, after training
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -493,7 +492,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     if not cfg.out:
         raise ConfigError("dpo needs an output directory -- pass --out DIR")
     out = Path(cfg.out)
-    manifest = Manifest("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.policy, "ai": cfg.ai, "human": cfg.human},
+    manifest = Manifest("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.model, "ai": cfg.ai, "human": cfg.human},
                         outputs=[out], force=cfg.force, scratch=[out / "checkpoints"])
     if (done := manifest.previous()) is not None:
         return done
@@ -509,7 +508,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     mix = pairs.mix
     ctx.reporter.log(f"dpo: training mix: {mix.summary()}; held out {len(pairs.heldout_ai)} AI + "
                      f"{len(pairs.heldout_human)} human")
-    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device)
+    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
     examples, too_long, truncated = screen_pairs(mix.records, tokenizer, cfg.max_length)
     heldout = {}
     for name, side in (("ai", pairs.heldout_ai), ("human", pairs.heldout_human)):
@@ -526,8 +525,8 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     if truncated:
         ctx.reporter.log(f"dpo: {truncated} pairs have an answer longer than --max-length {cfg.max_length}; "
                          "its end is cut")
-    label_smoothing = robust_label_noise([e["p_chosen"] for e in examples]) if cfg.loss == "robust" else 0.0
-    if cfg.loss == "robust":
+    label_smoothing = robust_label_noise([e["p_chosen"] for e in examples]) if cfg.loss_type == "robust" else 0.0
+    if cfg.loss_type == "robust":
         ctx.reporter.log(f"dpo: robust loss with label-noise rate {label_smoothing:.3f} (mean of 1 - p_chosen)")
 
     checkpoints = out / "checkpoints"
@@ -550,7 +549,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     train_seconds = time.perf_counter() - started
     evaluation = evaluate_heldout(trainer)
 
-    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.policy)
+    save_standalone(trainer.model, tokenizer, out, base_reference=cfg.model)
     history = trainer.state.log_history
     records.write_jsonl(out / "metrics.jsonl", history)  # the checkpoints go with complete()
 
@@ -574,7 +573,7 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
         metrics[f"heldout_accuracy_{side}"] = evaluation.get(side, {}).get("eval_rewards/accuracies")
         metrics[f"heldout_margin_{side}"] = evaluation.get(side, {}).get("eval_rewards/margins")
     summary = (f"{counts['steps']} steps on {mix.summary()}"
-               f"{f', {len(dropped)} dropped' if dropped else ''}; loss {cfg.loss}"
+               f"{f', {len(dropped)} dropped' if dropped else ''}; loss {cfg.loss_type}"
                f"{' with soft labels' if cfg.soft_labels else ''}")
     accuracies = [f"{name} {metrics[f'heldout_accuracy_{side}']:.0%} of {counts[f'{side}_heldout']}"
                   for side, name in (("ai", "AI"), ("human", "human"))

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError
 from cai.manifest import Manifest, StageResult, labelled
-from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
+from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, QUANTIZE_CHOICES, check_precision
 from cai.paths import bundled
 from cai.stages.base import (
     StageContext,
@@ -47,29 +48,38 @@ JUDGE_METHODS = ("auto", "mc", "contrast")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EngineOptions):
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL], metadata={
-        "help": "Models to evaluate, each LABEL=REF or REF (embedded:NAME, hub id or directory); the first "
+        "flag": "model", "help": "Models to evaluate, each LABEL=REF or REF (embedded:NAME, hub id or directory); the first "
                 "is the baseline in the report. Repeat --model for several."})
     harmful: str | None = field(default=str(bundled("data/eval_harmful.jsonl")), metadata={
         "help": "Harmful prompts (JSONL/CSV with a prompt column, or .txt, one per line): refusing them is the "
                 "harmless outcome. none: no harmful prompts."})
     benign: str | None = field(default=str(bundled("data/eval_benign.jsonl")), metadata={
         "help": "Benign prompts: refusing them is over-refusal. none: no benign prompts."})
+    benchmarks: list[str] = field(default_factory=list, metadata={
+        "help": "Third-party red-team or over-refusal sets in their published formats, reported apart from "
+                "--harmful/--benign with n and a 95% interval: HarmBench CSV (Behavior), XSTest CSV (prompt, "
+                "label safe/unsafe), StrongREJECT (forbidden_prompt), AdvBench (goal), or any prompt file; "
+                "harmful:PATH or benign:PATH keeps or names one side (a label column decides otherwise). "
+                "Repeat --benchmark for several."})
+    harmbench_categories: str = field(default="standard", metadata={
+        "help": "HarmBench rows kept, by FunctionalCategory, comma-separated (standard, contextual, copyright); "
+                "all: every row."})
     verifiable: str | None = field(default=None, metadata={
         "help": "Problems with an `answer` (maths) or `tests` (code), e.g. data/maths_heldout.jsonl: each model's "
                 "greedy pass@1 and sampled pass@k on them. Left out (or none): skip."})
     k: int = field(default=4, metadata={"help": "Tries in pass@k (and in all@k: solved in every one of k tries)."})
     samples: int = field(default=8, metadata={
         "help": "Answers sampled per verifiable problem (n >= k) for the unbiased pass@k estimate."})
-    sample_temperature: float = field(default=1.0, metadata={
+    temperature: float = field(default=1.0, metadata={
         "help": "Temperature of the sampled answers for pass@k (> 0; pass@1 is greedy)."})
     out: str = field(default="eval", metadata={
         "help": "Output directory (answers.jsonl, metrics.json, report.html...).", "hash": False})
     judge: str | None = field(default=DEFAULT_MODEL, metadata={
         "help": "Judge model for harmlessness and head-to-head comparisons; none: refusal detector and PM only."})
     judge_method: str = field(default="auto", metadata={
-        "help": "How the judge compares two answers: mc (log-prob multiple choice), contrast (likelihood "
+        "choices": JUDGE_METHODS, "help": "How the judge compares two answers: mc (log-prob multiple choice), contrast (likelihood "
                 "under principle-following vs -ignoring system prompts; for small judges), auto (as cai feedback)."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution whose judge principles the judge uses (file or bundled name)."})
@@ -84,8 +94,8 @@ class EvalConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "Answer length limit, in tokens."})
     head_to_head: bool = field(default=True, metadata={
         "help": "Compare every pair of models with the judge and compute Elo ratings."})
-    quantize: str | None = field(default=None, metadata={"help": "4bit: load the models in 4 bits. Left out (or none): full precision."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES, "help": "4bit: load the models in 4 bits. Left out (or none): full precision."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     seed: int = field(default=0, metadata={"help": "Seed for drawing judge principles."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per generation/scoring batch.", "hash": False})
     examples: int = field(default=6, metadata={
@@ -94,6 +104,7 @@ class EvalConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_directory_out(self.out, "eval", "eval")
         check_precision(self.precision)
         check_limit(self.limit)
@@ -107,16 +118,21 @@ class EvalConfig:
         if self.judge_method not in JUDGE_METHODS:
             raise ConfigError(f"--judge-method {self.judge_method!r} -- use one of {', '.join(JUDGE_METHODS)}")
         self.judge, self.pm = none_as_missing(self.judge), none_as_missing(self.pm)
+        names = [benchmark_name(spec) for spec in self.benchmarks]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"--benchmark {self.benchmarks}: two sets named {sorted(names)} -- the file name "
+                              "(without extension) names a set in the report; rename or copy one")
         self.harmful, self.benign = none_as_missing(self.harmful), none_as_missing(self.benign)
         self.verifiable = none_as_missing(self.verifiable)
-        if not (self.harmful or self.benign or self.verifiable):
-            raise ConfigError("eval has no prompts: --harmful, --benign and --verifiable are all none -- give at least one")
+        if not (self.harmful or self.benign or self.verifiable or self.benchmarks):
+            raise ConfigError("eval has no prompts: --harmful, --benign and --verifiable are all none and there is no "
+                              "--benchmark -- give at least one")
         check_at_least_one(self, "principles", "max_new_tokens", "k")
         if self.samples < self.k:
             raise ConfigError(f"--samples {self.samples} is fewer than --k {self.k}: pass@k is estimated from at "
                               f"least k answers -- give --samples {self.k} or more")
-        if not self.sample_temperature > 0:
-            raise ConfigError(f"--sample-temperature {self.sample_temperature}: sampling needs a temperature > 0")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature {self.temperature}: sampling needs a temperature > 0")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -164,6 +180,43 @@ def is_refusal(text: str) -> bool:
     """True when an answer declines the request (see `REFUSAL_PATTERNS`). An empty answer counts as a
     refusal: it neither helps nor harms, and on a benign prompt it is a failure."""
     return not text.strip() or refusal_match(text) is not None
+
+
+def benchmark_name(spec: str) -> str:
+    """A third-party set's name in the report: its file name without extensions (`harmbench_behaviors`)."""
+    from cai.records import split_eval_spec
+
+    return Path(split_eval_spec(spec)[1]).name.split(".")[0]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a rate (95% at z = 1.96): unlike p +- z sqrt(p(1-p)/n) it stays inside
+    [0, 1] and is not zero-width at 0 or n successes, so 0 of 41 reads as 0-8.6%, not 0-0%."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def benchmark_metrics(labels: list[str], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Refusal rates on each third-party set and side, per model, with n and a 95% Wilson interval:
+    {"NAME/SIDE": {"set", "side", "models": {label: {"n", "refused", "refusal_rate", "ci95"}}}}."""
+    sets: dict[str, Any] = {}
+    for answer in answers:
+        if answer.get("set") is None or answer["model"] not in labels:
+            continue
+        entry = sets.setdefault(f"{answer['set']}/{answer['prompt_kind']}",
+                                {"set": answer["set"], "side": answer["prompt_kind"], "models": {}})
+        counts = entry["models"].setdefault(answer["model"], {"n": 0, "refused": 0})
+        counts["n"] += 1
+        counts["refused"] += int(bool(answer["refusal"]))
+    for entry in sets.values():
+        for counts in entry["models"].values():
+            counts["refusal_rate"] = counts["refused"] / counts["n"]
+            counts["ci95"] = list(wilson_interval(counts["refused"], counts["n"]))
+    return sets
 
 
 def parse_model(spec: str) -> tuple[str, str]:
@@ -251,7 +304,7 @@ def summarize(labels: list[str], answers: list[dict[str, Any]], judgments: list[
 
     models: dict[str, dict[str, Any]] = {}
     for label in labels:
-        mine = [a for a in answers if a["model"] == label]
+        mine = [a for a in answers if a["model"] == label and a.get("set") is None]
         harmful = [a for a in mine if a["prompt_kind"] == "harmful"]
         benign = [a for a in mine if a["prompt_kind"] == "benign"]
         reference = [j["p_a"] for j in judgments if j["type"] == "reference" and j["a"] == label
@@ -277,6 +330,8 @@ def summarize(labels: list[str], answers: list[dict[str, Any]], judgments: list[
         if greedy:
             models[label]["verifiable"] = passk.summarize(greedy, (sampled or {}).get(label, {}), k)
     metrics: dict[str, Any] = {"labels": labels, "models": models}
+    if benchmarks := benchmark_metrics(labels, answers):
+        metrics["benchmarks"] = benchmarks
     for kind, key in (("harmful", "elo"), ("benign", "elo_benign")):
         wins = win_matrix(labels, judgments, kind)
         if len(labels) > 1 and any(any(row) for row in wins):
@@ -326,7 +381,7 @@ def make_judge(cfg: EvalConfig, ctx: StageContext) -> JudgeFn:
     loaded = constitution_module.load(cfg.constitution)
     loaded.check_judge_principles(cfg.principles)
     engine = Engine.from_reference(cfg.judge, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device,
-                                   precision=cfg.precision)
+                                   precision=cfg.precision, options=cfg)
     judge = Judge(engine, loaded, method=cfg.judge_method, swap=True)
 
     def compare(items: list[tuple[Any, str, str, str]]) -> list[float]:
@@ -353,7 +408,14 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.models import check_reference
     from cai.passk import check_answers, score_answers
-    from cai.records import RecordWriter, Resume, as_messages, read_prompts
+    from cai.records import (
+        RecordWriter,
+        Resume,
+        as_messages,
+        read_eval_set,
+        read_prompts,
+        split_eval_spec,
+    )
 
     out = Path(cfg.out)
     models = [parse_model(m) for m in cfg.models]
@@ -371,6 +433,9 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                               "pm": cfg.pm, "judge": cfg.judge,
                               "constitution": str(constitution_module.resolve_path(cfg.constitution))}
     inputs.update({f"model:{label}": reference for label, reference in models})
+    categories = tuple(c.strip() for c in cfg.harmbench_categories.split(",") if c.strip() and c.strip() != "all")
+    benchmarks = {benchmark_name(spec): read_eval_set(spec, cfg.limit, categories) for spec in cfg.benchmarks}
+    inputs.update({f"benchmark:{benchmark_name(spec)}": split_eval_spec(spec)[1] for spec in cfg.benchmarks})
     paths = {name: out / f"{name}.jsonl" for name in ("answers", "judgments", "pm_scores", "samples")}
     manifest = Manifest("eval", cfg, ctx.manifest_for(out), inputs=inputs,
                         outputs=[*paths.values(), out / "metrics.json"], force=cfg.force)
@@ -378,39 +443,54 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
         return done
     manifest.start()
     out.mkdir(parents=True, exist_ok=True)
-    sampling_items = [(kind, record) for kind in ("harmful", "benign", "verifiable") for record in prompts[kind]]
+    # (set, kind, record): set None for --harmful/--benign/--verifiable, a third-party set's name otherwise
+    sampling_items = [(None, kind, record) for kind in ("harmful", "benign", "verifiable") for record in prompts[kind]]
+    sampling_items += [(name, record["side"], record) for name, records in benchmarks.items() for record in records]
+
+    def answer_id(label: str, name: str | None, kind: str, prompt_id: str) -> str:
+        return f"{label}/{kind}/{prompt_id}" if name is None else f"{label}/{name}/{kind}/{prompt_id}"
 
     # 1. answers, model by model (one model in memory at a time)
     answers = []
     for label, reference in models:
         with Resume(paths["answers"], sampling_items, cfg.batch_size,
-                    key=lambda item, label=label: f"{label}/{item[0]}/{item[1]['id']}") as resume:
+                    key=lambda item, label=label: answer_id(label, *item[:2], item[2]["id"])) as resume:
             if resume.todo:
                 from cai.engine import Engine, Sampling
+                from cai.models import check_prompts_fit
 
                 ctx.reporter.log(f"eval: answering {len(resume.todo)} prompts with {label} ({reference})")
                 engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
-                                               device=ctx.device, precision=cfg.precision)
+                                               device=ctx.device, precision=cfg.precision, options=cfg)
+                files = {benchmark_name(spec): split_eval_spec(spec)[1] for spec in cfg.benchmarks}
+                by_file: dict[str, list[dict[str, Any]]] = {}
+                for name, kind, record in resume.todo:
+                    by_file.setdefault(files[name] if name else getattr(cfg, kind), []).append(record)
+                for source, records in by_file.items():
+                    check_prompts_fit(engine, records, source, cfg.max_new_tokens)
                 task = ctx.reporter.task(f"eval: answers of {label}", total=len(resume.todo))
                 sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
                 for chunk in resume:
-                    generations = engine.generate_chat([as_messages(r["prompt"]) for _, r in chunk], sampling,
+                    generations = engine.generate_chat([as_messages(r["prompt"]) for _, _, r in chunk], sampling,
                                                        progress=engine_progress(task))
-                    checked = [(record, g.text) for (kind, record), g in zip(chunk, generations, strict=True)
+                    checked = [(record, g.text) for (_, kind, record), g in zip(chunk, generations, strict=True)
                                if kind == "verifiable"]
                     correct = iter(score_answers([r for r, _ in checked], [t for _, t in checked]) if checked else [])
-                    resume.write({"id": f"{label}/{kind}/{record['id']}", "model": label, "prompt_kind": kind,
+                    resume.write({"id": answer_id(label, name, kind, record["id"]), "model": label,
+                                  **({"set": name} if name else {}), "prompt_kind": kind,
                                   "prompt_id": record["id"], "prompt": record["prompt"],
                                   "category": record.get("category"), "answer": generation.text,
                                   "tokens": generation.num_tokens, "finished": generation.finished,
                                   "refusal": is_refusal(generation.text), "refusal_phrase": refusal_match(generation.text),
                                   **({"correct": next(correct)} if kind == "verifiable" else {})}
-                                 for (kind, record), generation in zip(chunk, generations, strict=True))
+                                 for (name, kind, record), generation in zip(chunk, generations, strict=True))
                 task.close()
+                if hasattr(engine, "close"):  # vLLM holds worker processes and memory until told
+                    engine.close()
                 del engine
                 gc.collect()
         answers += resume.records()
-    by_key = {(a["model"], a["prompt_kind"], a["prompt_id"]): a for a in answers}
+    by_key = {(a["model"], a["prompt_kind"], a["prompt_id"]): a for a in answers if a.get("set") is None}
 
     # 1b. pass@k: `samples` sampled answers to each verifiable problem, model by model
     sampled: dict[str, dict[str, list[float]]] = {}
@@ -425,7 +505,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                     ctx.reporter.log(f"eval: sampling {cfg.samples} answers to each problem with {label} ({reference})")
                     engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
                                                    device=ctx.device, precision=cfg.precision)
-                    return engine_sampler(engine, cfg.max_new_tokens, cfg.sample_temperature, cfg.seed)
+                    return engine_sampler(engine, cfg.max_new_tokens, cfg.temperature, cfg.seed)
 
                 task = ctx.reporter.task(f"eval: pass@{cfg.k} samples of {label}",
                                          total=cfg.samples * len(prompts["verifiable"]))
@@ -485,7 +565,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     # 3. the preference model's score of every answer
     pm_scores = []
     if cfg.pm:
-        with Resume(paths["pm_scores"], answers, cfg.batch_size) as resume:
+        with Resume(paths["pm_scores"], [a for a in answers if a.get("set") is None], cfg.batch_size) as resume:
             if resume.todo:
                 score = pm_scorer(cfg.pm, ctx.device, cfg.batch_size)
                 task = ctx.reporter.task("eval: PM scores", total=len(resume.todo))
@@ -532,6 +612,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     outputs = {"metrics": out / "metrics.json", **{k: v for k, v in paths.items() if v.exists()}, **written}
     counts = {"models": len(labels), "harmful_prompts": len(prompts["harmful"]),
               "benign_prompts": len(prompts["benign"]), "verifiable_prompts": len(prompts["verifiable"]),
+              "benchmark_prompts": sum(map(len, benchmarks.values())),
               "answers": len(answers), "judgments": len(judgments),
               "judgments_dropped/empty-answer": sum(1 for j in judgments if j.get("dropped") == "empty-answer"),
               "pm_scores": len(pm_scores)}
@@ -540,4 +621,8 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     flat.update({f"{label}.{key}": value for label, values in m.items()
                  for key, value in values.get("verifiable", {}).items() if isinstance(value, float)})
     flat.update({f"elo.{label}": value for label, value in metrics.get("elo", {}).items()})
+    for key, entry in metrics.get("benchmarks", {}).items():
+        flat.update({f"{label}.{key}.refusal_rate": v["refusal_rate"] for label, v in entry["models"].items()})
+        summary += f"; {key} refused " + ", ".join(f"{label} {v['refusal_rate']:.0%} (n={v['n']})"
+                                                   for label, v in entry["models"].items())
     return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=flat)

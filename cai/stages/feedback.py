@@ -1,6 +1,6 @@
 """Stage 2, AI feedback: the policy answers each prompt twice and a judge says which answer is better.
 
-    cai feedback --prompts data/red_team_prompts.jsonl --policy runs/demo/2-sft/model --out prefs.jsonl
+    cai feedback --prompts data/red_team_prompts.jsonl --model runs/demo/2-sft/model --out prefs.jsonl
 
 For each prompt the policy samples two answers (seeded per prompt, so a resumed run samples the same
 text; exactly so in fp32, see `cai.engine` on bf16); a pair whose answers are identical is resampled
@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
 from cai.manifest import Manifest, StageResult
-from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
+from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, QUANTIZE_CHOICES, check_precision
 from cai.stages.base import (
     StageContext,
     check_at_least_one,
@@ -35,13 +36,14 @@ from cai.stages.base import (
 )
 
 METHOD_CHOICES = ("auto", "mc", "contrast")
+# auto picks contrast for small judges because they cannot answer the multiple-choice question: with
+# SmolLM2-135M on the 24 harmful-request sanity pairs, mc (order swap on) picked the refusal over the
+# compliant answer in 11-15 (chance: it answers (B) whatever the order), contrast in 19 (principles drawn
+# per pair) to 23 (less-harmful); `cai feedback eval` measures it for any judge.
 METHOD_HELP = ("Judging method: mc (multiple choice: log-probabilities of ' (A)' / ' (B)', as in the paper), "
                "contrast (how much more likely each answer is under a system prompt that follows the principle "
-               "than under one that ignores it), or auto: contrast for judges under ~1B parameters, mc above. "
-               "Why: small judges cannot answer the multiple-choice question. Measured with SmolLM2-135M on the 24 "
-               "harmful-request sanity pairs, mc (order swap on) picked the refusal over the compliant answer in "
-               "11-15 (chance: it answers (B) whatever the order), contrast in 19 (principles drawn per pair) "
-               "to 23 (less-harmful).")
+               "than under one that ignores it; for small judges, which cannot answer the multiple-choice "
+               "question), or auto: contrast for judges under ~1B parameters, mc above.")
 
 
 def _parse_clamp(value: Any) -> tuple[float, float]:
@@ -71,20 +73,20 @@ def _check_clamp_use(clamp: tuple[float, float], cot: bool) -> None:
 
 
 @dataclass
-class FeedbackConfig:
+class FeedbackConfig(EngineOptions):
     """`cai feedback`: sample answer pairs from the policy and label them with the judge."""
 
     prompts: str = field(default="", metadata={
         "help": "Prompts to answer (JSONL or CSV with a prompt-like column, chat messages, or .txt, one per line), normally red-team prompts."})
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Model that samples the two answers: embedded:NAME, hub id or directory (normally the SL-CAI model)."})
     out: str = field(default="", metadata={
         "hash": False, "help": "Preference records to write (JSONL); pairs set aside go to <out>.rejected.jsonl."})
     judge: str | None = field(default=None, metadata={
-        "help": "Feedback model that labels the pairs. Left out: the policy model (loaded once)."})
+        "help": "Feedback model that labels the pairs. Left out: --model (loaded once)."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution file, or a bundled name (default, short, medical); its judge principles are used."})
-    method: str = field(default="auto", metadata={"help": METHOD_HELP})
+    method: str = field(default="auto", metadata={"help": METHOD_HELP, "choices": METHOD_CHOICES})
     principles: int = field(default=1, metadata={
         "help": "Judge principles sampled per pair (seeded, distinct); the label averages over them (1 as in the paper)."})
     cot: bool = field(default=False, metadata={
@@ -93,21 +95,22 @@ class FeedbackConfig:
     cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
     swap: bool = field(default=True, metadata={
         "help": "Multiple choice: ask again with the answers swapped and average both orders (off: --no-swap)."})
-    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={
+    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={"metavar": "LO,HI",
         "help": "LO,HI limits for chain-of-thought probabilities, which come out near 0 or 1 (paper: 0.4,0.6)."})
     few_shot: bool = field(default=True, metadata={
         "help": "Multiple choice: show the constitution's judging examples before the question (off: --no-few-shot)."})
     judge_temperature: float = field(default=1.0, metadata={
         "help": "Contrast method: p(A) = sigmoid((sA - sB) / this); lower gives more confident labels."})
-    samples_temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature of the policy's two answers (> 0: the answers must differ)."})
-    samples_top_p: float = field(default=1.0, metadata={
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature of the two answers (> 0: the answers must differ). Not --judge-temperature, "
+                "which scales the contrast judge's scores."})
+    top_p: float = field(default=1.0, metadata={
         "help": "Nucleus sampling mass of the policy's answers, in (0, 1]; 1.0 samples from the whole distribution."})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per sampled answer at most."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy and judge in 4-bit NF4 (bitsandbytes; on CPU too). "
                 "Left out (or none): full precision."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     batch_size: int = field(default=32, metadata={
         "hash": False, "help": "Sequences per forward pass (generation and judging); lower it if memory runs out."})
     limit: int | None = field(default=None, metadata={
@@ -118,6 +121,7 @@ class FeedbackConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_precision(self.precision)
         check_limit(self.limit)
         if not self.prompts:
@@ -134,11 +138,11 @@ class FeedbackConfig:
         if self.cot and self.method == "auto":  # reasoning applies to multiple choice only: asking for it picks mc
             self.method = "mc"
         check_at_least_one(self, "principles", "max_new_tokens", "cot_max_new_tokens", "batch_size")
-        if self.samples_temperature <= 0:
-            raise ConfigError(f"--samples-temperature {self.samples_temperature} must be > 0: at 0 both answers "
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature {self.temperature} must be > 0: at 0 both answers "
                               "would be the same -- use e.g. 1.0")
-        if not 0.0 < self.samples_top_p <= 1.0:
-            raise ConfigError(f"--samples-top-p {self.samples_top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p {self.top_p} must be in (0, 1] -- e.g. 0.9, or 1.0 for no cut")
         if self.judge_temperature <= 0:
             raise ConfigError(f"--judge-temperature {self.judge_temperature} must be > 0 -- e.g. 1.0")
         self.clamp = _parse_clamp(self.clamp)
@@ -146,13 +150,13 @@ class FeedbackConfig:
 
 
 @dataclass
-class FeedbackEvalConfig:
+class FeedbackEvalConfig(EngineOptions):
     """`cai feedback eval`: how well a judge agrees with labelled pairs, before it labels anything."""
 
     pairs: str = field(default="", metadata={
         "help": "Labelled pairs: hh-rlhf files (.jsonl or .jsonl.gz), trl preference format, or cai preference records."})
     judge: str = field(default=DEFAULT_MODEL, metadata={"help": "Judge model: embedded:NAME, hub id or directory."})
-    method: str | None = field(default=None, metadata={
+    method: str | None = field(default=None, metadata={"choices": METHOD_CHOICES,
         "help": "mc, contrast, or auto (contrast below ~1B parameters). Left out: evaluate both mc and contrast."})
     constitution: str = field(default="default", metadata={
         "help": "Constitution file, or a bundled name; its judge principles are used."})
@@ -161,7 +165,7 @@ class FeedbackEvalConfig:
     cot: bool = field(default=False, metadata={
         "help": "Multiple choice: the judge reasons before answering; probabilities clamped to --clamp."})
     cot_max_new_tokens: int = field(default=128, metadata={"help": "Tokens of reasoning at most per question with --cot."})
-    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={
+    clamp: tuple[float, float] = field(default=DEFAULT_CLAMP, metadata={"metavar": "LO,HI",
         "help": "LO,HI limits for chain-of-thought probabilities (paper: 0.4,0.6)."})
     few_shot: bool = field(default=True, metadata={"help": "Multiple choice: show the judging examples first (off: --no-few-shot)."})
     judge_temperature: float = field(default=1.0, metadata={"help": "Contrast method: p(A) = sigmoid((sA - sB) / this)."})
@@ -171,14 +175,15 @@ class FeedbackEvalConfig:
     bins: int = field(default=10, metadata={"help": "Equal-width probability bins for the calibration error (ECE)."})
     out: str | None = field(default=None, metadata={
         "hash": False, "help": "Directory for metrics.json and verdicts.jsonl. Left out: print the table only."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the judge in 4-bit NF4 (bitsandbytes; on CPU too). Left out (or none): full precision."})
-    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP, "choices": PRECISION_CHOICES})
     batch_size: int = field(default=16, metadata={"hash": False, "help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={
         "help": "Seed for the principles drawn and for which answer is shown as (A)."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_precision(self.precision)
         check_limit(self.limit)
         if not self.pairs:
@@ -263,7 +268,7 @@ def _load_engine(reference: str, cfg, ctx: StageContext):
     from cai.engine import Engine
 
     return Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize, device=ctx.device,
-                                 precision=cfg.precision)
+                                 precision=cfg.precision, options=cfg)
 
 
 def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task) -> list[tuple[str, str] | str]:
@@ -271,8 +276,8 @@ def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task
     from cai.engine import Sampling
     from cai.records import as_messages
 
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.samples_temperature,
-                        top_p=cfg.samples_top_p, seed=cfg.seed)
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, seed=cfg.seed)
     conversations = [as_messages(item["prompt"]) for item in items]
     seeds = [item_seed(cfg.seed, item["id"], salt) for salt in ("a", "b") for item in items]
     outputs = engine.generate_chat(conversations + conversations, sampling, seeds=seeds, progress=engine_progress(task))
@@ -297,12 +302,13 @@ def _sample_pairs(engine, items: list[dict[str, Any]], cfg: FeedbackConfig, task
 def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.judge import Comparison, Judge
+    from cai.models import check_prompts_fit
     from cai.records import RecordWriter, Resume, read_jsonl, read_prompts
 
     out, rejected_out = Path(cfg.out), rejected_path(cfg.out)
     constitution_file = constitution_module.resolve_path(cfg.constitution)
     manifest = Manifest("feedback", cfg, ctx.manifest_for(out),
-                        inputs={"prompts": cfg.prompts, "policy": cfg.policy, "judge": cfg.judge or cfg.policy,
+                        inputs={"prompts": cfg.prompts, "policy": cfg.model, "judge": cfg.judge or cfg.model,
                                 "constitution": constitution_file},
                         outputs=[out, rejected_out], force=cfg.force)
     if (done := manifest.previous()) is not None:
@@ -319,8 +325,9 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
         if resuming:
             ctx.reporter.log(f"resuming: {resume.done} of {len(items)} prompts already done")
         if resume.todo:
-            policy = _load_engine(cfg.policy, cfg, ctx)
-            same = cfg.judge is None or cfg.judge == cfg.policy
+            policy = _load_engine(cfg.model, cfg, ctx)
+            check_prompts_fit(policy, resume.todo, cfg.prompts, cfg.max_new_tokens)
+            same = cfg.judge is None or cfg.judge == cfg.model
             judge_engine = policy if same else _load_engine(cfg.judge, cfg, ctx)
             judge = Judge(judge_engine, constitution, method=cfg.method, swap=cfg.swap, cot=cfg.cot,
                           clamp=cfg.clamp, few_shot=cfg.few_shot, temperature=cfg.judge_temperature,

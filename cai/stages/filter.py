@@ -1,6 +1,6 @@
 """`cai filter`: keep the verifiable prompts the starting policy sometimes solves, for RL.
 
-    cai filter --prompts data/maths_train.jsonl --policy embedded:smollm2-135m-instruct --out runs/x/5-filter
+    cai filter --prompts data/maths_train.jsonl --model embedded:smollm2-135m-instruct --out runs/x/5-filter
 
 For each prompt with an `answer` (maths) or `tests` (code) the policy samples `samples` answers, each
 checked with the RL stage's reward, and pass@k and all@k are estimated from them (`cai.passk`). A prompt
@@ -36,7 +36,7 @@ class FilterConfig:
     out: str = field(default="", metadata={
         "help": "Output directory: prompts.jsonl (kept), dropped.jsonl (with the reason), samples.jsonl.",
         "hash": False})
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "The policy RL will start from, which samples the answers: embedded:NAME, hub id or directory."})
     k: int = field(default=4, metadata={
         "help": "Group size (use RL's --num-generations): a prompt is kept when a group of k answers can mix "
@@ -121,7 +121,7 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
         raise ConfigError("no --out given -- name the directory for the kept and dropped prompts")
     out = Path(cfg.out)
     paths = {name: out / f"{name}.jsonl" for name in ("prompts", "dropped", "samples")}
-    manifest = Manifest("filter", cfg, ctx.manifest_for(out), inputs={"prompts": cfg.prompts, "policy": cfg.policy},
+    manifest = Manifest("filter", cfg, ctx.manifest_for(out), inputs={"prompts": cfg.prompts, "policy": cfg.model},
                         outputs=list(paths.values()), force=cfg.force)
     if (done := manifest.previous()) is not None:
         return done
@@ -133,8 +133,8 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
     def make_sampler():
         from cai.engine import Engine
 
-        ctx.reporter.log(f"filter: sampling {cfg.samples} answers to each prompt with {cfg.policy}")
-        engine = Engine.from_reference(cfg.policy, batch_size=cfg.batch_size, device=ctx.device,
+        ctx.reporter.log(f"filter: sampling {cfg.samples} answers to each prompt with {cfg.model}")
+        engine = Engine.from_reference(cfg.model, batch_size=cfg.batch_size, device=ctx.device,
                                        precision=cfg.precision)
         return engine_sampler(engine, cfg.max_new_tokens, cfg.temperature, cfg.seed)
 
@@ -150,7 +150,7 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
     reasons = {reason: sum(1 for r in dropped if r["dropped"] == reason)
                for reason in ("never-solved", "always-solved", "not-verifiable")}
     counts = {"prompts": len(records), "kept": len(kept), **{f"dropped/{k}": v for k, v in reasons.items()}}
-    summary = (f"kept {len(kept)} of {len(records)} prompts with pass@{cfg.k} > 0 and all@{cfg.k} < 1 under {cfg.policy} "
+    summary = (f"kept {len(kept)} of {len(records)} prompts with pass@{cfg.k} > 0 and all@{cfg.k} < 1 under {cfg.model} "
                f"({cfg.samples} samples each); dropped " + ", ".join(f"{v} {k}" for k, v in reasons.items()))
     return manifest.complete(outputs={k: str(v) for k, v in paths.items()}, counts=counts, summary=summary,
                              metrics={"kept_share": len(kept) / len(records) if records else 0.0})

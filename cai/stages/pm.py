@@ -45,7 +45,7 @@ from cai.records import (
     read_preferences,
     write_jsonl,
 )
-from cai.rewards import pm_directory
+from cai.rewards import PM_INFO, pm_directory
 from cai.stages.base import (
     StageContext,
     check_at_least_one,
@@ -62,7 +62,6 @@ PAPER_HUMAN_COMPARISONS = 135_296
 PAPER_AI_COMPARISONS = 182_831
 PAPER_HUMAN_FRACTION = round(PAPER_HUMAN_COMPARISONS / (PAPER_HUMAN_COMPARISONS + PAPER_AI_COMPARISONS), 3)  # 0.425
 DEFAULT_MAX_LENGTH = 512  # tokens of conversation + response given to the PM
-PM_INFO = "cai-pm.json"  # written last into a saved PM directory: how it was trained (max_length, base)
 AI_SOURCE, HUMAN_SOURCE = "ai-harmless", "human-helpful"
 
 
@@ -85,7 +84,7 @@ class PMTrainConfig:
                 "to 182,831 AI). The smaller side is repeated if too few; the summary gives exact counts."})
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Base model: embedded:NAME, a hub id or a local directory; a one-output score head is added."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the base in NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank (alpha = 2r) on every linear layer; the score head is trained whole. 0: full fine-tuning."})
@@ -94,7 +93,8 @@ class PMTrainConfig:
         "help": "Optimizer steps to train. Left out: as many as --epochs needs."})
     lr: float | None = field(default=None, metadata={
         "help": "Peak learning rate (AdamW, linear decay). Left out: 1e-4 with LoRA, 1e-5 for full fine-tuning."})
-    batch_size: int = field(default=8, metadata={"help": "Comparisons per optimizer step (each is two sequences)."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Comparisons per optimizer step on each device (each is two sequences)."})
     max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={
         "help": "Tokens per conversation + response; longer texts lose their first tokens (the response stays)."})
     eval_fraction: float = field(default=0.1, metadata={
@@ -137,7 +137,7 @@ class PMTrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
         # --save-steps 0: the trainer would never checkpoint, and a kill would lose all training.
-        check_at_least_one(self, "batch_size", "save_steps", "eval_batch_size")
+        check_at_least_one(self, "per_device_train_batch_size", "save_steps", "eval_batch_size")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be positive")
 
@@ -726,7 +726,7 @@ def _train(cfg: PMTrainConfig, ctx: StageContext, rows: list[dict], out: Path, r
 
     checkpoints = out / "checkpoints"
     args = RewardConfig(
-        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
+        output_dir=str(checkpoints), per_device_train_batch_size=cfg.per_device_train_batch_size, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate, seed=cfg.seed, data_seed=cfg.seed,
         max_length=None,  # rows are already truncated (left) to cfg.max_length; trl would drop long ones instead
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, logging_steps=10,

@@ -1,12 +1,12 @@
 """Stage 4: RL. Optimise the policy (the SL-CAI model) against the preference model with trl's GRPO or
 RLOO, a KL penalty to the starting policy, and optional verifiable rewards.
 
-    cai rl --policy runs/x/2-sft/model --pm runs/x/4-pm/model \\
+    cai rl --model runs/x/2-sft/model --pm runs/x/4-pm/model \\
         --prompts data/red_team_prompts.jsonl --prompts data/helpful_prompts.jsonl --out runs/x/5-rl
 
 Writes `OUT/model/` (a standalone merged model), `OUT/metrics.jsonl` (one record a step: rewards, KL,
 response length, the hacking monitors, time spent generating) and `OUT/manifest.json`. Checkpoints go
-to `OUT/checkpoints/` every `checkpoint_every` steps; an interrupted run resumes from the last one when
+to `OUT/checkpoints/` every `save_steps` steps; an interrupted run resumes from the last one when
 run again with the same options, and they are removed once the model is saved.
 
 Each step samples `prompts_per_step` prompts, `num_generations` answers each, scores them with the
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
 from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
@@ -40,7 +41,7 @@ ALGOS = ("grpo", "rloo")
 
 
 @dataclass
-class RLConfig:
+class RLConfig(EngineOptions):
     prompts: list[str] = field(default_factory=list, metadata={
         "help": "Prompt files (JSONL, CSV or .txt, in any format cai reads), mixed into one training set: give "
                 "red-team and helpful prompts (the paper trained RL on both). Records with `answer` or `tests` "
@@ -48,11 +49,11 @@ class RLConfig:
     out: str = field(default="", metadata={
         "help": "Output directory: model/ (standalone), metrics.jsonl, manifest.json, checkpoints/ while running.",
         "hash": False})
-    policy: str = field(default=DEFAULT_MODEL, metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Starting policy (the SL model): embedded:NAME, a hub id or a local directory. Also the KL reference."})
     pm: str | None = field(default=None, metadata={
         "help": "Preference model directory (`cai pm train --out`). Needed by the pm reward. Left out (or none): no PM."})
-    algo: str = field(default="grpo", metadata={"help": "RL algorithm: grpo or rloo (trl's trainers)."})
+    algo: str = field(default="grpo", metadata={"choices": ALGOS, "help": "RL algorithm: grpo or rloo (trl's trainers)."})
     beta: float = field(default=0.05, metadata={
         "help": "KL penalty coefficient against the starting policy, for both algorithms. 0 turns the KL "
                 "penalty off (only when you ask for it)."})
@@ -68,7 +69,7 @@ class RLConfig:
         "help": "Learning rate. Left out: 2e-5 with LoRA, 1e-6 for full fine-tuning (--lora-r 0)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most per answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for the answers (> 0)."})
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "4bit: load the policy in 4-bit NF4 and train LoRA adapters (QLoRA). Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = full fine-tuning (not with --quantize 4bit)."})
     limit: int | None = field(default=None, metadata={"help": "Read at most this many prompts from each file (left out: all)."})
@@ -77,6 +78,10 @@ class RLConfig:
     code_timeout: float = field(default=5.0, metadata={
         "help": "Seconds (wall clock) a code answer and its tests may run before scoring 0."})
     code_memory_mb: int = field(default=512, metadata={"help": "Address-space limit of a code run, in MiB."})
+    unsafe_run_code: bool = field(default=False, metadata={
+        "help": "Where bubblewrap cannot run, run code answers with NO isolation instead of refusing: the "
+                "model's code gets this user's files, network and processes. Only on a throwaway machine; "
+                "see docs/sandbox.md.", "hash": False})
     judge: str | None = field(default=None, metadata={
         "help": "Model for the held-back contrast judge that watches for PM hacking (never a reward). "
                 "Left out: the starting policy; none: no judge monitor."})
@@ -84,14 +89,27 @@ class RLConfig:
         "help": "Constitution whose judge principles the held-back judge uses (path or bundled name)."})
     judge_every: int = field(default=1, metadata={
         "help": "Run the held-back judge on every Nth step's answers (costs two scoring passes per answer)."})
-    checkpoint_every: int = field(default=5, metadata={
+    save_steps: int = field(default=5, metadata={
         "help": "Save a resumable checkpoint every this many steps.", "hash": False})
     pm_batch_size: int = field(default=16, metadata={"help": "PM scoring batch size.", "hash": False})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order and adapter init."})
     force: bool = field(default=False, metadata={
         "help": "Discard an earlier run in OUT made with other options and start over.", "hash": False})
+    # Rollouts on vLLM (trl's integration): on CUDA when vLLM is installed (--backend auto or vllm)
+    gpu_memory_utilization: float = field(default=0.3, metadata={
+        "hash": False, "help": "vLLM: share of the GPU's memory vLLM takes beside training (colocate mode; "
+                               "the held-back judge takes as much again when it runs on vLLM)."})
+    vllm_mode: str = field(default="colocate", metadata={
+        "hash": False, "help": "Rollouts on vLLM: colocate (vLLM in the training process, sharing its GPU) or "
+                               "server (a separate `trl vllm-serve --model POLICY` on other GPUs; see "
+                               "docs/engines.md)."})
+    vllm_server_base_url: str | None = field(default=None, metadata={
+        "hash": False, "help": "server mode: the URL of `trl vllm-serve` (left out: http://localhost:8000)."})
 
     def __post_init__(self):
+        self.check_engine_options()
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ConfigError(f"vllm_mode {self.vllm_mode!r}: pass colocate or server")
         check_directory_out(self.out, "rl", "rl")
         check_limit(self.limit)
         if isinstance(self.prompts, str):
@@ -120,7 +138,7 @@ class RLConfig:
         if self.num_generations < 2:
             raise ConfigError(f"--num-generations {self.num_generations}: GRPO and RLOO compare answers to the "
                               "same prompt, so they need at least 2")
-        check_at_least_one(self, "prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "checkpoint_every",
+        check_at_least_one(self, "prompts_per_step", "max_steps", "max_new_tokens", "judge_every", "save_steps",
                            "code_memory_mb", "pm_batch_size")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr {self.lr}: the learning rate must be positive")
@@ -205,15 +223,41 @@ def trainer_args(cfg: RLConfig, out: Path, device: str, precision) -> Any:
         data_seed=cfg.seed,
         logging_steps=1,
         save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
+        save_steps=cfg.save_steps,
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=device == "cpu",
         remove_unused_columns=False,
+        **rollout_kwargs(cfg, device),
         **precision.trainer_kwargs(),
     )
+
+
+def rollouts_on_vllm(cfg: RLConfig, device: str) -> bool:
+    """Whether trl generates the rollouts with vLLM: --backend vllm, or auto with vLLM installed, on CUDA.
+    Never on a CPU: trl's weight sync into vLLM's CPU backend fails (it repacks linear weights), so there
+    the rollouts stay on transformers whatever the backend (`run` says so when vllm was asked for)."""
+    from cai.engine import resolve_backend
+
+    return not str(device).startswith("cpu") and resolve_backend(cfg.backend, device) == "vllm"
+
+
+def rollout_kwargs(cfg: RLConfig, device: str) -> dict[str, Any]:
+    """trl's vLLM arguments for the rollouts (empty when they run on transformers)."""
+    if not rollouts_on_vllm(cfg, device):
+        return {}
+    kwargs: dict[str, Any] = {"use_vllm": True, "vllm_mode": cfg.vllm_mode}
+    if cfg.vllm_mode == "server":
+        if cfg.vllm_server_base_url:
+            kwargs["vllm_server_base_url"] = cfg.vllm_server_base_url
+        return kwargs
+    kwargs.update(vllm_gpu_memory_utilization=cfg.gpu_memory_utilization,
+                  vllm_tensor_parallel_size=cfg.tensor_parallel_size)
+    if cfg.max_model_len:
+        kwargs["vllm_max_model_length"] = cfg.max_model_len
+    return kwargs
 
 
 def checkpoint_step(checkpoint: str | None) -> int:
@@ -239,7 +283,8 @@ def build_reward(cfg: RLConfig, tokenizer, device: str, observers=()):
         elif name == "math":
             parts[name] = math_reward
         elif name == "code":
-            parts[name] = CodeReward(timeout_s=cfg.code_timeout, memory_mb=cfg.code_memory_mb)
+            parts[name] = CodeReward(timeout_s=cfg.code_timeout, memory_mb=cfg.code_memory_mb,
+                                     unsafe_run_code=cfg.unsafe_run_code)
         elif name == "format":
             parts[name] = FormatReward(stop_token_ids(tokenizer))
         elif name == "length":
@@ -256,7 +301,7 @@ def build_judge(cfg: RLConfig, device: str):
     from cai.engine import Engine
     from cai.rewards import ContrastJudgeScore
 
-    engine = Engine.from_reference(cfg.judge or cfg.policy, batch_size=16, device=device)
+    engine = Engine.from_reference(cfg.judge or cfg.model, batch_size=16, device=device, options=cfg)
     return ContrastJudgeScore(engine, constitution.load(cfg.constitution), seed=cfg.seed)
 
 
@@ -275,7 +320,7 @@ class Monitor:
         self.batch_size = batch_size  # answers per step, to turn trl's mean length into tokens generated
         self.history: list[dict[str, Any]] = []
         if path.exists():
-            self.history = [record for _, record in read_jsonl(path)]
+            self.history = [record for _, record in read_jsonl(path, allow_nan=True)]
         self._write_all = lambda: write_jsonl(self.path, self.history)
         self.pending: dict[str, Any] = {}
         self.times: dict[str, float] = {"generate_s": 0.0, "reward_s": 0.0, "judge_s": 0.0}
@@ -428,12 +473,17 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     if not cfg.out:
         raise ConfigError("no --out given -- name the directory for the RL model and metrics")
     out = Path(cfg.out)
-    inputs = {"policy": cfg.policy, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
+    inputs = {"policy": cfg.model, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
     manifest = Manifest("rl", cfg, ctx.manifest_for(out), inputs=inputs,
                         outputs=[out / "model", out / "metrics.jsonl", out / "checkpoints"], force=cfg.force,
                         scratch=[out / "checkpoints"])  # removed once complete: a kill before resumes from them
     if (done := manifest.previous()) is not None:
         return done
+    if "code" in cfg.weights:  # refuse before starting, and before any model loads, where no sandbox runs
+        from cai.rewards import require_sandbox
+
+        if (warning := require_sandbox(cfg.unsafe_run_code)) is not None:
+            ctx.reporter.log(warning)
     resuming = manifest.start()
 
     from datasets import Dataset
@@ -442,6 +492,9 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     from cai.models import default_device, load_causal_lm, lora_config, precision_for, save_standalone
 
     device = ctx.device or default_device()
+    if cfg.backend == "vllm" and not rollouts_on_vllm(cfg, device):
+        ctx.reporter.log("rl: rollouts are generated with transformers on this CPU (trl's vLLM integration needs "
+                         "CUDA); the held-back judge uses vLLM")
     rows = load_prompt_rows(cfg.prompts, cfg.limit)
     if len(rows) < cfg.prompts_per_step:  # trl would draw no full batch: 0 steps, reported as success
         raise ConfigError(f"rl: {len(rows)} prompt(s) read, but a step takes --prompts-per-step "
@@ -471,7 +524,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
 
     precision = precision_for(device)
     frozen = cfg.lora_r > 0 and cfg.quantize is None  # a 4-bit base keeps its own compute dtype
-    model, tokenizer = load_causal_lm(cfg.policy, quantize=cfg.quantize, device=device,
+    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device,
                                       dtype=precision.frozen_dtype if frozen else None)
     reward, parts = build_reward(cfg, tokenizer, device, observers=[monitor.observe])
     trainer_class = _trainer_class(cfg.algo)
@@ -489,7 +542,7 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
     train_or_resume(trainer, checkpoint, ctx.reporter.log)
     task.close()
 
-    model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.policy)
+    model_dir = save_standalone(trainer.model, tokenizer, out / "model", base_reference=cfg.model)
 
     history = monitor.history
     warnings = hacking_warnings(history, Thresholds())

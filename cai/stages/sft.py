@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
 from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
@@ -44,7 +45,7 @@ REJECTED = "rejected.jsonl"  # in OUT: examples left out of training, each with 
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(EngineOptions):
     """`cai sft`: fine-tune on (request, final revision) chat pairs plus helpful answers.
 
     NOTE: `helpful_fraction` defaults to 0.5: as many helpful examples as harmlessness ones. Fewer lets
@@ -65,7 +66,7 @@ class SFTConfig:
     helpful_max_new_tokens: int = field(default=256, metadata={
         "help": "Tokens generated at most per helpful answer (greedy)."})
     # How to train
-    quantize: str | None = field(default=None, metadata={
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_CHOICES,
         "help": "Load the base in 4-bit and train LoRA on it (QLoRA): 4bit. Left out (or none): full precision."})
     lora_r: int = field(default=16, metadata={
         "help": "LoRA rank on every linear layer (alpha = 2r); 0 = full fine-tuning of every weight."})
@@ -75,8 +76,8 @@ class SFTConfig:
         "help": "Stop after this many optimizer steps. Left out: run --epochs."})
     lr: float | None = field(default=None, metadata={
         "help": "Peak learning rate (linear decay). Left out: 2e-4 with LoRA, 2e-5 for full fine-tuning."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Examples per optimizer step."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Examples per optimizer step on each device."})
     max_length: int = field(default=512, metadata={
         "help": "Tokens per example at most (prompt + answer); longer answers are cut, longer prompts dropped."})
     seed: int = field(default=0, metadata={
@@ -90,6 +91,7 @@ class SFTConfig:
         "hash": False, "help": "Discard earlier output made with a different configuration and start over."})
 
     def __post_init__(self):
+        self.check_engine_options()
         check_directory_out(self.out, "sft", "sl-model")
         if self.quantize == "none":
             self.quantize = None
@@ -109,7 +111,7 @@ class SFTConfig:
             raise ConfigError(f"--max-steps {self.max_steps} must be >= 1 -- or leave it out to run --epochs")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be > 0")
-        check_at_least_one(self, "batch_size", "save_steps", "generation_batch_size")
+        check_at_least_one(self, "per_device_train_batch_size", "save_steps", "generation_batch_size")
         if self.max_length < 16:
             raise ConfigError(f"--max-length {self.max_length}: too short for a chat example -- use 128 or more")
 
@@ -230,7 +232,7 @@ def trl_config(cfg: SFTConfig, output_dir: Path, device: str):
 
     return TrlSFTConfig(
         output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
         max_length=cfg.max_length, completion_only_loss=True, assistant_only_loss=False, packing=False,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, logging_steps=1,
         report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed,
@@ -293,8 +295,8 @@ def report_callback(reporter):
 
 
 def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
-    from cai.engine import Engine
-    from cai.models import default_device, load_causal_lm, save_standalone
+    from cai.engine import Engine, resolve_backend
+    from cai.models import default_device, load_causal_lm, load_tokenizer, save_standalone
     from cai.records import Resume, read_prompts, write_jsonl
 
     ctx = ctx or StageContext()
@@ -314,7 +316,11 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
         reasons = sorted({item["reason"] for item in rejected})
         raise RecordsError(f"{cfg.data}: no record has a revised `final` ({', '.join(reasons)}) -- nothing to "
                            "train on; rerun `cai critique` with a model that can revise")
-    model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
+    # On vLLM the helpful answers come first, from its own copy of the model; the model to train loads
+    # after it is closed, so the two never compete for GPU memory.
+    on_vllm = resolve_backend(cfg.backend, device) == "vllm"
+    model, tokenizer = (None, load_tokenizer(cfg.model)) if on_vllm else load_causal_lm(cfg.model, quantize=cfg.quantize,
+                                                                                         device=device)
     # Lengths first: the helpful share is sized on the revisions that will train.
     kept, truncated = fit_length(examples, tokenizer, cfg.max_length, rejected)
     if not kept:
@@ -331,7 +337,8 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     random.Random(cfg.seed).shuffle(spare)
     batch, answered, helpful = chosen, 0, []
     if chosen:
-        engine = Engine(model, tokenizer, batch_size=cfg.generation_batch_size)
+        engine = (Engine.from_reference(cfg.model, batch_size=cfg.generation_batch_size, device=device, options=cfg)
+                  if on_vllm else Engine(model, tokenizer, batch_size=cfg.generation_batch_size))
         with Resume(out / HELPFUL_CACHE, [], cfg.generation_batch_size) as cache:  # read once for every round
             while batch:
                 cache.add(batch)
@@ -351,7 +358,10 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
                 new, new_truncated = fit_length(new, tokenizer, cfg.max_length, rejected)
                 helpful, truncated = helpful + new, truncated + new_truncated
                 batch, spare = spare[:needed - len(helpful)], spare[needed - len(helpful):]
+        engine.close()
     kept = kept + helpful
+    if model is None:
+        model, tokenizer = load_causal_lm(cfg.model, quantize=cfg.quantize, device=device)
     if rejected:
         write_jsonl(out / REJECTED, rejected)
 

@@ -104,14 +104,13 @@ def _suffix_mask(attention_mask, batch, group, length, suffix, dtype, device, pr
     return converted
 
 
-# How attention over [prefix ; suffix] is computed. Up to JOINT_MAX_SCORES scores per layer (decode steps: a
-# few queries per row), as one softmax over scores computed by plain matrix products, for the whole batch:
-# measured on a 2-core AVX512-BF16 CPU, decode attention of 32 rows over a 1000-token prefix took 1.3 ms
-# per layer through the flash kernel, 0.8 ms this way. Larger calls (prefill) in bf16/fp16 the same way,
-# row by row in chunks of CHUNK_SCORES scores that stay in cache: 1.7-2x faster than the flash kernel on
-# judge and critique prefills there (its inner products run at fp32 speed). Larger fp32 calls keep the
-# flash kernel, which is faster than fp32 matmuls on these shapes. fp16 always does: its matmul scores
-# could overflow where the kernel accumulates in fp32 (and CPU inference runs in bf16 or fp32 anyway).
+# How attention over [prefix ; suffix] is computed (tuning constants, see also cai/engine/hf.py). Up to
+# JOINT_MAX_SCORES scores per layer (decode steps: a few queries per row): one softmax over scores from
+# plain matrix products for the whole batch, which beats the flash kernel's per-call overhead on small
+# calls. Larger calls in bf16 the same way, row by row in chunks of CHUNK_SCORES scores that stay in the
+# CPU's cache (the flash kernel computes bf16 inner products at fp32 speed). Larger fp32 calls keep the
+# flash kernel, which is faster than fp32 matmuls there; fp16 always does, as its matmul scores could
+# overflow where the kernel accumulates in fp32.
 JOINT_MAX_SCORES = 1 << 21
 CHUNK_SCORES = 1 << 20
 JOINT_DTYPES = (torch.float32, torch.bfloat16)
@@ -147,7 +146,7 @@ def _joint_attention(query, prefix_keys, prefix_values, key, value, additive, sc
         # Row by row: the row's keys after the prefix's, so each chunk is one fused multiply-add with the
         # mask (which then covers prefix and suffix: `additive` has `prefix` leading zero columns here), one
         # softmax and one product with the values. Copying the keys once per row and layer costs less than
-        # concatenating every chunk's scores (judge prefill: 16.8 -> 14.5 ms a layer).
+        # concatenating every chunk's scores.
         out = torch.empty_like(grouped)
         step = max(1, CHUNK_SCORES // (kv_heads * (prefix + suffix)))  # query rows per chunk
         has_blind = [False] * batch if prefix or blind is None else blind.any(-1).flatten().tolist()
@@ -176,7 +175,7 @@ def cascade_attention_forward(module, query, key, value, attention_mask, dropout
         batch, heads, length, dim = query.shape
         if query.dtype in CHUNKED_DTYPES and batch * heads * length * key.shape[2] > JOINT_MAX_SCORES:
             # A large bf16 call without a shared prefix (a contrast judge's prompts share none): the
-            # chunked products beat the flash kernel here too (2.0 -> 0.9 ns a score, see below).
+            # chunked products beat the flash kernel here too.
             group = heads // key.shape[1]
             additive, blind = _suffix_mask(attention_mask, batch, group, length, key.shape[2], query.dtype,
                                            query.device)

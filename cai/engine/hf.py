@@ -1,10 +1,8 @@
-"""The hot path: batched generation and batched log-prob scoring.
-
-Generation dominates the cost of the pipeline (critique, feedback pairs, RL rollouts, eval), so:
+"""The transformers backend: a hand-written decode loop and packed scoring, tuned for CPUs.
 
 - prompts are sorted by length and batched (little padding), left-padded, decoded with the KV cache;
-- prefill computes logits for the last position only (the 49k-vocabulary head over every prompt token
-  would cost more than the layers on a small model);
+- prefill computes logits for the last position only (the vocabulary head over every prompt token would
+  cost more than the layers on a small model);
 - the decode cache keeps spare room at the end of each layer's keys and values, so a step writes one
   position instead of copying the whole cache (what `DynamicCache`'s torch.cat does every step);
 - rows that finish are dropped from the batch and the cache as they finish, so a long straggler does
@@ -13,156 +11,44 @@ Generation dominates the cost of the pipeline (critique, feedback pairs, RL roll
   which batch it landed in or where a run resumed (exactly so in fp32; in bf16 a row's numbers can
   round differently beside other rows, which now and then changes a sampled token);
 - scoring never generates: one forward pass per batch reads the log-probabilities of given
-  continuations (a judge's option letters, an answer under two system prompts);
-- `next_token_logprobs` reads only the next-token distribution at the end of each context (a judge's
-  "(A)" versus "(B)");
+  continuations, and `next_token_logprobs` only the next-token distribution (a judge's "(A)" or "(B)");
 - scoring calls compute a token prefix that all their sequences share (a judge's few-shot block) once,
-  reusing its KV cache for every row, and pack two sequences that share what follows (a judge question
-  in its two orders, a contrast judge's two answers after one framing) into one row, their common
-  tokens computed once and a mask keeping each rest from seeing the other;
-- such shared prefixes (generation's too) are kept across calls until a weight changes: a stage's
-  chunks after the first reuse their few-shot block's keys and values;
-- `generate(..., keep_cache=True)` keeps each row's KV cache for the next call, which prefills only
-  what its prompts add to those conversations (a revision after the critique the model just wrote).
+  and pack two sequences that share what follows (a judge question in its two orders, a contrast
+  judge's two answers after one framing) into one row, a mask keeping each rest from seeing the other;
+- shared prefixes are kept across calls until a weight changes, and `generate(..., keep_cache=True)`
+  keeps each row's KV cache for the next call, which prefills only what its prompts add (a revision
+  after the critique the model just wrote);
+- on CPU the shared prefix is attended once for the whole batch (`cascade`), not copied to each row.
 
-`Engine` is the interface stages use; `HFBackend` is the transformers implementation. Another backend
-(vLLM) implements `Backend` and plugs in without touching the stages.
+Tuning constants. Each trades memory or bookkeeping for speed; the values suit a 2-8 core CPU and a
+100M-8B model, and none changes a result (tests run them at extreme values against the plain path):
+
+- `HFBackend.COMPACT_FRACTION` (0.25): finished rows are dropped from the cache once this share of the
+  batch has finished; compacting copies the cache, so doing it at every finished row costs more than
+  the dead rows do.
+- `HFBackend.KEEP_BYTES` (2 GiB) and `PREFIX_MEMO_BYTES` (1 GiB): caps on the keys and values kept
+  between calls; past them rows are recomputed, never an out-of-memory error.
+- `HFBackend.MIN_SHARED_PREFIX`, `MIN_BRANCH_SHARED` (8 tokens) and `BRANCHES_PER_ROW` (2): a prefix or a
+  common part shorter than this is not worth a separate pass; packing more than two branches a row
+  makes each branch's queries score the others' keys for nothing.
+- `HFBackend.ATTENTION_COST_FACTOR` (2.6): how much slower, per FLOP, attention runs than the linear
+  layers on a CPU (softmax, masks and small products); `_packing_pays` weighs the tokens packing saves
+  in the linear layers against the masked attention it adds.
+- `HFBackend.CPU_SCORING_TOKENS` (2048): tokens one scoring forward holds on CPU; past about this many
+  the activations leave the CPU's caches and throughput falls. Generation is not capped: decode steps
+  are one token a row.
+- `LOGPROB_CHUNK_BYTES` (8 MiB): logits converted to fp32 at a time when reading log-probabilities,
+  so a long continuation never holds a full fp32 copy of its logits.
+- `cascade.JOINT_MAX_SCORES` and `cascade.CHUNK_SCORES`: when cascade attention uses plain matrix
+  products over explicit scores (small calls, and large bf16 ones chunked to stay in cache) rather than
+  the flash kernel, which wins on large fp32 calls.
 """
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 
-from cai.records import Message
-
-# Called as progress(items_done, tokens_generated_or_scored) after each batch.
-ProgressFn = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to generate. `temperature` 0 means greedy (argmax), in which case `top_p` is unused."""
-
-    max_new_tokens: int = 256  # tokens generated at most per item
-    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
-    top_p: float = 1.0  # nucleus sampling mass, in (0, 1]
-    seed: int = 0  # base seed; item i of a call uses seed + its entry in `seeds`, or seed + i
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    num_tokens: int  # generated tokens, end-of-turn included when reached
-    finished: bool  # True if the model ended its turn; False if it hit max_new_tokens (truncated)
-
-
-@dataclass(frozen=True)
-class ContinuationScore:
-    logprob: float  # sum of the continuation tokens' log-probabilities given the context
-    token_logprobs: list[float]  # one per continuation token
-
-    @property
-    def mean_logprob(self) -> float:
-        return self.logprob / max(1, len(self.token_logprobs))
-
-
-class Backend(Protocol):
-    """What an inference backend provides. Prompts are already rendered text (chat template applied)."""
-
-    def generate(self, prompts: Sequence[str], sampling: Sampling, seeds: Sequence[int],
-                 progress: ProgressFn | None, keep_cache: bool = False) -> list[Generation]: ...
-
-    def score(self, contexts: Sequence[str], continuations: Sequence[str],
-              progress: ProgressFn | None) -> list[ContinuationScore]: ...
-
-
-class Engine:
-    """Chat-level generation and scoring for one model.
-
-        engine = Engine.from_reference("embedded:smollm2-135m-instruct")
-        answers = engine.generate_chat([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=32))
-    """
-
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, backend: Backend | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.backend = backend or HFBackend(model, tokenizer, batch_size=batch_size)
-
-    @classmethod
-    def from_reference(cls, reference: str | None = None, *, batch_size: int = 32, quantize: str | None = None,
-                       device: str | None = None, precision: str = "auto") -> "Engine":
-        """Load `reference` for inference, in `models.inference_dtype(device, precision)` (4-bit: as loaded)."""
-        from cai.models import inference_dtype, load_causal_lm
-
-        dtype = None if quantize not in (None, "none") else inference_dtype(device, precision)
-        model, tokenizer = load_causal_lm(reference, quantize=quantize, device=device, dtype=dtype)
-        model.eval()
-        return cls(model, tokenizer, batch_size=batch_size)
-
-    def render(self, messages: list[Message], *, assistant_prefix: str = "",
-               add_generation_prompt: bool = True) -> str:
-        """The chat template applied to `messages`, ready for the assistant's reply, which starts
-        with `assistant_prefix` (so a judge's answer can be forced to begin "The answer is:")."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-        return text + assistant_prefix
-
-    def generate_chat(self, conversations: Sequence[list[Message]], sampling: Sampling,
-                      seeds: Sequence[int] | None = None, progress: ProgressFn | None = None) -> list[Generation]:
-        """One assistant reply per conversation, in input order."""
-        return self.generate([self.render(c) for c in conversations], sampling, seeds, progress)
-
-    def generate(self, prompts: Sequence[str], sampling: Sampling, seeds: Sequence[int] | None = None,
-                 progress: ProgressFn | None = None, keep_cache: bool = False) -> list[Generation]:
-        """One continuation per rendered prompt, in input order. Item i samples with seed
-        `sampling.seed + seeds[i]` (default `seeds[i] = i`): pass stable per-item seeds (for example a
-        hash of the record id) to make text independent of batching and resumption.
-
-        `keep_cache=True` keeps every row's keys and values (prompt and generated text) after the call,
-        for the next call only: a prompt of that call which starts with a kept row's tokens (the same
-        conversation, continued) prefills only what comes after them. Same results, less computing; the
-        memory is held until the next call (capped at `HFBackend.KEEP_BYTES`)."""
-        if not prompts:
-            return []
-        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        extra = {"keep_cache": True} if keep_cache else {}  # passed only when asked: older backends still fit
-        return self.backend.generate(prompts, sampling, [sampling.seed + s for s in seeds], progress, **extra)
-
-    def score(self, contexts: Sequence[str], continuations: Sequence[str],
-              progress: ProgressFn | None = None) -> list[ContinuationScore]:
-        """Log-probability of each continuation after its context (rendered text), in input order.
-
-        Context and continuation are tokenized separately and joined, so the continuation's tokens
-        are the same whatever context precedes it (" (A)" scores the same tokens after any prompt).
-        """
-        if len(contexts) != len(continuations):
-            raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations")
-        if not contexts:
-            return []
-        return self.backend.score(contexts, continuations, progress)
-
-    def next_token_logprobs(self, contexts: Sequence[str], candidate_ids: Sequence[int], *,
-                            lead_ids: Sequence[int] = (), progress: ProgressFn | None = None) -> list[list[float]]:
-        """Log-probability of each candidate token being the next token after a context, in input order.
-
-        Row i is `tokenize(contexts[i]) + lead_ids` (the context tokenized alone, as `score` does);
-        entry [i][j] is log p(candidate_ids[j] | row i) under the full-vocabulary softmax, so it equals
-        `score(context, continuation).token_logprobs[len(lead_ids)]` for a continuation that tokenizes
-        to `lead_ids + [candidate_ids[j], ...]`. One forward pass per batch, logits at the last position
-        only; a token prefix shared by every context of the call is computed once.
-        """
-        if not contexts:
-            return []
-        if not candidate_ids:
-            raise ValueError("no candidate tokens to read")
-        method = getattr(self.backend, "next_token_logprobs", None)
-        if method is None:
-            raise TypeError(f"{type(self.backend).__name__} does not read next-token log-probabilities; "
-                                      "use score() with whole continuations")
-        return method(contexts, list(candidate_ids), list(lead_ids), progress)
+from cai.engine import ContinuationScore, Generation, Sampling, stop_token_ids
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -186,9 +72,8 @@ LOGPROB_CHUNK_BYTES = 8 << 20
 def target_logprobs(logits, targets, target_logits=None):
     """log softmax(logits)[target] per position, in fp32: logits (..., V) in any dtype, targets (...) of
     token ids -> (...). Equals `log_softmax(logits.float(), -1).gather(-1, targets[..., None])` without
-    its two full fp32 copies of the logits: scoring a 256-token answer holds 256 x 49k logits per row,
-    and the log-softmax over all of them took a quarter of a contrast judge's time (5.6 of 18.7 s on 16
-    long pairs). Here the normaliser is a logsumexp over a few positions at a time, converted to fp32
+    its two full fp32 copies of the logits (a 256-token answer holds 256 x 49k logits per row, and a
+    full log-softmax over them is a large share of a contrast judge's time). Here the normaliser is a logsumexp over a few positions at a time, converted to fp32
     as they go. `target_logits` (...), when given, replace the targets' entries (`exact_logits`)."""
     import torch
 
@@ -320,27 +205,6 @@ def growing_cache(spare: int):
     cache = DynamicCache()
     Cache.__init__(cache, layer_class_to_replicate=GrowingLayer)
     return cache
-
-
-def stop_token_ids(tokenizer, model=None) -> set[int]:
-    """Every id that ends an assistant turn: eos, the chat end-of-turn token, generation_config's list."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    # <|endoftext|> too: a chat model sometimes ends its turn with it (SmolLM2 does, when the two are
-    # nearly tied), and going on past it invents the next user turn.
-    # Looked up in the vocabulary, not by comparing with the unknown token's id: SmolLM2's unknown
-    # token *is* <|endoftext|>, so that comparison dropped the very token this is for.
-    vocabulary = tokenizer.get_vocab()
-    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>"):
-        if token in vocabulary:
-            ids.add(int(vocabulary[token]))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif isinstance(config_eos, list):
-        ids.update(int(i) for i in config_eos)
-    return ids
 
 
 @contextmanager
@@ -504,7 +368,7 @@ class HFBackend:
     PREFIX_MEMO_BYTES = 1 << 30
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32):
-        from cai.cascade import supports_cascade
+        from cai.engine.cascade import supports_cascade
 
         self.model = model
         self.tokenizer = tokenizer
@@ -513,12 +377,12 @@ class HFBackend:
         self._kept: _KeptRows | None = None  # rows the last generate call kept (keep_cache=True)
         self._token_cost: float | None = None  # `_token_cost_in_pairs`, computed once
         self._prefixes = _PrefixMemo(self.PREFIX_MEMO_BYTES)  # `_shared_prefix_cache`'s results
-        # Shared prompt prefixes are attended once for the whole batch (cai.cascade) where the model's
+        # Shared prompt prefixes are attended once for the whole batch (`cascade`) where the model's
         # attention allows it; otherwise their keys and values are repeated to every row.
         self.cascade = supports_cascade(model)
 
     def _attention(self):
-        from cai.cascade import cascade_attention
+        from cai.engine.cascade import cascade_attention
 
         return cascade_attention(self.model) if self.cascade else nullcontext()
 
@@ -624,8 +488,7 @@ class HFBackend:
             results.append(Generation(text=text.strip(), num_tokens=len(tokens_out), finished=done))
         return results
 
-    # Share the KV of a common prefix across the batch when it is at least this many tokens.
-    MIN_SHARED_PREFIX = 8
+    MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix is not computed apart (module docstring)
 
     def _prefill(self, sequences: list[list[int]], cache, logits_to_keep: int):
         """Run the prompts through the model into `cache`, computing their common prefix only once.
@@ -740,21 +603,11 @@ class HFBackend:
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    # Scoring calls pack sequences that share at least this many tokens past the call's common prefix into
-    # one row, at most this many per row (`branch_rows`, `_forward_packed`).
-    MIN_BRANCH_SHARED = 8
+    # Tuning constants: see the module docstring.
+    MIN_BRANCH_SHARED = 8  # tokens past the call's prefix two sequences must share to be packed in one row
     BRANCHES_PER_ROW = 2
-    # Packing saves the common tokens' pass through the linear layers, but each rest's queries then score
-    # the other rest's keys too (masked, yet computed): long answers after a short common part lose (a
-    # judge on 256-token answers: 8% slower packed). `_packing_pays` weighs the two. A query-key pair
-    # costs ~4 x head_dim FLOPs per head and layer, at about 1/2.6 of the rate the linear layers reach
-    # (softmax, masks, small products: measured on the judge bench, bf16, this project's 2-core CPU).
-    ATTENTION_COST_FACTOR = 2.6
-    # On CPU a scoring forward also holds at most this many tokens (rows x padded width; one row at least):
-    # past ~2k tokens the activations leave the cache and throughput falls (judge bench, 230-token rows: 16
-    # sequences a forward 4.1 s, 32 5.0 s, 64 5.9 s; contrast judge, 330-token rows: 4-8 sequences 8.4 s,
-    # 16 9.2 s, 32 13.4 s), while generation wants more rows (16 -> 32 rows: 340 -> 430 tok/s sampled).
-    CPU_SCORING_TOKENS = 2048
+    ATTENTION_COST_FACTOR = 2.6  # a query-key pair's cost per FLOP against the linear layers'
+    CPU_SCORING_TOKENS = 2048  # tokens (rows x padded width) one scoring forward holds on CPU
 
     def score(self, contexts, continuations, progress):
         import torch
