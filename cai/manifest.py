@@ -220,6 +220,22 @@ def _stored(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def counted_fields(cfg: Any, by_name: set[str] = frozenset()) -> dict[str, Any]:
+    """The config fields that change a stage's output (not `metadata={"hash": False}`), as a manifest
+    stores them; those in `by_name` (naming inputs, which count by content) by their file names only."""
+    counted = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("hash", True):
+            value = _stored(getattr(cfg, f.name))
+            counted[f.name] = file_names(value) if f.name in by_name else value
+    return counted
+
+
+def config_hash(cfg: Any, by_name: set[str] = frozenset()) -> str:
+    text = json.dumps(counted_fields(cfg, by_name), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------- the manifest
 
 
@@ -275,11 +291,9 @@ class Manifest:
         named = {r for refs in references.values() for r in refs}
         self.by_name = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("hash", True)
                         and (refs := _paths(_stored(getattr(cfg, f.name)))) and all(r in named for r in refs)}
-        self.counted = {f.name: self._compared(f.name, _stored(getattr(cfg, f.name)))
-                        for f in dataclasses.fields(cfg) if f.metadata.get("hash", True)}
+        self.counted = counted_fields(cfg, self.by_name)
         self.scope = {f.name: _stored(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("scope")}
-        text = json.dumps(self.counted, sort_keys=True, default=str)
-        self.config_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        self.config_hash = config_hash(cfg, self.by_name)
 
     def _compared(self, name: str, value: Any) -> Any:
         return file_names(value) if name in self.by_name else value
