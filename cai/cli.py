@@ -10,6 +10,7 @@ Errors a user can fix (`CaiError`) print one line, `error: ...`, and exit 1; `--
 import dataclasses
 import inspect
 import json
+import logging
 import sys
 import time
 import types
@@ -153,9 +154,14 @@ class RichReporter:
 
     # The bars start with the first task: a stage that fails before one leaves no empty live area behind.
     def __enter__(self) -> "RichReporter":
+        # Warnings of the layers below the stages (records' skipped rows) print as status lines too.
+        self._handler = logging.Handler(logging.WARNING)
+        self._handler.emit = lambda record: self.log(record.getMessage())
+        logging.getLogger("cai").addHandler(self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
+        logging.getLogger("cai").removeHandler(self._handler)
         if self.progress.live.is_started:  # Progress.stop prints a blank line off a terminal even unstarted
             self.progress.stop()
 

@@ -40,6 +40,7 @@ sees changed inputs and runs again too.
 
 import dataclasses
 import difflib
+import glob
 import importlib
 import json
 import os
@@ -57,7 +58,7 @@ from typing import Any
 import yaml
 
 from cai.errors import ModelError, RecipeError, ResumeMismatch
-from cai.paths import bundled, local_or_bundled, read_input_text, yaml_loader
+from cai.paths import bundled, read_input_text, yaml_loader
 
 # ----------------------------------------------------------------------------- the stage registry
 
@@ -435,8 +436,18 @@ def _reference_problem(key: str, value: Any, run_dir: Path | None = None) -> str
 
 
 def _existing_path(value: str) -> Path | None:
-    """A relative path is read from the current directory first, then from cai's bundled files."""
-    path = local_or_bundled(value)
+    """A relative path is read from the current directory first, then from cai's bundled files. A hub
+    dataset (`hf:...`) and a glob that matches are taken as given: their reader checks them."""
+    from cai.errors import RecordsError
+    from cai.records import HUB_PREFIX, input_source
+
+    try:
+        source = input_source(value)
+    except RecordsError:  # `OWNER/NAME` without `hf:`: reported as a missing file
+        return None
+    if isinstance(source, str):
+        return Path(value) if value.startswith(HUB_PREFIX) or glob.glob(os.path.expanduser(value)) else None
+    path = source
     return path.resolve() if path.exists() else None
 
 

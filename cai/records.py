@@ -14,9 +14,11 @@ is either a plain string (one user turn) or such a list; `as_messages` turns eit
 """
 
 import csv
+import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -34,6 +36,16 @@ from cai.paths import local_or_bundled
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Behavior", "forbidden_prompt", "question")
 
 Message = dict[str, str]
+
+log = logging.getLogger("cai")
+
+
+class MalformedRow(RecordsError):
+    """A row of published data that breaks its own format (`reason` says how); readers skip a few."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------- reading
@@ -208,7 +220,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     holds one prompt per line. Other fields (`category`, `answer`, `tests`) are kept. Records without an
     `id` get one derived from the prompt; a duplicate id fails naming both lines.
     """
-    path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout too
+    path = input_source(path)
     records: list[dict[str, Any]] = []
     for _, record in _prompt_records(path):
         records.append(record)
@@ -221,12 +233,15 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
 
 def prompt_line(path: str | Path, record_id: str) -> int | None:
     """The line of `path` that the prompt record `record_id` of `read_prompts(path)` came from."""
-    return next((number for number, record in _prompt_records(local_or_bundled(path)) if record["id"] == record_id),
+    return next((number for number, record in _prompt_records(input_source(path)) if record["id"] == record_id),
                 None)
 
 
-def _prompt_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if path.suffix.lower() == ".csv":
+def _prompt_records(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
+    at = locator(path)
+    if is_dataset_source(path):
+        rows = dataset_rows(path)
+    elif path.suffix.lower() == ".csv":
         rows = _read_csv(path)
     elif path.suffix.lower() == ".txt":
         rows = _read_text(path)
@@ -235,7 +250,7 @@ def _prompt_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                                           "(for one prompt per line of plain text, name the file .txt)")
     first_line: dict[str, int] = {}
     for number, row in rows:
-        where = f"{path}:{number}"
+        where = at(number)
         prompt = _prompt_from_row(row, where)
         record = {k: v for k, v in row.items() if k not in (*PROMPT_COLUMNS, "messages", "chosen", "rejected")}
         record["prompt"] = prompt
@@ -395,14 +410,16 @@ def read_eval_set(spec: str, limit: int | None = None,
     A side prefix keeps that side's rows of a labelled set (`benign:xstest.csv`, its safe prompts) and
     names the side of an unlabelled one. `limit` applies after filtering."""
     wanted, raw_path = split_eval_spec(spec)
-    path = local_or_bundled(raw_path)
-    suffix = path.suffix.lower()
-    rows = list(_read_csv(path) if suffix == ".csv" else _read_text(path) if suffix == ".txt" else read_jsonl(path))
+    path = input_source(raw_path)
+    at = locator(path)
+    suffix = Path(path).suffix.lower()
+    rows = list(dataset_rows(path) if is_dataset_source(path) else _read_csv(path) if suffix == ".csv"
+                else _read_text(path) if suffix == ".txt" else read_jsonl(path))
     kind = eval_set_format(list(rows[0][1]) if rows else [])
     kept: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}
     for number, row in rows:
-        where = f"{path}:{number}"
+        where = at(number)
         record = {"prompt": _prompt_from_row(row, where), "category": row.get("category")}
         given_id = record_id(row.get("BehaviorID") if kind == "harmbench" else row.get("id"), where)
         record["id"] = given_id or stable_id("p", json.dumps(record["prompt"]))
@@ -476,7 +493,8 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
         try:
             messages, chosen, rejected = split_transcript_pair(row["chosen"], row["rejected"])
         except ValueError as exc:
-            raise RecordsError(f"{where}: {exc} -- hh-rlhf rows must differ only in the last Assistant turn") from None
+            raise MalformedRow(f"{where}: {exc} -- hh-rlhf rows must differ only in the last Assistant turn",
+                               str(exc)) from None
         prompt = messages[0]["content"] if len(messages) == 1 else messages
     else:
         chosen_prefix, chosen = _final_answer(row["chosen"], where, "chosen")
@@ -505,22 +523,40 @@ def normalize_preference(row: dict[str, Any], where: str, default_source: str) -
     return record
 
 
-def read_preferences(path: str | Path, default_source: str = "human-helpful",
-                     limit: int | None = None) -> list[dict[str, Any]]:
-    """Read a preference file in any accepted format (see `normalize_preference`).
+def read_preferences(path: str | Path, default_source: str = "human-helpful", limit: int | None = None,
+                     dropped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Read preference pairs in any accepted format (see `normalize_preference`) from a JSONL file
+    (`.jsonl.gz` too: hh-rlhf ships that way) or any source `dataset_rows` reads.
 
-    `.jsonl.gz` files are read too (hh-rlhf ships that way). Rows without a `source` get `default_source`;
-    rows without `p_chosen` are hard labels (1.0).
+    Rows without a `source` get `default_source`; rows without `p_chosen` are hard labels (1.0). Published
+    data has a few malformed rows (hh-rlhf's harmless-base test split: 5 of 2,312 whose chosen and rejected
+    differ before the last answer): they are skipped with a logged count and reason, and appended to
+    `dropped` (each with `where` and `reason`) for the caller to keep; when they are most of the rows the
+    file is in another format, and the first one's error is raised.
     """
-    path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout too
-    records = []
-    for number, row in read_jsonl(path, line_hint='each line must be one JSON object like {"prompt": "...", '
-                                                '"chosen": "...", "rejected": "..."}'):
-        records.append(normalize_preference(row, f"{path}:{number}", default_source))
+    source = input_source(path)
+    at = locator(source)
+    rows = dataset_rows(source) if is_dataset_source(source) else read_jsonl(
+        source, line_hint='each line must be one JSON object like {"prompt": "...", "chosen": "...", "rejected": "..."}')
+    records: list[dict[str, Any]] = []
+    skipped: list[MalformedRow] = []
+    for number, row in rows:
+        try:
+            records.append(normalize_preference(row, at(number), default_source))
+        except MalformedRow as exc:
+            skipped.append(exc)
+            if dropped is not None:
+                dropped.append({**row, "where": at(number), "reason": exc.reason})
+            continue
         if limit is not None and len(records) >= limit:
             break
+    if len(skipped) > len(records):
+        raise skipped[0]
     if not records:
-        raise RecordsError(f"{path}: no preference records -- the file is empty")
+        raise RecordsError(f"{source}: no preference records -- the file is empty")
+    if skipped:
+        log.warning(f"{source}: skipped {len(skipped)} of {len(skipped) + len(records)} rows: "
+                    f"{skipped[0].reason} (first at {str(skipped[0]).split(': ', 1)[0]})")
     return records
 
 
@@ -738,3 +774,132 @@ class Resume:
 
     def __exit__(self, *exc) -> None:
         self.writer.close()
+
+
+# ----------------------------------------------------------------------------- `datasets` sources
+
+# Besides cai's own JSONL/CSV/text files, every input takes what the `datasets` library reads: a parquet or
+# arrow file, a folder written by `save_to_disk`, a glob of data files, and a hub dataset from the local
+# Hugging Face cache, written `hf:OWNER/NAME[/DATA_DIR][@SPLIT]` (split `train` unless given), e.g.
+# `hf:Anthropic/hh-rlhf/harmless-base@test`. Rows from these go through the same record adapters as lines
+# of a file; an error names the source and the row's index.
+HUB_PREFIX = "hf:"
+TABLE_SUFFIXES = (".parquet", ".arrow")
+_GLOB_CHARS = "*?["
+# The `datasets` builder for each kind of file a glob can match.
+_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".gz": "json",
+             ".csv": "csv", ".txt": "text"}
+
+
+def is_dataset_source(value: str | Path) -> bool:
+    """Whether `value` is read through `datasets` (see above) rather than by cai's own readers."""
+    text = str(value)
+    path = Path(text).expanduser()
+    if text.startswith(HUB_PREFIX) or (any(char in text for char in _GLOB_CHARS) and not path.exists()):
+        return True
+    return path.suffix.lower() in TABLE_SUFFIXES or path.is_dir()
+
+
+def input_source(value: str | Path) -> Path | str:
+    """An input as its reader takes it: a hub id or glob as written, else a path (`data/...` names a bundled
+    file outside a checkout too)."""
+    text = str(value)
+    if text.startswith(HUB_PREFIX) or (any(char in text for char in _GLOB_CHARS) and not Path(text).exists()):
+        return text
+    path = local_or_bundled(value)
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).suffix:  # a hub id
+        raise RecordsError(f"{text}: no such file -- for the hub dataset, write hf:{text}[/DATA_DIR][@SPLIT] "
+                           f"(e.g. hf:{text}@test)")
+    return path
+
+
+def locator(source: str | Path):
+    """`where(number)` for a row of `source`: `file:line` for cai's files, `SOURCE row N` for the rest."""
+    if is_dataset_source(source):
+        return lambda number: f"{source} row {number}"
+    return lambda number: f"{source}:{number}"
+
+
+def dataset_rows(source: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(index, row)` for each row of a source `datasets` reads (see `is_dataset_source`)."""
+    yield from enumerate(_load_table(str(source)))
+
+
+def _load_table(text: str):
+    import datasets
+
+    datasets.disable_progress_bars()  # cai's own progress shows; "Generating train split" bars would not
+    try:
+        if text.startswith(HUB_PREFIX):
+            return _hub_table(text)
+        if any(char in text for char in _GLOB_CHARS) and not Path(text).exists():
+            files = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+            if not files:
+                raise RecordsError(f"{text}: no file matches the pattern -- check the path and the pattern")
+            suffixes = {Path(file).suffix.lower() for file in files}
+            builder = _BUILDERS.get(next(iter(suffixes))) if len(suffixes) == 1 else None
+            if builder is None:
+                raise RecordsError(f"{text}: matches {', '.join(sorted(suffixes))} files -- match files of one "
+                                   f"kind: {', '.join(sorted(_BUILDERS))}")
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise RecordsError(f"{path}: no such file -- check the path")
+        if path.is_dir():
+            return _saved_table(path)
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet
+
+            return pyarrow.parquet.read_table(path).to_pylist()
+        return datasets.Dataset.from_file(str(path))
+    except RecordsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any reader failure is this input's problem, said in one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecordsError(f"{text}: `datasets` cannot read it ({reason[:200]}) -- give a parquet or arrow file, "
+                           "a folder written by save_to_disk, or hf:OWNER/NAME[/DATA_DIR][@SPLIT]") from None
+
+
+def _saved_table(path: Path):
+    import datasets
+
+    if (path / "dataset_dict.json").exists():
+        splits = sorted(child.name for child in path.iterdir() if (child / "dataset_info.json").exists())
+        raise RecordsError(f"{path}: holds the splits {', '.join(splits)} -- give one of them, e.g. "
+                           f"{path / (splits[0] if splits else 'train')}")
+    if not (path / "dataset_info.json").exists():
+        raise RecordsError(f"{path}: is a directory that save_to_disk did not write -- give a file in it, or "
+                           "a folder written by Dataset.save_to_disk")
+    return datasets.load_from_disk(str(path))
+
+
+def _hub_table(text: str):
+    """A split of a hub dataset from the local Hugging Face cache (`HF_HUB_CACHE`); cai never downloads."""
+    import datasets
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    spec, _, split = text[len(HUB_PREFIX):].partition("@")
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2 or not all(parts) or not split and "@" in text:
+        raise RecordsError(f"{text}: expected hf:OWNER/NAME[/DATA_DIR][@SPLIT] -- e.g. "
+                           "hf:Anthropic/hh-rlhf/harmless-base@test")
+    repo, data_dir = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        folder = Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+    except LocalEntryNotFoundError:
+        only = f" --include '{data_dir}/*'" if data_dir else ""
+        raise RecordsError(f"{text}: {repo} is not in the local Hugging Face cache -- fetch it with "
+                           f"`hf download {repo} --repo-type dataset{only}`") from None
+    if data_dir and not (folder / data_dir).is_dir():
+        folders = sorted(child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))
+        raise RecordsError(f"{text}: the cached {repo} has no folder {data_dir!r} -- use one of: "
+                           f"{', '.join(folders) or 'none'} (or fetch it: `hf download {repo} --repo-type dataset`)")
+    return datasets.load_dataset(str(folder), data_dir=data_dir, split=split or "train")
+
+
+def read_rows(value: str | Path, **jsonl_options: Any) -> tuple[Path | str, Iterator[tuple[int, dict[str, Any]]]]:
+    """`(source, rows)` for an input of JSON-like rows: a JSONL file (`read_jsonl`, line numbers) or a
+    source `dataset_rows` reads (row indexes)."""
+    source = input_source(value)
+    return source, dataset_rows(source) if is_dataset_source(source) else read_jsonl(source, **jsonl_options)

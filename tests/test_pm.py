@@ -431,3 +431,28 @@ def test_score_refuses_an_out_that_is_not_a_jsonl_file_before_scoring(tmp_path):
     with pytest.raises(ConfigError, match="NAME.jsonl"):
         pm.PMScoreConfig(model="pm", input="in.jsonl", out=str(tmp_path))
     assert pm.PMScoreConfig(model="pm", input="in.jsonl", out=str(tmp_path / "scored.jsonl")).out
+
+
+def test_cli_eval_skips_malformed_hh_rlhf_rows_of_a_parquet_file_and_keeps_them(trained, tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    cfg, _ = trained
+
+    def transcript(*turns):
+        return "".join(f"\n\n{speaker}: {text}" for speaker, text in zip(("Human", "Assistant") * 3, turns, strict=False))
+
+    good = [{"chosen": transcript("the cat", "sat on a mat please"), "rejected": transcript("the cat", "sat sorry")}
+            for _ in range(3)]
+    # the rejected side lost the blank line before its second "Human:" turn
+    quirk = {"chosen": transcript("the dog", "ran", "and then", "home please"),
+             "rejected": transcript("the dog", "ran\nHuman: and then") + "\n\nAssistant: home sorry"}
+    pairs = tmp_path / "pairs.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([good[0], quirk, *good[1:]]), pairs)
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["pm", "eval", "--model", cfg.out, "--pairs", str(pairs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 of 4 rows: chosen and rejected do not share the conversation" in result.output
+    dropped = [json.loads(line) for line in (out / "dropped.jsonl").read_text().splitlines()]
+    assert [row["where"] for row in dropped] == [f"{pairs} row 1"] and dropped[0]["chosen"] == quirk["chosen"]
+    assert json.loads((out / "metrics.json").read_text())["pairs"] == 3

@@ -867,7 +867,8 @@ def run_eval(cfg: PMEvalConfig, ctx: StageContext) -> StageResult:
             return done
         manifest.start()
     # Pairs without a `source` are grouped under the file name in the per-source accuracy.
-    records = read_preferences(cfg.pairs, default_source=Path(cfg.pairs).name, limit=cfg.limit)
+    dropped: list[dict] = []  # published rows that break their format, kept with the reason
+    records = read_preferences(cfg.pairs, default_source=Path(cfg.pairs).name, limit=cfg.limit, dropped=dropped)
     scorer = RewardScorer.from_directory(cfg.model, device=ctx.device, max_length=cfg.max_length,
                                          batch_size=cfg.batch_size)
     task = ctx.reporter.task("scoring pairs", total=2 * len(records))
@@ -876,15 +877,20 @@ def run_eval(cfg: PMEvalConfig, ctx: StageContext) -> StageResult:
     summary = (f"{len(records)} pairs: accuracy {_percent(metrics['accuracy'])}, ECE "
                f"{'-' if metrics['ece'] is None else format(metrics['ece'], '.3f')}, corr(reward, length) "
                f"{'-' if metrics['length']['reward_length_correlation'] is None else format(metrics['length']['reward_length_correlation'], '.2f')}")
-    counts = {"pairs": len(records), "soft_label_pairs": metrics["soft_label_pairs"]}
+    counts = {"pairs": len(records), "soft_label_pairs": metrics["soft_label_pairs"], "dropped": len(dropped)}
+    if dropped:
+        summary += f"; {len(dropped)} malformed rows skipped"
     if manifest is None:
         return StageResult(stage="pm-eval", outputs={}, counts=counts, summary=summary, metrics=metrics)
     out = Path(cfg.out)
     write_jsonl(out / "scores.jsonl", scores)
+    if dropped:
+        write_jsonl(out / "dropped.jsonl", dropped)
     title = Path(cfg.pairs).name
     outputs = {"metrics": str(out / "metrics.json"), "scores": str(out / "scores.jsonl"),
                "calibration": str(plot_reliability(scores, out / "calibration.png", cfg.bins, title)),
-               "length_bias": str(plot_length_bias(scores, metrics, out / "length_bias.png", title))}
+               "length_bias": str(plot_length_bias(scores, metrics, out / "length_bias.png", title)),
+               **({"dropped": str(out / "dropped.jsonl")} if dropped else {})}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
 

@@ -30,7 +30,6 @@ from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
 from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
-from cai.paths import local_or_bundled
 from cai.stages.base import (
     StageContext,
     check_at_least_one,
@@ -162,11 +161,11 @@ def choose_helpful(prompts: list[dict[str, Any]], needed: int, seed: int) -> lis
 
 
 def _read_critique_records(path: str) -> list[dict[str, Any]]:
-    from cai.records import check_prompt, check_unique_id, read_jsonl
+    from cai.records import check_prompt, check_unique_id, read_rows
 
-    path = local_or_bundled(path)  # `data/...` names a bundled file outside a checkout, as for every input
+    path, rows = read_rows(path)  # a JSONL file (`data/...` bundled too) or what `datasets` reads
     records, first_line = [], {}
-    for number, row in read_jsonl(path):
+    for number, row in rows:
         if "prompt" not in row or "final" not in row or "id" not in row:
             raise RecordsError(f"{path}:{number}: a critique record needs `id`, `prompt` and `final` "
                                "-- give the output of `cai critique`")
