@@ -1,6 +1,6 @@
 """JSONL record store and the input formats people already have.
 
-Records are JSON objects, one a line, each with a stable string `id` (DESIGN.md, "Records").
+Records are JSON objects, one a line, each with a stable string `id`.
 
 - `read_jsonl` / `read_prompts` / `read_preferences` read inputs; a malformed line fails with `file:line`.
 - `RecordWriter` appends records one at a time (flush + fsync each), so a killed run keeps every record

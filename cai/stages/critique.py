@@ -48,7 +48,7 @@ from cai.stages.base import (
 
 @dataclass
 class CritiqueConfig(EngineOptions):
-    """`cai critique`: initial answer -> N x (critique, revision) records (DESIGN.md, "Records").
+    """`cai critique`: initial answer -> N x (critique, revision) records.
 
     NOTE: `temperature` defaults to 0.7 (the paper sampled its critiques and revisions). Sampling is
     still reproducible: every item draws from its own seeded generator, whatever its batch.

@@ -8,7 +8,7 @@ once, then set aside (`reason: identical`) in `<out>.rejected.jsonl` and counted
 (`cai.judge`; by default the policy model itself, loaded once) labels each pair against principles drawn
 from the constitution, and one preference record per pair is appended to `--out`: `chosen`/`rejected`,
 the soft label `p_chosen`, both answers in the order judged, P(A) in each order, the principle ids and
-whether the orders agreed (DESIGN.md, "Records").
+whether the orders agreed.
 
 `cai feedback eval` (`run_eval`) checks a judge against labelled pairs before hours go into labelling:
 agreement per order and after the swap, position consistency, calibration (ECE), and the same on a
@@ -199,7 +199,7 @@ class FeedbackEvalConfig(EngineOptions):
         if self.judge_temperature <= 0:
             raise ConfigError(f"--judge-temperature {self.judge_temperature} must be > 0")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
-            # Found only when writing, it used to fail after every pair had been judged.
+            # Checked here: found only when writing, it would fail after every pair had been judged.
             raise ConfigError(f"--out {self.out!r} is a file, but feedback eval writes a directory (metrics.json, "
                               "verdicts.jsonl) -- pass --out DIR")
         self.clamp = _parse_clamp(self.clamp)
