@@ -152,9 +152,8 @@ def _draw(population: list, count: int, rng: random.Random) -> list:
     the last one ended on (a round would otherwise critique under the same principle twice running)."""
     drawn: list = []
     while len(drawn) < count:
-        # A whole pass, cut to what is left: round k's principle then does not depend on `count` (a short
-        # last pass used to draw its replacement differently). For populations up to 21, sample() draws
-        # a pass's first k as sample(population, k) would, so the draws of shorter runs did not move.
+        # A whole pass, cut to what is left: round k's principle then does not depend on `count`. For
+        # populations up to 21, sample() draws a pass's first k as sample(population, k) would.
         batch = rng.sample(population, len(population))
         if drawn and len(population) > 1 and batch[0] is drawn[-1]:
             batch[0], batch[1] = batch[1], batch[0]

@@ -338,11 +338,10 @@ class Precision:
 
     CUDA: bf16 (fp16 on older GPUs) weights and compute, gradient checkpointing on. CPU: trained weights
     stay fp32 (`fp32_weights`; RL loads the frozen base under LoRA in bf16, see `frozen_dtype`) and bf16
-    is autocast only, used where the CPU multiplies bf16 natively (AVX512-BF16/AMX; measured here by
-    bench/pm.py, `cai pm train`'s trainer ran 2.0x faster than fp32: 438 against 220 tok/s), never where
-    PyTorch would emulate it; no checkpointing on CPU, which recomputes activations for no memory need
-    (DESIGN.md measured trl's defaults, bf16 *with* checkpointing, 22x slower than fp32 on a
-    RewardTrainer run).
+    is autocast only, used where the CPU multiplies bf16 natively (AVX512-BF16/AMX, about twice as fast
+    as fp32 training there: bench/pm.py), never where PyTorch would emulate it; no checkpointing on CPU,
+    which recomputes activations for no memory need (trl's defaults, bf16 *with* checkpointing, train a
+    CPU without native bf16 many times slower than fp32).
     """
 
     bf16: bool
@@ -364,8 +363,7 @@ class Precision:
         """The dtype to load weights in when LoRA trains adapters over them and leaves them frozen. Under
         CPU autocast that is bf16: autocast casts a weight to bf16 at every op that uses it and caches
         the cast only for weights that require grad, so fp32 frozen weights were re-cast at every forward,
-        each decode step of RL's generation included (measured in the demo: 105 -> 88 tok/s). The
-        adapters stay fp32 (peft upcasts them)."""
+        each decode step of RL's generation included. The adapters stay fp32 (peft upcasts them)."""
         import torch
 
         return torch.bfloat16 if self.fp32_weights and self.bf16 else self.torch_dtype
@@ -405,8 +403,7 @@ PRECISION_HELP = ("Precision of generation and scoring: auto = bf16 where the ha
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX). On such a CPU a bf16 matmul
-    runs ~4x the fp32 rate (measured on this project's EPYC: ~900 vs ~200 GFLOP/s at 1024^2); elsewhere
-    PyTorch emulates bf16, slower than fp32."""
+    runs several times the fp32 rate; elsewhere PyTorch emulates bf16, slower than fp32."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:

@@ -32,7 +32,7 @@ The run directory:
     runs/NAME/6-eval/                  metrics.json, report.html, report.md, *.png
     runs/NAME/run.json                 what each stage did in the last `cai run` and how long it took
 
-Skipping and resuming are the stages' own (`StageRun` manifests). The runner adds what only it knows:
+Skipping and resuming are the stages' own (their manifests, `cai.manifest`). The runner adds what only it knows:
 when a stage's manifest no longer matches (its options or an upstream output changed), the stage's
 directory belongs to this run, so it is discarded and the stage runs again; every stage after it then
 sees changed inputs and runs again too.
@@ -902,7 +902,21 @@ def run(recipe: Recipe, reporter, *, from_stage: str | None = None, only: str | 
     partial one. `force` discards the selected stages' directories first; `from_stage` re-runs that
     stage and every one after it (forced), leaving earlier ones alone.
     """
-    from cai.stages.base import StageContext, discard_outputs
+    from cai.manifest import lock, unlock
+
+    # One `cai run` writes a run directory at a time; the processes a `launch:` command starts run inside it.
+    key = None if os.environ.get(LAUNCHED_ENV) else lock(recipe.run_dir, fix="choose another --name")
+    try:
+        return _run_selected(recipe, reporter, from_stage, only, force, on_stage)
+    finally:
+        if key is not None:
+            unlock(key)
+
+
+def _run_selected(recipe: Recipe, reporter, from_stage: str | None, only: str | None, force: bool,
+                  on_stage: StageCallback | None) -> RunResult:
+    from cai.manifest import discard_outputs
+    from cai.stages.base import StageContext
 
     selected = select(recipe, from_stage, only)
     selected_names = {s.spec.name for s in selected}
@@ -969,7 +983,7 @@ def launch_command(recipe: Recipe, stage: str) -> list[str]:
 
 
 def _launch(recipe: Recipe, planned: PlannedStage, reporter):
-    from cai.stages.base import StageResult
+    from cai.manifest import read_result
 
     command = launch_command(recipe, planned.spec.name)
     reporter.log(f"{planned.spec.name}: launching {' '.join(shlex.quote(c) for c in command)}")
@@ -977,13 +991,10 @@ def _launch(recipe: Recipe, planned: PlannedStage, reporter):
     if completed.returncode != 0:
         raise RecipeError(f"{planned.spec.name}: the launched command exited with {completed.returncode} -- its "
                           f"output is above; fix it and run again (finished work is kept)")
-    try:
-        manifest = json.loads(planned.manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise RecipeError(f"{planned.spec.name}: the launched command wrote no manifest at "
-                          f"{planned.manifest_path}") from None
-    return StageResult(stage=planned.spec.name, outputs=manifest.get("outputs", {}), counts=manifest.get("counts", {}),
-                       summary=manifest.get("summary", ""), metrics=manifest.get("metrics", {}))
+    if (result := read_result(planned.manifest_path)) is None:
+        raise RecipeError(f"{planned.spec.name}: the launched command wrote no complete manifest at "
+                          f"{planned.manifest_path}")
+    return result
 
 
 def _complete(manifest_path: Path) -> bool:

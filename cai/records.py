@@ -1,6 +1,6 @@
 """JSONL record store and the input formats people already have.
 
-Records are JSON objects, one a line, each with a stable string `id` (DESIGN.md, "Records").
+Records are JSON objects, one a line, each with a stable string `id`.
 
 - `read_jsonl` / `read_prompts` / `read_preferences` read inputs; a malformed line fails with `file:line`.
 - `RecordWriter` appends records one at a time (flush + fsync each), so a killed run keeps every record
@@ -727,6 +727,53 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+class Resume:
+    """Resume by id for a stage that makes one JSONL record per item: the file at `path` is read once,
+    the items whose id (`key(item)`) it holds, or `skip` holds, are `done`, and the rest come in chunks of
+    `chunk_size`; `write` appends a chunk's records, each on disk as it is written, so a killed run keeps
+    what it finished and its rerun makes only what is missing.
+
+        with Resume(out, prompts, chunk_size=8) as resume:
+            for chunk in resume:
+                resume.write(make_records(chunk))
+        records = resume.records()   # one per item that has one, in the items' order
+    """
+
+    def __init__(self, path: str | Path, items: list, chunk_size: int, key=lambda item: item["id"],
+                 skip: set[str] = frozenset()):
+        self.writer = RecordWriter(path)  # opened first: it mends a line torn by a kill
+        self.key, self.chunk_size, self.skip = key, chunk_size, skip
+        self.by_id = {str(r["id"]): r for _, r in read_jsonl(self.writer.path)} if self.writer.done_ids else {}
+        self.items: list = []
+        self.todo: list = []  # items without a record, not yet handed out
+        self.done = 0
+        self.add(items)
+
+    def add(self, items: list) -> None:
+        """Take more items, whose records go to the same file."""
+        todo = [item for item in items if str(self.key(item)) not in self.by_id and str(self.key(item)) not in self.skip]
+        self.items, self.todo, self.done = self.items + items, self.todo + todo, self.done + len(items) - len(todo)
+
+    def __iter__(self) -> Iterator[list]:
+        while self.todo:
+            chunk, self.todo = self.todo[:self.chunk_size], self.todo[self.chunk_size:]
+            yield chunk
+
+    def write(self, records) -> None:
+        for record in records:
+            if self.writer.append(record):
+                self.by_id[str(record["id"])] = record
+
+    def records(self) -> list[dict[str, Any]]:
+        return [self.by_id[key] for item in self.items if (key := str(self.key(item))) in self.by_id]
+
+    def __enter__(self) -> "Resume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
 
 
 # ----------------------------------------------------------------------------- `datasets` sources

@@ -105,22 +105,8 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> Path | None:
     series = [("pass@1", "pass@1 (greedy)")]
     if k is not None:
         series += [("pass@k", f"pass@{k} (sampled)"), ("all@k", f"all@{k}: solved in all {k} tries")]
-    plt = _figure()
-    fig, axis = plt.subplots(figsize=(5.5, 3.8))
-    width = 0.8 / len(series)
-    for index, (key, title) in enumerate(series):
-        values = [(found[label] or {}).get(key, math.nan) for label in labels]
-        positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(labels))]
-        axis.bar(positions, values, width=width, label=title)
-    axis.set_xticks(range(len(labels)), labels)
-    axis.set_ylim(0, 1)
-    axis.set_ylabel("share of problems solved")
-    axis.legend(fontsize=8)
-    axis.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    values = {key: [(found[label] or {}).get(key, math.nan) for label in labels] for key, _ in series}
+    return _grouped_bars(labels, series, values, "share of problems solved", path, ylim=(0, 1))
 
 
 def plot_elo(metrics: dict[str, Any], path: Path) -> Path | None:
@@ -128,17 +114,26 @@ def plot_elo(metrics: dict[str, Any], path: Path) -> Path | None:
                                               ("elo_benign", "benign prompts")) if metrics.get(key)]
     if not series:
         return None
+    labels = metrics["labels"]  # a model without a rating gets no bar (nan)
+    values = {key: [metrics[key].get(label, math.nan) - 1000.0 for label in labels] for key, _ in series}
+    return _grouped_bars(labels, series, values, "Elo - 1000 (judge, head to head)", path, zero_line=True)
+
+
+def _grouped_bars(labels: list[str], series: list[tuple[str, str]], values: dict[str, list[float]], ylabel: str,
+                  path: Path, ylim: tuple[float, float] | None = None, zero_line: bool = False) -> Path:
+    """One group of bars per model label, one bar per series (key, legend title) in each group."""
     plt = _figure()
-    labels = metrics["labels"]
     fig, axis = plt.subplots(figsize=(5.5, 3.8))
     width = 0.8 / len(series)
     for index, (key, title) in enumerate(series):
-        values = [metrics[key].get(label, math.nan) - 1000.0 for label in labels]  # no rating: no bar
         positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(labels))]
-        axis.bar(positions, values, width=width, label=title)
+        axis.bar(positions, values[key], width=width, label=title)
     axis.set_xticks(range(len(labels)), labels)
-    axis.axhline(0, color="0.3", linewidth=0.8)
-    axis.set_ylabel("Elo - 1000 (judge, head to head)")
+    if ylim is not None:
+        axis.set_ylim(*ylim)
+    if zero_line:
+        axis.axhline(0, color="0.3", linewidth=0.8)
+    axis.set_ylabel(ylabel)
     axis.legend(fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -24,7 +24,7 @@ def test_asking_for_vllm_without_it_names_what_to_install(monkeypatch):
 
 
 def test_the_stages_reject_bad_engine_options_and_do_not_hash_them():
-    from cai.stages.base import config_hash
+    from cai.manifest import config_hash
     from cai.stages.critique import CritiqueConfig
     from cai.stages.evaluate import EvalConfig
     from cai.stages.feedback import FeedbackConfig

@@ -134,7 +134,7 @@ def test_an_invalid_constitution_exits_non_zero_from_the_console_command(tmp_pat
 
 
 def test_every_stage_config_field_has_help():
-    """Field help is the only documentation of an option (STYLE.md 2): none may be missing."""
+    """Field help is the only documentation of an option: none may be missing."""
     for module_info in pkgutil.iter_modules(cai.stages.__path__):
         module = importlib.import_module(f"cai.stages.{module_info.name}")
         for name, value in vars(module).items():

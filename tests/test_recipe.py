@@ -1,4 +1,4 @@
-"""Recipes and the runner, on fake stages that follow the stage contract (StageRun manifests, RecordWriter)
+"""Recipes and the runner, on fake stages that follow the stage contract (Manifest manifests, RecordWriter)
 but do no ML: they copy their inputs into their outputs and count how often they did work."""
 
 import dataclasses
@@ -12,8 +12,9 @@ import yaml
 
 from cai import recipe as recipes
 from cai.errors import RecipeError
+from cai.manifest import Manifest, StageResult
 from cai.records import RecordWriter, read_jsonl, read_prompts
-from cai.stages.base import NullReporter, StageResult, StageRun
+from cai.stages.base import NullReporter
 
 CALLS: dict[str, int] = {}
 CRASH_AFTER: dict[str, int] = {}  # stage -> raise KeyboardInterrupt after this many records
@@ -129,10 +130,10 @@ def _fake_run(name: str):
         inputs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in INPUT_FIELDS}
         if name == "eval":
             inputs.update({f"model{i}": m.split("=", 1)[1] for i, m in enumerate(cfg.models)})
-        stage = StageRun(name, cfg, ctx.manifest_for(cfg.out), inputs=inputs, outputs=[cfg.out])
-        if (done := stage.previous()) is not None:
+        manifest = Manifest(name, cfg, ctx.manifest_for(cfg.out), inputs=inputs, outputs=[cfg.out])
+        if (done := manifest.previous()) is not None:
             return done
-        stage.start()
+        manifest.start()
         CALLS[name] = CALLS.get(name, 0) + 1
         out = Path(cfg.out)
         if out.suffix == ".jsonl":
@@ -142,14 +143,14 @@ def _fake_run(name: str):
                     if name in CRASH_AFTER and writer.written >= CRASH_AFTER[name]:
                         raise KeyboardInterrupt
                     writer.append({"id": record["id"], "prompt": record["prompt"], "n": index,
-                                   "made_by": stage.config_hash, "from": stage.inputs})
+                                   "made_by": manifest.config_hash, "from": manifest.inputs})
             count = len(writer.done_ids)
         else:
             model = out if out.name == "model" or name == "eval" else out / "model"  # as pm and rl write
             model.mkdir(parents=True, exist_ok=True)
             (model / "config.json").write_text(json.dumps({"stage": name, **{k: str(v) for k, v in inputs.items()}}))
             count = 1
-        return stage.complete(outputs={"out": out}, counts={"records": count}, summary=f"{name} did {count}")
+        return manifest.complete(outputs={"out": out}, counts={"records": count}, summary=f"{name} did {count}")
 
     return run
 
@@ -670,3 +671,26 @@ def test_summary_of_a_maths_eval_gives_pass_at_k_and_the_ratio():
         "rl": {"harmful_refusal_rate": None, "verifiable": {"pass@1": 0.35, "pass@k": 0.6, "all@k": 0.1, "k": 4, "n": 8}}}})
     assert lines == ["verifiable problems solved, greedy pass@1: base 20% -> rl 35% (1.75x)",
                      "pass@4 (from 8 samples): base 50% -> rl 60%; all@4: base 5% -> rl 10%"]
+
+
+def test_a_second_run_of_the_same_run_directory_stops_before_any_stage(tmp_path, prompts):
+    """Two `cai run r.yaml --name X` at once both ran critique, then both failed at sft on duplicate ids."""
+    import subprocess
+    import sys
+
+    from cai.manifest import OutputBusy
+
+    path = write_recipe(tmp_path, "", prompts)
+    run_dir = tmp_path / "runs" / "t"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cai.manifest import lock; "
+                               "lock(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputBusy, match=f"another cai \\(pid {holder.pid}\\) is writing .*choose another --name"):
+            run(path)
+        assert CALLS == {} and not (run_dir / "1-critique").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not any(o.skipped for o in run(path).outcomes)  # the killed holder leaves nothing that blocks

@@ -279,6 +279,40 @@ def test_writer_resumes_after_a_kill_without_duplicates_or_loss(tmp_path):
     assert ids == [f"r{i}" for i in range(6)]
 
 
+def test_resume_makes_only_what_a_killed_run_left_and_keeps_the_items_order(tmp_path):
+    from cai.records import Resume
+
+    path = tmp_path / "out.jsonl"
+    items = [{"id": f"p{i}"} for i in range(7)]
+    made = []
+
+    def make(chunk):
+        made.append([item["id"] for item in chunk])
+        return [{"id": item["id"], "n": int(item["id"][1:])} for item in chunk]
+
+    with pytest.raises(KeyboardInterrupt), Resume(path, items, chunk_size=3) as resume:
+        for number, chunk in enumerate(resume):
+            if number == 1:
+                raise KeyboardInterrupt  # killed while making the second chunk: the first is on disk
+            resume.write(make(chunk))
+    with path.open("a") as handle:
+        handle.write('{"id": "p3", "n"')  # and a torn line from the kill
+    made.clear()
+    with Resume(path, items, chunk_size=3, skip={"p5"}) as resume:  # p5: set aside in another file
+        assert resume.done == 4 and [item["id"] for item in resume.todo] == ["p3", "p4", "p6"]
+        for chunk in resume:
+            resume.write(make(chunk))
+        resume.write([{"id": "p0", "n": -1}])  # an id already there is never written twice
+    assert made == [["p3", "p4", "p6"]]
+    assert [r["id"] for r in resume.records()] == ["p0", "p1", "p2", "p3", "p4", "p6"]
+    assert [r["n"] for r in resume.records()] == [0, 1, 2, 3, 4, 6]
+    ids = [r["id"] for _, r in read_jsonl(path)]
+    assert sorted(ids) == ["p0", "p1", "p2", "p3", "p4", "p6"] and len(ids) == len(set(ids))
+    with Resume(path, [], chunk_size=2) as resume:  # items added in rounds share one open file
+        resume.add([{"id": "p5"}, {"id": "p1"}])
+        assert [item["id"] for chunk in resume for item in chunk] == ["p5"] and resume.done == 1
+
+
 def test_writer_refuses_a_corrupt_middle_line(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
@@ -340,8 +374,8 @@ def test_hh_transcripts_with_windows_line_ends_are_still_transcripts(tmp_path):
 
 def test_a_bundled_data_path_is_found_from_any_directory_and_hashed_by_its_content(tmp_path, monkeypatch):
     """`cai critique --prompts data/red_team_prompts.jsonl` from outside a checkout (an installed cai)."""
+    from cai.manifest import input_hash
     from cai.paths import bundled
-    from cai.stages.base import input_hash
 
     expected = read_prompts(bundled("data/red_team_prompts.jsonl"))
     monkeypatch.chdir(tmp_path)

@@ -246,20 +246,20 @@ def test_a_kill_after_the_final_save_resumes_from_the_checkpoints_without_traini
         critique_file, tmp_path, tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file
 
-    from cai.stages.base import StageRun
+    from cai.manifest import Manifest
 
     cfg = cfg_for(critique_file, tmp_path, tiny_model_dir, max_steps=4, save_steps=2, per_device_train_batch_size=2)
-    real_complete = StageRun.complete
+    real_complete = Manifest.complete
 
     def killed(self, *args, **kwargs):  # the model is saved; the kill comes before the manifest says so
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(StageRun, "complete", killed)
+    monkeypatch.setattr(Manifest, "complete", killed)
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg, StageContext(device="cpu"))
     assert (tmp_path / "sft" / "checkpoints" / "checkpoint-4").is_dir()
     saved = load_file(tmp_path / "sft" / "model.safetensors")
-    monkeypatch.setattr(StageRun, "complete", real_complete)
+    monkeypatch.setattr(Manifest, "complete", real_complete)
     reporter = NullReporter()
     result = sft.run(cfg, StageContext(reporter=reporter, device="cpu"))
     assert any("resuming training from" in m and m.endswith("checkpoint-4") for m in reporter.messages)

@@ -1,4 +1,4 @@
-"""StageRun manifests: when a new run may replace an earlier one, and what the refusal says."""
+"""Manifest manifests: when a new run may replace an earlier one, and what the refusal says."""
 
 import json
 from dataclasses import dataclass, field
@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from cai.errors import ResumeMismatch
-from cai.stages.base import StageRun, config_hash, default_manifest_path
+from cai.manifest import Manifest, default_manifest_path
+from cai.records import read_jsonl
 
 
 @dataclass
@@ -16,40 +17,40 @@ class Config:
     batch_size: int = field(default=8, metadata={"hash": False})
 
 
-def stage_run(out, cfg, force=False):
-    return StageRun("critique", cfg, default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
+def manifest_for(out, cfg, force=False):
+    return Manifest("critique", cfg, default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
                     force=force)
 
 
 def test_a_run_that_failed_before_writing_anything_is_replaced_without_force(tmp_path):
     out = tmp_path / "critique.jsonl"
-    stage_run(out, Config(revisions=1)).start()  # then failed: a mistyped model, say
-    assert stage_run(out, Config(revisions=2)).start() is False  # the corrected command starts fresh
+    manifest_for(out, Config(revisions=1)).start()  # then failed: a mistyped model, say
+    assert manifest_for(out, Config(revisions=2)).start() is False  # the corrected command starts fresh
     out.write_text("")  # an output file opened but empty holds nothing either
-    assert stage_run(out, Config(revisions=3)).start() is False
+    assert manifest_for(out, Config(revisions=3)).start() is False
 
 
 def test_a_directory_holding_only_its_manifest_holds_nothing(tmp_path):
     out = tmp_path / "model"
-    stage_run(out, Config(revisions=1)).start()
+    manifest_for(out, Config(revisions=1)).start()
     assert (out / "manifest.json").exists()
-    stage_run(out, Config(revisions=2)).start()
+    manifest_for(out, Config(revisions=2)).start()
     (out / "checkpoint-1").mkdir()
     (out / "checkpoint-1" / "weights.bin").write_bytes(b"x")
     with pytest.raises(ResumeMismatch):
-        stage_run(out, Config(revisions=3)).start()
+        manifest_for(out, Config(revisions=3)).start()
 
 
 def test_the_refusal_names_the_output_and_what_changed(tmp_path):
     out = tmp_path / "critique.jsonl"
-    stage_run(out, Config(revisions=1)).start()
+    manifest_for(out, Config(revisions=1)).start()
     out.write_text('{"id": "a"}\n')
     with pytest.raises(ResumeMismatch) as refused:
-        stage_run(out, Config(revisions=2, batch_size=4)).start()
+        manifest_for(out, Config(revisions=2, batch_size=4)).start()
     message = str(refused.value)
     assert message.startswith(f"{out}: ") and "revisions: 1 -> 2" in message and "--force" in message
     assert "temperature" not in message and "batch_size" not in message  # unchanged / not counted
-    stage_run(out, Config(revisions=2), force=True).start()
+    manifest_for(out, Config(revisions=2), force=True).start()
     assert not out.exists()  # discarded
 
 
@@ -61,20 +62,20 @@ class ScopedConfig:
 
 def test_a_finished_run_with_another_scope_is_resumed_not_skipped_nor_refused(tmp_path):
     out = tmp_path / "critique.jsonl"
-    finished = stage_run(out, ScopedConfig(limit=2))
+    finished = manifest_for(out, ScopedConfig(limit=2))
     finished.start()
     out.write_text('{"id": "a"}\n{"id": "b"}\n')
     finished.complete(outputs={"records": out}, counts={}, summary="2 records")
-    assert stage_run(out, ScopedConfig(limit=2)).previous() is not None  # same scope: skipped
-    wider = stage_run(out, ScopedConfig(limit=4))
+    assert manifest_for(out, ScopedConfig(limit=2)).previous() is not None  # same scope: skipped
+    wider = manifest_for(out, ScopedConfig(limit=4))
     assert wider.previous() is None and wider.start() is True and out.read_text().count("\n") == 2
     with pytest.raises(ResumeMismatch, match="revisions: 1 -> 2"):
-        stage_run(out, ScopedConfig(revisions=2, limit=4)).start()
+        manifest_for(out, ScopedConfig(revisions=2, limit=4)).start()
 
 
 
 def finished_run(out, cfg):
-    run = stage_run(out, cfg)
+    run = manifest_for(out, cfg)
     run.start()
     out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n{"id": "d"}\n')
     run.complete(outputs={"records": out}, counts={"records": 4}, summary="4 records")
@@ -84,19 +85,19 @@ def finished_run(out, cfg):
 def test_a_smaller_limit_than_a_finished_run_is_refused_as_its_records_would_stay(tmp_path, before, after):
     out = tmp_path / "critique.jsonl"
     finished_run(out, ScopedConfig(limit=before))
-    smaller = stage_run(out, ScopedConfig(limit=after))
+    smaller = manifest_for(out, ScopedConfig(limit=after))
     assert smaller.previous() is None
     with pytest.raises(ResumeMismatch, match=f"larger run \\(limit: {before} -> 2\\).*--force"):
         smaller.start()
     assert out.read_text().count("\n") == 4  # nothing lost
-    assert stage_run(out, ScopedConfig(limit=after), force=True).start() is False and not out.exists()
+    assert manifest_for(out, ScopedConfig(limit=after), force=True).start() is False and not out.exists()
 
 
 def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
     out = tmp_path / "critique.jsonl"
     finished_run(out, ScopedConfig(limit=4))
     out.unlink()
-    again = stage_run(out, ScopedConfig(limit=4))
+    again = manifest_for(out, ScopedConfig(limit=4))
     assert again.previous() is None  # not "already complete; skipped" with no file behind it
     assert again.start() is True  # rebuilds what is missing
 
@@ -104,7 +105,7 @@ def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
 def test_a_model_directory_retrained_in_place_is_a_new_input(tmp_path):
     import os
 
-    from cai.stages.base import input_hash
+    from cai.manifest import input_hash
 
     model = tmp_path / "model"
     model.mkdir()
@@ -162,13 +163,13 @@ def test_a_stage_refuses_an_input_whose_run_has_not_finished(tmp_path):
     from cai.errors import ConfigError
 
     records = tmp_path / "critique.jsonl"
-    upstream = StageRun("critique", OutConfig(out=str(records)), default_manifest_path(records), inputs={},
+    upstream = Manifest("critique", OutConfig(out=str(records)), default_manifest_path(records), inputs={},
                         outputs=[records])
     upstream.start()
     records.write_text('{"id": "a"}\n')
 
     def downstream(data):
-        return StageRun("sft", Config(), tmp_path / "sft" / "manifest.json", inputs={"data": data})
+        return Manifest("sft", Config(), tmp_path / "sft" / "manifest.json", inputs={"data": data})
 
     with pytest.raises(ConfigError, match=r"critique.jsonl: the run that writes it has not finished .* then sft"):
         downstream(str(records))
@@ -178,7 +179,7 @@ def test_a_stage_refuses_an_input_whose_run_has_not_finished(tmp_path):
     # A recipe's stage keeps its manifest in its directory, naming the file as its `out`.
     stage_dir = tmp_path / "3-feedback"
     prefs = stage_dir / "prefs.jsonl"
-    StageRun("feedback", OutConfig(out=str(prefs)), stage_dir / "manifest.json", inputs={}, outputs=[prefs]).start()
+    Manifest("feedback", OutConfig(out=str(prefs)), stage_dir / "manifest.json", inputs={}, outputs=[prefs]).start()
     prefs.write_text("{}\n")
     with pytest.raises(ConfigError, match="has not finished"):
         downstream([str(prefs)])
@@ -198,11 +199,11 @@ class InputConfig:
 
 
 def input_run(tmp_path, pairs, revisions=1):
-    return StageRun("pm-eval", InputConfig(pairs=str(pairs), revisions=revisions, out=str(tmp_path / "E")),
+    return Manifest("pm-eval", InputConfig(pairs=str(pairs), revisions=revisions, out=str(tmp_path / "E")),
                     tmp_path / "E" / "manifest.json", inputs={"pairs": str(pairs)}, outputs=[tmp_path / "E"])
 
 
-def test_an_input_counts_by_content_and_file_name_and_old_manifests_still_match(tmp_path):
+def test_an_input_counts_by_content_and_file_name(tmp_path):
     line = '{"prompt": "hi", "chosen": "hello", "rejected": "go away"}\n'
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "pairs.jsonl").write_text(line)
@@ -213,12 +214,8 @@ def test_an_input_counts_by_content_and_file_name_and_old_manifests_still_match(
     assert input_run(tmp_path, tmp_path / "b" / "pairs.jsonl").previous() is not None
     (tmp_path / "b" / "other.jsonl").write_text(line)  # same content, another name: pm eval labels by it
     assert input_run(tmp_path, tmp_path / "b" / "other.jsonl").previous() is None
-    # A manifest written before inputs counted this way (its hash over the full paths) still matches.
-    legacy = input_run(tmp_path, tmp_path / "b" / "pairs.jsonl")
-    manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
-    manifest["config_hash"] = legacy.legacy_hash
-    (tmp_path / "E" / "manifest.json").write_text(json.dumps(manifest))
-    assert legacy.previous() is not None
+    (tmp_path / "b" / "pairs.jsonl").write_text(line + line)  # same name, other content
+    assert input_run(tmp_path, tmp_path / "b" / "pairs.jsonl").previous() is None
 
 
 @dataclass
@@ -229,7 +226,7 @@ class EvalLikeConfig:
 
 def eval_run(tmp_path, models):
     inputs = {f"model:{m.split('=', 1)[0]}": m.split("=", 1)[1] for m in models}
-    return StageRun("eval", EvalLikeConfig(models=models, out=str(tmp_path / "E")), tmp_path / "E" / "manifest.json",
+    return Manifest("eval", EvalLikeConfig(models=models, out=str(tmp_path / "E")), tmp_path / "E" / "manifest.json",
                     inputs=inputs, outputs=[tmp_path / "E"])
 
 
@@ -249,32 +246,6 @@ def test_a_moved_run_keeps_a_finished_eval_whose_models_are_labelled_paths(tmp_p
     # The labels and their order still count: they name the report's columns and its baseline.
     assert eval_run(tmp_path, [moved[0], moved[2], moved[1]]).previous() is None
     assert eval_run(tmp_path, [moved[0], "sft=" + moved[1][3:], moved[2]]).previous() is None
-    # A manifest written before such lists counted by content (its hash over the full paths) still matches.
-    older = eval_run(tmp_path, moved)
-    manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
-    manifest["config_hash"] = older.single_input_hash
-    (tmp_path / "E" / "manifest.json").write_text(json.dumps(manifest))
-    assert older.previous() is not None
-
-
-@dataclass
-class ScopeConfig:
-    limit: int | None = field(default=None, metadata={"hash": False, "scope": True})
-    revisions: int = 1
-
-
-def test_a_manifest_written_while_a_scope_field_still_counted_in_the_hash_still_matches(tmp_path):
-    """eval's --limit became a scope field: its finished runs must not all be redone after the upgrade."""
-    out = tmp_path / "eval.jsonl"
-    first = stage_run(out, ScopeConfig(limit=2))
-    first.start()
-    out.write_text("{}\n")
-    first.complete({"records": out}, {"records": 1}, "1 record")
-    manifest = json.loads(default_manifest_path(out).read_text())
-    manifest["config_hash"] = config_hash(ScopeConfig(limit=2), count_scope=True)
-    default_manifest_path(out).write_text(json.dumps(manifest))
-    assert stage_run(out, ScopeConfig(limit=2)).previous() is not None
-    assert stage_run(out, ScopeConfig(limit=2, revisions=2)).previous() is None
 
 
 def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):
@@ -284,8 +255,8 @@ def test_an_input_inside_the_stages_own_out_does_not_block_its_resume(tmp_path):
     work.mkdir()
     (work / "prompts.jsonl").write_text('{"id": "1", "prompt": "hi"}\n')
     cfg = OutConfig(out=str(work))
-    StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")}).start()
-    resumed = StageRun("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")})
+    Manifest("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")}).start()
+    resumed = Manifest("rl", cfg, work / "manifest.json", inputs={"prompts": str(work / "prompts.jsonl")})
     assert resumed.start() is True
 
 
@@ -293,7 +264,7 @@ def test_scratch_outlives_a_kill_before_the_manifest_and_goes_once_it_is_complet
     out, checkpoints = tmp_path / "model", tmp_path / "model" / "checkpoints"
 
     def run():
-        return StageRun("sft", Config(), default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
+        return Manifest("sft", Config(), default_manifest_path(out), inputs={"prompts": None}, outputs=[out],
                         scratch=[checkpoints])
 
     run().start()
@@ -403,3 +374,145 @@ def test_every_process_of_a_multi_gpu_run_stops_at_the_step_one_of_them_was_inte
     others_asked.append(True)  # the other process took a Ctrl-C; this one did not
     control = trainer.callback.on_step_end(args, None, TrainerControl())
     assert control.should_save and control.should_training_stop and stop.requested
+
+
+# ----------------------------------------------------------------------------- one writer per output
+
+GATED_CRITIQUE = """
+import pathlib, sys, time
+from cai.stages import critique
+real = critique.critique_chunk
+def gated(*args, **kwargs):  # holds the run, lock taken and manifest partial, until the test says go
+    while not pathlib.Path(sys.argv[1]).exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+critique.critique_chunk = gated
+from cai.cli import app
+app(sys.argv[2:], prog_name="cai")
+"""
+
+
+def test_a_second_cai_writing_the_same_output_stops_at_once_and_the_first_finishes_intact(tmp_path,
+                                                                                           tiny_model_dir):
+    """Two `cai critique --out same.jsonl` at once both ran: 24 lines, 12 unique ids, a manifest saying
+    `records: 24`. The second now stops before any work, naming the first one's pid."""
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    prompts, out, go = tmp_path / "prompts.jsonl", tmp_path / "same.jsonl", tmp_path / "go"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"request {i}"}) + "\n" for i in range(12)))
+    command = ["critique", "--prompts", str(prompts), "--out", str(out), "--model", tiny_model_dir,
+               "--max-new-tokens", "4", "--chunk-size", "4"]
+    first = subprocess.Popen([sys.executable, "-c", GATED_CRITIQUE, str(go), *command],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        manifest = default_manifest_path(out)
+        deadline = time.monotonic() + 120
+        while not manifest.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(manifest.read_text())["status"] == "partial"
+        second = CliRunner().invoke(app, command)
+        assert second.exit_code == 1, second.output
+        message = str(second.exception)
+        assert message.startswith(f"another cai (pid {first.pid}) is writing {out} -- ") and "\n" not in message
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    ids = [record["id"] for _, record in read_jsonl(out)]
+    assert len(ids) == 12 and len(set(ids)) == 12
+    written = json.loads(default_manifest_path(out).read_text())
+    assert written["status"] == "complete" and written["counts"]["records"] == 12
+
+
+HOLD_LOCK = """
+import sys, time
+from cai.manifest import lock
+lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from cai.manifest import OutputBusy, lock, unlock
+
+    out = tmp_path / "records.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputBusy, match=f"another cai \\(pid {holder.pid}\\) is writing {out}"):
+            lock(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".records.jsonl.lock").exists()  # left behind, naming a dead process
+    key = lock(out)  # and yet free
+    unlock(key)
+    assert not (tmp_path / ".records.jsonl.lock").exists()  # a released lock leaves no file
+
+
+def test_cai_run_holds_its_run_directory_while_its_stages_lock_their_outputs(tmp_path):
+    """One process takes the run directory and then a stage's output inside it (no deadlock); another
+    process asking for the run directory meanwhile is refused, and gets it once it is released."""
+    import os
+    import subprocess
+    import sys
+
+    from cai.manifest import lock, unlock
+
+    run_dir = tmp_path / "runs" / "x"
+    outer = lock(run_dir, fix="choose another --name")
+    records = run_dir / "1-critique" / "records.jsonl"
+    manifest = Manifest("critique", OutConfig(out=str(records)), run_dir / "1-critique" / "manifest.json", inputs={})
+    manifest.start()
+    probe = [sys.executable, "-c", "import sys; from cai.manifest import lock; lock(sys.argv[1], 'choose another --name')"]
+    refused = subprocess.run([*probe, str(run_dir)], capture_output=True, text=True)
+    assert f"another cai (pid {os.getpid()}) is writing {run_dir} -- wait for it to finish, or choose another --name" \
+        in refused.stderr
+    assert subprocess.run([*probe, str(records)], capture_output=True, text=True).returncode != 0
+    unlock(outer)
+    manifest.release()
+    assert subprocess.run([*probe, str(run_dir)], capture_output=True, text=True).returncode == 0
+    assert subprocess.run([*probe, str(records)], capture_output=True, text=True).returncode == 0
+
+
+# ----------------------------------------------------------------------------- --force never removes inputs
+
+
+def test_force_does_not_remove_an_input_inside_the_output_directory(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    data = tmp_path / "D" / "c.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"id": "a", "prompt": "hi", "final": "hello"}\n')
+    result = CliRunner().invoke(app, ["sft", "--data", str(data), "--out", str(data.parent), "--force",
+                                      "--model", tiny_model_dir])
+    assert result.exit_code == 1 and f"--out {data.parent} holds the input {data} (data)" in str(result.exception)
+    assert data.read_text() == '{"id": "a", "prompt": "hi", "final": "hello"}\n'
+
+
+def test_an_output_that_is_an_input_is_refused_with_or_without_force(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "p1", "prompt": "hi"}\n')
+    for force in ([], ["--force"]):
+        result = CliRunner().invoke(app, ["critique", "--prompts", str(prompts), "--out", str(prompts),
+                                          "--model", tiny_model_dir, *force])
+        assert result.exit_code == 1
+        assert str(result.exception).startswith(f"--out {prompts} is also the input prompts: writing would overwrite")
+        assert prompts.read_text() == '{"id": "p1", "prompt": "hi"}\n'

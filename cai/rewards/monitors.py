@@ -72,7 +72,7 @@ HeldBackScorer = Callable[[Sequence[list[Message]], Sequence[str]], list[float |
 class ContrastJudgeScore:
     """A held-back judge (never used as a reward): how much more likely an answer is under a system
     prompt that follows a constitution principle than under one that ignores it, in mean log-probability
-    per token (`judge.contrast_scores`, the contrast judge of DESIGN.md).
+    per token (`judge.contrast_scores`, the contrast judge).
 
     `scorer(prompts, completions) -> [float | None]`, one per completion; higher = the judge prefers it.
     The principle for each prompt is drawn from the constitution, seeded by the prompt's text, so the

@@ -35,11 +35,10 @@ from typing import Any
 
 from cai.engine import EngineOptions
 from cai.errors import ConfigError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, check_precision
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_jsonl_out,
     check_limit,
@@ -49,7 +48,7 @@ from cai.stages.base import (
 
 @dataclass
 class CritiqueConfig(EngineOptions):
-    """`cai critique`: initial answer -> N x (critique, revision) records (DESIGN.md, "Records").
+    """`cai critique`: initial answer -> N x (critique, revision) records.
 
     NOTE: `temperature` defaults to 0.7 (the paper sampled its critiques and revisions). Sampling is
     still reproducible: every item draws from its own seeded generator, whatever its batch.
@@ -297,45 +296,38 @@ def count_kept_previous(records: list[dict[str, Any]]) -> Counter:
 def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     from cai import constitution as c
     from cai.models import check_prompts_fit
-    from cai.records import RecordWriter, read_jsonl, read_prompts
+    from cai.records import Resume, read_prompts
 
     ctx = ctx or StageContext()
     out = Path(cfg.out)
-    stage = StageRun("critique", cfg, ctx.manifest_for(out), outputs=[out], force=cfg.force,
-                     inputs={"prompts": cfg.prompts, "constitution": c.resolve_path(cfg.constitution),
-                             "model": cfg.model})
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("critique", cfg, ctx.manifest_for(out), outputs=[out], force=cfg.force,
+                        inputs={"prompts": cfg.prompts, "constitution": c.resolve_path(cfg.constitution),
+                                "model": cfg.model})
+    if (done := manifest.previous()) is not None:
         return done
     cons = c.load(cfg.constitution)
     prompts = read_prompts(cfg.prompts, limit=cfg.limit)
-    stage.start()
+    manifest.start()
 
-    with RecordWriter(out) as writer:
-        resumed = len(writer.done_ids)
-        pending = [p for p in prompts if p["id"] not in writer.done_ids]
-        if resumed:
-            ctx.reporter.log(f"resuming: {resumed} records already in {out}, {len(pending)} prompts to go")
-        task = ctx.reporter.task("critique", total=len(pending), unit="prompts")
-        tokens = 0
-        if pending:
+    tokens = 0
+
+    def on_tokens(n: int) -> None:
+        nonlocal tokens
+        tokens += n
+        task.advance(0, n)
+
+    with Resume(out, prompts, cfg.chunk_size) as resume:
+        if resume.done:
+            ctx.reporter.log(f"resuming: {resume.done} records already in {out}, {len(resume.todo)} prompts to go")
+        task = ctx.reporter.task("critique", total=len(resume.todo), unit="prompts")
+        if resume.todo:
             engine = build_engine(cfg, ctx.device)
-            check_prompts_fit(engine, pending, cfg.prompts, cfg.max_new_tokens, lambda p: c.answer_messages(cons, p))
-
-            def on_tokens(n: int) -> None:
-                nonlocal tokens
-                tokens += n
-                task.advance(0, n)
-
-            for start in range(0, len(pending), cfg.chunk_size):
-                chunk = pending[start:start + cfg.chunk_size]
-                for record in critique_chunk(engine, cons, chunk, cfg, on_tokens):
-                    writer.append(record)
-                task.advance(len(chunk))
+            check_prompts_fit(engine, resume.todo, cfg.prompts, cfg.max_new_tokens, lambda p: c.answer_messages(cons, p))
+        for chunk in resume:
+            resume.write(critique_chunk(engine, cons, chunk, cfg, on_tokens))
+            task.advance(len(chunk))
         task.close()
-        written = writer.written
-
-    wanted = {p["id"] for p in prompts}
-    records = [r for _, r in read_jsonl(out) if r["id"] in wanted]
+    records, written, resumed = resume.records(), resume.writer.written, resume.done
     kept = count_kept_previous(records)
     total_rounds = sum(len(r["rounds"]) for r in records)
     counts = {"records": len(records), "written": written, "resumed": resumed, "rounds": total_rounds,
@@ -344,5 +336,5 @@ def run(cfg: CritiqueConfig, ctx: StageContext | None = None) -> StageResult:
     summary = (f"{len(records)} records ({written} new, {resumed} resumed), {cfg.revisions} round{'s' if cfg.revisions != 1 else ''} each; "
                f"{sum(kept.values())} of {total_rounds} revisions kept the previous answer"
                + (f" ({kept_text})" if kept_text else "") + f"; {tokens} tokens generated")
-    return stage.complete(outputs={"records": out}, counts=counts, summary=summary,
-                          metrics={"tokens_generated": tokens})
+    return manifest.complete(outputs={"records": out}, counts=counts, summary=summary,
+                             metrics={"tokens_generated": tokens})

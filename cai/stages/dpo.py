@@ -37,11 +37,10 @@ from typing import Any
 
 from cai import records
 from cai.errors import ConfigError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     last_checkpoint,
@@ -493,12 +492,11 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
     if not cfg.out:
         raise ConfigError("dpo needs an output directory -- pass --out DIR")
     out = Path(cfg.out)
-    stage_run = StageRun("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.model, "ai": cfg.ai,
-                                                                    "human": cfg.human},
-                         outputs=[out], force=cfg.force, scratch=[out / "checkpoints"])
-    if (done := stage_run.previous()) is not None:
+    manifest = Manifest("dpo", cfg, ctx.manifest_for(out), inputs={"policy": cfg.model, "ai": cfg.ai, "human": cfg.human},
+                        outputs=[out], force=cfg.force, scratch=[out / "checkpoints"])
+    if (done := manifest.previous()) is not None:
         return done
-    resuming = stage_run.start()
+    resuming = manifest.start()
 
     from datasets.utils.logging import disable_progress_bar
 
@@ -582,4 +580,4 @@ def run(cfg: DPOConfig, ctx: StageContext) -> StageResult:
                   if metrics[f"heldout_accuracy_{side}"] is not None]
     if accuracies:
         summary += "; held-out implicit-reward accuracy: " + ", ".join(accuracies)
-    return stage_run.complete(outputs={"model": out}, counts=counts, summary=f"{summary} -> {out}", metrics=metrics)
+    return manifest.complete(outputs={"model": out}, counts=counts, summary=f"{summary} -> {out}", metrics=metrics)

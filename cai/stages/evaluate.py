@@ -32,17 +32,15 @@ from typing import Any
 
 from cai.engine import EngineOptions
 from cai.errors import ConfigError
+from cai.manifest import Manifest, StageResult, labelled
 from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, QUANTIZE_CHOICES, check_precision
 from cai.paths import bundled
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     check_limit,
     engine_progress,
-    labelled,
     none_as_missing,
 )
 
@@ -406,20 +404,15 @@ def pm_scorer(reference: str, device: str | None, batch_size: int) -> Callable[[
 # ----------------------------------------------------------------------------- run
 
 
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.models import check_reference
     from cai.passk import check_answers, score_answers
     from cai.records import (
         RecordWriter,
+        Resume,
         as_messages,
         read_eval_set,
-        read_jsonl,
         read_prompts,
         split_eval_spec,
     )
@@ -444,11 +437,11 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
     benchmarks = {benchmark_name(spec): read_eval_set(spec, cfg.limit, categories) for spec in cfg.benchmarks}
     inputs.update({f"benchmark:{benchmark_name(spec)}": split_eval_spec(spec)[1] for spec in cfg.benchmarks})
     paths = {name: out / f"{name}.jsonl" for name in ("answers", "judgments", "pm_scores", "samples")}
-    stage = StageRun("eval", cfg, ctx.manifest_for(out), inputs=inputs,
-                     outputs=[*paths.values(), out / "metrics.json"], force=cfg.force)
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("eval", cfg, ctx.manifest_for(out), inputs=inputs,
+                        outputs=[*paths.values(), out / "metrics.json"], force=cfg.force)
+    if (done := manifest.previous()) is not None:
         return done
-    stage.start()
+    manifest.start()
     out.mkdir(parents=True, exist_ok=True)
     # (set, kind, record): set None for --harmful/--benign/--verifiable, a third-party set's name otherwise
     sampling_items = [(None, kind, record) for kind in ("harmful", "benign", "verifiable") for record in prompts[kind]]
@@ -458,46 +451,45 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
         return f"{label}/{kind}/{prompt_id}" if name is None else f"{label}/{name}/{kind}/{prompt_id}"
 
     # 1. answers, model by model (one model in memory at a time)
-    with RecordWriter(paths["answers"]) as writer:
-        for label, reference in models:
-            todo = [item for item in sampling_items if answer_id(label, *item[:2], item[2]["id"]) not in writer.done_ids]
-            if not todo:
-                continue
-            from cai.engine import Engine, Sampling
-            from cai.models import check_prompts_fit
+    answers = []
+    for label, reference in models:
+        with Resume(paths["answers"], sampling_items, cfg.batch_size,
+                    key=lambda item, label=label: answer_id(label, *item[:2], item[2]["id"])) as resume:
+            if resume.todo:
+                from cai.engine import Engine, Sampling
+                from cai.models import check_prompts_fit
 
-            ctx.reporter.log(f"eval: answering {len(todo)} prompts with {label} ({reference})")
-            engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
-                                           device=ctx.device, precision=cfg.precision, options=cfg)
-            files = {benchmark_name(spec): split_eval_spec(spec)[1] for spec in cfg.benchmarks}
-            by_file: dict[str, list[dict[str, Any]]] = {}
-            for name, kind, record in todo:
-                by_file.setdefault(files[name] if name else getattr(cfg, kind), []).append(record)
-            for source, records in by_file.items():
-                check_prompts_fit(engine, records, source, cfg.max_new_tokens)
-            task = ctx.reporter.task(f"eval: answers of {label}", total=len(todo))
-            sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-            for chunk in _chunks(todo, cfg.batch_size):
-                generations = engine.generate_chat([as_messages(r["prompt"]) for _, _, r in chunk], sampling,
-                                                   progress=engine_progress(task))
-                checked = [(record, g.text) for (_, kind, record), g in zip(chunk, generations, strict=True)
-                           if kind == "verifiable"]
-                correct = iter(score_answers([r for r, _ in checked], [t for _, t in checked]) if checked else [])
-                for (name, kind, record), generation in zip(chunk, generations, strict=True):
-                    verdict = {"correct": next(correct)} if kind == "verifiable" else {}
-                    writer.append({"id": answer_id(label, name, kind, record["id"]), "model": label,
-                                   **({"set": name} if name else {}), "prompt_kind": kind,
-                                   "prompt_id": record["id"], "prompt": record["prompt"],
-                                   "category": record.get("category"), "answer": generation.text,
-                                   "tokens": generation.num_tokens, "finished": generation.finished,
-                                   "refusal": is_refusal(generation.text),
-                                   "refusal_phrase": refusal_match(generation.text), **verdict})
-            task.close()
-            if hasattr(engine, "close"):  # vLLM holds worker processes and memory until told
-                engine.close()
-            del engine
-            gc.collect()
-    answers = [record for _, record in read_jsonl(paths["answers"]) if record["model"] in labels]
+                ctx.reporter.log(f"eval: answering {len(resume.todo)} prompts with {label} ({reference})")
+                engine = Engine.from_reference(reference, batch_size=cfg.batch_size, quantize=cfg.quantize,
+                                               device=ctx.device, precision=cfg.precision, options=cfg)
+                files = {benchmark_name(spec): split_eval_spec(spec)[1] for spec in cfg.benchmarks}
+                by_file: dict[str, list[dict[str, Any]]] = {}
+                for name, kind, record in resume.todo:
+                    by_file.setdefault(files[name] if name else getattr(cfg, kind), []).append(record)
+                for source, records in by_file.items():
+                    check_prompts_fit(engine, records, source, cfg.max_new_tokens)
+                task = ctx.reporter.task(f"eval: answers of {label}", total=len(resume.todo))
+                sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+                for chunk in resume:
+                    generations = engine.generate_chat([as_messages(r["prompt"]) for _, _, r in chunk], sampling,
+                                                       progress=engine_progress(task))
+                    checked = [(record, g.text) for (_, kind, record), g in zip(chunk, generations, strict=True)
+                               if kind == "verifiable"]
+                    correct = iter(score_answers([r for r, _ in checked], [t for _, t in checked]) if checked else [])
+                    resume.write({"id": answer_id(label, name, kind, record["id"]), "model": label,
+                                  **({"set": name} if name else {}), "prompt_kind": kind,
+                                  "prompt_id": record["id"], "prompt": record["prompt"],
+                                  "category": record.get("category"), "answer": generation.text,
+                                  "tokens": generation.num_tokens, "finished": generation.finished,
+                                  "refusal": is_refusal(generation.text), "refusal_phrase": refusal_match(generation.text),
+                                  **({"correct": next(correct)} if kind == "verifiable" else {})}
+                                 for (name, kind, record), generation in zip(chunk, generations, strict=True))
+                task.close()
+                if hasattr(engine, "close"):  # vLLM holds worker processes and memory until told
+                    engine.close()
+                del engine
+                gc.collect()
+        answers += resume.records()
     by_key = {(a["model"], a["prompt_kind"], a["prompt_id"]): a for a in answers if a.get("set") is None}
 
     # 1b. pass@k: `samples` sampled answers to each verifiable problem, model by model
@@ -523,6 +515,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                 gc.collect()
 
     # 2. the judge: each harmful answer against a refusal, and every pair of models head to head
+    judgments = []
     if cfg.judge:
         wanted: list[tuple[str, dict[str, Any]]] = []
         for label in labels:
@@ -541,19 +534,19 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                                         "b": b, "prompt": record["prompt"],
                                         "response_a": by_key[(a, kind, record["id"])]["answer"],
                                         "response_b": by_key[(b, kind, record["id"])]["answer"]}))
-        with RecordWriter(paths["judgments"]) as writer:
-            todo = [(item_id, item) for item_id, item in wanted if item_id not in writer.done_ids]
-            if todo:
-                ctx.reporter.log(f"eval: judging {len(todo)} comparisons with {cfg.judge}")
+        with Resume(paths["judgments"], wanted, cfg.batch_size, key=lambda item: item[0]) as resume:
+            if resume.todo:
+                ctx.reporter.log(f"eval: judging {len(resume.todo)} comparisons with {cfg.judge}")
                 judge = make_judge(cfg, ctx)
-                task = ctx.reporter.task("eval: judging", total=len(todo), unit="comparisons")
-                for chunk in _chunks(todo, cfg.batch_size):
+                task = ctx.reporter.task("eval: judging", total=len(resume.todo), unit="comparisons")
+                for chunk in resume:
                     # An empty answer gives the judge nothing to read: the comparison is kept, unjudged.
                     judged = [(item_id, item) for item_id, item in chunk
                               if item["response_a"].strip() and item["response_b"].strip()]
                     p_a = judge([(item["prompt"], item["response_a"], item["response_b"], item_id)
                                  for item_id, item in judged]) if judged else []
                     verdicts = dict(zip([item_id for item_id, _ in judged], p_a, strict=True))
+                    records = []
                     for item_id, item in chunk:
                         record = {"id": item_id, **{k: v for k, v in item.items()
                                                     if k not in ("prompt", "response_a", "response_b")}}
@@ -561,28 +554,28 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
                             record["p_a"] = float(verdicts[item_id])
                         else:
                             record.update(p_a=None, dropped="empty-answer")
-                        writer.append(record)
+                        records.append(record)
+                    resume.write(records)
                     task.advance(len(chunk))
                 task.close()
                 del judge
                 gc.collect()
-    judgments = [r for _, r in read_jsonl(paths["judgments"])] if paths["judgments"].exists() else []
+        judgments = resume.records()
 
     # 3. the preference model's score of every answer
+    pm_scores = []
     if cfg.pm:
-        with RecordWriter(paths["pm_scores"]) as writer:
-            todo = [a for a in answers if a["id"] not in writer.done_ids and a.get("set") is None]
-            if todo:
+        with Resume(paths["pm_scores"], [a for a in answers if a.get("set") is None], cfg.batch_size) as resume:
+            if resume.todo:
                 score = pm_scorer(cfg.pm, ctx.device, cfg.batch_size)
-                task = ctx.reporter.task("eval: PM scores", total=len(todo))
-                for chunk in _chunks(todo, cfg.batch_size):
+                task = ctx.reporter.task("eval: PM scores", total=len(resume.todo))
+                for chunk in resume:
                     values = score([a["prompt"] for a in chunk], [a["answer"] for a in chunk])
-                    for answer, value in zip(chunk, values, strict=True):
-                        writer.append({"id": answer["id"], "model": answer["model"],
-                                       "prompt_kind": answer["prompt_kind"], "score": value})
+                    resume.write({"id": answer["id"], "model": answer["model"], "prompt_kind": answer["prompt_kind"],
+                                  "score": value} for answer, value in zip(chunk, values, strict=True))
                     task.advance(len(chunk))
                 task.close()
-    pm_scores = [r for _, r in read_jsonl(paths["pm_scores"])] if paths["pm_scores"].exists() else []
+        pm_scores = resume.records()
 
     # 4. metrics and the report
     metrics = summarize(labels, answers, judgments, pm_scores, sampled, cfg.k)
@@ -632,4 +625,4 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageResult:
         flat.update({f"{label}.{key}.refusal_rate": v["refusal_rate"] for label, v in entry["models"].items()})
         summary += f"; {key} refused " + ", ".join(f"{label} {v['refusal_rate']:.0%} (n={v['n']})"
                                                    for label, v in entry["models"].items())
-    return stage.complete(outputs=outputs, counts=counts, summary=summary, metrics=flat)
+    return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=flat)

@@ -8,7 +8,7 @@ once, then set aside (`reason: identical`) in `<out>.rejected.jsonl` and counted
 (`cai.judge`; by default the policy model itself, loaded once) labels each pair against principles drawn
 from the constitution, and one preference record per pair is appended to `--out`: `chosen`/`rejected`,
 the soft label `p_chosen`, both answers in the order judged, P(A) in each order, the principle ids and
-whether the orders agreed (DESIGN.md, "Records").
+whether the orders agreed.
 
 `cai feedback eval` (`run_eval`) checks a judge against labelled pairs before hours go into labelling:
 agreement per order and after the swap, position consistency, calibration (ECE), and the same on a
@@ -24,11 +24,10 @@ from typing import Any
 
 from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, PRECISION_CHOICES, PRECISION_HELP, QUANTIZE_CHOICES, check_precision
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_jsonl_out,
     check_limit,
@@ -200,7 +199,7 @@ class FeedbackEvalConfig(EngineOptions):
         if self.judge_temperature <= 0:
             raise ConfigError(f"--judge-temperature {self.judge_temperature} must be > 0")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
-            # Found only when writing, it used to fail after every pair had been judged.
+            # Checked here: found only when writing, it would fail after every pair had been judged.
             raise ConfigError(f"--out {self.out!r} is a file, but feedback eval writes a directory (metrics.json, "
                               "verdicts.jsonl) -- pass --out DIR")
         self.clamp = _parse_clamp(self.clamp)
@@ -304,31 +303,30 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     from cai import constitution as constitution_module
     from cai.judge import Comparison, Judge
     from cai.models import check_prompts_fit
-    from cai.records import RecordWriter, read_jsonl, read_prompts
+    from cai.records import RecordWriter, Resume, read_jsonl, read_prompts
 
     out, rejected_out = Path(cfg.out), rejected_path(cfg.out)
     constitution_file = constitution_module.resolve_path(cfg.constitution)
-    stage = StageRun("feedback", cfg, ctx.manifest_for(out),
-                     inputs={"prompts": cfg.prompts, "policy": cfg.model, "judge": cfg.judge or cfg.model,
-                             "constitution": constitution_file},
-                     outputs=[out, rejected_out], force=cfg.force)
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("feedback", cfg, ctx.manifest_for(out),
+                        inputs={"prompts": cfg.prompts, "policy": cfg.model, "judge": cfg.judge or cfg.model,
+                                "constitution": constitution_file},
+                        outputs=[out, rejected_out], force=cfg.force)
+    if (done := manifest.previous()) is not None:
         return done
     constitution = constitution_module.load(constitution_file)
     constitution.check_judge_principles(cfg.principles)
-    resuming = stage.start()
+    resuming = manifest.start()
     items = read_prompts(cfg.prompts, cfg.limit)
 
     method = cfg.method
     judged, judge_seconds = 0, 0.0  # comparisons judged in this run, and the time spent judging them
-    with RecordWriter(out) as writer, RecordWriter(rejected_out) as rejected_writer:
-        finished = writer.done_ids | rejected_writer.done_ids
-        todo = [item for item in items if item["id"] not in finished]
+    chunk_size = max(1, cfg.batch_size)  # records reach the file after every chunk
+    with RecordWriter(rejected_out) as rejected, Resume(out, items, chunk_size, skip=rejected.done_ids) as resume:
         if resuming:
-            ctx.reporter.log(f"resuming: {len(items) - len(todo)} of {len(items)} prompts already done")
-        if todo:
+            ctx.reporter.log(f"resuming: {resume.done} of {len(items)} prompts already done")
+        if resume.todo:
             policy = _load_engine(cfg.model, cfg, ctx)
-            check_prompts_fit(policy, todo, cfg.prompts, cfg.max_new_tokens)
+            check_prompts_fit(policy, resume.todo, cfg.prompts, cfg.max_new_tokens)
             same = cfg.judge is None or cfg.judge == cfg.model
             judge_engine = policy if same else _load_engine(cfg.judge, cfg, ctx)
             judge = Judge(judge_engine, constitution, method=cfg.method, swap=cfg.swap, cot=cfg.cot,
@@ -337,18 +335,16 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
             method = judge.method
             if cfg.method == "auto":
                 ctx.reporter.log(f"judge method: {method} (auto, chosen by the judge's size)")
-            sampling_task = ctx.reporter.task("sampling answer pairs", total=2 * len(todo), unit="answers")
-            judging_task = None  # created when judging starts, so its rate does not count the first sampling
-            chunk_size = max(1, cfg.batch_size)  # records reach the file after every chunk
-            for start in range(0, len(todo), chunk_size):
-                chunk = todo[start:start + chunk_size]
+            sampling_task = ctx.reporter.task("sampling answer pairs", total=2 * len(resume.todo), unit="answers")
+            judging_task, total = None, len(resume.todo)  # created when judging starts, so its rate does not count the first sampling
+            for chunk in resume:
                 pairs = _sample_pairs(policy, chunk, cfg, sampling_task)
                 if judging_task is None:
-                    judging_task = ctx.reporter.task(f"judging ({method})", total=len(todo), unit="comparisons")
+                    judging_task = ctx.reporter.task(f"judging ({method})", total=total, unit="comparisons")
                 labelled = [(item, pair) for item, pair in zip(chunk, pairs, strict=True) if isinstance(pair, tuple)]
                 for item, pair in zip(chunk, pairs, strict=True):
                     if isinstance(pair, str):
-                        rejected_writer.append({"id": item["id"], "prompt": item["prompt"], "reason": pair})
+                        rejected.append({"id": item["id"], "prompt": item["prompt"], "reason": pair})
                         judging_task.advance(1)
                 comparisons = [Comparison(item["prompt"], a, b,
                                           constitution.sample_judge_principles(item["id"], cfg.principles, cfg.seed))
@@ -357,12 +353,11 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
                 verdicts = judge.compare(comparisons, progress=engine_progress(judging_task))
                 judge_seconds += time.perf_counter() - started
                 judged += len(comparisons)
-                for (item, (a, b)), verdict in zip(labelled, verdicts, strict=True):
-                    writer.append(preference_record(item, a, b, verdict, method))
+                resume.write(preference_record(item, a, b, verdict, method)
+                             for (item, (a, b)), verdict in zip(labelled, verdicts, strict=True))
             sampling_task.close()
             judging_task.close()
-
-    records = [record for _, record in read_jsonl(out)] if out.exists() else []
+    records = resume.records()
     set_aside = [record for _, record in read_jsonl(rejected_out)] if rejected_out.exists() else []
     if records and method == "auto":  # resumed with nothing left to do: the records say which method ran
         method = records[0].get("method", method)
@@ -380,8 +375,8 @@ def run(cfg: FeedbackConfig, ctx: StageContext) -> StageResult:
     summary = (f"{len(records)} pairs labelled ({method}); position consistency "
                f"{consistency}; mean |p - 0.5| {_fmt(stats['mean_margin'], 3)}; "
                f"skipped pairs: {skipped_text}" + (f"; judging {rate:.2f} comparisons/s" if rate else ""))
-    return stage.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
-                          metrics={**stats, "method": method, "judge_comparisons_per_s": rate})
+    return manifest.complete(outputs={"preferences": out, "rejected": rejected_out}, counts=counts, summary=summary,
+                             metrics={**stats, "method": method, "judge_comparisons_per_s": rate})
 
 
 # ----------------------------------------------------------------------------- feedback eval

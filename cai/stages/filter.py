@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import ConfigError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, PRECISION_HELP, check_precision
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     check_limit,
@@ -122,11 +121,11 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
         raise ConfigError("no --out given -- name the directory for the kept and dropped prompts")
     out = Path(cfg.out)
     paths = {name: out / f"{name}.jsonl" for name in ("prompts", "dropped", "samples")}
-    stage = StageRun("filter", cfg, ctx.manifest_for(out), inputs={"prompts": cfg.prompts, "policy": cfg.model},
-                     outputs=list(paths.values()), force=cfg.force)
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("filter", cfg, ctx.manifest_for(out), inputs={"prompts": cfg.prompts, "policy": cfg.model},
+                        outputs=list(paths.values()), force=cfg.force)
+    if (done := manifest.previous()) is not None:
         return done
-    stage.start()
+    manifest.start()
     out.mkdir(parents=True, exist_ok=True)
     records = read_prompts(cfg.prompts, cfg.limit)
     check_answers(records, cfg.prompts)
@@ -153,5 +152,5 @@ def run(cfg: FilterConfig, ctx: StageContext) -> StageResult:
     counts = {"prompts": len(records), "kept": len(kept), **{f"dropped/{k}": v for k, v in reasons.items()}}
     summary = (f"kept {len(kept)} of {len(records)} prompts with pass@{cfg.k} > 0 and all@{cfg.k} < 1 under {cfg.model} "
                f"({cfg.samples} samples each); dropped " + ", ".join(f"{v} {k}" for k, v in reasons.items()))
-    return stage.complete(outputs={k: str(v) for k, v in paths.items()}, counts=counts, summary=summary,
-                          metrics={"kept_share": len(kept) / len(records) if records else 0.0})
+    return manifest.complete(outputs={k: str(v) for k, v in paths.items()}, counts=counts, summary=summary,
+                             metrics={"kept_share": len(kept) / len(records) if records else 0.0})

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cai.errors import ConfigError, ModelError, RecordsError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.records import (
     as_messages,
@@ -47,8 +48,6 @@ from cai.records import (
 from cai.rewards import PM_INFO, pm_directory
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     check_jsonl_out,
@@ -763,11 +762,11 @@ def run_train(cfg: PMTrainConfig, ctx: StageContext) -> StageResult:
     """Train a PM on the AI/human mix; report held-out accuracy on each side, calibration, length bias."""
     out = Path(cfg.out)
     model_dir = out / "model"
-    run = StageRun("pm", cfg, ctx.manifest_for(out), inputs={"ai": cfg.ai, "human": cfg.human, "model": cfg.model},
-                   outputs=[model_dir, out / "checkpoints"], force=cfg.force, scratch=[out / "checkpoints"])
-    if (done := run.previous()) is not None:
+    manifest = Manifest("pm", cfg, ctx.manifest_for(out), inputs={"ai": cfg.ai, "human": cfg.human, "model": cfg.model},
+                        outputs=[model_dir, out / "checkpoints"], force=cfg.force, scratch=[out / "checkpoints"])
+    if (done := manifest.previous()) is not None:
         return done
-    resuming = run.start()
+    resuming = manifest.start()
 
     ai_all = read_preferences(cfg.ai, default_source=AI_SOURCE)
     human_all = read_preferences(cfg.human, default_source=HUMAN_SOURCE) if cfg.human else []
@@ -827,7 +826,7 @@ def run_train(cfg: PMTrainConfig, ctx: StageContext) -> StageResult:
         summary += "; held-out accuracy: " + ", ".join(sides)
     else:
         summary += "; no held-out pairs (--eval-fraction 0 or too few pairs)"
-    return run.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
+    return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
 
 
 def run_score(cfg: PMScoreConfig, ctx: StageContext) -> list[dict[str, Any]]:
@@ -858,15 +857,15 @@ def run_score(cfg: PMScoreConfig, ctx: StageContext) -> list[dict[str, Any]]:
 
 def run_eval(cfg: PMEvalConfig, ctx: StageContext) -> StageResult:
     """Accuracy, calibration (ECE, reliability diagram) and length bias of a PM on a preference file."""
-    run = None
+    manifest = None
     if cfg.out:
         out = Path(cfg.out)
-        run = StageRun("pm-eval", cfg, ctx.manifest_for(out), inputs={"model": str(pm_directory(cfg.model)),
-                                                                      "pairs": cfg.pairs},
-                       outputs=[out / "metrics.json"], force=cfg.force)
-        if (done := run.previous()) is not None:
+        manifest = Manifest("pm-eval", cfg, ctx.manifest_for(out),
+                            inputs={"model": str(pm_directory(cfg.model)), "pairs": cfg.pairs},
+                            outputs=[out / "metrics.json"], force=cfg.force)
+        if (done := manifest.previous()) is not None:
             return done
-        run.start()
+        manifest.start()
     # Pairs without a `source` are grouped under the file name in the per-source accuracy.
     dropped: list[dict] = []  # published rows that break their format, kept with the reason
     records = read_preferences(cfg.pairs, default_source=Path(cfg.pairs).name, limit=cfg.limit, dropped=dropped)
@@ -881,7 +880,7 @@ def run_eval(cfg: PMEvalConfig, ctx: StageContext) -> StageResult:
     counts = {"pairs": len(records), "soft_label_pairs": metrics["soft_label_pairs"], "dropped": len(dropped)}
     if dropped:
         summary += f"; {len(dropped)} malformed rows skipped"
-    if run is None:
+    if manifest is None:
         return StageResult(stage="pm-eval", outputs={}, counts=counts, summary=summary, metrics=metrics)
     out = Path(cfg.out)
     write_jsonl(out / "scores.jsonl", scores)
@@ -893,5 +892,5 @@ def run_eval(cfg: PMEvalConfig, ctx: StageContext) -> StageResult:
                "length_bias": str(plot_length_bias(scores, metrics, out / "length_bias.png", title)),
                **({"dropped": str(out / "dropped.jsonl")} if dropped else {})}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return run.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
+    return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
 

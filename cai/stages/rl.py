@@ -24,12 +24,11 @@ from typing import Any
 
 from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.rewards import REWARD_NAMES, Thresholds, hacking_warnings, parse_reward_spec, slope
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     check_limit,
@@ -475,17 +474,17 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
         raise ConfigError("no --out given -- name the directory for the RL model and metrics")
     out = Path(cfg.out)
     inputs = {"policy": cfg.model, "pm": cfg.pm, **{f"prompts[{i}]": p for i, p in enumerate(cfg.prompts)}}
-    stage = StageRun("rl", cfg, ctx.manifest_for(out), inputs=inputs,
-                     outputs=[out / "model", out / "metrics.jsonl", out / "checkpoints"], force=cfg.force,
-                     scratch=[out / "checkpoints"])  # removed once complete: a kill before resumes from them
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("rl", cfg, ctx.manifest_for(out), inputs=inputs,
+                        outputs=[out / "model", out / "metrics.jsonl", out / "checkpoints"], force=cfg.force,
+                        scratch=[out / "checkpoints"])  # removed once complete: a kill before resumes from them
+    if (done := manifest.previous()) is not None:
         return done
     if "code" in cfg.weights:  # refuse before starting, and before any model loads, where no sandbox runs
         from cai.rewards import require_sandbox
 
         if (warning := require_sandbox(cfg.unsafe_run_code)) is not None:
             ctx.reporter.log(warning)
-    resuming = stage.start()
+    resuming = manifest.start()
 
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback
@@ -561,5 +560,5 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageResult:
                f"beta {cfg.beta:g}" + (f", KL {metrics['kl_last']:.2g}" if "kl_last" in metrics else "")
                + (f"; {metrics['generation_share']:.0%} of step time generating" if "generation_share" in metrics else "")
                + (f"; {len(warnings)} hacking warning(s)" if warnings else "; no hacking warnings"))
-    return stage.complete(outputs={"model": str(model_dir), "metrics": str(out / "metrics.jsonl")},
-                          counts=counts, summary=summary, metrics=metrics)
+    return manifest.complete(outputs={"model": str(model_dir), "metrics": str(out / "metrics.jsonl")},
+                             counts=counts, summary=summary, metrics=metrics)

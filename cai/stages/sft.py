@@ -28,11 +28,10 @@ from typing import Any
 
 from cai.engine import EngineOptions
 from cai.errors import ConfigError, RecordsError
+from cai.manifest import Manifest, StageResult
 from cai.models import DEFAULT_MODEL, QUANTIZE_CHOICES
 from cai.stages.base import (
     StageContext,
-    StageResult,
-    StageRun,
     check_at_least_one,
     check_directory_out,
     last_checkpoint,
@@ -183,25 +182,17 @@ def _read_critique_records(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def answer_helpful(engine, prompts: list[dict[str, Any]], cache, answers: dict[str, str], cfg: "SFTConfig",
-                   task) -> None:
-    """Answer the prompts not yet in `answers` (id -> answer) with the starting model (greedy), in batches,
-    appending each to `cache` (a RecordWriter of the cache file) and to `answers`."""
+def answer_helpful(engine, prompts: list[dict[str, Any]], cfg: "SFTConfig", task) -> list[dict[str, Any]]:
+    """The starting model's answers (greedy) to `prompts`, as helpful-answer cache records."""
     from cai.engine import Sampling
     from cai.records import as_messages
     from cai.stages.critique import clean_text
 
     sampling = Sampling(max_new_tokens=cfg.helpful_max_new_tokens, temperature=0.0)
-    todo = [p for p in prompts if p["id"] not in answers]
-    for start in range(0, len(todo), cfg.generation_batch_size):
-        batch = todo[start:start + cfg.generation_batch_size]
-        outputs = engine.generate_chat([as_messages(p["prompt"]) for p in batch], sampling,
-                                       progress=lambda items, tokens: task.advance(items, tokens))
-        for prompt, output in zip(batch, outputs, strict=True):
-            answer = clean_text(output.text, "answer", output.finished)
-            cache.append({"id": prompt["id"], "prompt": prompt["prompt"], "answer": answer,
-                          "finished": output.finished, "model": cfg.model})
-            answers[prompt["id"]] = answer
+    outputs = engine.generate_chat([as_messages(p["prompt"]) for p in prompts], sampling,
+                                   progress=lambda items, tokens: task.advance(items, tokens))
+    return [{"id": prompt["id"], "prompt": prompt["prompt"], "answer": clean_text(output.text, "answer", output.finished),
+             "finished": output.finished, "model": cfg.model} for prompt, output in zip(prompts, outputs, strict=True)]
 
 
 def fit_length(examples: list[dict[str, Any]], tokenizer, max_length: int,
@@ -305,18 +296,17 @@ def report_callback(reporter):
 def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     from cai.engine import Engine, resolve_backend
     from cai.models import default_device, load_causal_lm, load_tokenizer, save_standalone
-    from cai.records import RecordWriter, read_jsonl, read_prompts, write_jsonl
+    from cai.records import Resume, read_prompts, write_jsonl
 
     ctx = ctx or StageContext()
     out = Path(cfg.out)
-    has_output = out.is_dir() and any(out.iterdir())
-    stage = StageRun("sft", cfg, ctx.manifest_for(out), outputs=[out] if has_output else [], force=cfg.force,
-                     inputs={"data": cfg.data, "helpful": cfg.helpful, "model": cfg.model}, scratch=[out / CHECKPOINTS])
-    if (done := stage.previous()) is not None:
+    manifest = Manifest("sft", cfg, ctx.manifest_for(out), outputs=[out], force=cfg.force,
+                        inputs={"data": cfg.data, "helpful": cfg.helpful, "model": cfg.model}, scratch=[out / CHECKPOINTS])
+    if (done := manifest.previous()) is not None:
         return done
     records = _read_critique_records(cfg.data)
     helpful_prompts = read_prompts(cfg.helpful) if cfg.helpful else []
-    resuming = stage.start()
+    resuming = manifest.start()
     started = time.time()
     device = ctx.device or default_device()
 
@@ -348,19 +338,20 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     if chosen:
         engine = (Engine.from_reference(cfg.model, batch_size=cfg.generation_batch_size, device=device, options=cfg)
                   if on_vllm else Engine(model, tokenizer, batch_size=cfg.generation_batch_size))
-        with RecordWriter(out / HELPFUL_CACHE) as cache:  # opened first: it mends a line torn by a kill
-            answers = {row["id"]: row["answer"] for _, row in read_jsonl(cache.path)} if cache.done_ids else {}
+        with Resume(out / HELPFUL_CACHE, [], cfg.generation_batch_size) as cache:  # read once for every round
             while batch:
+                cache.add(batch)
                 task = ctx.reporter.task("helpful answers" + (" (replacing those left out)" if answered else ""),
                                          total=len(batch), unit="prompts")
-                answer_helpful(engine, batch, cache, answers, cfg, task)
+                for chunk in cache:
+                    cache.write(answer_helpful(engine, chunk, cfg, task))
                 task.close()
                 answered += len(batch)
                 new = []
                 for prompt in batch:
-                    if answers[prompt["id"]].strip():
-                        new.append({"id": prompt["id"], "source": "helpful",
-                                    **example(prompt["prompt"], answers[prompt["id"]])})
+                    answer = cache.by_id[str(prompt["id"])]["answer"]
+                    if answer.strip():
+                        new.append({"id": prompt["id"], "source": "helpful", **example(prompt["prompt"], answer)})
                     else:
                         rejected.append({"id": prompt["id"], "source": "helpful", "reason": "empty-helpful-answer"})
                 new, new_truncated = fit_length(new, tokenizer, cfg.max_length, rejected)
@@ -409,4 +400,4 @@ def run(cfg: SFTConfig, ctx: StageContext | None = None) -> StageResult:
     outputs = {"model": out}
     if rejected:
         outputs["rejected"] = out / REJECTED
-    return stage.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
+    return manifest.complete(outputs=outputs, counts=counts, summary=summary, metrics=metrics)
